@@ -1,0 +1,35 @@
+"""The ``batchfit`` command line: a thin layer over the Python API.
+
+Each command lives in its own module and registers itself on :data:`app` when imported.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+# Command modules register themselves on import (one file per command).
+from . import models_cmd as _models_cmd  # noqa: F401  (order: after app exists)
+from ._app import app, set_debug
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of short error messages.")
+    ] = False,
+) -> None:
+    set_debug(debug)
+    if ctx.invoked_subcommand is None:
+        from .default import run_default
+
+        run_default()
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

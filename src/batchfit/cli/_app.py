@@ -1,0 +1,88 @@
+"""The typer application and the one place that turns errors into messages and exit codes.
+
+Every command module (``cli/summary.py``, ``cli/estimate.py``, ...) registers itself on ``app``
+with ``@command(...)``; this keeps the commands apart (one file each) and the error policy in one
+place: a :class:`BatchfitError` prints its message and hint and exits with its code; anything else
+prints a one-line internal error (the traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from .._errors import BatchfitError, ExitCode
+
+app = typer.Typer(
+    name="batchfit",
+    help=(
+        "What a PyTorch model is, how much GPU memory one training step takes and where it goes, "
+        "and which batch size to use - without needing the GPU.\n\n"
+        "Run with no command for the seed lesson's answer key (the MNIST MLP)."
+    ),
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err_console = Console(stderr=True, highlight=False)
+_state = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
+
+def set_debug(value: bool) -> None:
+    _state["debug"] = value
+
+
+def handle_errors(fn: F) -> F:
+    """Run a command body with batchfit's error policy."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except BatchfitError as exc:
+            if debug_enabled():
+                raise
+            err_console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+            if exc.hint:
+                err_console.print(f"[bold]hint:[/] {exc.hint}", soft_wrap=True)
+            raise typer.Exit(int(exc.exit_code)) from None
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                "This is a bug in batchfit; rerun with --debug for the traceback and report it.",
+                soft_wrap=True,
+            )
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def command(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """``@command("summary")``: register a command with the error policy applied."""
+
+    def decorator(fn: F) -> F:
+        app.command(name, **kwargs)(handle_errors(fn))
+        return fn
+
+    return decorator
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,64 @@
+"""Options shared by the commands (one definition each), and turning them into a workload."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..models import Workload, load_workload
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A model: mlp, cnn, any torchvision classification model (resnet18, vit_b_16, ...), "
+        "timm:NAME, path/to/file.py:NAME or package.module:NAME.",
+        show_default=False,
+    ),
+]
+InputOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - typer needs Optional on Python 3.10
+    typer.Option(
+        "--input",
+        "-i",
+        help="One sample's shape WITHOUT the batch dimension, e.g. 1,28,28; repeat for several inputs; "
+        "a dtype suffix such as 128:int64 gives integer (zero) inputs.",
+        show_default=False,
+    ),
+]
+DatasetOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="A dataset preset for the input shape and classes: mnist, fashion-mnist, cifar10, imagenet.",
+    ),
+]
+ClassesOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--num-classes", help="Number of output classes (default: the dataset's, else 10; 1000 for torchvision models)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def workload_from_options(
+    model: str, inputs: list[str] | None, dataset: str | None, num_classes: int | None
+) -> Workload:
+    return load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+
+
+def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
+    """``"64,256,1024"`` -> ``[64, 256, 1024]`` with a clear error."""
+    from .._errors import BatchfitError
+
+    try:
+        values = [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise BatchfitError(
+            f"cannot read the {what} {text!r}", hint="give positive integers separated by commas, e.g. 64,256,1024"
+        )
+    return values

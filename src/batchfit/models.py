@@ -1,0 +1,460 @@
+"""Models by name, their inputs, and building them without spending real memory.
+
+A *workload* is what every verb works on: a model (built on the ``meta`` device when batchfit
+builds it, or the user's own module left untouched) plus the inputs of one sample.
+
+>>> w = load_workload("mlp", dataset="mnist")
+>>> w.model[1], w.inputs
+(Linear(in_features=784, out_features=128, bias=True), (InputSpec(shape=(1, 28, 28), dtype=torch.float32),))
+>>> count_parameters(w.model)
+101770
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import BatchfitError
+from .datasets import DatasetInfo, get_dataset
+
+ModelBuilder = Callable[..., nn.Module]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of one sample: its shape **without** the batch dimension, and its dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """``"1,28,28"``, ``"3x224x224"`` or ``"128:int64"`` (integer inputs are zeros).
+
+        >>> InputSpec.parse("128:int64")
+        InputSpec(shape=(128,), dtype=torch.int64)
+        """
+        body, _, dtype_name = text.strip().partition(":")
+        dtype = torch.float32
+        if dtype_name:
+            if dtype_name.strip().lower() not in _DTYPES:
+                raise BatchfitError(
+                    f"unknown dtype {dtype_name!r} in --input {text!r}",
+                    hint=f"use one of {', '.join(sorted(set(_DTYPES)))}",
+                )
+            dtype = _DTYPES[dtype_name.strip().lower()]
+        parts = [p for p in re.split(r"[,x× ]+", body.strip().strip("()[]")) if p]
+        try:
+            shape = tuple(int(p) for p in parts)
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise BatchfitError(
+                f"cannot read the input shape {text!r}",
+                hint="give one sample's shape without the batch dimension, e.g. --input 1,28,28 or --input 128:int64",
+            )
+        return cls(shape, dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def __str__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        return dims if self.dtype == torch.float32 else f"{dims}:{str(self.dtype).removeprefix('torch.')}"
+
+
+ExampleInputs = Callable[[int], Sequence[torch.Tensor]]
+
+
+@dataclass
+class Workload:
+    """A model and one sample's inputs; everything the verbs need to build a batch."""
+
+    name: str
+    model: nn.Module
+    inputs: tuple[InputSpec, ...] = ()
+    example_inputs: ExampleInputs | None = None
+    dataset: DatasetInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def make_inputs(self, batch_size: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """The model's inputs at ``batch_size`` on ``device``; call inside a fake mode to spend no memory.
+
+        Float inputs are uniform noise, integer inputs are zeros (valid for any embedding).
+        """
+        if batch_size < 1:
+            raise BatchfitError(f"batch size must be at least 1, got {batch_size}")
+        if self.example_inputs is not None:
+            with torch.device("meta"):
+                made = self.example_inputs(batch_size)
+            if isinstance(made, torch.Tensor):
+                made = (made,)
+            return tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) for t in made)
+        if not self.inputs:
+            raise BatchfitError(
+                f"no input shape for model {self.name!r}",
+                hint="give one sample's shape with --input (e.g. --input 3,224,224) or a preset with --dataset",
+            )
+        out = []
+        for spec in self.inputs:
+            shape = (batch_size, *spec.shape)
+            if spec.dtype.is_floating_point:
+                out.append(torch.rand(shape, dtype=spec.dtype, device=device))
+            else:
+                out.append(torch.zeros(shape, dtype=spec.dtype, device=device))
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in models (the seed's)
+
+
+class MLP(nn.Sequential):
+    """The seed's two-layer MLP: Flatten -> Linear(prod(input), hidden) -> ReLU -> Linear(hidden, classes)."""
+
+    def __init__(self, input_size: int = 784, hidden: int = 128, num_classes: int = 10):
+        super().__init__(nn.Flatten(), nn.Linear(input_size, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+class CNN(nn.Module):
+    """A small convolutional net for 28x28 / 32x32 images (the seed's next lesson)."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, dropout: float = 0.25):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(64 * side * side, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _single_input(inputs: Sequence[InputSpec], model: str) -> InputSpec:
+    if len(inputs) != 1:
+        raise BatchfitError(f"model {model!r} takes one input, got {len(inputs)}", hint="give --input once")
+    return inputs[0]
+
+
+def _build_mlp(inputs: Sequence[InputSpec], num_classes: int, hidden: int = 128) -> nn.Module:
+    return MLP(_single_input(inputs, "mlp").numel, hidden, num_classes)
+
+
+def _build_cnn(inputs: Sequence[InputSpec], num_classes: int) -> nn.Module:
+    spec = _single_input(inputs, "cnn")
+    if len(spec.shape) != 3 or spec.shape[1] != spec.shape[2] or spec.shape[1] % 4:
+        raise BatchfitError(
+            f"the cnn model needs square images whose side is a multiple of 4, got {spec}",
+            hint="use --dataset mnist, --dataset cifar10 or e.g. --input 3,32,32",
+        )
+    return CNN(spec.shape[0], spec.shape[1], num_classes)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: how to build it and the input it takes when none is given."""
+
+    build: ModelBuilder  # build(inputs, num_classes, **kwargs)
+    default_dataset: str | None = None
+    default_input: tuple[int, ...] | None = None
+    description: str = ""
+
+
+BUILTIN_MODELS: dict[str, ModelEntry] = {
+    "mlp": ModelEntry(_build_mlp, "mnist", description="the seed's MLP: Flatten-Linear(784,128)-ReLU-Linear(128,10)"),
+    "cnn": ModelEntry(_build_cnn, "mnist", description="a small conv net with BatchNorm and dropout"),
+}
+
+
+@cache
+def torchvision_model_names() -> tuple[str, ...]:
+    """Every torchvision classification model (``resnet18``, ``vit_b_16``, ...)."""
+    import torchvision.models
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_entry(name: str) -> ModelEntry:
+    import torchvision.models
+
+    side = 299 if name == "inception_v3" else 224
+
+    def build(inputs: Sequence[InputSpec], num_classes: int, **kwargs: Any) -> nn.Module:
+        extra: dict[str, Any] = (
+            {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+        )
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
+
+    return ModelEntry(build, default_input=(3, side, side), default_dataset="imagenet", description="torchvision")
+
+
+def _timm_entry(name: str) -> ModelEntry:
+    try:
+        import timm
+    except ImportError as exc:
+        raise BatchfitError(
+            f"model {'timm:' + name!r} needs the timm package, which is not installed",
+            hint="pip install timm",
+        ) from exc
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise BatchfitError(
+            f"timm has no model {name!r}",
+            hint=f"did you mean {', '.join('timm:' + c for c in close)}?" if close else "see timm.list_models()",
+        )
+    cfg = timm.get_pretrained_cfg(name)
+    default_input = tuple(cfg.input_size) if cfg is not None and getattr(cfg, "input_size", None) else (3, 224, 224)
+
+    def build(inputs: Sequence[InputSpec], num_classes: int, **kwargs: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+    return ModelEntry(build, default_input=default_input, description="timm")
+
+
+def _import_target(spec: str) -> tuple[Any, Any]:
+    """``path/to/file.py:NAME`` or ``package.module:NAME`` -> (module object, attribute)."""
+    location, _, attr = spec.rpartition(":")
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        path = Path(location)
+        if not path.is_file():
+            raise BatchfitError(f"model file {str(path)!r} does not exist", hint="check the path before ':'")
+        mod_name = f"_batchfit_user_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise BatchfitError(f"cannot import {str(path)!r} as a Python file")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[mod_name]
+            raise BatchfitError(
+                f"importing model file {str(path)!r} failed: {type(exc).__name__}: {exc}",
+                hint="fix the error in that file (rerun with --debug for the traceback)",
+            ) from exc
+    else:
+        try:
+            module = importlib.import_module(location)
+        except Exception as exc:
+            raise BatchfitError(
+                f"importing module {location!r} failed: {type(exc).__name__}: {exc}",
+                hint="check that the package is installed and importable (rerun with --debug for the traceback)",
+            ) from exc
+    if not hasattr(module, attr):
+        names = [n for n, v in vars(module).items() if not n.startswith("_") and callable(v)]
+        close = difflib.get_close_matches(attr, names, n=3)
+        raise BatchfitError(
+            f"{location!r} defines no {attr!r}",
+            hint=f"did you mean {', '.join(repr(c) for c in close)}?"
+            if close
+            else "name an nn.Module class or a function",
+        )
+    return module, getattr(module, attr)
+
+
+def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
+    module, target = _import_target(spec)
+    if not callable(target):
+        raise BatchfitError(
+            f"{spec!r} is not a class or function", hint="name an nn.Module class or a function returning one"
+        )
+
+    def build(inputs: Sequence[InputSpec], num_classes: int, **kwargs: Any) -> nn.Module:
+        made = target(**kwargs)
+        if not isinstance(made, nn.Module):
+            raise BatchfitError(f"{spec!r} returned {type(made).__name__}, not an nn.Module")
+        return made
+
+    example = getattr(module, "example_inputs", None)
+    return ModelEntry(build, description="user model"), example if callable(example) else None
+
+
+def model_names() -> list[str]:
+    """All names the registry knows (built-ins and torchvision; ``timm:NAME`` and files come on top)."""
+    return [*BUILTIN_MODELS, *torchvision_model_names()]
+
+
+def _resolve(name: str) -> tuple[ModelEntry, ExampleInputs | None]:
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name], None
+    if name.startswith("timm:"):
+        return _timm_entry(name.removeprefix("timm:")), None
+    if ":" in name:
+        return _user_entry(name)
+    if name.lower() in torchvision_model_names():
+        return _torchvision_entry(name.lower()), None
+    close = difflib.get_close_matches(name.lower(), model_names(), n=3, cutoff=0.6)
+    raise BatchfitError(
+        f"unknown model {name!r}",
+        hint=(f"did you mean {', '.join(repr(c) for c in close)}? " if close else "")
+        + "see `batchfit models`; or use timm:NAME, path/to/file.py:NAME or package.module:NAME",
+    )
+
+
+def load_workload(
+    model: str | nn.Module,
+    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
+    *,
+    dataset: str | DatasetInfo | None = None,
+    num_classes: int | None = None,
+    example_inputs: ExampleInputs | None = None,
+    **model_kwargs: Any,
+) -> Workload:
+    """Resolve a model (a registry name or an ``nn.Module``) and its inputs into a :class:`Workload`.
+
+    ``input_size`` is one sample's shape without the batch dimension (``(1, 28, 28)``), or a list of
+    such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
+    """
+    info = get_dataset(dataset) if isinstance(dataset, str) else dataset
+    inputs = _parse_inputs(input_size)
+    if isinstance(model, nn.Module):
+        if not inputs and info is not None:
+            inputs = (InputSpec(info.shape),)
+        return Workload(type(model).__name__, model, inputs, example_inputs, info)
+    entry, file_example = _resolve(model)
+    example_inputs = example_inputs or file_example
+    if not inputs and example_inputs is None:
+        if info is None and entry.default_dataset is not None and entry.default_input is None:
+            info = get_dataset(entry.default_dataset)
+        if info is not None:
+            inputs = (InputSpec(info.shape),)
+        elif entry.default_input is not None:
+            inputs = (InputSpec(entry.default_input),)
+    classes = num_classes or (
+        info.num_classes if info is not None else 1000 if entry.default_dataset == "imagenet" else 10
+    )
+    try:
+        with torch.device("meta"):
+            built = entry.build(inputs, classes, **model_kwargs)
+    except BatchfitError:
+        raise
+    except TypeError as exc:
+        raise BatchfitError(f"building model {model!r} failed: {exc}", hint="check the model's arguments") from exc
+    except Exception as exc:
+        raise BatchfitError(
+            f"building model {model!r} failed: {type(exc).__name__}: {exc}",
+            hint="rerun with --debug for the traceback",
+        ) from exc
+    return Workload(model, built, inputs, example_inputs, info)
+
+
+def _parse_inputs(
+    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None,
+) -> tuple[InputSpec, ...]:
+    if input_size is None:
+        return ()
+    if isinstance(input_size, (str, InputSpec)):
+        input_size = [input_size]
+    items = list(input_size)
+    if items and all(isinstance(d, int) for d in items):
+        return (InputSpec(tuple(int(d) for d in items)),)  # type: ignore[arg-type]
+    specs = []
+    for item in items:
+        if isinstance(item, InputSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            specs.append(InputSpec.parse(item))
+        else:
+            specs.append(InputSpec(tuple(int(d) for d in item)))  # type: ignore[union-attr]
+    return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, counted once, and fake state
+
+
+def unique_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Each parameter once (tied and shared parameters under their first name)."""
+    yield from model.named_parameters(remove_duplicate=True)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for _, p in unique_parameters(model) if p.requires_grad or not trainable_only)
+
+
+def fake_state(
+    model: nn.Module,
+    device: torch.device | str,
+    *,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fresh tensors for every parameter and buffer of ``model``, keyed by every name they have.
+
+    Call it inside a ``FakeTensorMode``: the tensors then cost no memory. Tied and shared tensors
+    map to one new tensor (by identity, not by name), which ``to_empty`` would not do; parameters
+    stay ``nn.Parameter`` with their ``requires_grad``. ``dtype`` converts floating tensors (bf16/fp16
+    training). The model itself is not touched: run it with ``torch.func.functional_call``.
+    """
+    made: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, t in named:
+        if id(t) not in made:
+            new_dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+            new = torch.empty_strided(t.shape, t.stride(), dtype=new_dtype, device=device)
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            made[id(t)] = new
+        out[name] = made[id(t)]
+    return out
+
+
+def accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
