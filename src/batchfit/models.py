@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import inspect
 import math
 import re
 import sys
@@ -433,8 +432,43 @@ def fake_state(
     Call it inside a ``FakeTensorMode``: the tensors then cost no memory. Tied and shared tensors
     map to one new tensor (by identity, not by name), which ``to_empty`` would not do; parameters
     stay ``nn.Parameter`` with their ``requires_grad``. ``dtype`` converts floating tensors (bf16/fp16
-    training). The model itself is not touched: run it with ``torch.func.functional_call``.
+    training). The model itself is not touched: run it under ``_reparametrize_module``/``functional_call``.
     """
+    return _new_state(model, lambda t, dt: torch.empty_strided(t.shape, t.stride(), dtype=dt, device=device), dtype)
+
+
+def real_state(
+    model: nn.Module,
+    device: torch.device | str,
+    *,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Like :func:`fake_state`, with real memory: copies of real tensors, and for a model built on
+    ``meta`` small random parameters (values only matter for numerics, not for memory)."""
+
+    def make(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        if not t.is_meta:
+            return t.detach().to(device=device, dtype=dt, copy=True)
+        out = torch.empty_strided(t.shape, t.stride(), dtype=dt, device=device)
+        if out.is_floating_point():
+            out.normal_(0.0, 0.02)
+        else:
+            out.zero_()
+        return out
+
+    state = _new_state(model, make, dtype)
+    with torch.no_grad():
+        for name, t in model.named_buffers():
+            if t.is_meta and name.rsplit(".", 1)[-1] == "running_var":
+                state[name].fill_(1.0)  # a variance must be positive
+    return state
+
+
+def _new_state(
+    model: nn.Module,
+    make: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
     made: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     named = [
@@ -443,18 +477,9 @@ def fake_state(
     ]
     for name, t in named:
         if id(t) not in made:
-            new_dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
-            new = torch.empty_strided(t.shape, t.stride(), dtype=new_dtype, device=device)
+            new = make(t, dtype if dtype is not None and t.dtype.is_floating_point else t.dtype)
             if isinstance(t, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=t.requires_grad)
             made[id(t)] = new
         out[name] = made[id(t)]
     return out
-
-
-def accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -1,0 +1,173 @@
+"""The reference step, written once: traced on fake tensors, measured for real, probed on a GPU.
+
+Before the window: model (train mode), optimizer (no state), one batch of inputs and labels.
+Then, ``iterations`` times::
+
+    loss = loss_fn(model(*inputs), labels)   # the output is not kept once the loss exists
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+What differs between a trace and a real run is passed in: how backward runs (a replay of the
+engine on fake tensors, or ``loss.backward()``), the grad scaler, and a callback per phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .training import LossSpec, OptimizerSpec, Precision, StepFn, logits_of, output_is_loss
+
+
+@dataclass
+class StepSpec:
+    """Everything the reference step needs besides the model and its inputs."""
+
+    device: str
+    optimizer: OptimizerSpec
+    precision: Precision
+    loss: LossSpec
+    mode: str = "train"  # or "inference"
+    step: StepFn | None = None
+    iterations: int = 2
+
+
+class Scaler(Protocol):
+    def scale(self, loss: torch.Tensor) -> torch.Tensor: ...
+    def step(self, optimizer: torch.optim.Optimizer) -> Any: ...
+    def update(self) -> None: ...
+
+
+@contextlib.contextmanager
+def autocast(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` that also works for fake CUDA tensors on a machine without a GPU.
+
+    ``torch.autocast("cuda")`` disables itself when CUDA is unavailable (a Python-side check);
+    setting the autocast state directly applies CUDA's autocast op lists to fake CUDA tensors,
+    and on a real GPU does what ``torch.autocast`` does.
+    """
+    if dtype is None:
+        yield
+        return
+    prev_enabled = torch.is_autocast_enabled(device_type)
+    prev_dtype = torch.get_autocast_dtype(device_type)
+    prev_cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, dtype)
+    torch.set_autocast_cache_enabled(True)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(device_type, prev_enabled)
+        torch.set_autocast_dtype(device_type, prev_dtype)
+        torch.set_autocast_cache_enabled(prev_cache)
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Set train/eval for the step and give every submodule its own mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def call_model(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    if len(inputs) == 1 and isinstance(inputs[0], dict):
+        return model(**inputs[0])
+    return model(*inputs)
+
+
+def unique_trainable(model: nn.Module) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if id(p) not in seen and p.requires_grad:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def output_logits(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> torch.Tensor | None:
+    """The tensor labels are shaped after (None when the model returns its loss), from a no-grad forward."""
+    with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
+        out = call_model(model, inputs)
+    return None if output_is_loss(out) is not None else logits_of(out).detach()
+
+
+def run_step(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    spec: StepSpec,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    backward: Callable[[torch.Tensor], None],
+    labels: Any = None,
+    make_labels: Callable[[torch.Tensor], Any] | None = None,
+    scaler: Scaler | None = None,
+    on_phase: Callable[[str, int], None] = lambda phase, iteration: None,
+    after_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
+) -> tuple[int, ...] | None:
+    """Run the reference step's window; returns the shape of the output the loss was computed from.
+
+    ``labels`` may be given, or made on first use by ``make_labels(logits)`` (which must file them
+    as existing before the window).
+    """
+    output_shape: tuple[int, ...] | None = None
+    if spec.mode == "inference":
+        on_phase("forward", 1)
+        with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
+            out = call_model(model, inputs)
+        if output_is_loss(out) is None:
+            output_shape = tuple(logits_of(out).shape)
+        return output_shape
+    assert optimizer is not None
+    for it in range(1, spec.iterations + 1):
+        on_phase("forward", it)
+        if spec.step is not None:
+            spec.step(model, inputs, labels, optimizer)
+            continue
+        with autocast(spec.device, spec.precision.autocast_dtype):
+            out = call_model(model, inputs)
+            loss = output_is_loss(out)
+            if loss is None:
+                logits = logits_of(out)
+                output_shape = tuple(logits.shape)
+                if labels is None and make_labels is not None:
+                    labels = make_labels(logits)
+                del logits
+                loss = spec.loss.fn(out, labels)
+            del out
+        if scaler is not None:
+            loss = scaler.scale(loss)
+        on_phase("backward", it)
+        backward(loss)
+        del loss
+        on_phase("optimizer", it)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        after_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return output_shape

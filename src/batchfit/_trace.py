@@ -1,0 +1,562 @@
+"""Run the reference step on fake tensors and record every storage's birth and death.
+
+Nothing here allocates real memory: the model's parameters, the batch and everything the step
+creates are ``FakeTensor``s (shape, dtype, device; no data). A ``TorchDispatchMode`` sees every
+aten op below autograd and registers each new storage; a weak reference on the storage reports
+its death. The backward pass is replayed here, node by node, the way PyTorch's C++ engine runs it
+(ready nodes by sequence number, highest first; gradients summed in input buffers, in place when
+the engine would; leaves' gradients stolen or cloned by AccumulateGrad's rules; each node's saved
+tensors released once it has run). The engine itself cannot run on fake CUDA tensors without a
+device, and one replay for every device keeps CPU and CUDA results comparable.
+
+See docs/architecture.md for the reference step and the event format.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import heapq
+import itertools
+import sys
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ._errors import BatchfitError, ExitCode
+from ._events import Event
+from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
+from .models import Workload, fake_state
+
+_SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
+
+
+@dataclass
+class _Storage:
+    sid: int
+    nbytes: int
+    phase: str
+    module: str
+    category: str  # provisional until the end of the trace
+    iteration: int
+
+
+@dataclass
+class Trace:
+    """The raw result of tracing one reference step (two iterations) at one batch size."""
+
+    batch_size: int
+    device: str
+    events: list[Event]
+    activation_bytes_by_module: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    output_shape: tuple[int, ...] | None = None
+
+
+class _Holder:
+    """What a saved-tensors pack hook returns: the replay empties it once its node has run."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor: torch.Tensor | None = tensor
+
+
+class _Recorder(TorchDispatchMode):
+    """Sees every aten op's outputs and registers storages it has not seen yet."""
+
+    def __init__(self, tracer: _Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        tracer = self.tracer
+        tracer.on_op(func)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                tracer.track(t)
+        return out
+
+
+class _CudaKernels(TorchFunctionMode):
+    """Choose the kernels a real CUDA device would run where fake CUDA cannot ask the device.
+
+    ``F.scaled_dot_product_attention`` on fake CUDA falls back to the math path (memory grows with
+    the sequence length squared); an sm80+ GPU runs flash or memory-efficient attention, whose
+    saved tensors (output and log-sum-exp) are far smaller. The choice follows PyTorch's
+    ``sdp_utils`` rules for the cases that matter for memory.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            fused = _fused_attention(*args, **kwargs)
+            if fused is not None:
+                return fused
+        return func(*args, **kwargs)
+
+
+def _fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor | None:
+    if query.dim() != 4 or enable_gqa or query.device.type != "cuda":
+        return None
+    head_dim = query.shape[-1]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    low_precision = query.dtype in (torch.float16, torch.bfloat16)
+    if attn_mask is None and low_precision and head_dim <= 256 and head_dim % 8 == 0:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, False, scale=scale
+        )[0]
+        return out  # type: ignore[no-any-return]
+    if query.dtype in (torch.float32, torch.float16, torch.bfloat16) and head_dim % 8 == 0:
+        bias = attn_mask
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill_(bias.logical_not(), float("-inf"))
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, needs_grad, dropout_p, is_causal, scale=scale
+        )[0]
+        return out  # type: ignore[no-any-return]
+    return None
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module) -> None:
+        self.storages: dict[int, _Storage] = {}  # by storage _cdata, while alive
+        self.raw: list[tuple[str, _Storage]] = []  # ("alloc"|"free", storage)
+        self.final_category: dict[int, str] = {}
+        self.ids = itertools.count()
+        self.phase = "setup"
+        self.iteration = 0
+        self.setup_category = "inputs"
+        self.module_stack: list[str] = [""]
+        self.module_names = {id(m): name for name, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+        # autograd sequence numbers at which the running module changed, to map nodes to modules
+        self.seq_marks: list[int] = [0]
+        self.seq_modules: list[str] = [""]
+        self.saved_bytes: dict[str, dict[int, int]] = {}
+        self.current_holders: list[_Holder] = []
+        self.ops = 0
+
+    # -- storages ---------------------------------------------------------------------------
+    def track(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return  # e.g. sparse or functional tensors without a storage
+        key = st._cdata
+        if key in self.storages:
+            return
+        rec = _Storage(
+            next(self.ids), st.nbytes(), self.phase, self.module_stack[-1], self._provisional(), self.iteration
+        )
+        self.storages[key] = rec
+        self.raw.append(("alloc", rec))
+        weakref.finalize(st, self._freed, key)
+
+    def _freed(self, key: int) -> None:
+        rec = self.storages.pop(key, None)
+        if rec is not None:
+            self.raw.append(("free", rec))
+
+    def _provisional(self) -> str:
+        return self.setup_category if self.phase == "setup" else "temporaries"
+
+    def storage_of(self, t: torch.Tensor) -> _Storage | None:
+        try:
+            return self.storages.get(t.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    def mark(self, t: torch.Tensor, category: str) -> None:
+        rec = self.storage_of(t)
+        if rec is not None and rec.category not in _SETUP_CATEGORIES:
+            rec.category = category
+
+    def on_op(self, func: Any) -> None:
+        self.ops += 1
+
+    # -- modules ----------------------------------------------------------------------------
+    def enter_module(self, module: nn.Module) -> None:
+        name = self.module_names.get(id(module), type(module).__name__)
+        self.module_stack.append(name)
+        self._mark_seq(name)
+
+    def exit_module(self, module: nn.Module) -> None:
+        if len(self.module_stack) > 1:
+            self.module_stack.pop()
+        self._mark_seq(self.module_stack[-1])
+
+    def _mark_seq(self, name: str) -> None:
+        self.seq_marks.append(torch._C._autograd._get_sequence_nr())
+        self.seq_modules.append(name)
+
+    def module_of_node(self, node: Any) -> str:
+        seq = node._sequence_nr()
+        i = bisect.bisect_right(self.seq_marks, seq) - 1
+        return self.seq_modules[max(i, 0)]
+
+    # -- saved tensors ----------------------------------------------------------------------
+    def pack(self, t: torch.Tensor) -> _Holder:
+        rec = self.storage_of(t)
+        if rec is not None and self.phase == "forward":
+            if rec.category == "temporaries":
+                rec.category = "activations"
+            self.saved_bytes.setdefault(self.module_stack[-1], {})[rec.sid] = rec.nbytes
+        # detached: saving an output with its grad_fn would make a reference cycle
+        return _Holder(t.detach())
+
+    def unpack(self, holder: _Holder) -> torch.Tensor:
+        self.current_holders.append(holder)
+        if holder.tensor is None:
+            raise RuntimeError("batchfit: a saved tensor was used after its node ran (retain_graph is not supported)")
+        return holder.tensor
+
+    # -- result -----------------------------------------------------------------------------
+    def events(self) -> list[Event]:
+        out = []
+        for seq, (action, rec) in enumerate(self.raw):
+            out.append(Event(seq, action, rec.sid, rec.nbytes, rec.category, rec.module, rec.phase, rec.iteration))  # type: ignore[arg-type]
+        return out
+
+
+@contextlib.contextmanager
+def _module_hooks(tracer: _Tracer) -> Iterator[None]:
+    """Global (not per-model) forward hooks: the user's model gets no hooks of ours."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    pre = register_module_forward_pre_hook(lambda m, a: tracer.enter_module(m))
+    post = register_module_forward_hook(lambda m, a, o: tracer.exit_module(m), always_call=True)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
+class _GradScaler:
+    """The memory behaviour of ``torch.amp.GradScaler``: a scale tensor, a scaled loss, and an
+    in-place unscale with an inf check per device and dtype (``GradScaler('cuda')`` disables
+    itself without a GPU, so it is reproduced here with the same ops)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._scale: torch.Tensor | None = None
+        self.growth_tracker: torch.Tensor | None = None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._scale is None:
+            self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=self.device)
+            self.growth_tracker = torch.full((), 0, dtype=torch.int32, device=self.device)
+        return loss * self._scale.to(loss.dtype)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        assert self._scale is not None
+        inv_scale = self._scale.double().reciprocal().float()
+        found_inf = torch.full((), 0.0, dtype=torch.float32, device=self.device)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
+        optimizer.step()
+        self.found_inf = found_inf
+
+    def update(self) -> None:
+        torch._amp_update_scale_(self._scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
+        del self.found_inf
+
+
+class _Replay:
+    """PyTorch's autograd engine, re-enacted in Python for memory (see the module docstring)."""
+
+    def __init__(self, tracer: _Tracer) -> None:
+        self.tracer = tracer
+        self._saved_attrs: dict[type, tuple[str, ...]] = {}
+
+    def backward(self, root_tensor: torch.Tensor) -> None:
+        root = root_tensor.grad_fn
+        if root is None:
+            raise BatchfitError(
+                "the loss does not depend on any trainable parameter",
+                hint="check that some parameters have requires_grad=True, or use --mode inference",
+            )
+        deps: dict[Any, int] = {}
+        stack = [root]
+        seen = {root}
+        while stack:
+            node = stack.pop()
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                deps[nxt] = deps.get(nxt, 0) + 1
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        del seen, stack
+        # torch.autograd.backward() makes the root gradient in Python and holds it until the
+        # engine returns: it stays alive for the whole pass, as here.
+        root_grad = torch.ones_like(root_tensor, memory_format=torch.contiguous_format)
+        buffers: dict[Any, list[Any]] = {root: [root_grad]}
+        counter = itertools.count()
+        ready: list[tuple[int, int, Any]] = [(-root._sequence_nr(), next(counter), root)]
+        tracer = self.tracer
+        with torch.no_grad():
+            while ready:
+                node = heapq.heappop(ready)[2]
+                inputs = buffers.pop(node)
+                tracer.module_stack[-1] = tracer.module_of_node(node)
+                if type(node).__name__ == "AccumulateGrad":
+                    grad = inputs[0]
+                    inputs.clear()
+                    if grad is not None:
+                        self._accumulate(node.variable, grad)
+                    del grad, inputs, node
+                    continue
+                tracer.current_holders = []
+                outs = node(*inputs)
+                del inputs
+                self._release(node)
+                if not isinstance(outs, tuple):
+                    outs = (outs,)
+                for (nxt, nr), grad in zip(node.next_functions, outs):
+                    if nxt is None:
+                        continue
+                    slot = buffers.get(nxt)
+                    if slot is None:
+                        slot = buffers[nxt] = [None] * len(nxt._input_metadata)
+                    if grad is not None:
+                        grad = self._validate(nxt, nr, grad)
+                        old = slot[nr]
+                        if old is None:
+                            slot[nr] = grad
+                        else:
+                            slot[nr] = None
+                            slot[nr] = self._sum(old, grad)
+                        del old
+                    deps[nxt] -= 1
+                    if deps[nxt] == 0:
+                        heapq.heappush(ready, (-_priority(nxt), next(counter), nxt))
+                    del grad
+                del outs, node
+        del root_grad
+        tracer.module_stack[-1] = ""
+
+    @staticmethod
+    def _validate(nxt: Any, nr: int, grad: torch.Tensor) -> torch.Tensor:
+        """What the engine's validate_outputs does: reduce broadcast shapes, cast dtypes."""
+        meta = nxt._input_metadata[nr]
+        if tuple(grad.shape) != tuple(meta.shape):
+            grad = grad.sum_to_size(meta.shape)
+        if grad.dtype != meta.dtype:
+            grad = grad.to(meta.dtype)
+        return grad
+
+    @staticmethod
+    def _sum(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        # input_buffer.cpp accumulate(): in place when the buffer holds the last reference to a
+        # dense, non-overlapping tensor (refs here: `old` local + getrefcount's argument).
+        if sys.getrefcount(old) <= 3 and not old._is_view() and is_non_overlapping_and_dense(old):
+            return old.add_(new)
+        return old + new
+
+    def _accumulate(self, variable: torch.Tensor, grad: torch.Tensor) -> None:
+        # accumulate_grad.h: steal the incoming gradient when nothing else holds it and its
+        # layout obeys the parameter's; otherwise clone it; later gradients add in place.
+        if variable.grad is None:
+            # refs: `grad` here + the caller's local + getrefcount's argument; one more means
+            # another input buffer holds the same tensor (use_count > 1 in C++: no steal)
+            if sys.getrefcount(grad) <= 3 and _obeys_layout(grad, variable):
+                variable.grad = grad
+            else:
+                variable.grad = _clone_like(grad, variable)
+        else:
+            variable.grad.add_(grad)
+        self.tracer.mark(variable.grad, "gradients")
+
+    def _release(self, node: Any) -> None:
+        """Empty the holders of every tensor the node saved (Node::release_variables)."""
+        names = self._saved_attrs.get(type(node))
+        if names is None:
+            names = tuple(a.removeprefix("_raw") for a in dir(node) if a.startswith("_raw_saved_"))
+            self._saved_attrs[type(node)] = names
+        for name in names:
+            with contextlib.suppress(Exception):
+                getattr(node, name)  # unpacking registers the holder in current_holders
+        if hasattr(node, "saved_tensors"):  # custom autograd.Function
+            with contextlib.suppress(Exception):
+                node.saved_tensors  # noqa: B018
+        for holder in self.tracer.current_holders:
+            holder.tensor = None
+        self.tracer.current_holders = []
+
+
+def _priority(node: Any) -> int:
+    # AccumulateGrad has sequence number UINT64_MAX in C++ (runs as soon as it is ready)
+    return sys.maxsize if type(node).__name__ == "AccumulateGrad" else int(node._sequence_nr())
+
+
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Whether the elements of ``t`` fill its storage span exactly once (some dim order is contiguous)."""
+    expected = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _obeys_layout(grad: torch.Tensor, variable: torch.Tensor) -> bool:
+    if is_non_overlapping_and_dense(variable):
+        return grad.stride() == variable.stride()
+    return grad.is_contiguous()
+
+
+def _clone_like(grad: torch.Tensor, variable: torch.Tensor) -> torch.Tensor:
+    if is_non_overlapping_and_dense(variable):
+        out = torch.empty_strided(variable.shape, variable.stride(), dtype=grad.dtype, device=grad.device)
+        return out.copy_(grad)
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
+def trace_step(workload: Workload, batch_size: int, spec: StepSpec) -> Trace:
+    """Trace the reference step at one batch size on fake tensors (see docs/architecture.md)."""
+    model = workload.model
+    tracer = _Tracer(model)
+    device = torch.device(spec.device)
+    param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
+    buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    output_shape: tuple[int, ...] | None = None
+    setup_end = 0
+
+    def make_labels(logits: torch.Tensor) -> Any:
+        nonlocal setup_end
+        labels, setup_end = _file_under_setup(tracer, lambda: spec.loss.make_labels(logits.detach()), setup_end)
+        return labels
+
+    def on_phase(phase: str, iteration: int) -> None:
+        tracer.phase, tracer.iteration = phase, iteration
+        tracer.module_stack[-1] = "optimizer" if phase == "optimizer" else ""
+
+    def after_step(optimizer: torch.optim.Optimizer) -> None:
+        for value in state_tensors(optimizer):
+            tracer.mark(value, "optimizer_state")
+
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+            stack.enter_context(_Recorder(tracer))
+            stack.enter_context(train_mode(model, spec.mode == "train"))
+            # before the window: parameters, buffers, the batch, the optimizer (no state yet)
+            tracer.setup_category = "parameters"
+            state = fake_state(model, device, dtype=param_dtype)
+            for name, t in state.items():
+                rec = tracer.storage_of(t)
+                if rec is not None and name in buffer_names:
+                    rec.category = "buffers"
+            tracer.setup_category = "inputs"
+            inputs = workload.make_inputs(batch_size, device)
+            if param_dtype is not None:
+                inputs = tuple(x.to(param_dtype) if x.is_floating_point() else x for x in inputs)
+            stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
+            del state
+            optimizer = None
+            if spec.mode == "train":
+                params = unique_trainable(model)
+                if not params:
+                    raise BatchfitError(
+                        "the model has no trainable parameters",
+                        hint="unfreeze some parameters, or use --mode inference",
+                    )
+                optimizer = spec.optimizer.build(params, device_type=device.type)
+                del params
+            labels = None
+            if spec.step is not None:
+                logits = output_logits(model, inputs, spec)  # not recorded: tracked storages only
+                if logits is not None:
+                    labels = make_labels(logits)
+                del logits
+            setup_end = len(tracer.raw)
+            stack.enter_context(_module_hooks(tracer))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
+            if device.type == "cuda":
+                stack.enter_context(_CudaKernels())
+            output_shape = run_step(
+                model,
+                inputs,
+                spec,
+                optimizer,
+                backward=_Replay(tracer).backward,
+                labels=labels,
+                make_labels=make_labels,
+                scaler=_GradScaler(spec.device) if spec.precision.grad_scaler and spec.mode == "train" else None,
+                on_phase=on_phase,
+                after_step=after_step,
+            )
+            del inputs, labels, optimizer
+    except BatchfitError:
+        raise
+    except Exception as exc:
+        raise _explain(exc, workload, batch_size, tracer) from exc
+    activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
+    return Trace(batch_size, spec.device, tracer.events(), activation_bytes, [], output_shape)
+
+
+def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, int]:
+    """Make something that exists before the window (labels: a DataLoader made them) and file
+    its storages' births under setup, at the end of the setup events."""
+    saved = tracer.phase, tracer.setup_category, tracer.iteration
+    tracer.phase, tracer.setup_category, tracer.iteration = "setup", "inputs", 0
+    start = len(tracer.raw)
+    try:
+        made = make()
+    finally:
+        tracer.phase, tracer.setup_category, tracer.iteration = saved
+    born = tracer.raw[start:]
+    del tracer.raw[start:]
+    for _, rec in born:
+        rec.category, rec.module = "inputs", ""
+    tracer.raw[setup_end:setup_end] = born
+    return made, setup_end + len(born)
+
+
+def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Tracer) -> BatchfitError:
+    """Turn a failure inside the model into a message that names the layer and the fix."""
+    module = tracer.module_stack[-1] if len(tracer.module_stack) > 1 else ""
+    where = f" in module {module!r}" if module else ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    data_dependent = any(
+        s in type(exc).__name__ + text
+        for s in ("DataDependent", "data-dependent", "item()", "numpy", "non-fake", "UnsupportedOperator")
+    )
+    if data_dependent:
+        return BatchfitError(
+            f"the model cannot run on fake tensors{where}: {type(exc).__name__}: {text}",
+            hint="it reads tensor values (e.g. .item(), numpy, data-dependent shapes); "
+            "use `batchfit measure` (a real run) instead",
+            exit_code=ExitCode.UNSUPPORTED,
+        )
+    shapes = ", ".join(str(s) for s in workload.inputs) or "example_inputs()"
+    return BatchfitError(
+        f"the model failed{where} at batch size {batch_size} with input {shapes}: {type(exc).__name__}: {text}",
+        hint="check --input / --dataset against what the model expects (rerun with --debug for the traceback)",
+    )
