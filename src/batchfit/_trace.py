@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ._cpu_scratch import is_scratch_op, scratch_bytes
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
@@ -80,11 +81,14 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         tracer = self.tracer
-        tracer.on_op(func)
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 tracer.track(t)
+        if tracer.cpu_scratch and is_scratch_op(func):
+            extra, extrapolated = scratch_bytes(func, args, kwargs)
+            tracer.transient(extra, note=f"{func} scratch extrapolated from batch 1 and 2" if extrapolated else None)
         return out
 
 
@@ -153,7 +157,8 @@ class _Tracer:
         self.seq_modules: list[str] = [""]
         self.saved_bytes: dict[str, dict[int, int]] = {}
         self.current_holders: list[_Holder] = []
-        self.ops = 0
+        self.cpu_scratch = False
+        self.notes: list[str] = []
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
@@ -190,8 +195,15 @@ class _Tracer:
         if rec is not None and rec.category not in _SETUP_CATEGORIES:
             rec.category = category
 
-    def on_op(self, func: Any) -> None:
-        self.ops += 1
+    def transient(self, nbytes: int, note: str | None = None) -> None:
+        """Memory a kernel takes and gives back inside one op (CPU scratch): born and dead at once."""
+        if nbytes <= 0:
+            return
+        rec = _Storage(next(self.ids), nbytes, self.phase, self.module_stack[-1], "temporaries", self.iteration)
+        self.raw.append(("alloc", rec))
+        self.raw.append(("free", rec))
+        if note is not None and note not in self.notes:
+            self.notes.append(note)
 
     # -- modules ----------------------------------------------------------------------------
     def enter_module(self, module: nn.Module) -> None:
@@ -443,6 +455,7 @@ def trace_step(workload: Workload, batch_size: int, spec: StepSpec) -> Trace:
     model = workload.model
     tracer = _Tracer(model)
     device = torch.device(spec.device)
+    tracer.cpu_scratch = device.type == "cpu"
     param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     output_shape: tuple[int, ...] | None = None
@@ -518,7 +531,7 @@ def trace_step(workload: Workload, batch_size: int, spec: StepSpec) -> Trace:
     except Exception as exc:
         raise _explain(exc, workload, batch_size, tracer) from exc
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
-    return Trace(batch_size, spec.device, tracer.events(), activation_bytes, [], output_shape)
+    return Trace(batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, output_shape)
 
 
 def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, int]:
