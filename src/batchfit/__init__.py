@@ -22,18 +22,28 @@ from .models import InputSpec, Workload, load_workload
 _LAZY: dict[str, str] = {
     "summary": ".summary",
     "ModelSummary": ".summary",
+    "estimate": ".estimate",
+    "EstimateReport": ".estimate",
+    "StepEstimate": ".estimate",
+    "measure_step": ".measure",
+    "Measurement": ".measure",
 }
 
 __all__ = [
     "BatchfitError",
     "DatasetInfo",
+    "EstimateReport",
     "ExitCode",
     "InputSpec",
+    "Measurement",
     "ModelSummary",
+    "StepEstimate",
     "Workload",
+    "estimate",
     "format_bytes",
     "get_dataset",
     "load_workload",
+    "measure_step",
     "parse_size",
     "summary",
 ]

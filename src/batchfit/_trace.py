@@ -39,6 +39,11 @@ from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode,
 from .models import Workload, fake_state
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
+_CUBLAS_OPS = frozenset(
+    f"aten.{op}"
+    for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation", "addr")
+)
+_CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "aten.cudnn_convolution"))
 
 
 @dataclass
@@ -86,6 +91,8 @@ class _Recorder(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 tracer.track(t)
+        if tracer.cuda_workspaces is not None:
+            tracer.cuda_workspace(func)
         if tracer.cpu_scratch and is_scratch_op(func):
             extra, extrapolated = scratch_bytes(func, args, kwargs)
             tracer.transient(extra, note=f"{func} scratch extrapolated from batch 1 and 2" if extrapolated else None)
@@ -158,6 +165,8 @@ class _Tracer:
         self.saved_bytes: dict[str, dict[int, int]] = {}
         self.current_holders: list[_Holder] = []
         self.cpu_scratch = False
+        self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
+        self.cublas_threads: set[str] = set()
         self.notes: list[str] = []
 
     # -- storages ---------------------------------------------------------------------------
@@ -195,6 +204,36 @@ class _Tracer:
         if rec is not None and rec.category not in _SETUP_CATEGORIES:
             rec.category = category
 
+    def cuda_workspace(self, func: Any) -> None:
+        """Library workspaces a CUDA run takes through the caching allocator.
+
+        cuBLAS: one workspace per handle and stream, allocated at the first GEMM and kept; the
+        forward runs on the calling thread and the backward on autograd's device thread, each
+        with its own handle, so a training step holds two. cuDNN: a workspace per convolution
+        call, freed when the call returns (modelled here as a transient after the outputs).
+        """
+        assert self.cuda_workspaces is not None
+        name = str(func).rsplit(".", 1)[0]
+        if name in _CUBLAS_OPS:
+            thread = "autograd" if self.phase == "backward" else "main"
+            if thread not in self.cublas_threads:
+                self.cublas_threads.add(thread)
+                rec = _Storage(
+                    next(self.ids),
+                    self.cuda_workspaces[0],
+                    self.phase,
+                    self.module_stack[-1],
+                    "workspaces",
+                    self.iteration,
+                )
+                self.raw.append(("alloc", rec))
+        elif name in _CUDNN_CONV_OPS and self.cuda_workspaces[1] > 0:
+            rec = _Storage(
+                next(self.ids), self.cuda_workspaces[1], self.phase, self.module_stack[-1], "workspaces", self.iteration
+            )
+            self.raw.append(("alloc", rec))
+            self.raw.append(("free", rec))
+
     def transient(self, nbytes: int, note: str | None = None) -> None:
         """Memory a kernel takes and gives back inside one op (CPU scratch): born and dead at once."""
         if nbytes <= 0:
@@ -231,7 +270,8 @@ class _Tracer:
         if rec is not None and self.phase == "forward":
             if rec.category == "temporaries":
                 rec.category = "activations"
-            self.saved_bytes.setdefault(self.module_stack[-1], {})[rec.sid] = rec.nbytes
+            if self.iteration == 1:  # per-layer figures: one iteration's worth
+                self.saved_bytes.setdefault(self.module_stack[-1], {})[rec.sid] = rec.nbytes
         # detached: saving an output with its grad_fn would make a reference cycle
         return _Holder(t.detach())
 
@@ -450,12 +490,24 @@ def _clone_like(grad: torch.Tensor, variable: torch.Tensor) -> torch.Tensor:
     return grad.clone(memory_format=torch.contiguous_format)
 
 
-def trace_step(workload: Workload, batch_size: int, spec: StepSpec) -> Trace:
-    """Trace the reference step at one batch size on fake tensors (see docs/architecture.md)."""
+def trace_step(
+    workload: Workload,
+    batch_size: int,
+    spec: StepSpec,
+    *,
+    cuda_workspaces: tuple[int, int] | None = None,
+) -> Trace:
+    """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
+
+    ``cuda_workspaces`` = (cuBLAS workspace per handle, cuDNN workspace per convolution call) in
+    bytes adds the library workspaces a CUDA run takes through the caching allocator.
+    """
     model = workload.model
     tracer = _Tracer(model)
     device = torch.device(spec.device)
     tracer.cpu_scratch = device.type == "cpu"
+    if device.type == "cuda":
+        tracer.cuda_workspaces = cuda_workspaces
     param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     output_shape: tuple[int, ...] | None = None

@@ -62,3 +62,54 @@ def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
             f"cannot read the {what} {text!r}", hint="give positive integers separated by commas, e.g. 64,256,1024"
         )
     return values
+
+
+# -- the training step: one definition of each option for estimate, measure, fit, plan, probe -----
+
+BatchSizesOpt = Annotated[
+    str, typer.Option("--batch-size", "-b", help="One or more batch sizes, comma-separated, e.g. 64,256,1024,4096.")
+]
+OptimizerOpt = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        "-o",
+        help='sgd, sgd-momentum, adam, adamw, rmsprop, adagrad, or any torch.optim class with keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)".',
+    ),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        "-p",
+        help="fp32, bf16 / fp16 (parameters, gradients and optimizer state in that dtype), amp-bf16 / amp-fp16 (fp32 parameters with autocast; fp16 adds a GradScaler).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help="cuda: simulate a CUDA GPU (on any machine); cpu: simulate a CPU training run (host RAM)."
+    ),
+]
+LossOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--loss",
+        help="cross-entropy (default, unless the model returns its loss), mse, or path/to/file.py:fn with fn(output, labels).",
+    ),
+]
+StepOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--step",
+        help="Your own training step, path/to/file.py:fn with fn(model, inputs, labels, optimizer), instead of the reference step.",
+    ),
+]
+ModeOpt = Annotated[str, typer.Option("--mode", help="train (the reference step) or inference (one forward under no_grad).")]
+AllocConfOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--alloc-conf",
+        help="Caching-allocator settings as in PYTORCH_CUDA_ALLOC_CONF (read from the environment too), e.g. expandable_segments:True.",
+    ),
+]

@@ -1,0 +1,167 @@
+"""``batchfit estimate`` and ``batchfit measure``: one training step's memory, simulated or real."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from .._errors import BatchfitError, ExitCode
+from .._render import Table, show
+from .._units import format_bytes
+from ..estimate import Estimator, EstimateReport, make_spec
+from ._app import command
+from ._common import (
+    AllocConfOpt,
+    BatchSizesOpt,
+    ClassesOpt,
+    DatasetOpt,
+    DeviceOpt,
+    FreeOpt,
+    GpuOpt,
+    InputOpt,
+    JsonOpt,
+    LossOpt,
+    MemoryOpt,
+    ModeOpt,
+    ModelArg,
+    OptimizerOpt,
+    PrecisionOpt,
+    StepOpt,
+    parse_int_list,
+    workload_from_options,
+)
+
+
+@command("estimate")
+def estimate_cmd(
+    model: ModelArg,
+    inputs: InputOpt = None,
+    dataset: DatasetOpt = None,
+    num_classes: ClassesOpt = None,
+    batch_size: BatchSizesOpt = "64,256,1024,4096",
+    optimizer: OptimizerOpt = "sgd",
+    precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "cuda",
+    loss: LossOpt = None,
+    step: StepOpt = None,
+    mode: ModeOpt = "train",
+    gpu: GpuOpt = None,
+    memory: MemoryOpt = None,
+    free: FreeOpt = False,
+    alloc_conf: AllocConfOpt = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also show each module's saved activations.")] = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also run the step for real on this machine's device and show the error.")
+    ] = False,
+    events: Annotated[bool, typer.Option("--events", help="With --json: include the event timeline.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
+    workload = workload_from_options(model, inputs, dataset, num_classes)
+    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    sizes = parse_int_list(batch_size)
+    report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
+    comparison = _compare(report, workload, spec) if compare else None
+    if as_json:
+        out = report.to_dict(events=events)
+        if comparison is not None:
+            out["measured"] = comparison[1]
+        print(json.dumps(out, indent=2))
+        return
+    show(report, *([comparison[0]] if comparison else []))
+
+
+def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]:  # type: ignore[no-untyped-def]
+    from ..measure import measure_step
+
+    rows = []
+    data = []
+    for r in report:
+        m = measure_step(workload, r.batch_size, spec)
+        err = (r.peak_allocated_bytes - m.peak_allocated_bytes) / m.peak_allocated_bytes
+        row = [f"{r.batch_size:,}", f"{r.peak_allocated_bytes:,}", f"{m.peak_allocated_bytes:,}", f"{err:+.3%}"]
+        item = {"batch_size": r.batch_size, "measured_peak_allocated_bytes": m.peak_allocated_bytes}
+        if m.peak_reserved_bytes is not None and r.peak_reserved_bytes is not None:
+            row += [f"{r.peak_reserved_bytes:,}", f"{m.peak_reserved_bytes:,}"]
+            item["measured_peak_reserved_bytes"] = m.peak_reserved_bytes
+        rows.append(row)
+        data.append(item)
+    columns = ["batch", "estimated peak (B)", "measured peak (B)", "error"]
+    if any(len(r) > 4 for r in rows):
+        columns += ["est. reserved (B)", "meas. reserved (B)"]
+    return Table(f"estimate vs a real step on this machine ({spec.device})", columns, rows), data
+
+
+@command("measure")
+def measure_cmd(
+    model: ModelArg,
+    inputs: InputOpt = None,
+    dataset: DatasetOpt = None,
+    num_classes: ClassesOpt = None,
+    batch_size: BatchSizesOpt = "64",
+    optimizer: OptimizerOpt = "sgd",
+    precision: PrecisionOpt = "fp32",
+    device: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--device", help="cpu, or cuda when this machine has a GPU (default: cuda if present, else cpu)."),
+    ] = None,
+    loss: LossOpt = None,
+    step: StepOpt = None,
+    mode: ModeOpt = "train",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the reference step for real on this machine's device and measure its peak memory."""
+    import torch
+
+    from ..measure import measure_step
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise BatchfitError(
+            "--device cuda needs a GPU, and this machine has none",
+            hint="use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run",
+            exit_code=ExitCode.NO_DEVICE,
+        )
+    workload = workload_from_options(model, inputs, dataset, num_classes)
+    spec = make_spec(dev, optimizer, precision, loss, step, mode)
+    results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "model": workload.name,
+                    "device": dev,
+                    "optimizer": str(spec.optimizer),
+                    "precision": spec.precision.name,
+                    "results": [
+                        {
+                            "batch_size": m.batch_size,
+                            "peak_allocated_bytes": m.peak_allocated_bytes,
+                            "peak_reserved_bytes": m.peak_reserved_bytes,
+                            "device_used_bytes": m.device_used_bytes,
+                            "device": dev,
+                            "seconds": m.seconds,
+                        }
+                        for m in results
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    rows = [
+        [
+            f"{m.batch_size:,}",
+            format_bytes(m.peak_allocated_bytes, "MiB"),
+            format_bytes(m.peak_reserved_bytes, "MiB") if m.peak_reserved_bytes is not None else "-",
+            format_bytes(m.device_used_bytes, "MiB") if m.device_used_bytes is not None else "-",
+            f"{m.samples_per_second:,.0f}",
+        ]
+        for m in results
+    ]
+    title = f"{workload.name}: a real training step on {dev} ({spec.optimizer}, {spec.precision.name}), measured"
+    show(Table(title, ["batch", "peak allocated", "peak reserved", "device in use", "samples/s"], rows))

@@ -1,0 +1,431 @@
+"""``batchfit.estimate()``: the memory of one training step, per batch size, without a GPU.
+
+>>> r = estimate("mlp", dataset="mnist", batch_size=64, device="cpu")
+>>> r.peak_allocated_bytes   # the seed's MNIST MLP, SGD, one real CPU step measures the same
+1048152
+>>> r.breakdown["parameters"], r.peak_phase
+(407080, 'backward')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, overload
+
+import torch
+from torch import nn
+
+from ._errors import BatchfitError, ExitCode
+from ._events import CATEGORIES, Event
+from ._render import Table
+from ._step import StepSpec
+from ._trace import Trace, trace_step
+from ._units import format_bytes
+from .models import Workload, load_workload
+from .training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
+
+if TYPE_CHECKING:
+    from .allocator import AllocatorConfig, AllocatorResult
+    from .gpus import Budget
+
+SCHEMA_VERSION = 1
+DEVICES = ("cuda", "cpu")
+CUDA_CATEGORIES = (*CATEGORIES, "workspaces")
+
+
+@dataclass
+class StepEstimate:
+    """The memory of one reference step at one batch size. Bytes are ints.
+
+    On CUDA, ``peak_allocated_bytes`` is what ``torch.cuda.max_memory_allocated()`` would report,
+    ``peak_reserved_bytes`` what ``max_memory_reserved()`` would, and ``total_bytes`` what the
+    process holds on the card (nvidia-smi): reserved + CUDA context and other memory the allocator
+    never sees. On CPU, ``peak_allocated_bytes`` is the host memory the step's tensors take.
+    """
+
+    model: str
+    batch_size: int
+    device: str
+    optimizer: str
+    precision: str
+    mode: str
+    peak_allocated_bytes: int
+    breakdown: dict[str, int]
+    peak_phase: str
+    peak_iteration: int
+    peak_module: str
+    activation_bytes_by_module: dict[str, int]
+    events: list[Event] = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+    card: str | None = None
+    peak_reserved_bytes: int | None = None
+    total_bytes: int | None = None
+    budget_bytes: int | None = None
+    allocator: AllocatorResult | None = field(default=None, repr=False)
+    method: str = "simulated"  # or "extrapolated" (fallback) / "measured"
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the step fits the budget (CUDA with a known card)."""
+        if self.total_bytes is None or self.budget_bytes is None:
+            return None
+        return self.total_bytes <= self.budget_bytes
+
+    def to_dict(self, *, events: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "device": self.device,
+            "peak_phase": self.peak_phase,
+            "peak_iteration": self.peak_iteration,
+            "peak_module": self.peak_module,
+            "breakdown": dict(self.breakdown),
+            "activation_bytes_by_module": dict(self.activation_bytes_by_module),
+            "method": self.method,
+            "notes": list(self.notes),
+        }
+        if self.device == "cuda":
+            out["card"] = self.card
+            out["peak_reserved_bytes"] = self.peak_reserved_bytes
+            out["total_bytes"] = self.total_bytes
+            out["budget_bytes"] = self.budget_bytes
+        if events:
+            out["events"] = [
+                [e.seq, e.action, e.storage, e.nbytes, e.category, e.module, e.phase, e.iteration] for e in self.events
+            ]
+        return out
+
+    def __str__(self) -> str:
+        return str(EstimateReport([self]))
+
+    def __rich__(self) -> Any:
+        return EstimateReport([self]).__rich__()
+
+
+@dataclass
+class EstimateReport(Sequence[StepEstimate]):
+    """Estimates of one workload at several batch sizes (renders as the seed's table)."""
+
+    results: list[StepEstimate]
+    budget_description: str | None = None
+    per_layer: bool = False
+
+    @overload
+    def __getitem__(self, i: int) -> StepEstimate: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[StepEstimate]: ...
+    def __getitem__(self, i: int | slice) -> StepEstimate | Sequence[StepEstimate]:
+        return self.results[i]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[StepEstimate]:
+        return iter(self.results)
+
+    def to_dict(self, *, events: bool = False) -> dict[str, Any]:
+        first = self.results[0] if self.results else None
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": first.model if first else None,
+            "device": first.device if first else None,
+            "card": first.card if first else None,
+            "optimizer": first.optimizer if first else None,
+            "precision": first.precision if first else None,
+            "mode": first.mode if first else None,
+            "budget": self.budget_description,
+            "results": [r.to_dict(events=events) for r in self.results],
+        }
+
+    def to_json(self, *, events: bool = False) -> str:
+        return json.dumps(self.to_dict(events=events), indent=2)
+
+    def tables(self) -> list[Table]:
+        if not self.results:
+            return []
+        first = self.results[0]
+        cuda = first.device == "cuda"
+        cats = [c for c in (CUDA_CATEGORIES if cuda else CATEGORIES) if any(r.breakdown.get(c) for r in self.results)]
+        columns = ["batch", *[_short(c) for c in cats], "peak alloc"]
+        if cuda:
+            columns += ["reserved", "total", "fits"]
+        rows = []
+        for r in self.results:
+            row = [f"{r.batch_size:,}", *[_mib(r.breakdown.get(c, 0)) for c in cats], _mib(r.peak_allocated_bytes)]
+            if cuda:
+                fits = r.fits
+                row += [_mib(r.peak_reserved_bytes or 0), _mib(r.total_bytes or 0), "-" if fits is None else "yes" if fits else "NO"]
+            rows.append(row)
+        where = "; ".join(f"batch {r.batch_size:,}: {r.peak_phase} (iteration {r.peak_iteration}), in {r.peak_module or 'top level'}" for r in self.results)
+        device = f"CUDA, simulating {first.card}" if cuda else "CPU (host memory)"
+        title = (
+            f"{first.model}: one training step ({first.mode}), {first.optimizer}, {first.precision}, {device} "
+            f"- MiB (1 MiB = 1024^2 bytes), breakdown at the peak"
+            if first.mode == "train"
+            else f"{first.model}: one forward under no_grad, {first.precision}, {device} - MiB (1024^2 bytes)"
+        )
+        footer = [f"peak: {where}"]
+        if cuda and self.budget_description:
+            footer.append(f"card: {self.budget_description}")
+        notes = sorted({n for r in self.results for n in r.notes})
+        footer += [f"note: {n}" for n in notes]
+        out = [Table(title, columns, rows, footer=footer)]
+        if self.per_layer:
+            last = self.results[-1]
+            layer_rows = [
+                [name or "(top level)", f"{nbytes:,}", _mib(nbytes)]
+                for name, nbytes in sorted(last.activation_bytes_by_module.items(), key=lambda kv: -kv[1])
+            ]
+            out.append(
+                Table(
+                    f"saved activations per module at batch {last.batch_size:,} (bytes saved for backward, one iteration)",
+                    ["module", "bytes", "MiB"],
+                    layer_rows,
+                )
+            )
+        return out
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(t) for t in self.tables())
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        return Group(*(t.__rich__() for t in self.tables()))
+
+
+_SHORT = {
+    "parameters": "params",
+    "buffers": "buffers",
+    "gradients": "grads",
+    "optimizer_state": "optim",
+    "inputs": "inputs",
+    "activations": "activ.",
+    "temporaries": "temps",
+    "workspaces": "wkspace",
+}
+
+
+def _short(category: str) -> str:
+    return _SHORT.get(category, category)
+
+
+def _mib(n: int) -> str:
+    return format_bytes(n, unit="MiB").removesuffix(" MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def make_spec(
+    device: str = "cuda",
+    optimizer: Any = "sgd",
+    precision: str | Precision = "fp32",
+    loss: str | LossSpec | Callable[..., Any] | None = None,
+    step: Any = None,
+    mode: str = "train",
+) -> StepSpec:
+    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs)."""
+    if device not in DEVICES:
+        raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
+    if mode not in ("train", "inference"):
+        raise BatchfitError(f"unknown mode {mode!r}", hint="use --mode train or --mode inference")
+    prec = parse_precision(precision)
+    if device == "cpu" and prec.name == "amp-fp16":
+        raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
+    opt: OptimizerSpec = parse_optimizer(optimizer)
+    return StepSpec(device, opt, prec, parse_loss(loss), mode, parse_step(step))
+
+
+def estimate_trace(trace: Trace, workload: Workload, spec: StepSpec, budget: Budget | None, alloc_config: AllocatorConfig | None) -> StepEstimate:
+    """Turn a trace into a :class:`StepEstimate` (through the allocator model on CUDA)."""
+    events = trace.events
+    common = dict(
+        model=workload.name,
+        batch_size=trace.batch_size,
+        device=spec.device,
+        optimizer=str(spec.optimizer),
+        precision=spec.precision.name,
+        mode=spec.mode,
+        activation_bytes_by_module=trace.activation_bytes_by_module,
+        events=events,
+        notes=list(trace.notes),
+    )
+    if spec.device == "cpu":
+        peak, at, breakdown = _raw_peak(events)
+        ev = events[at] if at is not None else None
+        return StepEstimate(
+            peak_allocated_bytes=peak,
+            breakdown=breakdown,
+            peak_phase=ev.phase if ev else "setup",
+            peak_iteration=ev.iteration if ev else 0,
+            peak_module=ev.module if ev else "",
+            **common,  # type: ignore[arg-type]
+        )
+    from .allocator import simulate
+
+    assert budget is not None
+    result = simulate(events, alloc_config, record_series=False)
+    at = result.peak_allocated_seq
+    ev = events[at] if at is not None else None
+    breakdown = {c: result.allocated_by_category_bytes.get(c, 0) for c in CUDA_CATEGORIES}
+    return StepEstimate(
+        peak_allocated_bytes=result.peak_allocated_bytes,
+        breakdown=breakdown,
+        peak_phase=ev.phase if ev else "setup",
+        peak_iteration=ev.iteration if ev else 0,
+        peak_module=ev.module if ev else "",
+        card=budget.card.name,
+        peak_reserved_bytes=result.peak_reserved_bytes,
+        total_bytes=budget.card.total_bytes(result.peak_reserved_bytes),
+        budget_bytes=budget.budget_bytes,
+        allocator=result,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def _raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
+    """Peak of live bytes, the event where it is first reached, and the categories then."""
+    running = peak = 0
+    at: int | None = None
+    for i, e in enumerate(events):
+        running += e.nbytes if e.action == "alloc" else -e.nbytes
+        if running > peak:
+            peak, at = running, i
+    snap = dict.fromkeys(CATEGORIES, 0)
+    for e in events[: (at + 1) if at is not None else 0]:
+        snap[e.category] = snap.get(e.category, 0) + (e.nbytes if e.action == "alloc" else -e.nbytes)
+    return peak, at, snap
+
+
+def _resolve_budget(spec: StepSpec, gpu: str | None, memory: str | int | None, free: bool) -> Budget | None:
+    if spec.device != "cuda":
+        if gpu or memory or free:
+            raise BatchfitError("--gpu, --memory and --free apply to --device cuda", hint="drop them, or use --device cuda")
+        return None
+    from .gpus import resolve_card
+
+    return resolve_card(gpu, memory, free)
+
+
+def _alloc_config(alloc_conf: str | None) -> AllocatorConfig:
+    from .allocator import AllocatorConfig, with_settings
+
+    return with_settings(AllocatorConfig.from_env(), alloc_conf)
+
+
+class Estimator:
+    """Traces one workload under one step spec on one card; shared by estimate, fit and plan."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        spec: StepSpec,
+        *,
+        gpu: str | None = None,
+        memory: str | int | None = None,
+        free: bool = False,
+        alloc_conf: str | None = None,
+    ) -> None:
+        self.workload = workload
+        self.spec = spec
+        self.budget = _resolve_budget(spec, gpu, memory, free)
+        self.alloc_config = _alloc_config(alloc_conf) if spec.device == "cuda" else None
+        card = self.budget.card if self.budget is not None else None
+        self.cuda_workspaces = (card.cublas_workspace_bytes, card.conv_workspace_bytes) if card is not None else None
+        self._cache: dict[int, StepEstimate] = {}
+
+    def trace(self, batch_size: int) -> Trace:
+        return trace_step(self.workload, batch_size, self.spec, cuda_workspaces=self.cuda_workspaces)
+
+    def at(self, batch_size: int) -> StepEstimate:
+        if batch_size not in self._cache:
+            try:
+                trace = self.trace(batch_size)
+            except BatchfitError as exc:
+                if exc.exit_code != ExitCode.UNSUPPORTED:
+                    raise
+                return self._fallback(batch_size, exc)
+            self._cache[batch_size] = estimate_trace(trace, self.workload, self.spec, self.budget, self.alloc_config)
+        return self._cache[batch_size]
+
+    def _fallback(self, batch_size: int, exc: BatchfitError) -> StepEstimate:
+        """Models that cannot run on fake tensors: real runs at batch 1 and 2, extrapolated."""
+        from .measure import measure_step
+
+        device = self.spec.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise exc
+        m1 = measure_step(self.workload, 1, self.spec)
+        m2 = measure_step(self.workload, 2, self.spec)
+
+        def line(a: int | None, b: int | None) -> int | None:
+            return None if a is None or b is None else a + (b - a) * (batch_size - 1)
+
+        peak = line(m1.peak_allocated_bytes, m2.peak_allocated_bytes) or 0
+        reserved = line(m1.peak_reserved_bytes, m2.peak_reserved_bytes)
+        note = f"extrapolated from real runs at batch 1 and 2 ({exc.message})"
+        card = self.budget.card if self.budget else None
+        return StepEstimate(
+            model=self.workload.name,
+            batch_size=batch_size,
+            device=device,
+            optimizer=str(self.spec.optimizer),
+            precision=self.spec.precision.name,
+            mode=self.spec.mode,
+            peak_allocated_bytes=peak,
+            breakdown=dict.fromkeys(CATEGORIES, 0),
+            peak_phase="unknown",
+            peak_iteration=0,
+            peak_module="",
+            activation_bytes_by_module={},
+            events=[],
+            notes=[note],
+            card=card.name if card else None,
+            peak_reserved_bytes=reserved,
+            total_bytes=card.total_bytes(reserved) if card and reserved is not None else None,
+            budget_bytes=self.budget.budget_bytes if self.budget else None,
+            method="extrapolated",
+        )
+
+
+@overload
+def estimate(model: str | nn.Module, input_size: Any = ..., *, batch_size: int = ..., **kwargs: Any) -> StepEstimate: ...
+@overload
+def estimate(model: str | nn.Module, input_size: Any = ..., *, batch_size: Sequence[int], **kwargs: Any) -> EstimateReport: ...
+def estimate(
+    model: str | nn.Module | Workload,
+    input_size: Any = None,
+    *,
+    batch_size: int | Sequence[int] = 64,
+    optimizer: Any = "sgd",
+    precision: str = "fp32",
+    device: str = "cuda",
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    loss: Any = None,
+    step: Any = None,
+    mode: str = "train",
+    gpu: str | None = None,
+    memory: str | int | None = None,
+    free: bool = False,
+    alloc_conf: str | None = None,
+) -> StepEstimate | EstimateReport:
+    """Estimate the memory of one training step (two iterations of the reference step).
+
+    ``model``: a registry name or an ``nn.Module`` (never modified); ``input_size``: one sample's
+    shape without the batch dimension. ``batch_size`` an int gives a :class:`StepEstimate`, a list
+    an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
+    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run.
+    """
+    workload = model if isinstance(model, Workload) else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    if isinstance(batch_size, int):
+        return est.at(batch_size)
+    sizes = list(batch_size)
+    if not sizes:
+        raise BatchfitError("no batch size given", hint="e.g. batch_size=[64, 256]")
+    return EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None)
