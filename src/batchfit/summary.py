@@ -377,7 +377,7 @@ def _explain_failure(workload: Workload, recorder: _Recorder, exc: Exception) ->
         UnsupportedOperatorException,
     )
 
-    given = ", ".join(str(s) for s in workload.inputs) or "the given inputs"
+    given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
     if not recorder.stack:
         return BatchfitError(
             f"running {workload.name!r} failed before any layer ran: {type(exc).__name__}: {exc}",
@@ -387,7 +387,7 @@ def _explain_failure(workload: Workload, recorder: _Recorder, exc: Exception) ->
     where = (
         f"layer {call.name} ({type(call.module).__name__})"
         if call.name
-        else f"the model ({call.name or workload.name})"
+        else f"the forward of {workload.name} ({type(call.module).__name__})"
     )
     if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)):
         return BatchfitError(
