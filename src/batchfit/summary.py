@@ -1,0 +1,993 @@
+"""The layer table: torchsummary's classic layout (bug-compatible) and a richer, correct default.
+
+Both run the model's forward once on fake tensors (no memory, no real compute), through
+``torch.func.functional_call`` so the user's module is never changed, with forward hooks that
+record every module call. The default style also counts the operations actually run with
+``torch.utils.flop_counter.FlopCounterMode`` (multiply-adds = FLOPs / 2).
+
+>>> s = summary("mlp", dataset="mnist")
+>>> s.total_params, s.trainable_params, s.total_mult_adds
+(101770, 101770, 101632)
+>>> [row.output_shapes for row in s.rows[1:3]]
+[[(1, 784)], [(1, 128)]]
+>>> print(summary("mlp", dataset="mnist", style="classic"))  # doctest: +ELLIPSIS
+----------------------------------------------------------------
+        Layer (type)               Output Shape         Param #
+================================================================
+           Flatten-1                  [-1, 784]               0
+              Linear-2                  [-1, 128]         100,480
+...
+Estimated Total Size (MB): 0.40
+----------------------------------------------------------------
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ._errors import BatchfitError, ExitCode
+from ._units import format_bytes
+from .datasets import DATASETS
+from .models import InputSpec, Workload, fake_state, load_workload
+
+SCHEMA_VERSION = 1
+
+Style = Literal["default", "classic"]
+ModeName = Literal["eval", "train", "same"]
+
+#: torchsummary runs its forward at batch 2 (so that BatchNorm works in train mode).
+CLASSIC_FORWARD_BATCH = 2
+
+# style -> the mode the forward runs in when none is asked for. The classic layout leaves the
+# model's own mode alone, as torchsummary does; the default describes inference, as torchinfo does.
+_DEFAULT_MODE: dict[str, ModeName] = {"default": "eval", "classic": "same"}
+_MODES: dict[str, bool | None] = {"eval": False, "train": True, "same": None}
+
+
+# FlopCounterMode has no formula for the CPU flash-attention kernel that scaled_dot_product_attention
+# picks for CPU tensors; without one, attention would count zero multiply-adds here.
+def _cpu_flash_attention_flops(
+    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, **kwargs: Any
+) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    aten = torch.ops.aten
+    names = {"_scaled_dot_product_flash_attention_for_cpu": _cpu_flash_attention_flops}
+    return {getattr(aten, name): fn for name, fn in names.items() if hasattr(aten, name)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording one forward
+
+
+@dataclass
+class _Call:
+    """One call of one module during the recorded forward (pre-order position = list index)."""
+
+    module: nn.Module
+    name: str
+    depth: int
+    parent: int | None
+    call: int  # 1 for the module's first call, 2 for its second, ...
+    input_shape: tuple[int, ...] | None
+    flops_before: int = 0
+    flops_after: int = 0
+    finished: int = 0  # 0 while running; then its position in the order calls finish (1, 2, ...)
+    output: Any = None  # shapes only (tuples of ints, nested like the output), never tensors
+    output_bytes: int = 0
+    classic: _ClassicInfo | None = None
+
+
+@dataclass
+class _ClassicInfo:
+    """What torchsummary's hook reads, at the moment its hook runs."""
+
+    key_class: str
+    output_shape: list[Any]
+    nb_params: int
+    trainable: bool | None
+    compatible: bool = True  # False where torchsummary itself would crash on this module
+
+
+def _shapes(value: Any) -> Any:
+    """The output with every tensor replaced by its shape (a tuple), keeping the nesting."""
+    return tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else None, value)
+
+
+def _leaf_tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def _first_shape(args: Any, kwargs: Any) -> tuple[int, ...] | None:
+    leaves = _leaf_tensors((args, kwargs))
+    return tuple(leaves[0].shape) if leaves else None
+
+
+def _classic_class_name(module: nn.Module) -> str:
+    # torchsummary's own expression, kept verbatim so that odd class reprs give the same key
+    return str(module.__class__).split(".")[-1].split("'")[0]
+
+
+def _classic_info(module: nn.Module, output: Any, batch_size: int) -> _ClassicInfo:
+    """What torchsummary 1.5.1's hook records (its quirks included), without its crashes."""
+    compatible = True
+    if isinstance(output, (list, tuple)) and all(isinstance(o, torch.Tensor) for o in output):
+        shape: list[Any] = [[-1, *list(o.size())[1:]] for o in output]
+    elif isinstance(output, torch.Tensor) and output.dim() > 0:
+        shape = list(output.size())
+        shape[0] = batch_size
+    else:
+        # torchsummary crashes here (LSTM's (out, (h, c)), dicts, None, 0-d tensors): one [-1, ...]
+        # per tensor, the rule it applies to tuples of tensors
+        compatible = False
+        shape = [[-1, *list(t.size())[1:]] for t in _leaf_tensors(output)]
+    nb_params = 0
+    trainable: bool | None = None
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        nb_params += math.prod(weight.size())
+        trainable = bool(weight.requires_grad)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        nb_params += math.prod(bias.size())
+    return _ClassicInfo(_classic_class_name(module), shape, nb_params, trainable, compatible)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_logs() -> Iterator[None]:
+    """FakeTensorMode logs a traceback when a meta kernel rejects a shape; we report it ourselves."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
+class _Recorder:
+    """Forward hooks on every module of ``model`` that record each call, removed on exit."""
+
+    def __init__(self, model: nn.Module, *, classic_batch: int | None = None) -> None:
+        self.model = model
+        self.names: dict[int, str] = {id(m): name for name, m in model.named_modules()}
+        self.calls: list[_Call] = []
+        self.stack: list[int] = []
+        self.counts: dict[int, int] = {}
+        self.finished = 0
+        self.classic_batch = classic_batch
+        self.flops: Callable[[], int] = lambda: 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Recorder:
+        try:
+            for module in self.model.modules():
+                # appended last, so like torchsummary we see the output after the user's own hooks
+                self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        key = id(module)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        parent = self.stack[-1] if self.stack else None
+        call = _Call(
+            module=module,
+            name=self.names.get(key, type(module).__name__),
+            depth=len(self.stack),
+            parent=parent,
+            call=self.counts[key],
+            input_shape=_first_shape(args, kwargs),
+            flops_before=self.flops(),
+        )
+        self.stack.append(len(self.calls))
+        self.calls.append(call)
+
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        index = self.stack.pop()
+        call = self.calls[index]
+        call.flops_after = self.flops()
+        self.finished += 1
+        call.finished = self.finished
+        call.output = _shapes(output)
+        call.output_bytes = sum(t.numel() * t.element_size() for t in _leaf_tensors(output))
+        if self.classic_batch is not None and not (
+            isinstance(module, (nn.Sequential, nn.ModuleList)) or module is self.model
+        ):
+            call.classic = _classic_info(module, output, self.classic_batch)
+
+
+@contextlib.contextmanager
+def _model_mode(model: nn.Module, mode: ModeName) -> Iterator[None]:
+    """Put ``model`` in train/eval mode for the forward, and give every module its own flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        training = _MODES[mode]
+        if training is not None:
+            model.train(training)  # through train() so that models overriding it behave as they would
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for p, grad in grads:
+            if p.grad is not grad:
+                p.grad = grad
+
+
+def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword inputs as fake tensors (call inside the FakeTensorMode)."""
+    if input_data is None:
+        return workload.make_inputs(batch_size, "cpu"), {}
+
+    def fake_like(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+        return t
+
+    if isinstance(input_data, dict):
+        return (), tree_map(fake_like, input_data)
+    if isinstance(input_data, (tuple, list)):
+        return tuple(tree_map(fake_like, list(input_data))), {}
+    return (fake_like(input_data),), {}
+
+
+def _record(
+    workload: Workload,
+    batch_size: int,
+    mode: ModeName,
+    *,
+    count_flops: bool,
+    classic_batch: int | None = None,
+    input_data: Any = None,
+) -> tuple[_Recorder, list[tuple[tuple[int, ...], torch.dtype]]]:
+    """Run one forward of ``workload`` on fake tensors with every module call recorded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = workload.model
+    recorder = _Recorder(model, classic_batch=classic_batch)
+    inputs: list[tuple[tuple[int, ...], torch.dtype]] = []
+    try:
+        with (
+            _quiet_fake_tensor_logs(),
+            _model_mode(model, mode),
+            FakeTensorMode(allow_non_fake_inputs=True),
+        ):
+            state = fake_state(model, "cpu")
+            args, kwargs = _fake_inputs(workload, batch_size, input_data)
+            inputs = [(tuple(t.shape), t.dtype) for t in _leaf_tensors((args, kwargs))]
+            counter = (
+                FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+                if count_flops
+                else contextlib.nullcontext()
+            )
+            with recorder, counter:
+                if isinstance(counter, FlopCounterMode):
+                    recorder.flops = counter.get_total_flops
+                torch.func.functional_call(model, state, args, kwargs)
+    except BatchfitError:
+        raise
+    except Exception as exc:
+        raise _explain_failure(workload, recorder, exc) from exc
+    return recorder, inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Explaining a failed forward
+
+
+# module type -> (module, shape of its first input) -> what it expected, or None when the shape is fine
+Expectation = Callable[[Any, tuple[int, ...]], str | None]
+
+
+def _expect_linear(m: nn.Linear, shape: tuple[int, ...]) -> str | None:
+    return None if shape and shape[-1] == m.in_features else f"expected last dim {m.in_features}"
+
+
+def _expect_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> str | None:
+    spatial = len(m.kernel_size)
+    if len(shape) not in (spatial + 1, spatial + 2):
+        return f"expected a {spatial + 2}-d input (N, C, {', '.join('LHWD'[-spatial:] if spatial > 1 else 'L')})"
+    channels = shape[-spatial - 1]
+    return None if channels == m.in_channels else f"expected {m.in_channels} input channels (dim 1)"
+
+
+def _expect_batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...]) -> str | None:
+    ok = len(shape) >= 2 and shape[1] == m.num_features
+    return None if ok else f"expected {m.num_features} channels at dim 1"
+
+
+def _expect_layernorm(m: nn.LayerNorm, shape: tuple[int, ...]) -> str | None:
+    tail = tuple(m.normalized_shape)
+    return None if shape[-len(tail) :] == tail else f"expected trailing dims {tail}"
+
+
+def _expect_embedding(m: nn.Embedding, shape: tuple[int, ...]) -> str | None:
+    return f"expected integer token ids below {m.num_embeddings}"
+
+
+EXPECTATIONS: dict[type[nn.Module], Expectation] = {
+    nn.Linear: _expect_linear,
+    nn.modules.conv._ConvNd: _expect_conv,
+    nn.modules.batchnorm._BatchNorm: _expect_batchnorm,
+    nn.LayerNorm: _expect_layernorm,
+    nn.Embedding: _expect_embedding,
+}
+
+
+def _expectation(module: nn.Module) -> Expectation | None:
+    for cls in type(module).__mro__:
+        if cls in EXPECTATIONS:
+            return EXPECTATIONS[cls]
+    return None
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> str | None:
+    """Guess the input the model wants from the layer that rejected it."""
+    sample = workload.inputs[0] if len(workload.inputs) == 1 else None
+    if isinstance(module, nn.Linear) and sample is not None and math.prod(got[1:]) == sample.numel:
+        # the whole sample reached this layer flattened: the model wants in_features values per sample
+        matches = [d for d in DATASETS.values() if math.prod(d.shape) == module.in_features]
+        if matches:
+            shape = ",".join(str(d) for d in matches[0].shape)
+            return f"the model expects --input {shape} / --dataset {matches[0].name}"
+        return f"the model expects {module.in_features} values per sample, e.g. --input {module.in_features}"
+    if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and got[1:] == sample.shape:
+        spatial = ",".join(str(d) for d in sample.shape[1:])
+        names = [d.name for d in DATASETS.values() if d.shape[0] == module.in_channels]
+        also = f" (or --dataset {' / '.join(names)})" if names else ""
+        return f"the model expects {module.in_channels} channels: --input {module.in_channels},{spatial}{also}"
+    return None
+
+
+def _explain_failure(workload: Workload, recorder: _Recorder, exc: Exception) -> BatchfitError:
+    """Name the layer whose forward failed, what it got, what it expected, and the likely fix."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+
+    given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
+    if not recorder.stack:
+        return BatchfitError(
+            f"running {workload.name!r} failed before any layer ran: {type(exc).__name__}: {exc}",
+            hint=f"check the inputs (given: {given}); rerun with --debug for the traceback",
+        )
+    call = recorder.calls[recorder.stack[-1]]
+    where = (
+        f"layer {call.name} ({type(call.module).__name__})"
+        if call.name
+        else f"the forward of {workload.name} ({type(call.module).__name__})"
+    )
+    if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)):
+        return BatchfitError(
+            f"{where} needs real data to run ({type(exc).__name__}: {exc})",
+            hint="batchfit runs the forward on fake tensors (no data): data-dependent control flow "
+            "(.item(), nonzero, boolean masks) is not supported",
+            exit_code=ExitCode.UNSUPPORTED,
+        )
+    got = call.input_shape
+    expect = _expectation(call.module)
+    expected = expect(call.module, got) if expect is not None and got is not None else None
+    got_text = f"input of shape {_fmt_shape(got)}" if got is not None else "no tensor input"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if expected is not None and got is not None:
+        message = f"{where} {expected}, got {got_text}"
+    else:
+        message = f"{where} failed on {got_text}: {first_line}"
+    hint = (_input_hint(workload, call.module, got) if got is not None else None) or (
+        f"check --input / --dataset (given: {given}): one sample's shape without the batch dimension; "
+        "rerun with --debug for the traceback"
+    )
+    return BatchfitError(message, hint=hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows
+
+
+@dataclass
+class LayerRow:
+    """One row of the default table: one call of one module (or a module the forward never called).
+
+    ``params`` counts the parameters held directly by this module that no earlier row counted
+    (tied and shared parameters are counted once, where they first appear); ``*_inclusive`` add
+    every row below this one. ``flops`` are the operations run in this call outside its child
+    modules; multiply-adds are FLOPs / 2.
+    """
+
+    name: str  # qualified name in the model ("" for the model itself)
+    type: str
+    depth: int
+    parent: int | None  # index of the parent row
+    call: int  # 1 = first call of this module, 2 = second, ...; 0 = never called
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    output_bytes: int = 0
+    params: int = 0
+    trainable_params: int = 0
+    param_bytes: int = 0
+    shared_params: int = 0  # held by this module but counted at an earlier row (tied, or a reused module)
+    flops: int = 0
+    params_inclusive: int = 0
+    trainable_params_inclusive: int = 0
+    param_bytes_inclusive: int = 0
+    flops_inclusive: int = 0
+    leaf: bool = True
+
+    @property
+    def mult_adds(self) -> int:
+        return self.flops // 2
+
+    @property
+    def mult_adds_inclusive(self) -> int:
+        return self.flops_inclusive // 2
+
+    @property
+    def called(self) -> bool:
+        return self.call > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "depth": self.depth,
+            "parent": self.parent,
+            "call": self.call,
+            "output_shapes": [list(s) for s in self.output_shapes],
+            "output_bytes": self.output_bytes,
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "param_bytes": self.param_bytes,
+            "shared_params": self.shared_params,
+            "mult_adds": self.mult_adds,
+            "params_inclusive": self.params_inclusive,
+            "trainable_params_inclusive": self.trainable_params_inclusive,
+            "param_bytes_inclusive": self.param_bytes_inclusive,
+            "mult_adds_inclusive": self.mult_adds_inclusive,
+        }
+
+
+@dataclass
+class _Node:
+    module: nn.Module
+    name: str
+    call: _Call | None
+    children: list[_Node] = field(default_factory=list)
+
+
+def _build_rows(recorder: _Recorder) -> list[LayerRow]:
+    calls = recorder.calls
+    if not calls:
+        return []
+    nodes = [_Node(c.module, c.name, c) for c in calls]
+    for c, node in zip(calls, nodes, strict=True):
+        if c.parent is not None:
+            nodes[c.parent].children.append(node)
+    called = {id(c.module) for c in calls}
+    has_called: dict[int, bool] = {}
+
+    def any_called(m: nn.Module) -> bool:
+        if id(m) not in has_called:
+            has_called[id(m)] = any(id(x) in called for x in m.modules())
+        return has_called[id(m)]
+
+    placed: set[int] = set()
+
+    def attach_uncalled(module: nn.Module, node: _Node) -> None:
+        # modules the forward never ran (a ParameterList, a head used only through its weight)
+        # still hold parameters: give them rows under their nearest called ancestor
+        for child in module.children():
+            if id(child) in called or id(child) in placed:
+                continue
+            placed.add(id(child))
+            name = recorder.names.get(id(child), "")
+            if any_called(child):
+                # a plain container (ModuleList, ModuleDict) whose members were called directly
+                if any(True for _ in child.parameters(recurse=False)):
+                    node.children.append(_Node(child, name, None))
+                attach_uncalled(child, node)
+            else:
+                new = _Node(child, name, None)
+                node.children.append(new)
+                attach_uncalled(child, new)
+
+    for c, node in zip(calls, nodes, strict=True):
+        if c.call == 1:
+            attach_uncalled(c.module, node)
+
+    rows: list[LayerRow] = []
+    seen: set[int] = set()
+
+    def emit(node: _Node, depth: int, parent: int | None) -> None:
+        c = node.call
+        row = LayerRow(name=node.name, type=type(node.module).__name__, depth=depth, parent=parent, call=0)
+        if c is not None:
+            row.call = c.call
+            row.output_shapes = _shape_leaves(c.output)
+            row.output_bytes = c.output_bytes
+            row.flops_inclusive = c.flops_after - c.flops_before
+        for p in node.module.parameters(recurse=False):
+            if id(p) in seen:
+                row.shared_params += p.numel()
+                continue
+            seen.add(id(p))
+            row.params += p.numel()
+            row.param_bytes += p.numel() * p.element_size()
+            if p.requires_grad:
+                row.trainable_params += p.numel()
+        index = len(rows)
+        rows.append(row)
+        for child in node.children:
+            emit(child, depth + 1, index)
+
+    emit(nodes[0], 0, None)
+    # inclusive sums, children before parents (rows are in pre-order)
+    for row in rows:
+        row.params_inclusive = row.params
+        row.trainable_params_inclusive = row.trainable_params
+        row.param_bytes_inclusive = row.param_bytes
+    for row in reversed(rows):
+        if row.parent is not None:
+            parent = rows[row.parent]
+            parent.params_inclusive += row.params_inclusive
+            parent.trainable_params_inclusive += row.trainable_params_inclusive
+            parent.param_bytes_inclusive += row.param_bytes_inclusive
+            if row.called:
+                parent.leaf = False
+    child_flops = [0] * len(rows)
+    for row in rows:
+        if row.parent is not None:
+            child_flops[row.parent] += row.flops_inclusive
+    for row, inner in zip(rows, child_flops, strict=True):
+        row.flops = row.flops_inclusive - inner
+    return rows
+
+
+def _shape_leaves(shapes: Any) -> list[tuple[int, ...]]:
+    leaves, _ = tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x))
+    return [leaf for leaf in leaves if isinstance(leaf, tuple)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The classic (torchsummary 1.5.1) layout
+
+
+@dataclass(frozen=True)
+class ClassicRow:
+    """One torchsummary row: ``Linear-2``, its output shape with the batch shown as ``batch_size``."""
+
+    layer: str
+    output_shape: list[Any]
+    params: int
+    trainable: bool | None  # None: the module has no ``weight`` (torchsummary leaves it out of "trainable")
+    compatible: bool = True  # False: torchsummary crashes here; this row is batchfit's stand-in
+
+    @property
+    def output_numel(self) -> int:
+        """What the row adds to torchsummary's "Forward/backward pass size" (its np.prod, sign included)."""
+        if self.compatible:
+            return math.prod(_flat_ints(self.output_shape))  # np.prod over a list of lists multiplies them all
+        return sum(math.prod(s) for s in self.output_shape)
+
+
+@dataclass
+class ClassicSummary:
+    """torchsummary 1.5.1's table, byte for byte, quirks included.
+
+    Its quirks, kept on purpose: a module is a row per call (a reused module counts its
+    parameters again); only ``weight`` and ``bias`` count as parameters, and a row is trainable
+    only when its ``weight`` requires grad; the forward runs at batch 2 but shows ``batch_size``
+    (-1); "MB" are MiB; the sizes assume 4 bytes per value; "Input size" is the product of all
+    input dims (across several inputs too) times ``batch_size``.
+    """
+
+    rows: list[ClassicRow]
+    input_size: list[tuple[int, ...]]
+    batch_size: int = -1
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(r.params for r in self.rows if r.trainable is True)
+
+    def _sizes_mib(self) -> tuple[float, float, float, float]:
+        total_output = sum(r.output_numel for r in self.rows)
+        input_prod = math.prod(d for shape in self.input_size for d in shape)
+        # the same float operations in the same order as torchsummary, so the rounding agrees
+        total_input_size = abs(input_prod * self.batch_size * 4.0 / (1024**2.0))
+        total_output_size = abs(2.0 * total_output * 4.0 / (1024**2.0))
+        total_params_size = abs(self.total_params * 4.0 / (1024**2.0))
+        total_size = total_params_size + total_output_size + total_input_size
+        return total_input_size, total_output_size, total_params_size, total_size
+
+    def __str__(self) -> str:
+        lines = [
+            "-" * 64,
+            "{:>20}  {:>25} {:>15}".format("Layer (type)", "Output Shape", "Param #"),
+            "=" * 64,
+        ]
+        for row in self.rows:
+            lines.append(f"{row.layer:>20}  {row.output_shape!s:>25} {f'{row.params:,}':>15}")
+        total, trainable = self.total_params, self.trainable_params
+        inp, out, par, tot = self._sizes_mib()
+        lines += [
+            "=" * 64,
+            f"Total params: {total:,}",
+            f"Trainable params: {trainable:,}",
+            f"Non-trainable params: {total - trainable:,}",
+            "-" * 64,
+            f"Input size (MB): {inp:0.2f}",
+            f"Forward/backward pass size (MB): {out:0.2f}",
+            f"Params size (MB): {par:0.2f}",
+            f"Estimated Total Size (MB): {tot:0.2f}",
+            "-" * 64,
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        inp, out, par, tot = self._sizes_mib()
+        return {
+            "layers": [
+                {
+                    "layer": r.layer,
+                    "output_shape": r.output_shape,
+                    "params": r.params,
+                    "trainable": r.trainable,
+                    "torchsummary_compatible": r.compatible,
+                }
+                for r in self.rows
+            ],
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "input_size_mib": inp,
+            "forward_backward_size_mib": out,
+            "params_size_mib": par,
+            "estimated_total_size_mib": tot,
+        }
+
+
+def _flat_ints(shape: list[Any]) -> list[int]:
+    out: list[int] = []
+    for d in shape:
+        if isinstance(d, list):
+            out.extend(_flat_ints(d))
+        else:
+            out.append(int(d))
+    return out
+
+
+def _classic(workload: Workload, mode: ModeName, batch_size: int | None, input_data: Any) -> ClassicSummary:
+    display_batch = -1 if batch_size is None else batch_size
+    recorder, inputs = _record(
+        workload,
+        CLASSIC_FORWARD_BATCH,
+        mode,
+        count_flops=False,
+        classic_batch=display_batch,
+        input_data=input_data,
+    )
+    finished = sorted(
+        (c for c in recorder.calls if c.classic is not None),
+        key=lambda c: c.finished,
+    )
+    rows: list[ClassicRow] = []
+    for index, c in enumerate(finished, start=1):
+        info = c.classic
+        assert info is not None
+        rows.append(
+            ClassicRow(f"{info.key_class}-{index}", info.output_shape, info.nb_params, info.trainable, info.compatible)
+        )
+    input_size = [s.shape for s in workload.inputs] if input_data is None else [shape[1:] for shape, _ in inputs]
+    return ClassicSummary(rows, input_size, display_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+_UNITS_NOTE = "KiB = 1024 B, MiB = 1024^2 B, GiB = 1024^3 B; MB = 10^6 B"
+
+
+@dataclass
+class ModelSummary:
+    """What ``batchfit summary`` prints: rows, totals, and (for ``style="classic"``) torchsummary's table.
+
+    ``str()`` is plain text in the chosen style; in a rich console the default style is a table.
+    Bytes are ints; ``to_dict()`` is the JSON form (``schema_version`` included).
+    """
+
+    model: str
+    style: Style
+    batch_size: int
+    mode: ModeName
+    depth: int
+    inputs: list[tuple[tuple[int, ...], str]]
+    rows: list[LayerRow]
+    total_params: int
+    trainable_params: int
+    total_flops: int
+    param_bytes: int
+    buffer_bytes: int
+    input_bytes: int
+    classic: ClassicSummary | None = None
+
+    @property
+    def non_trainable_params(self) -> int:
+        return self.total_params - self.trainable_params
+
+    @property
+    def total_mult_adds(self) -> int:
+        return self.total_flops // 2
+
+    @property
+    def leaf_output_bytes(self) -> int:
+        """Sum of the outputs of the innermost called modules (what torchinfo calls the pass size, / 2)."""
+        return sum(r.output_bytes for r in self.rows if r.called and r.leaf)
+
+    # -- rows as shown ------------------------------------------------------------------------
+
+    def visible_rows(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.depth <= self.depth]
+
+    def _cells(self, row: LayerRow) -> list[str]:
+        folded = row.depth == self.depth  # rows below it are hidden: it shows their sums
+        params = row.params_inclusive if folded else row.params
+        trainable = row.trainable_params_inclusive if folded else row.trainable_params
+        param_bytes = row.param_bytes_inclusive if folded else row.param_bytes
+        flops = row.flops_inclusive if folded else row.flops
+        if row.call > 1 and row.shared_params:
+            param_text = "(reused)"
+        elif params == 0 and row.shared_params:
+            param_text = "(tied)"
+        else:
+            param_text = f"{params:,}" if params else "--"
+        if not row.called:
+            shape_text = "(not called)"
+        else:
+            shape_text = ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in row.output_shapes) or "--"
+        train_text = (
+            "--" if params == 0 else "yes" if trainable == params else "frozen" if trainable == 0 else "partial"
+        )
+        return [
+            shape_text,
+            param_text,
+            format_bytes(param_bytes) if param_bytes else "--",
+            format_bytes(row.output_bytes) if row.called else "--",
+            f"{flops // 2:,}" if flops else "--",
+            train_text,
+        ]
+
+    def _names(self) -> list[str]:
+        """The first column: the call tree, each name relative to its parent where it can be."""
+        rows = self.visible_rows()
+        index_of = {id(r): i for i, r in enumerate(self.rows)}
+        last_child: dict[int | None, int] = {}
+        for r in rows:
+            last_child[r.parent] = index_of[id(r)]
+        out = []
+        for r in rows:
+            if r.parent is None:
+                out.append(r.type)
+                continue
+            prefix = ""
+            ancestor = self.rows[r.parent]
+            while ancestor.parent is not None:
+                is_last = last_child.get(ancestor.parent) == index_of[id(ancestor)]
+                prefix = ("  " if is_last else "│ ") + prefix
+                ancestor = self.rows[ancestor.parent]
+            branch = "└─" if last_child.get(r.parent) == index_of[id(r)] else "├─"
+            parent_name = self.rows[r.parent].name
+            short = r.name[len(parent_name) + 1 :] if parent_name and r.name.startswith(parent_name + ".") else r.name
+            out.append(f"{prefix}{branch}{short} ({r.type})")
+        return out
+
+    _HEADERS = ("Layer (type)", "Output shape", "Param #", "Param bytes", "Output bytes", "Mult-adds", "Trainable")
+
+    def _header_line(self) -> str:
+        shapes = ", ".join(f"{_fmt_shape(s)} {d}" for s, d in self.inputs)
+        return f"{self.model}: input {shapes}, batch size {self.batch_size}, {self.mode} mode, depth {self.depth}"
+
+    def _totals_lines(self) -> list[str]:
+        def sized(n: int) -> str:
+            return f"{format_bytes(n)} ({n:,} B)" if n >= 1024 else f"{n:,} B"
+
+        return [
+            f"Total params: {self.total_params:,}",
+            f"Trainable params: {self.trainable_params:,}",
+            f"Non-trainable params: {self.non_trainable_params:,}",
+            f"Total mult-adds: {self.total_mult_adds:,} (= FLOPs / 2, ops counted as run)",
+            f"Params size: {sized(self.param_bytes)}",
+            f"Buffers size: {sized(self.buffer_bytes)}",
+            f"Input size: {sized(self.input_bytes)}",
+            f"Leaf outputs size: {sized(self.leaf_output_bytes)} (one forward; not the training memory: "
+            "see batchfit estimate)",
+            f"Units: {_UNITS_NOTE}",
+        ]
+
+    def to_text(self) -> str:
+        """The default layout as plain, fixed-width text (no terminal needed)."""
+        if self.style == "classic" and self.classic is not None:
+            return str(self.classic)
+        names = self._names()
+        cells = [[name, *self._cells(r)] for name, r in zip(names, self.visible_rows(), strict=True)]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(self._HEADERS)]
+        left = {0, 1, 6}
+
+        def line(values: Sequence[str]) -> str:
+            parts = [
+                v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+            ]
+            return "  ".join(parts).rstrip()
+
+        total_width = sum(widths) + 2 * (len(widths) - 1)
+        out = [self._header_line(), "=" * total_width, line(self._HEADERS), "=" * total_width]
+        out += [line(c) for c in cells]
+        out += ["=" * total_width, *self._totals_lines(), "=" * total_width]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        from rich.table import Table
+        from rich.text import Text
+
+        if self.style == "classic" and self.classic is not None:
+            yield Text(str(self.classic))
+            return
+        table = Table(title=self._header_line(), title_justify="left", show_lines=False)
+        for i, header in enumerate(self._HEADERS):
+            table.add_column(header, justify="left" if i in (0, 1, 6) else "right", no_wrap=i == 0)
+        for name, row in zip(self._names(), self.visible_rows(), strict=True):
+            cells = self._cells(row)
+            style = "dim" if not row.called or row.call > 1 else None
+            if cells[-1] == "frozen":
+                cells[-1] = "[cyan]frozen[/]"
+            table.add_row(name, *cells, style=style)
+        yield table
+        yield Text("\n".join(self._totals_lines()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (see docs/summary.md for the schema)."""
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "style": self.style,
+            "batch_size": self.batch_size,
+            "mode": self.mode,
+            "inputs": [{"shape": list(s), "dtype": d} for s, d in self.inputs],
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "non_trainable_params": self.non_trainable_params,
+            "total_mult_adds": self.total_mult_adds,
+            "total_flops": self.total_flops,
+            "param_bytes": self.param_bytes,
+            "buffer_bytes": self.buffer_bytes,
+            "input_bytes": self.input_bytes,
+            "leaf_output_bytes": self.leaf_output_bytes,
+            "layers": [r.to_dict() for r in self.rows],
+        }
+        if self.classic is not None:
+            out["classic"] = self.classic.to_dict()
+        return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_options(style: str, mode: str | None, depth: int = 0, batch_size: int | None = None) -> ModeName:
+    """Validate the options before any model is built; returns the mode the forward will run in.
+
+    >>> check_options("classic", None)
+    'same'
+    """
+    if style not in _DEFAULT_MODE:
+        raise BatchfitError(f"unknown style {style!r}", hint=f"use --style {' or --style '.join(_DEFAULT_MODE)}")
+    mode = mode or _DEFAULT_MODE[style]
+    if mode not in _MODES:
+        raise BatchfitError(f"unknown mode {mode!r}", hint=f"use one of {', '.join(_MODES)}")
+    if depth < 0:
+        raise BatchfitError(f"depth must be 0 or more, got {depth}", hint="e.g. --depth 3")
+    if batch_size is not None and batch_size < 1:
+        raise BatchfitError(f"batch size must be at least 1, got {batch_size}", hint="e.g. --batch-size 64")
+    return mode  # type: ignore[return-value]
+
+
+def summary(
+    model: str | nn.Module | Workload,
+    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
+    *,
+    dataset: str | None = None,
+    batch_size: int | None = None,
+    depth: int = 3,
+    style: Style = "default",
+    mode: ModeName | None = None,
+    num_classes: int | None = None,
+    input_data: Any = None,
+    **model_kwargs: Any,
+) -> ModelSummary:
+    """Summarise a model: a registry name (``"resnet18"``), your own ``nn.Module``, or a :class:`Workload`.
+
+    ``input_size`` is one sample's shape without the batch dimension (a list of shapes for several
+    inputs); ``dataset`` a preset that gives it. ``input_data`` instead passes example inputs
+    (a tensor, a tuple of positional inputs, or a dict of keyword inputs; only shapes and dtypes
+    are used). ``batch_size`` is the batch the default style shows (default 1); in the classic
+    style it is what torchsummary's own ``batch_size`` argument does (default -1). ``mode`` is the
+    mode the forward runs in: ``eval`` (default style), ``train``, or ``same`` (the model's own,
+    the classic default). Your model is never changed.
+
+    >>> s = summary(nn.Sequential(nn.Linear(4, 3)), input_size=(4,), batch_size=8)
+    >>> s.rows[1].output_shapes, s.total_mult_adds
+    ([(8, 3)], 96)
+    """
+    mode = check_options(style, mode, depth, batch_size)
+    if isinstance(model, Workload):
+        workload = model
+    else:
+        workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
+    if input_data is None and not workload.inputs and workload.example_inputs is None:
+        raise BatchfitError(
+            f"no input shape for model {workload.name!r}",
+            hint="give one sample's shape (input_size=(3, 224, 224), --input 3,224,224) or a --dataset",
+        )
+    shown_batch = batch_size or 1
+    recorder, inputs = _record(workload, shown_batch, mode, count_flops=True, input_data=input_data)
+    rows = _build_rows(recorder)
+    params = dict(workload.model.named_parameters())
+    buffers = dict(workload.model.named_buffers())
+    input_bytes = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in inputs)
+    result = ModelSummary(
+        model=workload.name,
+        style=style,
+        batch_size=inputs[0][0][0] if input_data is not None and inputs and inputs[0][0] else shown_batch,
+        mode=mode,
+        depth=depth,
+        inputs=[(s, _dtype_name(d)) for s, d in inputs],
+        rows=rows,
+        total_params=sum(p.numel() for p in params.values()),
+        trainable_params=sum(p.numel() for p in params.values() if p.requires_grad),
+        total_flops=recorder.calls[0].flops_after - recorder.calls[0].flops_before if recorder.calls else 0,
+        param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in buffers.values()),
+        input_bytes=input_bytes,
+    )
+    if style == "classic":
+        result.classic = _classic(workload, mode, batch_size, input_data)
+    return result
+
+
+__all__ = ["SCHEMA_VERSION", "ClassicRow", "ClassicSummary", "LayerRow", "ModelSummary", "check_options", "summary"]
