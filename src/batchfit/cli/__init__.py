@@ -11,6 +11,7 @@ import typer
 
 # Command modules register themselves on import (one file per command).
 from . import models_cmd as _models_cmd  # noqa: F401  (order: after app exists)
+from . import show as _show  # noqa: F401
 from ._app import app, set_debug
 
 
