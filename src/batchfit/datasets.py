@@ -26,6 +26,11 @@ class DatasetInfo:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     stored_dtype: str = "uint8"  # how one sample is stored on disk / in the torchvision dataset
+    # Loading facts (used by batchfit.data): the torchvision class that reads the files (None: no
+    # automatic loader), and whether that class keeps every image in RAM as one uint8 array
+    # (MNIST, CIFAR-10) rather than reading files per item (ImageFolder-style datasets).
+    torchvision_class: str | None = None
+    images_in_ram: bool = False
 
     @property
     def stored_bytes_per_sample(self) -> int:
@@ -45,7 +50,18 @@ _DIGITS = tuple(str(i) for i in range(10))
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d
     for d in (
-        DatasetInfo("mnist", (1, 28, 28), 10, 60_000, 10_000, (0.1307,), (0.3081,), _DIGITS),
+        DatasetInfo(
+            "mnist",
+            (1, 28, 28),
+            10,
+            60_000,
+            10_000,
+            (0.1307,),
+            (0.3081,),
+            _DIGITS,
+            torchvision_class="MNIST",
+            images_in_ram=True,
+        ),
         DatasetInfo(
             "fashion-mnist",
             (1, 28, 28),
@@ -55,6 +71,8 @@ DATASETS: dict[str, DatasetInfo] = {
             (0.2860,),
             (0.3530,),
             ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+            torchvision_class="FashionMNIST",
+            images_in_ram=True,
         ),
         DatasetInfo(
             "cifar10",
@@ -65,6 +83,8 @@ DATASETS: dict[str, DatasetInfo] = {
             (0.5, 0.5, 0.5),
             (0.5, 0.5, 0.5),
             ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+            torchvision_class="CIFAR10",
+            images_in_ram=True,
         ),
         DatasetInfo(
             "imagenet",

@@ -1,0 +1,143 @@
+"""``batchfit show DATASET``: the seed's image-data lesson for a preset or a folder of images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .._errors import BatchfitError
+from ._app import command, err_console
+from ._common import JsonOpt, parse_int_list
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise BatchfitError(
+            f"cannot read --{what} {text!r}", hint=f"give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5"
+        ) from None
+
+
+@command("show")
+def show(
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="mnist, fashion-mnist, cifar10, or a folder with one sub-folder of images per class.",
+            show_default=False,
+        ),
+    ],
+    root: Annotated[
+        Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
+        typer.Option(
+            "--root",
+            help="Directory holding the presets in torchvision's layout (DIR/MNIST/raw, DIR/cifar-10-batches-py). "
+            "Default: $BATCHFIT_DATA, else ./data.",
+            show_default=False,
+        ),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="Fetch the preset into --root if it is missing.")
+    ] = False,
+    split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--split", help="train or test (presets; default train). For a folder: a sub-folder name."),
+    ] = None,
+    size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--size", help="Resize and centre-crop images to SIZE x SIZE (needed for folders of mixed sizes)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        str, typer.Option("--batch-size", "-b", help="Batch sizes to count bytes for, comma-separated.")
+    ] = "64,256,1024,4096",
+    grid: Annotated[int, typer.Option("--grid", help="Random samples in the image grid (0: no grid).")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for picking the grid's samples.")] = 42,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", "-o", help="Save the grid to this image file (e.g. grid.png).", show_default=False),
+    ] = None,
+    show_window: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--show/--no-show",
+            help="Open the grid in a window. Default: when a display exists and --out is not given.",
+            show_default=False,
+        ),
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Compute per-channel mean and std over the split (one pass over it).")
+    ] = False,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes.")] = 0,
+    prefetch_factor: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--prefetch-factor", help="Batches each worker loads ahead (DataLoader default: 2 with workers)."),
+    ] = None,
+    pin_memory: Annotated[bool, typer.Option("--pin-memory", help="Count pinned-memory copies of each batch.")] = False,
+    mean: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: the seed's)."),
+    ] = None,
+    std: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--std", help="Normalisation std per channel (default: the seed's)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sample shapes (C, H, W) and batches (N, C, H, W), value ranges, classes, bytes per sample and
+    per batch, DataLoader host RAM, a grid of denormalised samples, and (--stats) mean/std."""
+    from .. import data as bdata
+
+    sizes = parse_int_list(batch_size)
+    if grid < 0:
+        raise BatchfitError(f"--grid must be 0 or more, not {grid}", hint="e.g. --grid 16, or --grid 0 for none")
+    loaded = bdata.load_dataset(
+        dataset,
+        root=root,
+        split=split,
+        download=download,
+        size=size,
+        mean=_floats(mean, "mean"),
+        std=_floats(std, "std"),
+    )
+    report = bdata.describe(
+        loaded,
+        batch_sizes=sizes,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
+        stats=stats,
+        progress=stats,
+    )
+    window = False
+    if grid:
+        window = (out is None and not as_json and bdata.display_available()) if show_window is None else show_window
+        if window and not bdata.display_available():
+            err_console.print("note: no display for --show; save the grid with --out grid.png")
+            window = False
+        if out is not None or window:
+            fig = bdata.sample_grid(loaded, grid, seed, interactive=window)
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(out)
+            indices = bdata.sample_indices(len(loaded), grid, seed)
+            labels = tuple(int(loaded.dataset[i][1]) for i in indices)
+            report = report.with_grid(bdata.GridInfo(tuple(indices), labels, seed, str(out) if out else None))
+        elif not as_json:
+            err_console.print(f"note: no display here; add --out grid.png to save {grid} random samples")
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console(highlight=False).print(report)
+    if window:
+        import matplotlib.pyplot as plt
+
+        plt.show()
