@@ -997,34 +997,34 @@ def simulate(
                 raise _trace_error(ev, "allocates a storage that is already alive")
             if ev.nbytes <= 0:
                 zero_sized.add(storage)
-                continue
-            block = malloc(ev.nbytes)
-            if block is None:
-                oom_seq, oom_bytes = ev.seq, ev.nbytes
-                break
-            live[storage] = block
-            cat = ev.category
-            category_of[storage] = cat
-            by_category[cat] = by_category.get(cat, 0) + block.size
-            if state.allocated > peak_alloc:
-                # the breakdown is copied lazily, at the next free: within a run of allocations
-                # only the last new peak matters
-                peak_alloc, peak_alloc_seq = state.allocated, ev.seq
-                peak_pending = True
-            if state.reserved > peak_res:
-                peak_res, peak_res_seq = state.reserved, ev.seq
+            else:
+                block = malloc(ev.nbytes)
+                if block is None:
+                    oom_seq, oom_bytes = ev.seq, ev.nbytes
+                    break
+                live[storage] = block
+                cat = ev.category
+                category_of[storage] = cat
+                by_category[cat] = by_category.get(cat, 0) + block.size
+                if state.allocated > peak_alloc:
+                    # the breakdown is copied lazily, at the next free: within a run of
+                    # allocations only the last new peak matters
+                    peak_alloc, peak_alloc_seq = state.allocated, ev.seq
+                    peak_pending = True
+                if state.reserved > peak_res:
+                    peak_res, peak_res_seq = state.reserved, ev.seq
         else:
             freed = live.pop(storage, None)
-            if freed is None:
-                if storage in zero_sized:
-                    zero_sized.discard(storage)
-                    continue
+            if freed is not None:
+                if peak_pending:
+                    peak_categories = dict(by_category)
+                    peak_pending = False
+                by_category[category_of.pop(storage)] -= freed.size
+                free(freed)
+            elif storage in zero_sized:
+                zero_sized.discard(storage)
+            else:
                 raise _trace_error(ev, "frees a storage that is not alive")
-            if peak_pending:
-                peak_categories = dict(by_category)
-                peak_pending = False
-            by_category[category_of.pop(storage)] -= freed.size
-            free(freed)
         if record_series:
             series_seq.append(ev.seq)
             series_alloc.append(state.allocated)
