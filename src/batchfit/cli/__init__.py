@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 # Command modules register themselves on import (one file per command).
+from . import gpus as _gpus  # noqa: F401
 from . import models_cmd as _models_cmd  # noqa: F401  (order: after app exists)
 from ._app import app, set_debug
 
