@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ..models import Workload, load_workload
+
+if TYPE_CHECKING:
+    from ..gpus import Budget
 
 ModelArg = Annotated[
     str,
@@ -105,7 +108,9 @@ StepOpt = Annotated[
         help="Your own training step, path/to/file.py:fn with fn(model, inputs, labels, optimizer), instead of the reference step.",
     ),
 ]
-ModeOpt = Annotated[str, typer.Option("--mode", help="train (the reference step) or inference (one forward under no_grad).")]
+ModeOpt = Annotated[
+    str, typer.Option("--mode", help="train (the reference step) or inference (one forward under no_grad).")
+]
 AllocConfOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
@@ -113,3 +118,36 @@ AllocConfOpt = Annotated[
         help="Caching-allocator settings as in PYTORCH_CUDA_ALLOC_CONF (read from the environment too), e.g. expandable_segments:True.",
     ),
 ]
+
+# -- the memory budget: one definition of --gpu / --memory / --free for every command -----------
+
+GpuOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--gpu",
+        "-g",
+        help="Plan for this card (see `batchfit gpus`): h100, a100-40gb, rtx4090, ... "
+        "Default: the local GPU, else an H100 80GB SXM.",
+        show_default=False,
+    ),
+]
+MemoryOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--memory",
+        "-m",
+        help="Any card by its total memory: 24GiB or 24G (2^30 B each), 24GB (10^9 B each), or bytes.",
+        show_default=False,
+    ),
+]
+FreeOpt = Annotated[
+    bool,
+    typer.Option("--free", help="Use what the local GPU has free right now instead of its total memory."),
+]
+
+
+def budget_from_options(gpu: str | None, memory: str | None, free: bool) -> Budget:
+    """The budget the three options describe (see :func:`batchfit.gpus.resolve_card`)."""
+    from ..gpus import resolve_card
+
+    return resolve_card(gpu, memory, free)

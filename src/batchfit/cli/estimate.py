@@ -10,7 +10,7 @@ import typer
 from .._errors import BatchfitError, ExitCode
 from .._render import Table, show
 from .._units import format_bytes
-from ..estimate import Estimator, EstimateReport, make_spec
+from ..estimate import EstimateReport, Estimator, make_spec
 from ._app import command
 from ._common import (
     AllocConfOpt,
@@ -24,8 +24,8 @@ from ._common import (
     JsonOpt,
     LossOpt,
     MemoryOpt,
-    ModeOpt,
     ModelArg,
+    ModeOpt,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,

@@ -1,0 +1,69 @@
+"""``batchfit gpus``: the GPU catalogue, or one card and the budget it gives."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .._units import format_bytes
+from ..gpus import GpuCard, get_gpu, list_gpus, load_catalogue
+from ._app import command
+from ._common import JsonOpt
+
+NameArg = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Argument(
+        help="Show one card (key, alias or the name torch reports), e.g. h100 or rtx4090.", show_default=False
+    ),
+]
+
+
+def _cc(card: GpuCard) -> str:
+    return ".".join(map(str, card.compute_capability)) if card.compute_capability else "?"
+
+
+def catalogue_table(cards: tuple[GpuCard, ...]) -> Table:
+    """The catalogue as a rich table (memory in GiB = 2^30 B, workspaces in MiB = 2^20 B)."""
+    table = Table(title="GPU catalogue (memory in GiB = 2^30 bytes)", show_lines=False)
+    table.add_column("key", style="bold")
+    table.add_column("name")
+    table.add_column("memory", justify="right")
+    table.add_column("source")
+    table.add_column("cc", justify="right")
+    table.add_column("cuBLAS ws", justify="right")
+    table.add_column("non-allocator", justify="right")
+    table.add_column("aliases")
+    for card in cards:
+        table.add_row(
+            card.key,
+            card.name,
+            format_bytes(card.memory_bytes, unit="GiB"),
+            card.provenance["memory"].status,
+            _cc(card),
+            format_bytes(card.cublas_workspace_bytes, unit="MiB"),
+            f"{format_bytes(card.non_allocator_bytes, unit='MiB')} ({card.provenance['non_allocator'].status})",
+            ", ".join(a for a in card.aliases if a != card.key),
+        )
+    return table
+
+
+@command("gpus")
+def gpus(name: NameArg = None, as_json: JsonOpt = False) -> None:
+    """List the GPU catalogue: memory as torch reports it, cuBLAS workspace, CUDA context, provenance."""
+    if name is not None:
+        card = get_gpu(name)
+        print(json.dumps(card.to_dict(), indent=2) if as_json else str(card))
+        return
+    if as_json:
+        print(json.dumps(load_catalogue().to_dict(), indent=2))
+        return
+    console = Console()
+    console.print(catalogue_table(list_gpus()))
+    console.print(
+        f"Default card: {load_catalogue().default_key}. 'reported' = public torch printouts, 'nominal' = the "
+        "marketed size, 'rule' = PyTorch's source, 'assumed' = not measured yet (docs/allocator.md)."
+    )
