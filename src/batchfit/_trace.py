@@ -66,6 +66,8 @@ class Trace:
     activation_bytes_by_module: dict[str, int]
     notes: list[str] = field(default_factory=list)
     output_shape: tuple[int, ...] | None = None
+    max_numel: int | None = None  # elements of the largest tensor with storage of its own
+    module_types: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
 
 
 class _Holder:
@@ -88,9 +90,12 @@ class _Recorder(TorchDispatchMode):
         tracer = self.tracer
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                tracer.track(t)
+        if isinstance(out, torch.Tensor):
+            tracer.track(out)
+        else:
+            for t in out if isinstance(out, (tuple, list)) else tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    tracer.track(t)
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
         if tracer.cpu_scratch and is_scratch_op(func):
@@ -151,6 +156,7 @@ def _fused_attention(
 class _Tracer:
     def __init__(self, model: nn.Module) -> None:
         self.storages: dict[int, _Storage] = {}  # by storage _cdata, while alive
+        self.refs: dict[weakref.ref[Any], int] = {}  # weak reference to a live storage -> its _cdata
         self.raw: list[tuple[str, _Storage]] = []  # ("alloc"|"free", storage)
         self.final_category: dict[int, str] = {}
         self.ids = itertools.count()
@@ -165,12 +171,16 @@ class _Tracer:
         self.saved_bytes: dict[str, dict[int, int]] = {}
         self.current_holders: list[_Holder] = []
         self.cpu_scratch = False
+        self.device_type = "cpu"
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
+        self.max_numel = 0
         self.notes: list[str] = []
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
+        if t.device.type != self.device_type:
+            return  # e.g. optimizer step counters, which live on the CPU in a CUDA run
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -178,15 +188,18 @@ class _Tracer:
         key = st._cdata
         if key in self.storages:
             return
+        numel = t.numel()
+        if numel > self.max_numel:
+            self.max_numel = numel
         rec = _Storage(
             next(self.ids), st.nbytes(), self.phase, self.module_stack[-1], self._provisional(), self.iteration
         )
         self.storages[key] = rec
         self.raw.append(("alloc", rec))
-        weakref.finalize(st, self._freed, key)
+        self.refs[weakref.ref(st, self._freed)] = key
 
-    def _freed(self, key: int) -> None:
-        rec = self.storages.pop(key, None)
+    def _freed(self, ref: weakref.ref[Any]) -> None:
+        rec = self.storages.pop(self.refs.pop(ref), None)
         if rec is not None:
             self.raw.append(("free", rec))
 
@@ -273,7 +286,7 @@ class _Tracer:
             if self.iteration == 1:  # per-layer figures: one iteration's worth
                 self.saved_bytes.setdefault(self.module_stack[-1], {})[rec.sid] = rec.nbytes
         # detached: saving an output with its grad_fn would make a reference cycle
-        return _Holder(t.detach())
+        return _Holder(t)
 
     def unpack(self, holder: _Holder) -> torch.Tensor:
         self.current_holders.append(holder)
@@ -506,6 +519,7 @@ def trace_step(
     tracer = _Tracer(model)
     device = torch.device(spec.device)
     tracer.cpu_scratch = device.type == "cpu"
+    tracer.device_type = device.type
     if device.type == "cuda":
         tracer.cuda_workspaces = cuda_workspaces
     param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
@@ -583,7 +597,10 @@ def trace_step(
     except Exception as exc:
         raise _explain(exc, workload, batch_size, tracer) from exc
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
-    return Trace(batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, output_shape)
+    types = {name: type(m).__name__ for name, m in model.named_modules()}
+    return Trace(
+        batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, output_shape, tracer.max_numel, types
+    )
 
 
 def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, int]:

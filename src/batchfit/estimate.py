@@ -64,14 +64,29 @@ class StepEstimate:
     total_bytes: int | None = None
     budget_bytes: int | None = None
     allocator: AllocatorResult | None = field(default=None, repr=False)
-    method: str = "simulated"  # or "extrapolated" (fallback) / "measured"
+    module_types: dict[str, str] = field(default_factory=dict, repr=False)
+    method: str = "simulated"  # or "extrapolated" (fallback)
+    oom: bool = False  # the replay on the card ran out of memory
+
+    @property
+    def peak_where(self) -> str:
+        """Where the peak happens, in words: phase, iteration and module (with its class)."""
+        module = self.peak_module
+        if module == "optimizer":
+            where = "in optimizer.step()"
+        elif module:
+            kind = self.module_types.get(module)
+            where = f"in module {module!r}" + (f" ({kind})" if kind else "")
+        else:
+            where = "at the top level"
+        return f"{self.peak_phase}, iteration {self.peak_iteration}, {where}"
 
     @property
     def fits(self) -> bool | None:
-        """Whether the step fits the budget (CUDA with a known card)."""
+        """Whether the step fits the card (CUDA): no out-of-memory when replayed against its limit."""
         if self.total_bytes is None or self.budget_bytes is None:
             return None
-        return self.total_bytes <= self.budget_bytes
+        return not self.oom and self.total_bytes <= self.budget_bytes
 
     def to_dict(self, *, events: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -81,6 +96,7 @@ class StepEstimate:
             "peak_phase": self.peak_phase,
             "peak_iteration": self.peak_iteration,
             "peak_module": self.peak_module,
+            "peak_module_type": self.module_types.get(self.peak_module),
             "breakdown": dict(self.breakdown),
             "activation_bytes_by_module": dict(self.activation_bytes_by_module),
             "method": self.method,
@@ -91,6 +107,7 @@ class StepEstimate:
             out["peak_reserved_bytes"] = self.peak_reserved_bytes
             out["total_bytes"] = self.total_bytes
             out["budget_bytes"] = self.budget_bytes
+            out["fits"] = self.fits
         if events:
             out["events"] = [
                 [e.seq, e.action, e.storage, e.nbytes, e.category, e.module, e.phase, e.iteration] for e in self.events
@@ -156,9 +173,13 @@ class EstimateReport(Sequence[StepEstimate]):
             row = [f"{r.batch_size:,}", *[_mib(r.breakdown.get(c, 0)) for c in cats], _mib(r.peak_allocated_bytes)]
             if cuda:
                 fits = r.fits
-                row += [_mib(r.peak_reserved_bytes or 0), _mib(r.total_bytes or 0), "-" if fits is None else "yes" if fits else "NO"]
+                row += [
+                    _mib(r.peak_reserved_bytes or 0),
+                    _mib(r.total_bytes or 0),
+                    "-" if fits is None else "yes" if fits else "NO",
+                ]
             rows.append(row)
-        where = "; ".join(f"batch {r.batch_size:,}: {r.peak_phase} (iteration {r.peak_iteration}), in {r.peak_module or 'top level'}" for r in self.results)
+        where = "; ".join(f"batch {r.batch_size:,}: {r.peak_where}" for r in self.results)
         device = f"CUDA, simulating {first.card}" if cuda else "CPU (host memory)"
         title = (
             f"{first.model}: one training step ({first.mode}), {first.optimizer}, {first.precision}, {device} "
@@ -239,7 +260,9 @@ def make_spec(
     return StepSpec(device, opt, prec, parse_loss(loss), mode, parse_step(step))
 
 
-def estimate_trace(trace: Trace, workload: Workload, spec: StepSpec, budget: Budget | None, alloc_config: AllocatorConfig | None) -> StepEstimate:
+def estimate_trace(
+    trace: Trace, workload: Workload, spec: StepSpec, budget: Budget | None, alloc_config: AllocatorConfig | None
+) -> StepEstimate:
     """Turn a trace into a :class:`StepEstimate` (through the allocator model on CUDA)."""
     events = trace.events
     common = dict(
@@ -250,6 +273,7 @@ def estimate_trace(trace: Trace, workload: Workload, spec: StepSpec, budget: Bud
         precision=spec.precision.name,
         mode=spec.mode,
         activation_bytes_by_module=trace.activation_bytes_by_module,
+        module_types=trace.module_types,
         events=events,
         notes=list(trace.notes),
     )
@@ -264,10 +288,8 @@ def estimate_trace(trace: Trace, workload: Workload, spec: StepSpec, budget: Bud
             peak_module=ev.module if ev else "",
             **common,  # type: ignore[arg-type]
         )
-    from .allocator import simulate
-
     assert budget is not None
-    result = simulate(events, alloc_config, record_series=False)
+    result, fits = replay_on_card(events, budget, alloc_config)
     at = result.peak_allocated_seq
     ev = events[at] if at is not None else None
     breakdown = {c: result.allocated_by_category_bytes.get(c, 0) for c in CUDA_CATEGORIES}
@@ -282,8 +304,26 @@ def estimate_trace(trace: Trace, workload: Workload, spec: StepSpec, budget: Bud
         total_bytes=budget.card.total_bytes(result.peak_reserved_bytes),
         budget_bytes=budget.budget_bytes,
         allocator=result,
+        oom=not fits,
         **common,  # type: ignore[arg-type]
     )
+
+
+def replay_on_card(
+    events: Sequence[Event], budget: Budget, config: AllocatorConfig | None
+) -> tuple[AllocatorResult, bool]:
+    """Replay the timeline on the card, as PyTorch would run it; returns (result, fits).
+
+    The card's limit matters: near it the allocator frees its cache and retries instead of failing,
+    so a step can fit although an unlimited replay reserves more than the card has. When the step
+    does not fit, the numbers come from an unlimited replay (what it would need).
+    """
+    from .allocator import simulate
+
+    limited = simulate(events, config, budget.device_limit_bytes, record_series=False)
+    if not limited.oom:
+        return limited, True
+    return simulate(events, config, record_series=False), False
 
 
 def _raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
@@ -303,7 +343,9 @@ def _raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
 def _resolve_budget(spec: StepSpec, gpu: str | None, memory: str | int | None, free: bool) -> Budget | None:
     if spec.device != "cuda":
         if gpu or memory or free:
-            raise BatchfitError("--gpu, --memory and --free apply to --device cuda", hint="drop them, or use --device cuda")
+            raise BatchfitError(
+                "--gpu, --memory and --free apply to --device cuda", hint="drop them, or use --device cuda"
+            )
         return None
     from .gpus import resolve_card
 
@@ -392,9 +434,13 @@ class Estimator:
 
 
 @overload
-def estimate(model: str | nn.Module, input_size: Any = ..., *, batch_size: int = ..., **kwargs: Any) -> StepEstimate: ...
+def estimate(
+    model: str | nn.Module, input_size: Any = ..., *, batch_size: int = ..., **kwargs: Any
+) -> StepEstimate: ...
 @overload
-def estimate(model: str | nn.Module, input_size: Any = ..., *, batch_size: Sequence[int], **kwargs: Any) -> EstimateReport: ...
+def estimate(
+    model: str | nn.Module, input_size: Any = ..., *, batch_size: Sequence[int], **kwargs: Any
+) -> EstimateReport: ...
 def estimate(
     model: str | nn.Module | Workload,
     input_size: Any = None,
@@ -420,7 +466,11 @@ def estimate(
     an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
     ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run.
     """
-    workload = model if isinstance(model, Workload) else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+    workload = (
+        model
+        if isinstance(model, Workload)
+        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+    )
     spec = make_spec(device, optimizer, precision, loss, step, mode)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     if isinstance(batch_size, int):

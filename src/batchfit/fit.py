@@ -1,0 +1,412 @@
+"""``batchfit.fit()``: the largest batch that fits a GPU, and the one to use (the seed's 0.8 rule).
+
+The max is the largest N such that every batch size from 1 to N fits: its step, replayed through
+the caching-allocator model against the card's limit, does not run out of memory (so its
+``total_bytes`` is within the budget). Tracing a step at every candidate would take a second
+each; instead the step is traced at two batch sizes, and when the two timelines have the same
+structure (same storages, same order) every storage's size is an exact affine function of the
+batch size, checked at a third size. Any batch size's timeline then follows without tracing,
+and each candidate costs one allocator replay (milliseconds). The boundary found is confirmed by
+a real trace at the max.
+
+>>> r = fit("mlp", dataset="mnist", gpu="h100")
+>>> r.recommended_batch_size == 60000   # capped at MNIST's 60,000 training images
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import BatchfitError, ExitCode
+from ._events import Event
+from ._render import Table
+from ._trace import Trace
+from ._units import format_bytes
+from .estimate import Estimator, StepEstimate, _raw_peak, estimate_trace, make_spec, replay_on_card
+from .models import Workload, load_workload
+
+SCHEMA_VERSION = 1
+INT32_ELEMENTS = 2**31
+_SCAN_WINDOW = 16  # sizes just below the max, checked one by one (allocator rounding is not monotone)
+
+
+class AffineTimeline:
+    """A step's events at any batch size, from traces at two sizes (exact when the structure holds)."""
+
+    def __init__(self, a: Trace, b: Trace) -> None:
+        if a.batch_size == b.batch_size:
+            raise ValueError("two different batch sizes are needed")
+        self.first, self.second = a, b
+        self.template = a.events
+        db = b.batch_size - a.batch_size
+        self.slopes: list[int] = []
+        self.intercepts: list[int] = []
+        self.ok = len(a.events) == len(b.events)
+        if self.ok:
+            for ea, eb in zip(a.events, b.events):
+                same = (ea.action, ea.storage, ea.category, ea.phase, ea.module, ea.iteration) == (
+                    eb.action,
+                    eb.storage,
+                    eb.category,
+                    eb.phase,
+                    eb.module,
+                    eb.iteration,
+                )
+                diff = eb.nbytes - ea.nbytes
+                if not same or diff % db:
+                    self.ok = False
+                    break
+                slope = diff // db
+                self.slopes.append(slope)
+                self.intercepts.append(ea.nbytes - slope * a.batch_size)
+
+    def trace_at(self, batch_size: int) -> Trace:
+        """A trace at any batch size, without tracing (per-layer figures interpolated linearly)."""
+        a, b = self.first, self.second
+
+        def line(x: int, y: int) -> int:
+            return x + (y - x) * (batch_size - a.batch_size) // (b.batch_size - a.batch_size)
+
+        layers = {m: line(a.activation_bytes_by_module.get(m, 0), n) for m, n in b.activation_bytes_by_module.items()}
+        numel = line(a.max_numel, b.max_numel) if a.max_numel is not None and b.max_numel is not None else None
+        return Trace(
+            batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), None, numel, a.module_types
+        )
+
+    def events_at(self, batch_size: int) -> list[Event]:
+        return [
+            Event(e.seq, e.action, e.storage, max(0, i + s * batch_size), e.category, e.module, e.phase, e.iteration)
+            for e, s, i in zip(self.template, self.slopes, self.intercepts)
+        ]
+
+    def matches(self, trace: Trace) -> bool:
+        return self.ok and trace.events == self.events_at(trace.batch_size)
+
+
+@dataclass
+class FitResult:
+    """The answer to the seed's question: how many images fit at once, and which batch size to use."""
+
+    model: str
+    card: str
+    budget_bytes: int
+    budget_description: str
+    max_batch_size: int
+    recommended_batch_size: int
+    safety: float
+    estimate_at_max: StepEstimate | None
+    estimate_at_recommended: StepEstimate | None
+    optimizer: str
+    precision: str
+    notes: list[str] = field(default_factory=list)
+    method: str = "affine"  # or "traced" when the timeline is not affine in the batch size
+    dataset_size: int | None = None
+    searched_up_to: int | None = None
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        """Memory left on the card at the recommended batch size."""
+        if self.estimate_at_recommended is None or self.estimate_at_recommended.total_bytes is None:
+            return None
+        return self.budget_bytes - self.estimate_at_recommended.total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "card": self.card,
+            "budget_bytes": self.budget_bytes,
+            "budget": self.budget_description,
+            "max_batch_size": self.max_batch_size,
+            "recommended_batch_size": self.recommended_batch_size,
+            "safety": self.safety,
+            "headroom_bytes": self.headroom_bytes,
+            "optimizer": self.optimizer,
+            "precision": self.precision,
+            "dataset_size": self.dataset_size,
+            "method": self.method,
+            "notes": list(self.notes),
+            "estimate_at_max": self.estimate_at_max.to_dict() if self.estimate_at_max else None,
+            "estimate_at_recommended": self.estimate_at_recommended.to_dict() if self.estimate_at_recommended else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> Table:
+        rows = [
+            ["card", self.budget_description],
+            ["largest batch that fits", f"{self.max_batch_size:,}"],
+            [f"recommended ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
+        ]
+        rec = self.estimate_at_recommended
+        if rec is not None and rec.total_bytes is not None:
+            rows.append(
+                [
+                    "at the recommended size",
+                    f"{format_bytes(rec.total_bytes, 'GiB')} of {format_bytes(self.budget_bytes, 'GiB')} on the card",
+                ]
+            )
+            rows.append(["headroom", format_bytes(self.headroom_bytes or 0, "GiB")])
+        top = self.estimate_at_max
+        if top is not None and top.total_bytes is not None:
+            rows.append(["at the max", f"{format_bytes(top.total_bytes, 'GiB')} (peak: {top.peak_where})"])
+        return Table(
+            f"{self.model}: batch size for {self.card} ({self.optimizer}, {self.precision}); GiB = 1024^3 bytes",
+            ["", ""],
+            rows,
+            right=[False, False],
+            footer=[f"note: {n}" for n in self.notes],
+        )
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+    def __rich__(self) -> Any:
+        return self.table().__rich__()
+
+
+class DoesNotFit(BatchfitError):
+    """Even batch size 1 does not fit; ``advice`` quantifies what would help."""
+
+    def __init__(self, message: str, advice: list[str]) -> None:
+        super().__init__(message, hint="; ".join(advice), exit_code=ExitCode.DOES_NOT_FIT)
+        self.advice = advice
+
+
+def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**31) -> tuple[int, int]:
+    """The largest N with ``fits(b)`` for every checked b <= N, and ``fits(N + 1)`` false.
+
+    Gallops up from ``start`` (doubling), bisects the bracket, then checks the sizes just below
+    the boundary one by one and a geometric sample below (memory is not monotone in the batch
+    size: allocator rounding can make b fail while b + 1 fits); a failure found there restarts the
+    search below it. Returns (N, calls); N is 0 when batch size 1 does not fit. ``limit`` caps
+    the search (the answer is then ``limit`` itself).
+    """
+    calls = 0
+    memo: dict[int, bool] = {}
+
+    def ok(b: int) -> bool:
+        nonlocal calls
+        if b not in memo:
+            calls += 1
+            memo[b] = fits(b)
+        return memo[b]
+
+    upper = limit + 1  # smallest size known (or assumed) to fail
+    while True:
+        if not ok(1):
+            return 0, calls
+        lo = max(1, min(start, upper - 1))
+        if not ok(lo):
+            hi = lo
+            lo = 1
+        else:
+            step = max(1, lo)
+            hi = lo + step
+            while hi < upper and ok(hi):
+                lo = hi
+                step *= 2
+                hi = min(lo + step, upper)
+            hi = min(hi, upper)
+        while hi - lo > 1:  # ok(lo) and (hi == upper or not ok(hi))
+            mid = (lo + hi) // 2
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+        candidate = lo
+        below = [b for b in range(candidate - 1, max(0, candidate - _SCAN_WINDOW), -1)]
+        below += [2**k for k in range(int(math.log2(max(candidate, 1))) + 1) if 2**k < candidate]
+        failing = [b for b in sorted(set(below)) if not ok(b)]
+        if not failing:
+            return min(candidate, limit), calls
+        upper = failing[0]
+        start = max(1, upper // 2)
+
+
+def fit(
+    model: str | Any,
+    input_size: Any = None,
+    *,
+    gpu: str | None = None,
+    memory: str | int | None = None,
+    free: bool = False,
+    optimizer: Any = "sgd",
+    precision: str = "fp32",
+    safety: float = 0.8,
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    loss: Any = None,
+    step: Any = None,
+    alloc_conf: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
+
+    Raises :class:`DoesNotFit` (exit code 4 on the command line) when even batch size 1 does not
+    fit, with the fixed costs and what would help.
+    """
+    if not 0 < safety <= 1:
+        raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
+    workload = (
+        model
+        if isinstance(model, Workload)
+        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+    )
+    spec = make_spec("cuda", optimizer, precision, loss, step, "train")
+    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    budget = est.budget
+    assert budget is not None
+    say = progress or (lambda text: None)
+    notes: list[str] = []
+
+    # two traces give the affine timeline (checked at a third size: the max)
+    b1, b2 = 1, 2
+    say(f"tracing the step at batch sizes {b1} and {b2}")
+    t1, t2 = est.trace(b1), est.trace(b2)
+    first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
+    if not first.fits:
+        raise _does_not_fit(est, first)
+    timeline = AffineTimeline(t1, t2)
+    method = "affine" if timeline.ok else "traced"
+
+    def fits_at(b: int) -> bool:
+        if b == b1:
+            return bool(first.fits)
+        events = timeline.events_at(b) if timeline.ok else est.trace(b).events
+        return replay_on_card(events, budget, est.alloc_config)[1]
+
+    # a first guess from the per-sample cost of the live-bytes peak, so the search starts near the answer
+    p1, p2 = _raw_peak(t1.events)[0], _raw_peak(t2.events)[0]
+    per_sample = (p2 - p1) // (b2 - b1)
+    guess = b1 + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else 1
+    limit = 2**31 if timeline.ok else 2**16
+    say("searching the boundary")
+    best, _calls = search_max(fits_at, start=max(1, min(guess, limit)), limit=limit)
+    # confirm with a real trace at the max: the affine model must agree exactly
+    say(f"confirming with a trace at batch size {best:,}")
+    try:
+        at_max_trace: Trace | None = est.trace(best)
+    except BatchfitError:
+        at_max_trace = None
+        notes.append(f"could not trace at the max ({best:,}) to confirm it; the affine timeline was used")
+    if at_max_trace is not None and timeline.ok and not timeline.matches(at_max_trace):
+        notes.append("the step's timeline is not affine in the batch size; the boundary was re-checked by tracing")
+        method = "traced"
+        timeline.ok = False
+        best, _calls = search_max(fits_at, start=best, limit=2**16)
+        at_max_trace = est.trace(best)
+    if at_max_trace is None:
+        at_max_trace = timeline.trace_at(best)
+    at_max = estimate_trace(at_max_trace, workload, spec, budget, est.alloc_config)
+
+    recommended = max(1, math.floor(safety * best))
+    size = workload.dataset.train_size if workload.dataset is not None else None
+    if size is not None and best > size:
+        notes.append(
+            f"the max ({best:,}) exceeds the whole {workload.dataset.name} training set ({size:,} samples): "  # type: ignore[union-attr]
+            f"one batch can hold all of it; the recommendation is capped at {size:,}"
+        )
+        recommended = min(recommended, size)
+    if best >= limit:
+        notes.append(f"the search stopped at {limit:,}: larger batches were not examined")
+    numel = _largest_numel(t1, t2, best)
+    if numel is not None and numel >= INT32_ELEMENTS:
+        notes.append(
+            f"at batch size {best:,} a tensor would hold about {numel:,} elements (>= 2^31): many CUDA kernels "
+            "index with 32-bit integers and fail for reasons other than memory; stay below "
+            f"{_numel_limit(t1, t2):,}"
+        )
+    rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
+    at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
+    return FitResult(
+        model=workload.name,
+        card=budget.card.name,
+        budget_bytes=budget.budget_bytes,
+        budget_description=str(budget),
+        max_batch_size=best,
+        recommended_batch_size=recommended,
+        safety=safety,
+        estimate_at_max=at_max,
+        estimate_at_recommended=at_rec,
+        optimizer=str(spec.optimizer),
+        precision=spec.precision.name,
+        notes=notes,
+        method=method,
+        dataset_size=size,
+    )
+
+
+def _largest_numel(a: Trace, b: Trace, batch_size: int) -> int | None:
+    if a.max_numel is None or b.max_numel is None:
+        return None
+    slope = (b.max_numel - a.max_numel) / (b.batch_size - a.batch_size)
+    return int(a.max_numel + slope * (batch_size - a.batch_size))
+
+
+def _numel_limit(a: Trace, b: Trace) -> int:
+    assert a.max_numel is not None and b.max_numel is not None
+    slope = (b.max_numel - a.max_numel) / (b.batch_size - a.batch_size)
+    if slope <= 0:
+        return 2**31
+    return int((INT32_ELEMENTS - 1 - a.max_numel) / slope + a.batch_size)
+
+
+def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
+    """Say what the fixed costs are and, quantified, what would help."""
+    from .gpus import list_gpus
+
+    budget = est.budget
+    assert budget is not None
+    card = budget.card
+    bd = first.breakdown
+    fixed = {k: bd.get(k, 0) for k in ("parameters", "gradients", "optimizer_state")}
+    model_states = sum(fixed.values())
+    need = first.total_bytes or 0
+    gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
+    advice = []
+    if fixed["optimizer_state"]:
+        advice.append(f"SGD without momentum keeps no optimizer state: saves {gib(fixed['optimizer_state'])}")
+    if est.spec.precision.name in ("fp32", "amp-bf16", "amp-fp16"):
+        advice.append(
+            f"--precision bf16 stores parameters, gradients and optimizer state in 16 bits: saves about {gib(model_states // 2)}"
+        )
+    if est.spec.precision.name == "fp32":
+        try:
+            amp = Estimator(
+                est.workload,
+                make_spec("cuda", est.spec.optimizer, "amp-bf16", est.spec.loss),
+                gpu=None,
+                memory=budget.budget_bytes,
+            ).at(1)
+            advice.append(f"--precision amp-bf16 needs {gib(amp.total_bytes or 0)} at batch size 1 (vs {gib(need)})")
+        except BatchfitError:
+            pass
+    larger = sorted((c for c in list_gpus() if c.memory_bytes >= need + 1), key=lambda c: c.memory_bytes)
+    if larger:
+        advice.append(f"a larger card: {larger[0].name} ({gib(larger[0].memory_bytes)}) holds it")
+    per_gpu_room = budget.budget_bytes - card.non_allocator_bytes - (need - card.non_allocator_bytes - model_states)
+    if per_gpu_room > 0 and model_states:
+        k = math.ceil(model_states / per_gpu_room)
+        if k > 1:
+            advice.append(f"sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs")
+    message = (
+        f"{est.workload.name} does not fit {card.name} even at batch size 1: it needs {gib(need)} "
+        f"of {gib(budget.budget_bytes)} (parameters {gib(fixed['parameters'])}, gradients {gib(fixed['gradients'])}, "
+        f"optimizer state {gib(fixed['optimizer_state'])}, CUDA context {gib(card.non_allocator_bytes)})"
+    )
+    return DoesNotFit(message, advice)
+
+
+def standard_batch_sizes(max_batch_size: int, extra: Sequence[int] = (64, 256, 1024, 4096)) -> list[int]:
+    """The seed's sizes and the powers of two up to the max."""
+    sizes = {2**k for k in range(max(0, int(math.log2(max(max_batch_size, 1)))) + 1)}
+    sizes |= {s for s in extra if s <= max_batch_size}
+    sizes.add(max_batch_size)
+    return sorted(sizes)
