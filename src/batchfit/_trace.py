@@ -66,7 +66,7 @@ class Trace:
     activation_bytes_by_module: dict[str, int]
     notes: list[str] = field(default_factory=list)
     output_shape: tuple[int, ...] | None = None
-    max_numel: int | None = None  # elements of the largest tensor with storage of its own
+    numels: dict[int, int] = field(default_factory=dict)  # storage id -> elements of the tensor that made it
     module_types: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
 
 
@@ -174,7 +174,7 @@ class _Tracer:
         self.device_type = "cpu"
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
-        self.max_numel = 0
+        self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
 
     # -- storages ---------------------------------------------------------------------------
@@ -189,12 +189,11 @@ class _Tracer:
         if key in self.storages:
             return
         numel = t.numel()
-        if numel > self.max_numel:
-            self.max_numel = numel
         rec = _Storage(
             next(self.ids), st.nbytes(), self.phase, self.module_stack[-1], self._provisional(), self.iteration
         )
         self.storages[key] = rec
+        self.numels[rec.sid] = numel
         self.raw.append(("alloc", rec))
         self.refs[weakref.ref(st, self._freed)] = key
 
@@ -599,7 +598,7 @@ def trace_step(
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     return Trace(
-        batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, output_shape, tracer.max_numel, types
+        batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, output_shape, tracer.numels, types
     )
 
 

@@ -73,9 +73,9 @@ class AffineTimeline:
             return x + (y - x) * (batch_size - a.batch_size) // (b.batch_size - a.batch_size)
 
         layers = {m: line(a.activation_bytes_by_module.get(m, 0), n) for m, n in b.activation_bytes_by_module.items()}
-        numel = line(a.max_numel, b.max_numel) if a.max_numel is not None and b.max_numel is not None else None
+        numels = {sid: line(n, b.numels[sid]) for sid, n in a.numels.items() if sid in b.numels}
         return Trace(
-            batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), None, numel, a.module_types
+            batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), None, numels, a.module_types
         )
 
     def events_at(self, batch_size: int) -> list[Event]:
@@ -317,12 +317,15 @@ def fit(
     if best >= limit:
         notes.append(f"the search stopped at {limit:,}: larger batches were not examined")
     numel = _largest_numel(t1, t2, best)
-    if numel is not None and numel >= INT32_ELEMENTS:
+    if numel >= INT32_ELEMENTS:
+        numel_limit = _numel_limit(t1, t2)
         notes.append(
             f"at batch size {best:,} a tensor would hold about {numel:,} elements (>= 2^31): many CUDA kernels "
-            "index with 32-bit integers and fail for reasons other than memory; stay below "
-            f"{_numel_limit(t1, t2):,}"
+            f"index with 32-bit integers and fail for reasons other than memory; stay at or below {numel_limit:,}"
         )
+        if recommended > numel_limit:
+            recommended = numel_limit
+            notes.append(f"the recommendation is capped at {numel_limit:,} for that reason")
     rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
     at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
     return FitResult(
@@ -343,19 +346,20 @@ def fit(
     )
 
 
-def _largest_numel(a: Trace, b: Trace, batch_size: int) -> int | None:
-    if a.max_numel is None or b.max_numel is None:
-        return None
-    slope = (b.max_numel - a.max_numel) / (b.batch_size - a.batch_size)
-    return int(a.max_numel + slope * (batch_size - a.batch_size))
+def _numel_lines(a: Trace, b: Trace) -> list[tuple[int, float]]:
+    """Each storage's element count as (count at a, growth per sample)."""
+    db = b.batch_size - a.batch_size
+    return [(n, (b.numels[sid] - n) / db) for sid, n in a.numels.items() if sid in b.numels]
+
+
+def _largest_numel(a: Trace, b: Trace, batch_size: int) -> int:
+    return max((int(n + slope * (batch_size - a.batch_size)) for n, slope in _numel_lines(a, b)), default=0)
 
 
 def _numel_limit(a: Trace, b: Trace) -> int:
-    assert a.max_numel is not None and b.max_numel is not None
-    slope = (b.max_numel - a.max_numel) / (b.batch_size - a.batch_size)
-    if slope <= 0:
-        return 2**31
-    return int((INT32_ELEMENTS - 1 - a.max_numel) / slope + a.batch_size)
+    """The largest batch size at which no tensor reaches 2^31 elements."""
+    limits = [int((INT32_ELEMENTS - 1 - n) / slope) + a.batch_size for n, slope in _numel_lines(a, b) if slope > 0]
+    return min(limits, default=2**31)
 
 
 def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:

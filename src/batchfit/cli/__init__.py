@@ -11,6 +11,7 @@ import typer
 
 # Command modules register themselves on import (one file per command).
 from . import estimate as _estimate  # noqa: F401
+from . import fit as _fit  # noqa: F401
 from . import gpus as _gpus  # noqa: F401
 from . import models_cmd as _models_cmd  # noqa: F401  (order: after app exists)
 from . import show as _show  # noqa: F401
