@@ -14,7 +14,7 @@ class Table:
 
     title: str
     columns: Sequence[str]
-    rows: list[Sequence[str]] = field(default_factory=list)
+    rows: Sequence[Sequence[str]] = field(default_factory=list)
     right: Sequence[bool] | None = None  # per column; default: all but the first
     footer: list[str] = field(default_factory=list)
 

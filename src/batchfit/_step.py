@@ -92,7 +92,7 @@ def call_model(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
 
 def unique_trainable(model: nn.Module) -> list[torch.Tensor]:
     seen: set[int] = set()
-    out = []
+    out: list[torch.Tensor] = []
     for p in model.parameters():
         if id(p) not in seen and p.requires_grad:
             seen.add(id(p))

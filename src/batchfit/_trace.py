@@ -345,6 +345,7 @@ class _GradScaler:
         self.found_inf = found_inf
 
     def update(self) -> None:
+        assert self._scale is not None and self.growth_tracker is not None
         torch._amp_update_scale_(self._scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
         del self.found_inf
 

@@ -433,14 +433,6 @@ class Estimator:
         )
 
 
-@overload
-def estimate(
-    model: str | nn.Module, input_size: Any = ..., *, batch_size: int = ..., **kwargs: Any
-) -> StepEstimate: ...
-@overload
-def estimate(
-    model: str | nn.Module, input_size: Any = ..., *, batch_size: Sequence[int], **kwargs: Any
-) -> EstimateReport: ...
 def estimate(
     model: str | nn.Module | Workload,
     input_size: Any = None,

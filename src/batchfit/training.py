@@ -65,7 +65,7 @@ class OptimizerSpec:
 def _init_params(cls: type) -> set[str]:
     import inspect
 
-    return set(inspect.signature(cls.__init__).parameters)
+    return set(inspect.signature(cls).parameters)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
