@@ -4,27 +4,39 @@ No dispatch mode sees the buffers a kernel allocates and frees before it returns
 convolutions reorder their inputs and weights, batch-norm backward and the oneDNN LSTM keep
 workspaces. For ``--device cpu`` the tracer asks this module, for each such op, how far memory
 rises inside the op beyond what it returns, by running that one op for real at the same shapes
-under the profiler (a few milliseconds), cached by op and shapes. When the real op would be too
-large to run here, it is measured at batch sizes 1 and 2 and extrapolated linearly in the batch.
+under the profiler (milliseconds), cached by op and shapes. When the real op would be too large
+to run here, it is measured at batch sizes 1 and 2 and extrapolated linearly in the batch.
+
+Most ops are pure arithmetic, so random data of the right shapes gives the same allocations. The
+oneDNN LSTM's backward reads the forward's opaque workspace: it is run on the real outputs of
+the measured forward (by storage), and skipped (and reported) when those are not at hand.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
-# op -> positions of the arguments whose dim 0 is the batch (used only to shrink huge calls)
-SCRATCH_OPS: dict[str, tuple[int, ...]] = {
-    "aten.convolution.default": (0,),
-    "aten.convolution_backward.default": (0, 1),
-    "aten.native_batch_norm_backward.default": (0, 1),
-    "aten.mkldnn_rnn_layer.default": (),
-    "aten.mkldnn_rnn_layer_backward.default": (),
+
+@dataclass(frozen=True)
+class ScratchOp:
+    batched: tuple[int, ...] = ()  # positions of arguments whose dim 0 is the batch (to shrink huge calls)
+    keeps_outputs: bool = False  # its real outputs feed a later op that reads opaque state
+    needs_forward: bool = False  # reads a forward's opaque outputs: run on those, never on random data
+
+
+SCRATCH_OPS: dict[str, ScratchOp] = {
+    "aten.convolution.default": ScratchOp((0,)),
+    "aten.convolution_backward.default": ScratchOp((0, 1)),
+    "aten.native_batch_norm_backward.default": ScratchOp((0, 1)),
+    "aten.mkldnn_rnn_layer.default": ScratchOp(keeps_outputs=True),
+    "aten.mkldnn_rnn_layer_backward.default": ScratchOp(needs_forward=True),
 }
 _MAX_REAL_BYTES = 256 * 1024**2  # larger calls are measured at batch 1 and 2 and extrapolated
 
@@ -33,10 +45,60 @@ def is_scratch_op(func: Any) -> bool:
     return str(func) in SCRATCH_OPS
 
 
-def scratch_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, bool]:
-    """Peak rise inside ``func`` beyond its outputs, in bytes, and whether it was extrapolated."""
-    key = _key(func, args, kwargs)
-    return _measure_cached(key, func, args, kwargs)
+class ScratchMeter:
+    """Measures scratch for one trace; remembers results across traces (by op and shapes)."""
+
+    _cache: dict[tuple[Any, ...], tuple[int, bool]] = {}
+
+    def __init__(self) -> None:
+        self.real_of: dict[int, torch.Tensor] = {}  # fake storage _cdata -> real tensor (opaque state)
+        self.skipped: list[str] = []
+        self.resized: list[tuple[torch.Tensor, int]] = []  # fake outputs whose real size differs
+
+    def measure(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> tuple[int, bool]:
+        """Peak rise inside ``func`` beyond its outputs, in bytes, and whether it was extrapolated."""
+        op = SCRATCH_OPS[str(func)]
+        key = _key(func, args, kwargs)
+        if key in self._cache and not op.keeps_outputs and not op.needs_forward:
+            return self._cache[key]
+        if op.needs_forward:
+            real_args, missing = self._from_forward(args)
+            if missing:
+                self.skipped.append(str(func))
+                return 0, False
+            with unset_fake_temporarily():
+                result = (_profile_rise(lambda: func(*real_args, **kwargs))[0], False)
+        else:
+            result, real_out = _measure(func, op, args, kwargs)
+            if op.keeps_outputs and real_out is not None:
+                fakes, _ = tree_flatten(out)
+                reals, _ = tree_flatten(real_out)
+                for f, r in zip(fakes, reals):
+                    if isinstance(f, torch.Tensor) and isinstance(r, torch.Tensor):
+                        self.real_of[f.untyped_storage()._cdata] = r
+                        if r.untyped_storage().nbytes() != f.untyped_storage().nbytes():
+                            # e.g. the oneDNN LSTM's workspace: the meta kernel returns it empty
+                            self.resized.append((f, r.untyped_storage().nbytes()))
+        self._cache[key] = result
+        return result
+
+    def _from_forward(self, args: tuple[Any, ...]) -> tuple[list[Any], bool]:
+        missing = False
+
+        def swap(a: Any) -> Any:
+            nonlocal missing
+            if not isinstance(a, torch.Tensor):
+                return a
+            real = self.real_of.get(a.untyped_storage()._cdata)
+            if real is not None and real.dtype == a.dtype:
+                return real
+            if a.dtype in (torch.uint8, torch.int8) or (a.dim() == 1 and a.dtype != torch.float32):
+                missing = True  # opaque bytes (a workspace) with no real forward to take them from
+            return _random_like(a)
+
+        with unset_fake_temporarily():
+            real_args = [tree_map(swap, a) for a in args]
+        return real_args, missing
 
 
 def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -48,15 +110,6 @@ def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
         return a
 
     return (str(func), one(args), tuple(sorted((k, one(v)) for k, v in kwargs.items())))
-
-
-_CACHE: dict[tuple[Any, ...], tuple[int, bool]] = {}
-
-
-def _measure_cached(key: tuple[Any, ...], func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, bool]:
-    if key not in _CACHE:
-        _CACHE[key] = _measure(func, args, kwargs)
-    return _CACHE[key]
 
 
 def _bytes(args: Any) -> int:
@@ -72,31 +125,30 @@ def _bytes(args: Any) -> int:
     return total
 
 
-def _measure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, bool]:
-    batched = SCRATCH_OPS[str(func)]
-    first = args[batched[0]] if batched else None
+def _measure(func: Any, op: ScratchOp, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[int, bool], Any]:
+    first = args[op.batched[0]] if op.batched else None
     batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
-    if _bytes(args) <= _MAX_REAL_BYTES or not batched or batch <= 2:
-        return _run(func, args, kwargs, None), False
-    s1 = _run(func, args, kwargs, (batched, 1))
-    s2 = _run(func, args, kwargs, (batched, 2))
-    return max(0, s1 + (s2 - s1) * (batch - 1)), True
+    if _bytes(args) <= _MAX_REAL_BYTES or not op.batched or batch <= 2:
+        rise, out = _run(func, args, kwargs, None)
+        return (rise, False), out
+    s1, _ = _run(func, args, kwargs, (op.batched, 1))
+    s2, _ = _run(func, args, kwargs, (op.batched, 2))
+    return (max(0, s1 + (s2 - s1) * (batch - 1)), True), None
 
 
-def _run(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], shrink: tuple[tuple[int, ...], int] | None) -> int:
+def _random_like(a: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    shape = list(a.shape)
+    if batch is not None and shape:
+        shape[0] = batch
+    out = torch.empty_strided(shape, _strides_for(shape, list(a.stride())), dtype=a.dtype, device="cpu")
+    return out.normal_() if out.is_floating_point() else out.zero_()
+
+
+def _run(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], shrink: tuple[tuple[int, ...], int] | None
+) -> tuple[int, Any]:
     def real(a: Any, batch: int | None = None) -> Any:
-        if not isinstance(a, torch.Tensor):
-            return a
-        shape = list(a.shape)
-        stride = list(a.stride())
-        if batch is not None and shape:
-            shape[0] = batch
-        out = torch.empty_strided(shape, _strides_for(shape, stride), dtype=a.dtype, device="cpu")
-        if out.is_floating_point():
-            out.normal_()
-        else:
-            out.zero_()
-        return out
+        return _random_like(a, batch) if isinstance(a, torch.Tensor) else a
 
     with unset_fake_temporarily():
         real_args = []
@@ -118,7 +170,7 @@ def _strides_for(shape: list[int], stride: list[int]) -> list[int]:
     return out
 
 
-def _profile_rise(call: Callable[[], Any]) -> int:
+def _profile_rise(call: Callable[[], Any]) -> tuple[int, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -130,6 +182,5 @@ def _profile_rise(call: Callable[[], Any]) -> int:
     for e in events:
         running += e.nbytes()
         peak = max(peak, running)
-    del out
     # `running` ends at what the op returned (still alive here): the rest was scratch
-    return max(0, peak - running)
+    return max(0, peak - running), out

@@ -85,8 +85,7 @@ def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
 
 
 def call_model(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    if len(inputs) == 1 and isinstance(inputs[0], dict):
-        return model(**inputs[0])
+    """``model(*inputs)``: inputs are positional (a dict among them is passed as one argument)."""
     return model(*inputs)
 
 

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ._cpu_scratch import is_scratch_op, scratch_bytes
+from ._cpu_scratch import ScratchMeter, is_scratch_op
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
@@ -98,8 +98,11 @@ class _Recorder(TorchDispatchMode):
                     tracer.track(t)
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
-        if tracer.cpu_scratch and is_scratch_op(func):
-            extra, extrapolated = scratch_bytes(func, args, kwargs)
+        if tracer.scratch is not None and is_scratch_op(func):
+            extra, extrapolated = tracer.scratch.measure(func, args, kwargs, out)
+            for fake, nbytes in tracer.scratch.resized:
+                tracer.resize(fake, nbytes)
+            tracer.scratch.resized.clear()
             tracer.transient(extra, note=f"{func} scratch extrapolated from batch 1 and 2" if extrapolated else None)
         return out
 
@@ -170,7 +173,7 @@ class _Tracer:
         self.seq_modules: list[str] = [""]
         self.saved_bytes: dict[str, dict[int, int]] = {}
         self.current_holders: list[_Holder] = []
-        self.cpu_scratch = False
+        self.scratch: ScratchMeter | None = None  # CPU: kernel scratch measured for real
         self.device_type = "cpu"
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
@@ -245,6 +248,12 @@ class _Tracer:
             )
             self.raw.append(("alloc", rec))
             self.raw.append(("free", rec))
+
+    def resize(self, t: torch.Tensor, nbytes: int) -> None:
+        """The real kernel makes this output another size than the meta kernel says (its birth record is fixed)."""
+        rec = self.storage_of(t)
+        if rec is not None:
+            rec.nbytes = nbytes
 
     def transient(self, nbytes: int, note: str | None = None) -> None:
         """Memory a kernel takes and gives back inside one op (CPU scratch): born and dead at once."""
@@ -518,7 +527,7 @@ def trace_step(
     model = workload.model
     tracer = _Tracer(model)
     device = torch.device(spec.device)
-    tracer.cpu_scratch = device.type == "cpu"
+    tracer.scratch = ScratchMeter() if device.type == "cpu" else None
     tracer.device_type = device.type
     if device.type == "cuda":
         tracer.cuda_workspaces = cuda_workspaces
@@ -596,6 +605,12 @@ def trace_step(
         raise
     except Exception as exc:
         raise _explain(exc, workload, batch_size, tracer) from exc
+    if tracer.scratch is not None and tracer.scratch.skipped:
+        tracer.notes.append(
+            "kernel scratch not modelled for "
+            + ", ".join(sorted(set(tracer.scratch.skipped)))
+            + " (its forward's workspace was not measured)"
+        )
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     return Trace(

@@ -39,9 +39,12 @@ class Measurement:
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
 
-def _storage_bytes(tensors: list[Any]) -> int:
+def _storage_bytes(objects: list[Any]) -> int:
+    """Bytes of the distinct storages among the tensors in ``objects`` (nested containers too)."""
+    from torch.utils._pytree import tree_leaves
+
     seen: dict[int, int] = {}
-    for t in tensors:
+    for t in tree_leaves(objects):
         if isinstance(t, torch.Tensor):
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()

@@ -120,11 +120,20 @@ class Workload:
         if batch_size < 1:
             raise BatchfitError(f"batch size must be at least 1, got {batch_size}")
         if self.example_inputs is not None:
+            from torch.utils._pytree import tree_map
+
             with torch.device("meta"):
                 made = self.example_inputs(batch_size)
-            if isinstance(made, torch.Tensor):
+            if isinstance(made, (torch.Tensor, dict)):
                 made = (made,)
-            return tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) for t in made)
+
+            def fresh(t: Any) -> Any:
+                if not isinstance(t, torch.Tensor):
+                    return t
+                out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                return out.uniform_() if out.is_floating_point() else out.zero_()
+
+            return tuple(tree_map(fresh, tuple(made)))
         if not self.inputs:
             raise BatchfitError(
                 f"no input shape for model {self.name!r}",
