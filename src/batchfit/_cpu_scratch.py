@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -48,7 +48,7 @@ def is_scratch_op(func: Any) -> bool:
 class ScratchMeter:
     """Measures scratch for one trace; remembers results across traces (by op and shapes)."""
 
-    _cache: dict[tuple[Any, ...], tuple[int, bool]] = {}
+    _cache: ClassVar[dict[tuple[Any, ...], tuple[int, bool]]] = {}  # shared by every trace in the process
 
     def __init__(self) -> None:
         self.real_of: dict[int, torch.Tensor] = {}  # fake storage _cdata -> real tensor (opaque state)
