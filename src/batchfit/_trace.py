@@ -19,6 +19,7 @@ import contextlib
 import heapq
 import itertools
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,13 +117,31 @@ class _CudaKernels(TorchFunctionMode):
     ``sdp_utils`` rules for the cases that matter for memory.
     """
 
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__()
+        self.notes = notes
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
             fused = _fused_attention(*args, **kwargs)
             if fused is not None:
                 return fused
+        name = getattr(func, "__name__", "")
+        if name in _CUDNN_RNNS:
+            # cuDNN's RNN kernels need the driver even on fake tensors: use PyTorch's own CUDA
+            # RNN (fused cells, one per time step), whose saved tensors differ from cuDNN's
+            # reserve space; the output says so
+            note = f"{name}: simulated with PyTorch's native CUDA RNN instead of cuDNN (cuDNN needs a real GPU)"
+            if note not in self.notes:
+                self.notes.append(note)
+            with torch.backends.cudnn.flags(enabled=False), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+_CUDNN_RNNS = frozenset(("lstm", "gru", "rnn_tanh", "rnn_relu"))
 
 
 def _fused_attention(
@@ -587,7 +606,7 @@ def trace_step(
             stack.enter_context(_module_hooks(tracer))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
             if device.type == "cuda":
-                stack.enter_context(_CudaKernels())
+                stack.enter_context(_CudaKernels(tracer.notes))
             output_shape = run_step(
                 model,
                 inputs,
