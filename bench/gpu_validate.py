@@ -387,7 +387,7 @@ def child_lightning(payload: dict[str, Any]) -> dict[str, Any]:
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             b = int(batch.shape[0])
-            if batch_idx == 0:
+            if not trials or trials[-1] != b:  # binsearch never tries one size twice in a row
                 trials.append(b)
             # the batch is made on the device, as in batchfit's reference step (no host copies)
             return _loss(self.model(*make_inputs(b, self.device)))

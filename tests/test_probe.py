@@ -138,7 +138,7 @@ def test_estimate_too_high_by_k(k: int) -> None:
 
 
 def test_each_size_is_tried_once_and_the_bracket_holds() -> None:
-    for true_max in (1, 5, 999):
+    for true_max in (1, 999):
         for start in (1, 64, 5000):
             dev = device_with_max(true_max)
             out = search(dev.runner(), start=start)
