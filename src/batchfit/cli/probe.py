@@ -1,0 +1,103 @@
+"""``batchfit probe``: the exact largest batch size on this machine's GPU, starting from the estimate."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .._render import show
+from ._app import command, err_console
+from ._common import (
+    AllocConfOpt,
+    ClassesOpt,
+    DatasetOpt,
+    FreeOpt,
+    InputOpt,
+    JsonOpt,
+    LossOpt,
+    ModelArg,
+    ModeOpt,
+    OptimizerOpt,
+    PrecisionOpt,
+    StepOpt,
+)
+
+
+@command("probe")
+def probe_cmd(
+    model: ModelArg,
+    inputs: InputOpt = None,
+    dataset: DatasetOpt = None,
+    num_classes: ClassesOpt = None,
+    optimizer: OptimizerOpt = "sgd",
+    precision: PrecisionOpt = "fp32",
+    loss: LossOpt = None,
+    step: StepOpt = None,
+    mode: ModeOpt = "train",
+    free: FreeOpt = False,
+    alloc_conf: AllocConfOpt = None,
+    safety: Annotated[
+        float, typer.Option("--safety", help="Recommend floor(SAFETY x the measured max) (the seed's 0.8).")
+    ] = 0.8,
+    start: Annotated[
+        Optional[int],  # noqa: UP045 - typer needs Optional on Python 3.10
+        typer.Option("--start", help="Start the search here instead of at the estimated max.", min=1),
+    ] = None,
+    from_batch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--from",
+            help="The seed's method for comparison: start here (e.g. 16), double until out of memory, then bisect.",
+            min=1,
+        ),
+    ] = None,
+    isolate: Annotated[
+        bool,
+        typer.Option("--isolate", help="Run each attempt in a fresh child process (nothing carries over)."),
+    ] = False,
+    max_batch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--max", help="Never try a batch size above this.", min=1),
+    ] = None,
+    confirm: Annotated[
+        bool, typer.Option("--confirm", help="Also run the recommended size once (one more attempt).")
+    ] = False,
+    no_estimates: Annotated[
+        bool, typer.Option("--no-estimates", help="Do not compute the estimate beside each attempt.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the exact largest batch size on this machine's CUDA GPU (a size that runs, + 1 failing).
+
+    Starts at batchfit's estimated max, gallops with a growing step, then bisects: 2 attempts when
+    the estimate is exact.
+    """
+    from ..probe import probe
+
+    with err_console.status("probing", spinner="dots") as status:
+        result = probe(
+            model,
+            inputs or None,
+            dataset=dataset,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            precision=precision,
+            loss=loss,
+            step=step,
+            mode=mode,
+            safety=safety,
+            start=start,
+            from_batch=from_batch,
+            isolate=isolate,
+            max_batch_size=max_batch,
+            free=free,
+            alloc_conf=alloc_conf,
+            estimates=not no_estimates,
+            confirm=confirm,
+            progress=lambda text: status.update(text),
+        )
+    if as_json:
+        print(result.to_json())
+        return
+    show(result)

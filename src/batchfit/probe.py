@@ -1,0 +1,1024 @@
+"""``batchfit.probe()``: the exact largest batch size on a real GPU, starting from the estimate.
+
+A batch size *runs* when the reference step (two iterations, same loss, optimizer and precision as
+the estimate) completes on the CUDA device. The search starts at the estimated max and ends with a
+certificate: a size that runs and that size + 1 failing with out-of-memory. The search itself is a
+pure function over ``runs(batch_size) -> Attempt``, so the same code drives the real GPU, a
+stand-in device in the tests, and the seed's method (double from 16, then bisect).
+
+>>> runs = lambda b: Attempt(b, "ok" if b <= 100 else "oom")
+>>> outcome = search(runs, start=100)          # the estimate was exact: 2 attempts
+>>> outcome.max_batch_size, outcome.first_failing_batch_size, len(outcome.attempts)
+(100, 101, 2)
+>>> len(search(runs, start=90).attempts)       # 10 too low: 2 + 2 * floor(log2(11)) = 8
+8
+>>> [a.batch_size for a in search(runs, start=16, method="doubling").attempts]  # the seed's way
+[16, 32, 64, 128, 96, 112, 104, 100, 102, 101]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._errors import BatchfitError, ExitCode
+from ._render import Table
+from ._units import format_bytes
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ._step import StepSpec
+    from .models import Workload
+
+SCHEMA_VERSION = 1
+Status = Literal["ok", "oom", "error"]
+Runner = Callable[[int], "Attempt"]
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# One attempt
+
+
+@dataclass
+class Attempt:
+    """One try of the reference step at one batch size. Bytes are ints; ``None`` = not measured.
+
+    ``status`` is ``"ok"`` (the step ran), ``"oom"`` (out of memory) or ``"error"`` (anything else,
+    ``message`` says what). ``seconds`` is the whole attempt (setup, and the child process with
+    ``isolate``); ``step_seconds`` the measured window of two iterations.
+    """
+
+    batch_size: int
+    status: Status
+    seconds: float = 0.0
+    step_seconds: float | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    device_used_bytes: int | None = None
+    message: str | None = None
+    iterations: int = 2
+    estimated_peak_allocated_bytes: int | None = None
+    estimated_peak_reserved_bytes: int | None = None
+    estimated_total_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def samples_per_second(self) -> float | None:
+        """Samples through the measured window per second (two iterations over the same batch)."""
+        if not self.ok or not self.step_seconds:
+            return None
+        return self.batch_size * self.iterations / self.step_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["samples_per_second"] = self.samples_per_second
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-memory or something else: a registry of what out-of-memory looks like
+
+# Exception type names that always mean out-of-memory (torch.OutOfMemoryError; torch.cuda's alias).
+OOM_TYPES: tuple[str, ...] = ("OutOfMemoryError",)
+# Messages of plain RuntimeErrors that mean the device ran out of memory (older torch, cuBLAS and
+# cuDNN failing to get their workspace near the limit).
+OOM_MESSAGES: tuple[str, ...] = (
+    "CUDA out of memory",
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_SUPPORTED",  # cuDNN without room for any algorithm's workspace (accelerate treats it so)
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception means the device ran out of memory (not any other CUDA error).
+
+    >>> import torch
+    >>> is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    True
+    >>> is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+    False
+    """
+    if any(t.__name__ in OOM_TYPES for t in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES)
+
+
+def guarded(step: Callable[[int], Attempt], cleanup: Callable[[], None] = lambda: None) -> Runner:
+    """Wrap ``step(batch_size) -> Attempt`` so an exception becomes an ``oom`` / ``error`` attempt.
+
+    Only the message is kept, never the exception: its traceback holds the frames, and the frames
+    hold the tensors of the failed step. Then garbage is collected and ``cleanup`` runs
+    (``torch.cuda.empty_cache`` on CUDA), so the caller's device is as it was before the attempt.
+    """
+
+    def run(batch_size: int) -> Attempt:
+        start = time.perf_counter()
+        status: Status
+        try:
+            attempt = step(batch_size)
+        except BatchfitError:
+            raise  # a problem with the model or settings, not with this batch size
+        except Exception as exc:
+            status = "oom" if is_oom(exc) else "error"
+            message = f"{type(exc).__name__}: {_first_line(str(exc))}"
+            del exc
+        else:
+            attempt.seconds = time.perf_counter() - start
+            return attempt
+        gc.collect()
+        cleanup()
+        return Attempt(batch_size, status, seconds=time.perf_counter() - start, message=message)
+
+    return run
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the search leaves its start: the next size to try above a size that ran (``up``) and
+    below one that failed (``down``), given how many steps it has taken in that direction."""
+
+    name: str
+    up: Callable[[int, int], int]
+    down: Callable[[int, int], int]
+    description: str
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "estimate": Strategy(
+        "estimate",
+        up=lambda lo, i: lo + 2**i,  # +1, +2, +4, ... from the last size that ran
+        down=lambda hi, i: hi - 2**i,  # -1, -2, -4, ... from the last size that failed
+        description="gallop from the estimate with a step that doubles (1, 2, 4, ...), then bisect",
+    ),
+    "doubling": Strategy(
+        "doubling",
+        up=lambda lo, i: 2 * lo,
+        down=lambda hi, i: hi // 2,
+        description="the seed's way: double the batch size until it fails, then bisect",
+    ),
+}
+
+
+@dataclass
+class SearchOutcome:
+    """What a search found: every attempt in order, and the boundary."""
+
+    attempts: list[Attempt]
+    max_batch_size: int | None  # the largest size that ran at the boundary; None: even batch 1 failed
+    first_failing_batch_size: int | None  # None when the search stopped at ``max_batch_size`` cap
+    method: str
+    start: int
+    capped: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the boundary is certified: max runs and max + 1 fails."""
+        return (
+            self.max_batch_size is not None
+            and self.first_failing_batch_size is not None
+            and self.first_failing_batch_size == self.max_batch_size + 1
+        )
+
+
+def expected_attempts(start: int, true_max: int) -> int:
+    """Attempts the ``estimate`` strategy takes on a monotone device (the formula in docs/probe.md).
+
+    Exact estimate: 2. Estimate ``k`` too low: ``2 + 2 * floor(log2(k + 1))``.
+    Estimate ``k`` too high: ``2 * ceil(log2(k + 1))`` (while the gallop stays above batch 1).
+
+    >>> expected_attempts(100, 100), expected_attempts(100, 101), expected_attempts(100, 99)
+    (2, 4, 2)
+    """
+    k = true_max - start
+    if k >= 0:
+        return 2 + 2 * ((k + 1).bit_length() - 1)  # floor(log2(k + 1)), exactly
+    return 2 * (-k).bit_length()  # ceil(log2(-k + 1)), exactly
+
+
+def search(
+    runs: Runner,
+    start: int,
+    *,
+    method: str = "estimate",
+    max_batch_size: int | None = None,
+    on_attempt: Callable[[Attempt], None] | None = None,
+    before_attempt: Callable[[int, int], None] | None = None,
+) -> SearchOutcome:
+    """Find the exact boundary: a size that runs and that size + 1 failing with out-of-memory.
+
+    ``runs(b)`` tries batch size ``b``; an attempt with status ``"error"`` (not out-of-memory)
+    stops the search with a :class:`ProbeError`. ``max_batch_size`` caps the search (the outcome
+    is then ``capped`` if the cap runs). Each size is tried at most once; if the device is not
+    monotone (a size runs although a smaller one failed) the answer is still a certified local
+    boundary, and ``notes`` says what was seen.
+    """
+    if method not in STRATEGIES:
+        raise BatchfitError(f"unknown search method {method!r}", hint=f"use one of {', '.join(STRATEGIES)}")
+    if start < 1:
+        raise BatchfitError(f"the search must start at a batch size >= 1, not {start}")
+    strategy = STRATEGIES[method]
+    cap = max_batch_size if max_batch_size is not None else 2**31 - 1
+    start = min(start, cap)
+    attempts: list[Attempt] = []
+    tried: dict[int, Attempt] = {}
+
+    def attempt(b: int) -> bool:
+        if b in tried:
+            return tried[b].ok
+        if before_attempt is not None:
+            before_attempt(b, len(attempts) + 1)
+        a = runs(b)
+        attempts.append(a)
+        tried[b] = a
+        if on_attempt is not None:
+            on_attempt(a)
+        if a.status == "error":
+            raise ProbeError(
+                f"batch size {b:,} failed with an error that is not out-of-memory: {a.message}",
+                hint="fix that error first (it would fail at any batch size); rerun with --debug for details",
+                attempts=attempts,
+            )
+        return a.ok
+
+    def done(lo: int | None, hi: int | None, capped: bool = False) -> SearchOutcome:
+        outcome = SearchOutcome(attempts, lo, hi, method, start, capped)
+        outcome.notes.extend(_monotonicity_notes(attempts))
+        if capped:
+            outcome.notes.append(f"batch size {cap:,} (the cap) runs: larger sizes were not tried")
+        return outcome
+
+    lo: int | None
+    hi: int | None
+    if attempt(start):
+        lo, hi, i = start, None, 0
+        while hi is None:
+            if lo >= cap:
+                return done(lo, None, capped=True)
+            b = min(strategy.up(lo, i), cap)
+            if attempt(b):
+                lo = b
+            else:
+                hi = b
+            i += 1
+    else:
+        lo, hi, i = None, start, 0
+        while lo is None:
+            if hi == 1:
+                return done(None, 1)
+            b = max(1, min(strategy.down(hi, i), hi - 1))
+            if attempt(b):
+                lo = b
+            else:
+                hi = b
+            i += 1
+    while hi - lo > 1:  # invariant: lo ran, hi failed
+        mid = (lo + hi) // 2
+        if attempt(mid):
+            lo = mid
+        else:
+            hi = mid
+    return done(lo, hi)
+
+
+def confirm_recommended(runs: Runner, outcome: SearchOutcome, safety: float) -> int:
+    """Run the recommended size ``floor(safety x max)`` too; while it fails, recommend ``floor(safety x it)``.
+
+    A monotone device never fails there (this costs one attempt); a device that is not monotone
+    (fragmentation, a kernel that needs more memory at some sizes) is caught here, and the failure
+    is noted. The attempts are appended to ``outcome``.
+    """
+    assert outcome.max_batch_size is not None
+    tried = {a.batch_size: a for a in outcome.attempts}
+    rec = max(1, math.floor(safety * outcome.max_batch_size))
+    while True:
+        a = tried.get(rec)
+        if a is None:
+            a = runs(rec)
+            outcome.attempts.append(a)
+            tried[rec] = a
+            if a.status == "error":
+                raise ProbeError(
+                    f"batch size {rec:,} failed with an error that is not out-of-memory: {a.message}",
+                    attempts=outcome.attempts,
+                )
+        if a.ok or rec == 1:
+            break
+        rec = max(1, math.floor(safety * rec))
+    outcome.notes[:] = [
+        *_monotonicity_notes(outcome.attempts),
+        *(n for n in outcome.notes if not n.startswith("not monotone")),
+    ]
+    return rec if tried[rec].ok else 0
+
+
+def _monotonicity_notes(attempts: list[Attempt]) -> list[str]:
+    notes = []
+    failed = [a.batch_size for a in attempts if a.status == "oom"]
+    for a in attempts:
+        smaller_failed = [f for f in failed if f < a.batch_size]
+        if a.ok and smaller_failed:
+            notes.append(
+                f"not monotone: batch size {a.batch_size:,} ran although {max(smaller_failed):,} failed "
+                "(allocator fragmentation or a different kernel choice near the limit); the boundary "
+                "reported is certified locally (it runs and the next size fails)"
+            )
+    return notes
+
+
+class ProbeError(BatchfitError):
+    """A probe stopped by an error that is not out-of-memory; ``attempts`` are those made so far."""
+
+    def __init__(self, message: str, *, hint: str | None = None, attempts: list[Attempt] | None = None):
+        super().__init__(message, hint=hint, exit_code=ExitCode.INPUT)
+        self.attempts = list(attempts or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running attempts: in this process, or one child process per attempt
+
+
+@dataclass(frozen=True)
+class AttemptConfig:
+    """Everything a child process needs to rebuild the workload and the step (plain data, JSON)."""
+
+    model: str
+    inputs: tuple[str, ...] | None = None
+    dataset: str | None = None
+    num_classes: int | None = None
+    device: str = "cuda"
+    optimizer: str = "sgd"
+    precision: str = "fp32"
+    loss: str | None = None
+    step: str | None = None
+    mode: str = "train"
+    memory_fraction: float | None = None  # torch.cuda.set_per_process_memory_fraction in the child
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> AttemptConfig:
+        data = json.loads(text)
+        if data.get("inputs") is not None:
+            data["inputs"] = tuple(data["inputs"])
+        return cls(**data)
+
+    def workload(self) -> Workload:
+        from .models import load_workload
+
+        return load_workload(
+            self.model, list(self.inputs) if self.inputs else None, dataset=self.dataset, num_classes=self.num_classes
+        )
+
+    def spec(self) -> StepSpec:
+        from .estimate import make_spec
+
+        return make_spec(self.device, self.optimizer, self.precision, self.loss, self.step, self.mode)
+
+
+def measure_runner(workload: Workload, spec: StepSpec) -> Runner:
+    """Attempts in this process: :func:`batchfit.measure.measure_step` on ``spec.device``, guarded."""
+    import torch
+
+    from .measure import measure_step
+
+    def step(batch_size: int) -> Attempt:
+        m = measure_step(workload, batch_size, spec)
+        return Attempt(
+            batch_size,
+            "ok",
+            step_seconds=m.seconds,
+            peak_allocated_bytes=m.peak_allocated_bytes,
+            peak_reserved_bytes=m.peak_reserved_bytes,
+            device_used_bytes=m.device_used_bytes,
+            iterations=spec.iterations if spec.mode == "train" else 1,
+        )
+
+    def cleanup() -> None:
+        if spec.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    return guarded(step, cleanup)
+
+
+def src_root() -> Path:
+    """The directory holding the ``batchfit`` package (put on a child's ``PYTHONPATH``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with batchfit importable, for ``subprocess`` children."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src_root()), path) if p)
+    env.update(extra or {})
+    return env
+
+
+def isolated_runner(config: AttemptConfig, *, timeout_s: float = 600.0) -> Runner:
+    """Attempts in a fresh child process each (``python -m batchfit.probe``): nothing an attempt
+    leaves behind (a broken CUDA context, cached blocks, cuDNN's chosen algorithms) reaches the next."""
+
+    def run(batch_size: int) -> Attempt:
+        start = time.perf_counter()
+        payload = json.dumps({"config": json.loads(config.to_json()), "batch_size": batch_size})
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "batchfit.probe"],
+                input=payload,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env=child_env(),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return Attempt(
+                batch_size, "error", seconds=time.perf_counter() - start, message=f"timed out after {timeout_s:g} s"
+            )
+        seconds = time.perf_counter() - start
+        result = _last_json_line(done.stdout)
+        if result is None or "status" not in result:
+            tail = _first_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "", 500)
+            return Attempt(
+                batch_size,
+                "error",
+                seconds=seconds,
+                message=f"the child process exited with code {done.returncode}: {tail or 'no output'}",
+            )
+        if result["status"] == "batchfit_error":
+            raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))
+        attempt = Attempt.from_dict(result)
+        attempt.seconds = seconds
+        return attempt
+
+    return run
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def run_child(payload: dict[str, Any]) -> dict[str, Any]:
+    """One attempt (or, with ``"task": "fit"``, the estimated max), in a child process: the JSON
+    line :func:`isolated_runner` reads back."""
+    config = AttemptConfig.from_json(json.dumps(payload["config"]))
+    try:
+        if payload.get("task") == "fit":
+            notes: list[str] = []
+            best = _estimated_max(
+                config.workload(),
+                config.optimizer,
+                config.precision,
+                config.loss,
+                config.step,
+                payload["safety"],
+                payload["free"],
+                payload["alloc_conf"],
+                notes,
+            )
+            return {"status": "fit", "max_batch_size": best, "notes": notes}
+        if config.memory_fraction is not None:
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(config.memory_fraction)
+        runner = measure_runner(config.workload(), config.spec())
+        return runner(int(payload["batch_size"])).to_dict()
+    except BatchfitError as exc:
+        return {"status": "batchfit_error", "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe
+
+
+@dataclass
+class ProbeResult:
+    """What a probe measured: the exact boundary, every attempt beside its estimate, and the time."""
+
+    model: str
+    device: str
+    optimizer: str
+    precision: str
+    method: str
+    start: int
+    start_source: str  # "estimate" (fit's max), "given" (start=), "seed" (--from)
+    estimated_max_batch_size: int | None
+    max_batch_size: int
+    first_failing_batch_size: int | None
+    recommended_batch_size: int
+    safety: float
+    attempts: list[Attempt]
+    wall_seconds: float
+    isolate: bool
+    capped: bool = False
+    notes: list[str] = field(default_factory=list)
+    torch_version: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.first_failing_batch_size is not None and self.first_failing_batch_size == self.max_batch_size + 1
+
+    @property
+    def estimate_error(self) -> int | None:
+        """Estimated max minus measured max, in samples (positive: the estimate was too high)."""
+        if self.estimated_max_batch_size is None:
+            return None
+        return self.estimated_max_batch_size - self.max_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "device": self.device,
+            "optimizer": self.optimizer,
+            "precision": self.precision,
+            "method": self.method,
+            "start": self.start,
+            "start_source": self.start_source,
+            "estimated_max_batch_size": self.estimated_max_batch_size,
+            "max_batch_size": self.max_batch_size,
+            "first_failing_batch_size": self.first_failing_batch_size,
+            "exact": self.exact,
+            "estimate_error": self.estimate_error,
+            "recommended_batch_size": self.recommended_batch_size,
+            "safety": self.safety,
+            "attempt_count": len(self.attempts),
+            "attempts": [a.to_dict() for a in self.attempts],
+            "wall_seconds": self.wall_seconds,
+            "isolate": self.isolate,
+            "capped": self.capped,
+            "notes": list(self.notes),
+            "torch": self.torch_version,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def tables(self) -> list[Table]:
+        rows: list[Sequence[str]] = []
+        for i, a in enumerate(self.attempts, 1):
+            sps = a.samples_per_second
+            rows.append(
+                [
+                    str(i),
+                    f"{a.batch_size:,}",
+                    a.status if a.status != "error" else f"error: {a.message}",
+                    _mib(a.peak_allocated_bytes),
+                    _mib(a.estimated_peak_allocated_bytes),
+                    _mib(a.peak_reserved_bytes),
+                    _mib(a.estimated_peak_reserved_bytes),
+                    _mib(a.device_used_bytes),
+                    _mib(a.estimated_total_bytes),
+                    f"{sps:,.0f}" if sps is not None else "-",
+                    f"{a.seconds:.1f}",
+                ]
+            )
+        how = STRATEGIES[self.method].description
+        title = (
+            f"{self.model}: probing the largest batch on {self.device} ({self.optimizer}, {self.precision}) - "
+            f"MiB (1 MiB = 1024^2 bytes); meas. = measured, est. = estimated"
+        )
+        columns = [
+            "#",
+            "batch",
+            "result",
+            "alloc meas.",
+            "alloc est.",
+            "reserved meas.",
+            "reserved est.",
+            "in use meas.",
+            "total est.",
+            "samples/s",
+            "seconds",
+        ]
+        boundary = (
+            f"max batch size {self.max_batch_size:,} (runs); {self.first_failing_batch_size:,} fails"
+            if self.first_failing_batch_size is not None
+            else f"max batch size {self.max_batch_size:,} (the cap; larger sizes not tried)"
+        )
+        est = (
+            f"; the estimate said {self.estimated_max_batch_size:,} ({self.estimate_error:+,} samples)"
+            if self.estimated_max_batch_size is not None and self.estimate_error is not None
+            else ""
+        )
+        footer = [
+            f"{boundary}{est}",
+            f"recommended batch size {self.recommended_batch_size:,} (floor({self.safety:g} x max))",
+            f"{len(self.attempts)} attempts in {self.wall_seconds:.1f} s, starting at {self.start:,} "
+            f"({self.start_source}); search: {how}" + ("; each attempt in its own process" if self.isolate else ""),
+            *[f"note: {n}" for n in self.notes],
+        ]
+        return [Table(title, columns, rows, right=[True, True, False, *([True] * 8)], footer=footer)]
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(t) for t in self.tables())
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        return Group(*(t.__rich__() for t in self.tables()))
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else format_bytes(n, unit="MiB").removesuffix(" MiB")
+
+
+def cudnn_notes(attempts: list[Attempt], max_batch_size: int, workspace_bytes: int | None = None) -> list[str]:
+    """What the measurements say about cuDNN picking smaller-workspace (slower) algorithms near the limit.
+
+    Two signs: at the max, the measured allocated peak is notably (> 3%) below the estimate, which
+    counts the convolution workspace; or throughput at the max drops below 60% of the best seen.
+
+    >>> a = [Attempt(64, "ok", step_seconds=1.0), Attempt(128, "ok", step_seconds=4.0), Attempt(129, "oom")]
+    >>> cudnn_notes(a, 128)  # doctest: +ELLIPSIS
+    ['throughput at the max (64 samples/s) is 50% of the best seen (128 samples/s at batch 64): ...']
+    """
+    notes: list[str] = []
+    at_max = next((a for a in attempts if a.batch_size == max_batch_size and a.ok), None)
+    if at_max is None:
+        return notes
+    est, meas = at_max.estimated_peak_allocated_bytes, at_max.peak_allocated_bytes
+    if est and meas is not None and meas < 0.97 * est:
+        gap = est - meas
+        what = (
+            f" (the estimate counts {format_bytes(workspace_bytes)} of convolution workspace)"
+            if workspace_bytes
+            else ""
+        )
+        notes.append(
+            f"at the max the measured allocated peak is {gap / est:.1%} ({format_bytes(gap)}) below the estimate{what}: "
+            "near the limit cuDNN may pick algorithms with smaller workspaces, which run slower"
+        )
+    speeds = [(a.samples_per_second, a.batch_size) for a in attempts if a.samples_per_second]
+    sps = at_max.samples_per_second
+    if sps and speeds:
+        best, best_b = max(speeds)
+        if best_b != max_batch_size and sps < 0.6 * best:
+            notes.append(
+                f"throughput at the max ({sps:,.0f} samples/s) is {sps / best:.0%} of the best seen "
+                f"({best:,.0f} samples/s at batch {best_b:,}): near the limit cuDNN may fall back to slower "
+                "algorithms with smaller workspaces; the recommended size leaves room for the fast ones"
+            )
+    return notes
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def probe(
+    model: str | nn.Module | Workload,
+    input_size: Any = None,
+    *,
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    optimizer: Any = "sgd",
+    precision: str = "fp32",
+    loss: Any = None,
+    step: Any = None,
+    mode: str = "train",
+    safety: float = 0.8,
+    start: int | None = None,
+    from_batch: int | None = None,
+    isolate: bool = False,
+    max_batch_size: int | None = None,
+    free: bool = False,
+    alloc_conf: str | None = None,
+    estimates: bool = True,
+    confirm: bool = False,
+    memory_fraction: float | None = None,
+    attempt_timeout_s: float = 600.0,
+    progress: Progress | None = None,
+    runner: Runner | None = None,
+) -> ProbeResult:
+    """Find the exact largest batch size on this machine's CUDA GPU, starting from the estimate.
+
+    ``start`` skips the estimate (default: :func:`batchfit.fit.fit`'s max for the local card);
+    ``from_batch=16`` follows the seed's method instead (double from 16, then bisect).
+    ``isolate`` runs each attempt in a fresh child process (the model must then be given by name or
+    file); ``memory_fraction`` (isolated only) caps each child with
+    ``torch.cuda.set_per_process_memory_fraction``, to probe a smaller card's worth of memory.
+    ``confirm`` also runs the recommended size (one more attempt; on a device that is not
+    monotone it lowers the recommendation until a size runs). ``runner`` replaces the device
+    (tests: a stand-in); the CUDA check is then skipped.
+    """
+    import torch
+
+    if not 0 < safety <= 1:
+        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
+    if runner is None and not torch.cuda.is_available():
+        raise BatchfitError(
+            "probe runs the training step on a CUDA GPU, and this machine has none",
+            hint="use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine",
+            exit_code=ExitCode.NO_DEVICE,
+        )
+    if memory_fraction is not None and not (isolate and 0 < memory_fraction <= 1):
+        raise BatchfitError(
+            f"memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
+            hint="it changes a process-wide setting, so it is only applied inside the child processes",
+        )
+    if isolate and not isinstance(model, str) and runner is None:
+        raise BatchfitError(
+            "isolate=True rebuilds the model in each child process, so it needs the model by name",
+            hint="pass a registry name or 'path/to/file.py:NAME', or drop isolate",
+        )
+    config = None
+    if isolate and runner is None:
+        config = AttemptConfig(
+            model=str(model),
+            inputs=_input_strings(input_size),
+            dataset=dataset,
+            num_classes=num_classes,
+            optimizer=_plain(optimizer, "optimizer") or "sgd",
+            precision=precision,
+            loss=_plain(loss, "loss"),
+            step=_plain(step, "step"),
+            mode=mode,
+            memory_fraction=memory_fraction,
+        )
+    say = progress or (lambda text: None)
+    began = time.perf_counter()
+    from .estimate import make_spec
+    from .models import Workload, load_workload
+
+    workload = (
+        model
+        if isinstance(model, Workload)
+        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+    )
+    spec = make_spec("cuda", optimizer, precision, loss, step, mode)
+    notes: list[str] = []
+
+    estimated_max: int | None = None
+    if from_batch is not None:
+        method, start_at, source = "doubling", from_batch, "seed"
+    elif start is not None:
+        method, start_at, source = "estimate", start, "given"
+    else:
+        say("estimating the largest batch size (no GPU needed for this part)")
+        if config is not None:  # keep this process free of a CUDA context while children measure
+            estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
+        else:
+            estimated_max = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
+        method, start_at, source = "estimate", max(1, estimated_max), "estimate"
+    if start_at < 1:
+        raise BatchfitError(f"the probe must start at batch size >= 1, not {start_at}")
+
+    device = "the given runner" if runner is not None else None
+    if runner is None:
+        runner = isolated_runner(config, timeout_s=attempt_timeout_s) if config else measure_runner(workload, spec)
+
+    outcome = search(
+        runner,
+        start_at,
+        method=method,
+        max_batch_size=max_batch_size,
+        before_attempt=lambda b, n: say(f"attempt {n}: batch size {b:,}"),
+    )
+    if outcome.max_batch_size is None:
+        raise BatchfitError(
+            f"{workload.name} does not fit this GPU even at batch size 1 ({len(outcome.attempts)} attempts, "
+            "all out of memory)",
+            hint="use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), "
+            "or a larger GPU; `batchfit estimate` shows where the memory goes",
+            exit_code=ExitCode.DOES_NOT_FIT,
+        )
+    best = outcome.max_batch_size
+    recommended = max(1, math.floor(safety * best))
+    if confirm:
+        say(f"confirming the recommended batch size {recommended:,}")
+        recommended = confirm_recommended(runner, outcome, safety)
+        if recommended == 0:
+            raise BatchfitError(
+                f"{workload.name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
+                hint="the device is not behaving consistently (other processes on the GPU?); rerun with --isolate",
+                exit_code=ExitCode.DOES_NOT_FIT,
+            )
+    notes.extend(outcome.notes)
+    if estimates:
+        _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
+    workspace = _conv_workspace_bytes(free, alloc_conf)
+    notes.extend(cudnn_notes(outcome.attempts, best, workspace))
+    return ProbeResult(
+        model=workload.name,
+        device=device or _device_name(),  # after the search: no CUDA context here before it
+        optimizer=str(spec.optimizer),
+        precision=spec.precision.name,
+        method=method,
+        start=start_at,
+        start_source=source,
+        estimated_max_batch_size=estimated_max,
+        max_batch_size=best,
+        first_failing_batch_size=outcome.first_failing_batch_size,
+        recommended_batch_size=recommended,
+        safety=safety,
+        attempts=outcome.attempts,
+        wall_seconds=time.perf_counter() - began,
+        isolate=isolate,
+        capped=outcome.capped,
+        notes=notes,
+        torch_version=_torch_version(),
+    )
+
+
+def _device_name() -> str:
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cuda"
+
+
+def _plain(value: Any, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise BatchfitError(
+        f"isolate=True sends the {what} to a child process, so it must be given as text, not {type(value).__name__}",
+        hint=f"name the {what} (e.g. 'adamw', or 'path/to/file.py:fn'), or drop isolate",
+    )
+
+
+def _input_strings(input_size: Any) -> tuple[str, ...] | None:
+    from .models import _parse_inputs
+
+    specs = _parse_inputs(input_size)
+    return tuple(str(s) for s in specs) if specs else None
+
+
+def _estimated_max(
+    workload: Workload,
+    optimizer: Any,
+    precision: str,
+    loss: Any,
+    step: Any,
+    safety: float,
+    free: bool,
+    alloc_conf: str | None,
+    notes: list[str],
+) -> int:
+    try:
+        from .fit import fit
+    except ImportError as exc:  # fit lands on main separately
+        raise BatchfitError(
+            "the probe starts from batchfit's estimate, and batchfit.fit is not available here",
+            hint="pass start=N (--start N) or from_batch=16 (--from 16)",
+        ) from exc
+    try:
+        result = fit(
+            workload,
+            free=free,
+            optimizer=optimizer,
+            precision=precision,
+            safety=safety,
+            loss=loss,
+            step=step,
+            alloc_conf=alloc_conf,
+        )
+    except BatchfitError as exc:
+        if exc.exit_code != ExitCode.DOES_NOT_FIT:
+            raise
+        notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
+        return 1
+    return int(result.max_batch_size)
+
+
+def _child_fit(
+    config: AttemptConfig, safety: float, free: bool, alloc_conf: str | None, notes: list[str], timeout_s: float
+) -> int:
+    payload = {
+        "task": "fit",
+        "config": json.loads(config.to_json()),
+        "safety": safety,
+        "free": free,
+        "alloc_conf": alloc_conf,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "batchfit.probe"],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=child_env(),
+        check=False,
+    )
+    result = _last_json_line(done.stdout)
+    if result is None or result.get("status") not in ("fit", "batchfit_error"):
+        tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+        raise BatchfitError(
+            f"estimating the start in a child process failed (exit code {done.returncode}): {tail}",
+            hint="pass start=N (--start N) or from_batch=16 (--from 16)",
+        )
+    if result["status"] == "batchfit_error":
+        raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))
+    notes.extend(result["notes"])
+    return int(result["max_batch_size"])
+
+
+def _attach_estimates(
+    attempts: list[Attempt],
+    workload: Workload,
+    spec: StepSpec,
+    free: bool,
+    alloc_conf: str | None,
+    notes: list[str],
+    say: Progress,
+) -> None:
+    """The estimate at each attempted size, beside the measurement (the local card's figures)."""
+    from .estimate import Estimator
+
+    try:
+        est = Estimator(workload, spec, free=free, alloc_conf=alloc_conf)
+    except BatchfitError as exc:
+        notes.append(f"no estimates beside the attempts: {exc.message}")
+        return
+    for a in attempts:
+        say(f"estimating batch size {a.batch_size:,} for comparison")
+        try:
+            e = est.at(a.batch_size)
+        except BatchfitError as exc:
+            notes.append(f"no estimate at batch size {a.batch_size:,}: {exc.message}")
+            continue
+        a.estimated_peak_allocated_bytes = e.peak_allocated_bytes
+        a.estimated_peak_reserved_bytes = e.peak_reserved_bytes
+        a.estimated_total_bytes = e.total_bytes
+
+
+def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
+    try:
+        from .gpus import resolve_card
+
+        return resolve_card(None, None, free).card.conv_workspace_bytes
+    except Exception:  # informational only
+        return None
+
+
+def _main() -> None:
+    """Child entry point of :func:`isolated_runner`: JSON payload on stdin, one JSON line out."""
+    payload = json.loads(sys.stdin.read())
+    print(json.dumps(run_child(payload)), flush=True)
+
+
+if __name__ == "__main__":
+    _main()
+
+
+__all__ = [
+    "OOM_MESSAGES",
+    "STRATEGIES",
+    "Attempt",
+    "AttemptConfig",
+    "ProbeError",
+    "ProbeResult",
+    "SearchOutcome",
+    "Strategy",
+    "confirm_recommended",
+    "cudnn_notes",
+    "expected_attempts",
+    "guarded",
+    "is_oom",
+    "isolated_runner",
+    "measure_runner",
+    "probe",
+    "search",
+]

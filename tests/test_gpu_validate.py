@@ -1,0 +1,198 @@
+"""The GPU validation script's dry run (no GPU here), and the accuracy report on synthetic results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REQUIRED = (
+    "gpu",
+    "driver",
+    "torch",
+    "model",
+    "batch_size",
+    "optimizer",
+    "precision",
+    "estimated_peak_allocated_bytes",
+    "measured_peak_allocated_bytes",
+    "estimated_peak_reserved_bytes",
+    "measured_peak_reserved_bytes",
+    "estimated_total_bytes",
+    "measured_total_bytes",
+)
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gpu_validate")
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_validate.py", "--dry-run", "--only", "mlp-mnist", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def test_dry_run_writes_the_files_marked_dry(dry_run: Path) -> None:
+    names = sorted(p.name for p in dry_run.iterdir())
+    assert names == ["calibration.json", "environment.json", "peers.json", "suite.json"]
+    assert len(names) <= 8
+    for name in names:
+        data = json.loads((dry_run / name).read_text())
+        assert isinstance(data, list) and (data or name == "peers.json")  # --only mlp-mnist: no peer case
+        assert all(r["dry_run"] is True and r["schema_version"] == 1 for r in data)
+    env = json.loads((dry_run / "environment.json").read_text())[0]
+    assert env["cases"] == ["mlp-mnist-sgd-fp32"] and set(env["sections_seconds"]) >= {"calibration", "peers"}
+    assert json.loads((dry_run / "calibration.json").read_text())[0]["planned"]
+
+
+def test_dry_run_suite_records_and_the_estimate_path(dry_run: Path) -> None:
+    from batchfit.estimate import Estimator, make_spec
+    from batchfit.models import load_workload
+
+    suite = json.loads((dry_run / "suite.json").read_text())
+    assert [r["batch_size"] for r in suite] == [64, 1024, 4096]
+    est = Estimator(load_workload("mlp", dataset="mnist"), make_spec("cuda", "sgd", "fp32"), gpu="h100-sxm")
+    for r in suite:
+        assert set(REQUIRED) <= set(r)
+        assert r["measured_peak_allocated_bytes"] is None and "dry run" in r["skipped"]
+        # the child process (CUDA hidden) computed what this process computes for the same card
+        e = est.at(r["batch_size"])
+        assert r["estimated_peak_allocated_bytes"] == e.peak_allocated_bytes
+        assert r["estimated_peak_reserved_bytes"] == e.peak_reserved_bytes
+        assert r["estimated_total_bytes"] == e.total_bytes
+        assert r["estimate_saw_cuda"] is False and r["torch_estimate"]
+
+
+def test_dry_run_plans_the_peers(dry_run: Path) -> None:
+    assert json.loads((dry_run / "peers.json").read_text()) == []  # --only mlp-mnist selects no peer case
+    gv = _load("gpu_validate")
+    assert {c.family for c in gv.SUITE} == {"mlp", "cnn", "resnet", "vit", "gpt2"}
+    assert 30 <= sum(len(c.batch_sizes) for c in gv.SUITE) <= 40
+    assert {c.optimizer for c in gv.SUITE} >= {"sgd", "adam", "adamw"}
+    assert {c.precision for c in gv.SUITE} == {"fp32", "amp-bf16"}
+    assert len(gv.PEER_CASES) == 2 and gv.PEERS == ("batchfit-probe", "lightning-binsearch", "accelerate")
+
+
+def test_gpt2_model_file_loads_through_the_registry() -> None:
+    import torch
+
+    from batchfit.models import count_parameters, load_workload
+
+    w = load_workload("bench/peers/gpt2_small.py:GPT2Small")
+    # GPT-2 small has 124,439,808 parameters (head tied to the embedding) with 1024 positions; 512 here
+    assert count_parameters(w.model) == 124_439_808 - 512 * 768
+    (tokens,) = w.make_inputs(3, "meta")
+    assert tokens.shape == (3, 512) and tokens.dtype == torch.int64
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+def _record(case: str, family: str, b: int, est: int, meas: int, **extra: object) -> dict[str, object]:
+    return {
+        "case": case,
+        "family": family,
+        "batch_size": b,
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "driver": "550.0",
+        "torch": "2.11.0",
+        "dry_run": False,
+        "estimated_peak_allocated_bytes": est,
+        "measured_peak_allocated_bytes": meas,
+        "estimated_peak_reserved_bytes": est + 1000,
+        "measured_peak_reserved_bytes": meas + 1000,
+        "estimated_total_bytes": None,
+        "measured_total_bytes": None,
+        **extra,
+    }
+
+
+def test_report_statistics_on_synthetic_results(tmp_path: Path) -> None:
+    report = _load("accuracy_report")
+    suite = [
+        _record("mlp", "mlp", 64, 1010, 1000),  # +1%
+        _record("mlp", "mlp", 128, 1970, 2000),  # -1.5%
+        _record("resnet", "resnet", 32, 10_600, 10_000),  # +6%
+        _record("resnet", "resnet", 64, 19_800, 20_000),  # -1%
+    ]
+    peers = [
+        {
+            "case": "r50",
+            "peer": "batchfit-probe",
+            "attempts": 4,
+            "batch_size_found": 300,
+            "measured_max_batch_size": 300,
+            "recommended_runs": True,
+            "wall_seconds": 20.0,
+        },
+        {
+            "case": "r50",
+            "peer": "lightning-binsearch",
+            "attempts": 16,
+            "batch_size_found": 300,
+            "measured_max_batch_size": 300,
+            "wall_seconds": 60.0,
+        },
+        {"case": "r50", "peer": "accelerate", "attempts": 9, "batch_size_found": 276, "measured_max_batch_size": 300},
+    ]
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    out = tmp_path / "accuracy.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+
+    errors = [0.01, -0.015, 0.06, -0.01]
+    summary = report.summarize(suite)["peak_allocated"]
+    assert summary["all"].count == 4
+    assert summary["all"].median_abs == pytest.approx(statistics.median(abs(e) for e in errors))
+    assert summary["all"].worst == pytest.approx(0.06)
+    assert summary["mlp"].worst == pytest.approx(-0.015) and summary["resnet"].median_abs == pytest.approx(0.035)
+    verdicts = {(t.metric, t.statistic): ok for t, _, ok in report.check_targets(report.summarize(suite))}
+    assert verdicts[("peak_allocated", "median")] is True  # 1.25% <= 2%
+    assert verdicts[("peak_allocated", "worst")] is False  # 6% > 5%
+    assert verdicts[("total", "median")] is None  # no data
+
+    text = out.read_text()
+    assert "within 2% median and 5% worst" in text
+    assert "| peak allocated: median |error| <= 2% | 1.25% | met |" in text
+    assert "| peak allocated: worst |error| <= 5% | 6.00% | **missed** |" in text
+    assert "| r50 | accelerate | 276 | no (300) | 9 |" in text
+    assert "r50: 4 vs 16 (fewer)" in text
+    assert "| recommended batch never fails | 1/1 ran | met |" in text
+
+
+def test_report_on_a_dry_run_says_so(dry_run: Path, tmp_path: Path) -> None:
+    report = _load("accuracy_report")
+    out = tmp_path / "accuracy.md"
+    assert report.main(["--results", str(dry_run), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Dry run" in text and "| mlp-mnist-sgd-fp32 | 64 |" in text
+
+
+def test_report_without_results_fails_cleanly(tmp_path: Path) -> None:
+    report = _load("accuracy_report")
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "a.md")]) == 3
