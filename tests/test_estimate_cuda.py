@@ -94,7 +94,9 @@ def test_grad_scaler_runs_for_amp_fp16() -> None:
 
 def test_foreach_optimizer_on_cuda_holds_temporaries_for_all_parameters_at_once() -> None:
     """torch.optim defaults to foreach on CUDA: one op over every parameter allocates them all."""
-    w = load_workload("mlp", dataset="cifar10")
+    with torch.device("meta"):
+        deep = nn.Sequential(*(nn.Linear(256, 256) for _ in range(8)))  # eight equal parameters
+    w = Workload("deep", deep, (InputSpec((256,)),))
     cuda = estimate(w, batch_size=1, device="cuda", optimizer="adam")
     cpu = estimate(w, batch_size=1, device="cpu", optimizer="adam")
     params = cpu.breakdown["parameters"]
