@@ -231,6 +231,7 @@ def child_estimate(payload: dict[str, Any]) -> dict[str, Any]:
 def child_fit(payload: dict[str, Any]) -> dict[str, Any]:
     """fit()'s max and recommendation without a GPU, for the card and memory named."""
     import torch
+
     from batchfit.fit import fit
 
     case = payload["case"]

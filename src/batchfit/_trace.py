@@ -135,8 +135,7 @@ class _CudaKernels(TorchFunctionMode):
             note = f"{name}: simulated with PyTorch's native CUDA RNN instead of cuDNN (cuDNN needs a real GPU)"
             if note not in self.notes:
                 self.notes.append(note)
-            with torch.backends.cudnn.flags(enabled=False), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+            with torch.backends.cudnn.flags(enabled=False):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -570,6 +569,9 @@ def trace_step(
 
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(warnings.catch_warnings())
+            # nn.RNNBase asks its (fake) weights for data pointers; harmless here
+            warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_Recorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
