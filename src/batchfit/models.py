@@ -98,7 +98,7 @@ class InputSpec:
         return dims if self.dtype == torch.float32 else f"{dims}:{str(self.dtype).removeprefix('torch.')}"
 
 
-ExampleInputs = Callable[[int], Sequence[torch.Tensor]]
+ExampleInputs = Callable[[int], Any]  # a tensor, or a tuple of positional inputs (tensors, dicts of tensors)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Workload:
             from torch.utils._pytree import tree_map
 
             with torch.device("meta"):
-                made = self.example_inputs(batch_size)
+                made: Any = self.example_inputs(batch_size)
             if isinstance(made, (torch.Tensor, dict)):
                 made = (made,)
 
