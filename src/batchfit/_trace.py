@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 from ._cpu_scratch import ScratchMeter, is_scratch_op
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
+from ._explain import layer_failure
 from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
 from .models import Workload, fake_state
 
@@ -185,6 +186,7 @@ class _Tracer:
         self.iteration = 0
         self.setup_category = "inputs"
         self.module_stack: list[str] = [""]
+        self.module_calls: list[tuple[nn.Module, tuple[int, ...] | None]] = []  # running modules, input shapes
         self.module_names = {id(m): name for name, m in reversed(list(model.named_modules(remove_duplicate=False)))}
         # autograd sequence numbers at which the running module changed, to map nodes to modules
         self.seq_marks: list[int] = [0]
@@ -284,14 +286,17 @@ class _Tracer:
             self.notes.append(note)
 
     # -- modules ----------------------------------------------------------------------------
-    def enter_module(self, module: nn.Module) -> None:
+    def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         name = self.module_names.get(id(module), type(module).__name__)
         self.module_stack.append(name)
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.module_calls.append((module, tuple(first.shape) if first is not None else None))
         self._mark_seq(name)
 
     def exit_module(self, module: nn.Module) -> None:
         if len(self.module_stack) > 1:
             self.module_stack.pop()
+            self.module_calls.pop()
         self._mark_seq(self.module_stack[-1])
 
     def _mark_seq(self, name: str) -> None:
@@ -333,8 +338,9 @@ def _module_hooks(tracer: _Tracer) -> Iterator[None]:
     """Global (not per-model) forward hooks: the user's model gets no hooks of ours."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-    pre = register_module_forward_pre_hook(lambda m, a: tracer.enter_module(m))
-    post = register_module_forward_hook(lambda m, a, o: tracer.exit_module(m), always_call=True)
+    # no always_call: when a forward raises, the stack keeps the module that failed (for the message)
+    pre = register_module_forward_pre_hook(lambda m, a: tracer.enter_module(m, a))
+    post = register_module_forward_hook(lambda m, a, o: tracer.exit_module(m))
     try:
         yield
     finally:
@@ -659,22 +665,26 @@ def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, 
 
 def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Tracer) -> BatchfitError:
     """Turn a failure inside the model into a message that names the layer and the fix."""
-    module = tracer.module_stack[-1] if len(tracer.module_stack) > 1 else ""
-    where = f" in module {module!r}" if module else ""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    data_dependent = any(
-        s in type(exc).__name__ + text
-        for s in ("DataDependent", "data-dependent", "item()", "numpy", "non-fake", "UnsupportedOperator")
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
     )
-    if data_dependent:
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    fake_limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
+    if isinstance(exc, fake_limits) or any(s in text for s in ("data-dependent", "numpy", "non-fake")):
+        where = f" in module {tracer.module_stack[-1]!r}" if len(tracer.module_stack) > 1 else ""
         return BatchfitError(
             f"the model cannot run on fake tensors{where}: {type(exc).__name__}: {text}",
             hint="it reads tensor values (e.g. .item(), numpy, data-dependent shapes); "
             "use `batchfit measure` (a real run) instead",
             exit_code=ExitCode.UNSUPPORTED,
         )
-    shapes = ", ".join(str(s) for s in workload.inputs) or "example_inputs()"
+    if tracer.module_calls and tracer.phase == "forward":
+        module, shape = tracer.module_calls[-1]
+        return layer_failure(workload, tracer.module_stack[-1], module, shape, exc)
     return BatchfitError(
-        f"the model failed{where} at batch size {batch_size} with input {shapes}: {type(exc).__name__}: {text}",
-        hint="check --input / --dataset against what the model expects (rerun with --debug for the traceback)",
+        f"the training step failed in {tracer.phase} at batch size {batch_size}: {type(exc).__name__}: {text}",
+        hint="rerun with --debug for the traceback",
     )

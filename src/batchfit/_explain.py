@@ -1,0 +1,130 @@
+"""Explaining a failed forward: the layer, the shape it got, what it expected, and the likely fix.
+
+Shared by the summary and the tracer, so that a wrong input shape reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ._errors import BatchfitError, ExitCode
+from .datasets import DATASETS
+from .models import Workload
+
+# module type -> (module, shape of its first input) -> what it expected, or None when the shape is fine
+Expectation = Callable[[Any, tuple[int, ...]], str | None]
+
+
+def _expect_linear(m: nn.Linear, shape: tuple[int, ...]) -> str | None:
+    return None if shape and shape[-1] == m.in_features else f"expected last dim {m.in_features}"
+
+
+def _expect_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> str | None:
+    spatial = len(m.kernel_size)
+    if len(shape) not in (spatial + 1, spatial + 2):
+        return f"expected a {spatial + 2}-d input (N, C, {', '.join('LHWD'[-spatial:] if spatial > 1 else 'L')})"
+    channels = shape[-spatial - 1]
+    return None if channels == m.in_channels else f"expected {m.in_channels} input channels (dim 1)"
+
+
+def _expect_batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...]) -> str | None:
+    ok = len(shape) >= 2 and shape[1] == m.num_features
+    return None if ok else f"expected {m.num_features} channels at dim 1"
+
+
+def _expect_layernorm(m: nn.LayerNorm, shape: tuple[int, ...]) -> str | None:
+    tail = tuple(m.normalized_shape)
+    return None if shape[-len(tail) :] == tail else f"expected trailing dims {tail}"
+
+
+def _expect_embedding(m: nn.Embedding, shape: tuple[int, ...]) -> str | None:
+    return f"expected integer token ids below {m.num_embeddings}"
+
+
+EXPECTATIONS: dict[type[nn.Module], Expectation] = {
+    nn.Linear: _expect_linear,
+    nn.modules.conv._ConvNd: _expect_conv,
+    nn.modules.batchnorm._BatchNorm: _expect_batchnorm,
+    nn.LayerNorm: _expect_layernorm,
+    nn.Embedding: _expect_embedding,
+}
+
+
+def _expectation(module: nn.Module) -> Expectation | None:
+    for cls in type(module).__mro__:
+        if cls in EXPECTATIONS:
+            return EXPECTATIONS[cls]
+    return None
+
+
+def fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> str | None:
+    """Guess the input the model wants from the layer that rejected it."""
+    sample = workload.inputs[0] if len(workload.inputs) == 1 else None
+    if isinstance(module, nn.Linear) and sample is not None and math.prod(got[1:]) == sample.numel:
+        # the whole sample reached this layer flattened: the model wants in_features values per sample
+        matches = [d for d in DATASETS.values() if math.prod(d.shape) == module.in_features]
+        if matches:
+            shape = ",".join(str(d) for d in matches[0].shape)
+            return f"the model expects --input {shape} / --dataset {matches[0].name}"
+        return f"the model expects {module.in_features} values per sample, e.g. --input {module.in_features}"
+    if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and got[1:] == sample.shape:
+        spatial = ",".join(str(d) for d in sample.shape[1:])
+        names = [d.name for d in DATASETS.values() if d.shape[0] == module.in_channels]
+        also = f" (or --dataset {' / '.join(names)})" if names else ""
+        return f"the model expects {module.in_channels} channels: --input {module.in_channels},{spatial}{also}"
+    return None
+
+
+def layer_failure(
+    workload: Workload, name: str | None, module: nn.Module | None, got: tuple[int, ...] | None, exc: Exception
+) -> BatchfitError:
+    """Name the layer whose forward failed, what it got, what it expected, and the likely fix.
+
+    ``name``/``module``: the innermost module running when ``exc`` was raised (None: before any
+    module ran); ``got``: the shape of its first tensor input.
+    """
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+
+    given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
+    if module is None:
+        return BatchfitError(
+            f"running {workload.name!r} failed before any layer ran: {type(exc).__name__}: {exc}",
+            hint=f"check the inputs (given: {given}); rerun with --debug for the traceback",
+        )
+    where = (
+        f"layer {name} ({type(module).__name__})"
+        if name
+        else f"the forward of {workload.name} ({type(module).__name__})"
+    )
+    if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)):
+        return BatchfitError(
+            f"{where} needs real data to run ({type(exc).__name__}: {exc})",
+            hint="batchfit runs the forward on fake tensors (no data): data-dependent control flow "
+            "(.item(), nonzero, boolean masks) is not supported",
+            exit_code=ExitCode.UNSUPPORTED,
+        )
+    expect = _expectation(module)
+    expected = expect(module, got) if expect is not None and got is not None else None
+    got_text = f"input of shape {fmt_shape(got)}" if got is not None else "no tensor input"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if expected is not None and got is not None:
+        message = f"{where} {expected}, got {got_text}"
+    else:
+        message = f"{where} failed on {got_text}: {first_line}"
+    hint = (_input_hint(workload, module, got) if got is not None else None) or (
+        f"check --input / --dataset (given: {given}): one sample's shape without the batch dimension; "
+        "rerun with --debug for the traceback"
+    )
+    return BatchfitError(message, hint=hint)
