@@ -27,6 +27,8 @@ _LAZY: dict[str, str] = {
     "StepEstimate": ".estimate",
     "measure_step": ".measure",
     "Measurement": ".measure",
+    "plan": ".plan",
+    "Plan": ".plan",
 }
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "InputSpec",
     "Measurement",
     "ModelSummary",
+    "Plan",
     "StepEstimate",
     "Workload",
     "estimate",
@@ -45,6 +48,7 @@ __all__ = [
     "load_workload",
     "measure_step",
     "parse_size",
+    "plan",
     "summary",
 ]
 __version__ = "0.1.0"
