@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
@@ -29,6 +29,9 @@ from ._trace import Trace
 from ._units import format_bytes
 from .estimate import Estimator, StepEstimate, _raw_peak, estimate_trace, make_spec, replay_on_card
 from .models import Workload, load_workload
+
+if TYPE_CHECKING:
+    from .gpus import Budget
 
 SCHEMA_VERSION = 1
 INT32_ELEMENTS = 2**31
@@ -107,6 +110,31 @@ class FitResult:
     method: str = "affine"  # or "traced" when the timeline is not affine in the batch size
     dataset_size: int | None = None
     searched_up_to: int | None = None
+    # what fit() worked with, kept so that estimate_at() (batchfit plan) can sweep more sizes cheaply
+    _estimator: Estimator | None = field(default=None, repr=False, compare=False)
+    _timeline: AffineTimeline | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget (card, limit, how it was chosen) the fit was made against."""
+        return self._estimator.budget if self._estimator is not None else None
+
+    def estimate_at(self, batch_size: int) -> StepEstimate:
+        """The step at any batch size on the same card, settings and allocator as the fit.
+
+        One allocator replay of the affine timeline when it holds (milliseconds), else a trace.
+        """
+        if batch_size < 1:
+            raise BatchfitError(f"batch size must be at least 1, got {batch_size}", hint="e.g. 64")
+        est = self._estimator
+        if est is None:
+            raise BatchfitError(
+                "this FitResult does not carry its estimator", hint="use the FitResult that fit() returned"
+            )
+        timeline = self._timeline
+        if timeline is None or not timeline.ok:
+            return est.at(batch_size)
+        return estimate_trace(timeline.trace_at(batch_size), est.workload, est.spec, est.budget, est.alloc_config)
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -343,6 +371,8 @@ def fit(
         notes=notes,
         method=method,
         dataset_size=size,
+        _estimator=est,
+        _timeline=timeline if timeline.ok else None,
     )
 
 

@@ -14,6 +14,7 @@ from . import estimate as _estimate  # noqa: F401
 from . import fit as _fit  # noqa: F401
 from . import gpus as _gpus  # noqa: F401
 from . import models_cmd as _models_cmd  # noqa: F401  (order: after app exists)
+from . import plan as _plan  # noqa: F401
 from . import probe as _probe  # noqa: F401
 from . import show as _show  # noqa: F401
 from . import summary as _summary_cmd  # noqa: F401

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 
 def run_default() -> None:
-    from ..summary import summary
+    """Print :func:`batchfit.plan.answer_key` (rich in a terminal, plain text when piped)."""
+    from .._render import show
+    from ..plan import answer_key
+    from ._app import err_console, handle_errors
 
-    print(summary("mlp", dataset="mnist", style="classic"))
+    def body() -> None:
+        with err_console.status("working out the seed's answer key..."):
+            key = answer_key()
+        show(key)
+
+    handle_errors(body)()

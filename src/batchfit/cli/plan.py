@@ -1,0 +1,89 @@
+"""``batchfit plan``: the one-screen answer - the model, its memory, the batch size, and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .._render import show
+from ..models import load_workload
+from ..plan import check_plot_path, plan
+from ._app import command, err_console
+from ._common import (
+    AllocConfOpt,
+    ClassesOpt,
+    DatasetOpt,
+    FreeOpt,
+    GpuOpt,
+    InputOpt,
+    JsonOpt,
+    LossOpt,
+    MemoryOpt,
+    ModelArg,
+    OptimizerOpt,
+    PrecisionOpt,
+    StepOpt,
+)
+from .fit import SafetyOpt
+
+PlotOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
+    typer.Option(
+        "--plot",
+        help="Also draw memory against the batch size (stacked by category, the card as a line) into FILE.png or FILE.svg.",
+        show_default=False,
+    ),
+]
+
+
+@command("plan")
+def plan_cmd(
+    model: ModelArg,
+    inputs: InputOpt = None,
+    dataset: DatasetOpt = None,
+    num_classes: ClassesOpt = None,
+    gpu: GpuOpt = None,
+    memory: MemoryOpt = None,
+    free: FreeOpt = False,
+    optimizer: OptimizerOpt = "sgd",
+    precision: PrecisionOpt = "fp32",
+    safety: SafetyOpt = 0.8,
+    loss: LossOpt = None,
+    step: StepOpt = None,
+    alloc_conf: AllocConfOpt = None,
+    plot: PlotOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The one-screen answer: model totals, the largest and the recommended batch size, the memory
+    breakdown, a table at standard batch sizes, and (with --plot) a plot of memory by batch size.
+
+    Exit code 4 when even batch size 1 does not fit (the message says what would help).
+    """
+    if plot is not None:
+        check_plot_path(plot)  # before minutes of work, not after
+    workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    with err_console.status("planning...") as status:
+        result = plan(
+            workload,
+            gpu=gpu,
+            memory=memory,
+            free=free,
+            optimizer=optimizer,
+            precision=precision,
+            safety=safety,
+            loss=loss,
+            step=step,
+            alloc_conf=alloc_conf,
+            progress=lambda text: status.update(text),
+        )
+        if plot is not None:
+            status.update(f"drawing {plot}")
+            written = result.save_plot(plot)
+    if as_json:
+        print(result.to_json())
+    else:
+        show(result)
+    if plot is not None:
+        err_console.print(f"plot written to {written}", soft_wrap=True)
