@@ -207,14 +207,16 @@ class DoesNotFit(BatchfitError):
         self.advice = advice
 
 
-def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**31) -> tuple[int, int]:
+def search_max(
+    fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**31, first: int = 1
+) -> tuple[int, int]:
     """The largest N with ``fits(b)`` for every checked b <= N, and ``fits(N + 1)`` false.
 
     Gallops up from ``start`` (doubling), bisects the bracket, then checks the sizes just below
     the boundary one by one and a geometric sample below (memory is not monotone in the batch
     size: allocator rounding can make b fail while b + 1 fits); a failure found there restarts the
-    search below it. Returns (N, calls); N is 0 when batch size 1 does not fit. ``limit`` caps
-    the search (the answer is then ``limit`` itself).
+    search below it. Returns (N, calls); N is ``first - 1`` when ``first`` (the smallest size
+    considered, normally 1) does not fit. ``limit`` caps the search (the answer is then ``limit``).
     """
     calls = 0
     memo: dict[int, bool] = {}
@@ -228,34 +230,40 @@ def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**3
 
     upper = limit + 1  # smallest size known (or assumed) to fail
     while True:
-        if not ok(1):
-            return 0, calls
-        lo = max(1, min(start, upper - 1))
-        if not ok(lo):
-            hi = lo
-            lo = 1
-        else:
-            step = max(1, lo)
-            hi = lo + step
-            while hi < upper and ok(hi):
-                lo = hi
+        if not ok(first):
+            return first - 1, calls
+        start = min(max(start, first), upper - 1)
+        step = max(1, start // 64)  # gallop from the guess with a step that doubles
+        if ok(start):
+            lo, hi = start, upper
+            while lo + step < upper:
+                if not ok(lo + step):
+                    hi = lo + step
+                    break
+                lo += step
                 step *= 2
-                hi = min(lo + step, upper)
-            hi = min(hi, upper)
-        while hi - lo > 1:  # ok(lo) and (hi == upper or not ok(hi))
+        else:
+            lo, hi = first, start
+            while hi - step > first:
+                if ok(hi - step):
+                    lo = hi - step
+                    break
+                hi -= step
+                step *= 2
+        while hi - lo > 1:  # ok(lo), and hi fails (or is past the limit)
             mid = (lo + hi) // 2
             if ok(mid):
                 lo = mid
             else:
                 hi = mid
         candidate = lo
-        below = [b for b in range(candidate - 1, max(0, candidate - _SCAN_WINDOW), -1)]
-        below += [2**k for k in range(int(math.log2(max(candidate, 1))) + 1) if 2**k < candidate]
+        below = list(range(max(first, candidate - _SCAN_WINDOW), candidate))
+        below += [2**k for k in range(int(math.log2(candidate)) + 1) if first <= 2**k < candidate]
         failing = [b for b in sorted(set(below)) if not ok(b)]
         if not failing:
             return min(candidate, limit), calls
         upper = failing[0]
-        start = max(1, upper // 2)
+        start = max(first, upper // 2)
 
 
 def fit(
@@ -295,9 +303,18 @@ def fit(
     notes: list[str] = []
 
     # two traces give the affine timeline (checked at a third size: the max)
-    b1, b2 = 1, 2
-    say(f"tracing the step at batch sizes {b1} and {b2}")
-    t1, t2 = est.trace(b1), est.trace(b2)
+    b1 = 1
+    say("tracing the step at batch sizes 1 and 2")
+    try:
+        t1 = est.trace(1)
+    except BatchfitError as exc:
+        if exc.exit_code == ExitCode.UNSUPPORTED:
+            raise
+        t1 = est.trace(2)  # a model that cannot train on one sample (BatchNorm on a single value)
+        b1 = 2
+        notes.append(f"batch size 1 cannot train this model ({exc.message}); sizes from 2 up were searched")
+    b2 = b1 + 1
+    t2 = est.trace(b2)
     first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
     if not first.fits:
         raise _does_not_fit(est, first)
@@ -310,13 +327,16 @@ def fit(
         events = timeline.events_at(b) if timeline.ok else est.trace(b).events
         return replay_on_card(events, budget, est.alloc_config)[1]
 
+    # Above this size some tensor holds 2^31 elements or more: CUDA kernels that index with 32-bit
+    # integers split their work or fail there, so the step changes shape; the search stops at it.
+    numel_limit = _numel_limit(t1, t2)
+    limit = min(2**31, numel_limit) if timeline.ok else min(2**16, numel_limit)
     # a first guess from the per-sample cost of the live-bytes peak, so the search starts near the answer
     p1, p2 = _raw_peak(t1.events)[0], _raw_peak(t2.events)[0]
-    per_sample = (p2 - p1) // (b2 - b1)
-    guess = b1 + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else 1
-    limit = 2**31 if timeline.ok else 2**16
+    per_sample = p2 - p1
+    guess = b1 + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else b1
     say("searching the boundary")
-    best, _calls = search_max(fits_at, start=max(1, min(guess, limit)), limit=limit)
+    best, _calls = search_max(fits_at, start=max(b1, min(guess, limit)), limit=limit, first=b1)
     # confirm with a real trace at the max: the affine model must agree exactly
     say(f"confirming with a trace at batch size {best:,}")
     try:
@@ -328,13 +348,23 @@ def fit(
         notes.append("the step's timeline is not affine in the batch size; the boundary was re-checked by tracing")
         method = "traced"
         timeline.ok = False
-        best, _calls = search_max(fits_at, start=best, limit=2**16)
+        limit = min(2**16, numel_limit)
+        best, _calls = search_max(fits_at, start=min(best, limit), limit=limit, first=b1)
         at_max_trace = est.trace(best)
     if at_max_trace is None:
         at_max_trace = timeline.trace_at(best)
     at_max = estimate_trace(at_max_trace, workload, spec, budget, est.alloc_config)
+    if best >= limit:
+        if limit == numel_limit:
+            notes.append(
+                f"memory would allow larger batches, but above {limit:,} a tensor would hold 2^31 elements or "
+                "more (many CUDA kernels index with 32-bit integers and fail or split their work there): "
+                "the max is capped at that size"
+            )
+        else:
+            notes.append(f"the search stopped at {limit:,}: larger batches were not examined")
 
-    recommended = max(1, math.floor(safety * best))
+    recommended = max(b1, math.floor(safety * best))
     size = workload.dataset.train_size if workload.dataset is not None else None
     if size is not None and best > size:
         notes.append(
@@ -342,18 +372,6 @@ def fit(
             f"one batch can hold all of it; the recommendation is capped at {size:,}"
         )
         recommended = min(recommended, size)
-    if best >= limit:
-        notes.append(f"the search stopped at {limit:,}: larger batches were not examined")
-    numel = _largest_numel(t1, t2, best)
-    if numel >= INT32_ELEMENTS:
-        numel_limit = _numel_limit(t1, t2)
-        notes.append(
-            f"at batch size {best:,} a tensor would hold about {numel:,} elements (>= 2^31): many CUDA kernels "
-            f"index with 32-bit integers and fail for reasons other than memory; stay at or below {numel_limit:,}"
-        )
-        if recommended > numel_limit:
-            recommended = numel_limit
-            notes.append(f"the recommendation is capped at {numel_limit:,} for that reason")
     rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
     at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
     return FitResult(
