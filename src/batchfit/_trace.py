@@ -48,6 +48,14 @@ _CUBLAS_OPS = frozenset(
 _CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "aten.cudnn_convolution"))
 
 
+# In-place foreach ops (a foreach optimizer's bulk) allocate nothing and change no metadata: on
+# fake tensors they have no effect either, so the tracer skips them instead of letting the fake
+# mode run them tensor by tensor.
+def _is_foreach_inplace(packet: Any) -> bool:
+    name = packet.__name__.rsplit(".", 1)[-1]
+    return name.startswith("_foreach_") and name.endswith("_") and not name.endswith("__")
+
+
 @dataclass
 class _Storage:
     sid: int
@@ -91,6 +99,8 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         tracer = self.tracer
         kwargs = kwargs or {}
+        if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
+            return None
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             tracer.track(out)
@@ -227,6 +237,17 @@ class _Tracer:
 
     def _provisional(self) -> str:
         return self.setup_category if self.phase == "setup" else "temporaries"
+
+    def skippable(self, args: tuple[Any, ...]) -> bool:
+        """Whether an in-place foreach op can be skipped: it allocates nothing on the device, and
+        its tensors hold no values the fake mode tracks (step counters are CPU constants)."""
+        for arg in args:
+            for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(t, torch.Tensor) and (
+                    t.device.type != self.device_type or getattr(t, "constant", None) is not None
+                ):
+                    return False
+        return True
 
     def storage_of(self, t: torch.Tensor) -> _Storage | None:
         try:
@@ -494,17 +515,30 @@ class _Replay:
         """Empty the holders of every tensor the node saved (Node::release_variables)."""
         names = self._saved_attrs.get(type(node))
         if names is None:
-            names = tuple(a.removeprefix("_raw") for a in dir(node) if a.startswith("_raw_saved_"))
+            names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
             self._saved_attrs[type(node)] = names
+        holders = self.tracer.current_holders  # unpacked while the node ran
         for name in names:
             with contextlib.suppress(Exception):
-                getattr(node, name)  # unpacking registers the holder in current_holders
+                raw = getattr(node, name)
+                for saved in raw if isinstance(raw, (list, tuple)) else (raw,):
+                    holders.append(_packed(saved, node, name))
         if hasattr(node, "saved_tensors"):  # custom autograd.Function
             with contextlib.suppress(Exception):
-                node.saved_tensors  # noqa: B018
-        for holder in self.tracer.current_holders:
-            holder.tensor = None
+                node.saved_tensors  # noqa: B018  (unpacking registers the holders)
+        for holder in holders:
+            if isinstance(holder, _Holder):
+                holder.tensor = None
         self.tracer.current_holders = []
+
+
+def _packed(saved: Any, node: Any, name: str) -> Any:
+    """What the pack hook returned for a saved tensor, without unpacking it (which costs an op)."""
+    data = getattr(saved, "data", None)
+    if data is not None:
+        return data
+    getattr(node, name.replace("_raw_saved_", "_saved_", 1))  # older torch: unpack registers it
+    return None
 
 
 def _priority(node: Any) -> int:

@@ -207,9 +207,7 @@ class DoesNotFit(BatchfitError):
         self.advice = advice
 
 
-def search_max(
-    fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**31, first: int = 1
-) -> tuple[int, int]:
+def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**31, first: int = 1) -> tuple[int, int]:
     """The largest N with ``fits(b)`` for every checked b <= N, and ``fits(N + 1)`` false.
 
     Gallops up from ``start`` (doubling), bisects the bracket, then checks the sizes just below
