@@ -13,10 +13,10 @@ import argparse
 import time
 
 import torchvision
-from memtracker_peer import memtracker_peak
 
 from batchfit.estimate import Estimator, make_spec
 from batchfit.models import load_workload
+from memtracker_peer import memtracker_peak
 
 
 def main() -> None:

@@ -10,8 +10,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Action = Literal["alloc", "free"]
 Phase = Literal["setup", "forward", "backward", "optimizer"]
@@ -28,8 +27,9 @@ CATEGORIES: tuple[str, ...] = (
 PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer")
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One storage's birth or death (a named tuple: cheap to make by the hundred thousand)."""
+
     seq: int
     action: Action
     storage: int
