@@ -310,19 +310,20 @@ def estimate_trace(
 
 
 def replay_on_card(
-    events: Sequence[Event], budget: Budget, config: AllocatorConfig | None
+    events: Sequence[Event], budget: Budget, config: AllocatorConfig | None, *, numbers: bool = True
 ) -> tuple[AllocatorResult, bool]:
     """Replay the timeline on the card, as PyTorch would run it; returns (result, fits).
 
     The card's limit matters: near it the allocator frees its cache and retries instead of failing,
     so a step can fit although an unlimited replay reserves more than the card has. When the step
-    does not fit, the numbers come from an unlimited replay (what it would need).
+    does not fit, the numbers come from an unlimited replay (what it would need), unless
+    ``numbers`` is false.
     """
     from .allocator import simulate
 
     limited = simulate(events, config, budget.device_limit_bytes, record_series=False)
-    if not limited.oom:
-        return limited, True
+    if not limited.oom or not numbers:  # numbers=False: only whether it fits matters
+        return limited, not limited.oom
     return simulate(events, config, record_series=False), False
 
 

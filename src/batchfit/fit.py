@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -301,18 +302,17 @@ def fit(
     notes: list[str] = []
 
     # two traces give the affine timeline (checked at a third size: the max)
-    b1 = 1
     say("tracing the step at batch sizes 1 and 2")
-    try:
-        t1 = est.trace(1)
-    except BatchfitError as exc:
-        if exc.exit_code == ExitCode.UNSUPPORTED:
-            raise
-        t1 = est.trace(2)  # a model that cannot train on one sample (BatchNorm on a single value)
-        b1 = 2
-        notes.append(f"batch size 1 cannot train this model ({exc.message}); sizes from 2 up were searched")
-    b2 = b1 + 1
-    t2 = est.trace(b2)
+    b1 = 1
+    first_try, t2 = _trace_both(est, 1, 2)
+    if isinstance(first_try, BatchfitError):
+        if first_try.exit_code == ExitCode.UNSUPPORTED:
+            raise first_try
+        # a model that cannot train on one sample (BatchNorm on a single value per channel)
+        notes.append(f"batch size 1 cannot train this model ({first_try.message}); sizes from 2 up were searched")
+        b1, t1, t2 = 2, t2, est.trace(3)
+    else:
+        t1 = first_try
     first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
     if not first.fits:
         raise _does_not_fit(est, first)
@@ -323,7 +323,7 @@ def fit(
         if b == b1:
             return bool(first.fits)
         events = timeline.events_at(b) if timeline.ok else est.trace(b).events
-        return replay_on_card(events, budget, est.alloc_config)[1]
+        return replay_on_card(events, budget, est.alloc_config, numbers=False)[1]
 
     # Above this size some tensor holds 2^31 elements or more: CUDA kernels that index with 32-bit
     # integers split their work or fail there, so the step changes shape; the search stops at it.
@@ -333,24 +333,33 @@ def fit(
     p1, p2 = _raw_peak(t1.events)[0], _raw_peak(t2.events)[0]
     per_sample = p2 - p1
     guess = b1 + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else b1
+    start = max(b1, min(guess, limit))
+    # A third trace checks the affine timeline: taken near the answer (at the first guess), in a
+    # forked child while the search runs here, and compared with the timeline once both are done.
+    check = _fork_trace(est, start) if timeline.ok and _can_fork() else None
     say("searching the boundary")
-    best, _calls = search_max(fits_at, start=max(b1, min(guess, limit)), limit=limit, first=b1)
-    # confirm with a real trace at the max: the affine model must agree exactly
-    say(f"confirming with a trace at batch size {best:,}")
-    try:
-        at_max_trace: Trace | None = est.trace(best)
-    except BatchfitError:
-        at_max_trace = None
-        notes.append(f"could not trace at the max ({best:,}) to confirm it; the affine timeline was used")
-    if at_max_trace is not None and timeline.ok and not timeline.matches(at_max_trace):
-        notes.append("the step's timeline is not affine in the batch size; the boundary was re-checked by tracing")
-        method = "traced"
-        timeline.ok = False
-        limit = min(2**16, numel_limit)
-        best, _calls = search_max(fits_at, start=min(best, limit), limit=limit, first=b1)
-        at_max_trace = est.trace(best)
+    best, _calls = search_max(fits_at, start=start, limit=limit, first=b1)
+    third: Trace | None = check() if check is not None else None
+    checked_at = start
+    if third is None and timeline.ok:
+        say(f"confirming with a trace at batch size {best:,}")
+        checked_at = best
+        try:
+            third = est.trace(best)
+        except BatchfitError:
+            notes.append(f"could not trace at the max ({best:,}) to confirm it; the affine timeline was used")
+    at_max_trace: Trace | None = None
+    if third is not None and timeline.ok:
+        if timeline.matches(third):
+            at_max_trace = third if checked_at == best else None
+        else:
+            notes.append("the step's timeline is not affine in the batch size; the boundary was re-checked by tracing")
+            method = "traced"
+            timeline.ok = False
+            limit = min(2**16, numel_limit)
+            best, _calls = search_max(fits_at, start=min(best, limit), limit=limit, first=b1)
     if at_max_trace is None:
-        at_max_trace = timeline.trace_at(best)
+        at_max_trace = timeline.trace_at(best) if timeline.ok else est.trace(best)
     at_max = estimate_trace(at_max_trace, workload, spec, budget, est.alloc_config)
     if best >= limit:
         if limit == numel_limit:
@@ -390,6 +399,69 @@ def fit(
         _estimator=est,
         _timeline=timeline if timeline.ok else None,
     )
+
+
+def _trace_both(est: Estimator, a: int, b: int) -> tuple[Trace | BatchfitError, Trace]:
+    """Trace at ``a`` (its error returned, not raised) and at ``b``, side by side where possible.
+
+    The two traces are independent: on Linux the second runs in a forked child (the imports and
+    the model are already in memory), so a 2-core machine traces both in about the time of one.
+    Anything unusual in the child (an error, a crash) and the parent simply traces ``b`` itself.
+    """
+    child = _fork_trace(est, b) if _can_fork() else None
+    first: Trace | BatchfitError
+    try:
+        first = est.trace(a)
+    except BatchfitError as exc:
+        first = exc
+    second = child() if child is not None else None
+    return first, second if second is not None else est.trace(b)
+
+
+def _can_fork() -> bool:
+    """Side-by-side traces need fork (Linux, macOS); BATCHFIT_NO_FORK=1 turns them off."""
+    return hasattr(os, "fork") and not os.environ.get("BATCHFIT_NO_FORK")
+
+
+def _fork_trace(est: Estimator, batch_size: int) -> Callable[[], Trace | None] | None:
+    import pickle
+    import warnings
+
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process": the child only traces
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read)
+            os.close(write)
+            return None
+    if pid == 0:  # the child: trace, send the result, leave without running any cleanup
+        code = 0
+        try:
+            os.close(read)
+            payload = pickle.dumps(est.trace(batch_size), protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(payload)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+
+    def collect() -> Trace | None:
+        with os.fdopen(read, "rb") as pipe:
+            payload = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not payload:
+            return None
+        try:
+            trace: Trace = pickle.loads(payload)
+        except Exception:
+            return None
+        return trace
+
+    return collect
 
 
 def _numel_lines(a: Trace, b: Trace) -> list[tuple[int, float]]:
