@@ -1,6 +1,6 @@
 """batchfit: what a PyTorch model is, how much memory a training step takes, and which batch size to use.
 
-The API mirrors the command line; heavy pieces are imported on first use.
+The API mirrors the command line.
 
 >>> import batchfit
 >>> batchfit.load_workload("mlp", dataset="mnist").name
@@ -9,31 +9,19 @@ The API mirrors the command line; heavy pieces are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from ._errors import BatchfitError, ExitCode
 from ._units import format_bytes, parse_size
 from .datasets import DatasetInfo, get_dataset
-from .models import InputSpec, Workload, load_workload
 
-# name -> module that defines it, imported on first access (keeps `import batchfit` light and
-# lets optional pieces fail only when used).
-_LAZY: dict[str, str] = {
-    "summary": ".summary",
-    "ModelSummary": ".summary",
-    "estimate": ".estimate",
-    "EstimateReport": ".estimate",
-    "StepEstimate": ".estimate",
-    "measure_step": ".measure",
-    "Measurement": ".measure",
-    "fit": ".fit",
-    "FitResult": ".fit",
-    "plan": ".plan",
-    "Plan": ".plan",
-    "probe": ".probe",
-    "ProbeResult": ".probe",
-}
+# The verbs share their names with the modules that define them (batchfit.estimate is both):
+# they are imported here, so that importing a submodule later never rebinds the name to it.
+from .estimate import EstimateReport, StepEstimate, estimate
+from .fit import FitResult, fit
+from .measure import Measurement, measure_step
+from .models import InputSpec, Workload, load_workload
+from .plan import Plan, plan
+from .probe import ProbeResult, probe
+from .summary import ModelSummary, summary
 
 __all__ = [
     "BatchfitError",
@@ -60,15 +48,3 @@ __all__ = [
     "summary",
 ]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])

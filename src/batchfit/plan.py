@@ -728,7 +728,7 @@ class AnswerKey:
         raw = math.floor(f.safety * f.max_batch_size)
         lines = [
             f"The batch size to use (the lesson's rule: about {f.safety:g} x the largest batch that fits):",
-            f"  on {f.budget_description}",
+            f"  card: {f.budget_description}",
             f"  largest batch that fits: {f.max_batch_size:,}; {f.safety:g} x {f.max_batch_size:,} = {raw:,}",
         ]
         rec = f.estimate_at_recommended
