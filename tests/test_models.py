@@ -81,3 +81,55 @@ def test_fake_state_keeps_ties() -> None:
     assert state["emb.weight"] is state["head.weight"]
     assert isinstance(state["emb.weight"], nn.Parameter)
     assert count_parameters(m) == 40
+
+
+def test_timm_names_need_timm(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "timm":
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(BatchfitError) as info:
+        load_workload("timm:resnet50")
+    assert "timm" in info.value.message and info.value.hint == "pip install timm"
+
+
+def test_package_module_target_and_function_returning_a_module() -> None:
+    # package.module:NAME with NAME a function returning a module (torchvision's own builder)
+    w = load_workload("torchvision.models:mobilenet_v3_small", input_size=(3, 64, 64))
+    assert count_parameters(w.model) == 2_542_856
+    with pytest.raises(BatchfitError, match="defines no"):
+        load_workload("torchvision.models:resnet_17")
+
+
+def test_every_torchvision_classifier_is_registered() -> None:
+    import torchvision
+
+    from batchfit.models import model_names
+
+    names = set(model_names())
+    assert set(torchvision.models.list_models(module=torchvision.models)) <= names
+    assert {"mlp", "cnn"} <= names
+
+
+@pytest.mark.parametrize(
+    ("dataset", "shape", "classes", "size"),
+    [
+        ("mnist", (1, 28, 28), 10, 60_000),
+        ("fashion-mnist", (1, 28, 28), 10, 60_000),
+        ("cifar10", (3, 32, 32), 10, 50_000),
+        ("imagenet", (3, 224, 224), 1000, 1_281_167),
+    ],
+)
+def test_dataset_presets(dataset: str, shape: tuple[int, ...], classes: int, size: int) -> None:
+    from batchfit import get_dataset
+
+    info = get_dataset(dataset)
+    assert (info.shape, info.num_classes, info.train_size) == (shape, classes, size)
+    w = load_workload("mlp", dataset=dataset)
+    assert w.model[3].out_features == classes

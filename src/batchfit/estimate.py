@@ -459,11 +459,7 @@ def estimate(
     an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
     ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run.
     """
-    workload = (
-        model
-        if isinstance(model, Workload)
-        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    )
+    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(device, optimizer, precision, loss, step, mode)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     if isinstance(batch_size, int):

@@ -29,7 +29,7 @@ from ._render import Table
 from ._trace import Trace
 from ._units import format_bytes
 from .estimate import Estimator, StepEstimate, _raw_peak, estimate_trace, make_spec, replay_on_card
-from .models import Workload, load_workload
+from .models import load_workload
 
 if TYPE_CHECKING:
     from .gpus import Budget
@@ -289,11 +289,7 @@ def fit(
     """
     if not 0 < safety <= 1:
         raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
-    workload = (
-        model
-        if isinstance(model, Workload)
-        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    )
+    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, "train")
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     budget = est.budget

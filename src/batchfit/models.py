@@ -350,7 +350,7 @@ def _resolve(name: str) -> tuple[ModelEntry, ExampleInputs | None]:
 
 
 def load_workload(
-    model: str | nn.Module,
+    model: str | nn.Module | Workload,
     input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
     *,
     dataset: str | DatasetInfo | None = None,
@@ -363,6 +363,8 @@ def load_workload(
     ``input_size`` is one sample's shape without the batch dimension (``(1, 28, 28)``), or a list of
     such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
     """
+    if isinstance(model, Workload):  # already resolved (the verbs accept both)
+        return model
     info = get_dataset(dataset) if isinstance(dataset, str) else dataset
     inputs = _parse_inputs(input_size)
     if isinstance(model, nn.Module):

@@ -34,7 +34,7 @@ from ._render import Table
 from ._units import format_bytes
 from .estimate import CUDA_CATEGORIES, Estimator, StepEstimate, _mib, _short, make_spec
 from .fit import FitResult, fit, standard_batch_sizes
-from .models import Workload, load_workload
+from .models import load_workload
 from .summary import ModelSummary, summary
 
 if TYPE_CHECKING:
@@ -456,11 +456,7 @@ def plan(
     Raises :class:`~batchfit.fit.DoesNotFit` when even batch size 1 does not fit.
     """
     say = progress or (lambda text: None)
-    workload = (
-        model
-        if isinstance(model, Workload)
-        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    )
+    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     say("summarising the model")
     model_summary = summary(workload)
     result = fit(

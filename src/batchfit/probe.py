@@ -782,13 +782,9 @@ def probe(
     say = progress or (lambda text: None)
     began = time.perf_counter()
     from .estimate import make_spec
-    from .models import Workload, load_workload
+    from .models import load_workload
 
-    workload = (
-        model
-        if isinstance(model, Workload)
-        else load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    )
+    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, mode)
     notes: list[str] = []
 

@@ -853,10 +853,7 @@ def summary(
     ([(8, 3)], 96)
     """
     mode = check_options(style, mode, depth, batch_size)
-    if isinstance(model, Workload):
-        workload = model
-    else:
-        workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
+    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
     if input_data is None and not workload.inputs and workload.example_inputs is None:
         raise BatchfitError(
             f"no input shape for model {workload.name!r}",
