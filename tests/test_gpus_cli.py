@@ -47,6 +47,7 @@ def test_the_table_layout(golden: Any) -> None:
     buffer = io.StringIO()
     Console(file=buffer, width=170, color_system=None).print(catalogue_table(list_gpus()))
     golden("gpus_table.txt", buffer.getvalue())
+    golden("gpus_table_plain.txt", str(catalogue_table(list_gpus())))
 
 
 def test_shared_options_resolve_a_budget() -> None:

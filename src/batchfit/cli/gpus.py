@@ -6,9 +6,8 @@ import json
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from .._render import Table, show
 from .._units import format_bytes
 from ..gpus import GpuCard, get_gpu, list_gpus, load_catalogue
 from ._app import command
@@ -27,18 +26,9 @@ def _cc(card: GpuCard) -> str:
 
 
 def catalogue_table(cards: tuple[GpuCard, ...]) -> Table:
-    """The catalogue as a rich table (memory in GiB = 2^30 B, workspaces in MiB = 2^20 B)."""
-    table = Table(title="GPU catalogue (memory in GiB = 2^30 bytes)", show_lines=False)
-    table.add_column("key", style="bold")
-    table.add_column("name")
-    table.add_column("memory", justify="right")
-    table.add_column("source")
-    table.add_column("cc", justify="right")
-    table.add_column("cuBLAS ws", justify="right")
-    table.add_column("non-allocator", justify="right")
-    table.add_column("aliases")
-    for card in cards:
-        table.add_row(
+    """The catalogue as a table (memory in GiB = 2^30 B, workspaces in MiB = 2^20 B)."""
+    rows = [
+        [
             card.key,
             card.name,
             format_bytes(card.memory_bytes, unit="GiB"),
@@ -47,8 +37,12 @@ def catalogue_table(cards: tuple[GpuCard, ...]) -> Table:
             format_bytes(card.cublas_workspace_bytes, unit="MiB"),
             f"{format_bytes(card.non_allocator_bytes, unit='MiB')} ({card.provenance['non_allocator'].status})",
             ", ".join(a for a in card.aliases if a != card.key),
-        )
-    return table
+        ]
+        for card in cards
+    ]
+    columns = ["key", "name", "memory", "source", "cc", "cuBLAS ws", "non-allocator", "aliases"]
+    right = [False, False, True, False, True, True, True, False]
+    return Table("GPU catalogue (memory in GiB = 2^30 bytes)", columns, rows, right=right)
 
 
 @command("gpus")
@@ -61,9 +55,9 @@ def gpus(name: NameArg = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(load_catalogue().to_dict(), indent=2))
         return
-    console = Console()
-    console.print(catalogue_table(list_gpus()))
-    console.print(
+    table = catalogue_table(list_gpus())
+    table.footer.append(
         f"Default card: {load_catalogue().default_key}. 'reported' = public torch printouts, 'nominal' = the "
         "marketed size, 'rule' = PyTorch's source, 'assumed' = not measured yet (docs/allocator.md)."
     )
+    show(table)
