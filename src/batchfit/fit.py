@@ -466,10 +466,6 @@ def _numel_lines(a: Trace, b: Trace) -> list[tuple[int, float]]:
     return [(n, (b.numels[sid] - n) / db) for sid, n in a.numels.items() if sid in b.numels]
 
 
-def _largest_numel(a: Trace, b: Trace, batch_size: int) -> int:
-    return max((int(n + slope * (batch_size - a.batch_size)) for n, slope in _numel_lines(a, b)), default=0)
-
-
 def _numel_limit(a: Trace, b: Trace) -> int:
     """The largest batch size at which no tensor reaches 2^31 elements."""
     limits = [int((INT32_ELEMENTS - 1 - n) / slope) + a.batch_size for n, slope in _numel_lines(a, b) if slope > 0]
