@@ -542,3 +542,18 @@ def test_cli_errors(tmp_path: Path, cli) -> None:
     assert result.exit_code == 3 and "cifar10" in result.stderr
     result = cli("mnist", "--batch-size", "64,x")
     assert result.exit_code == 3 and "batch sizes" in result.stderr
+
+
+def test_cli_gpu_estimate_beside_host_ram(mnist_root, cli) -> None:
+    """--model adds one training step's GPU memory (the estimator's) beside the DataLoader's host RAM."""
+    from batchfit import estimate
+
+    root, _, _ = mnist_root
+    result = cli("mnist", "--root", str(root), "--json", "--grid", "0", "-b", "8,64", "--model", "mlp", "--gpu", "t4")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    gpu = d["gpu_estimate"]["results"]
+    expected = estimate("mlp", dataset="mnist", batch_size=[8, 64], gpu="t4")
+    assert [r["peak_allocated_bytes"] for r in gpu] == [r.peak_allocated_bytes for r in expected]
+    text = cli("mnist", "--root", str(root), "--grid", "0", "-b", "64", "--model", "mlp")
+    assert text.exit_code == 0 and "the GPU beside the host" in text.stdout and "host RAM" in text.stdout

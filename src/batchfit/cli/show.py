@@ -10,8 +10,13 @@ import typer
 from rich.console import Console
 
 from .._errors import BatchfitError
+from .._render import Table
+from .._render import show as show_table
+from .._units import format_bytes
+from ..data import DatasetReport
+from ..estimate import EstimateReport
 from ._app import command, err_console
-from ._common import JsonOpt, parse_int_list
+from ._common import GpuOpt, JsonOpt, OptimizerOpt, parse_int_list
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -82,6 +87,16 @@ def show(
         typer.Option("--prefetch-factor", help="Batches each worker loads ahead (DataLoader default: 2 with workers)."),
     ] = None,
     pin_memory: Annotated[bool, typer.Option("--pin-memory", help="Count pinned-memory copies of each batch.")] = False,
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--model",
+            help="Also estimate one training step of this model on these batches (e.g. mlp, cnn, resnet18) "
+            "and show the GPU memory beside the host RAM.",
+        ),
+    ] = None,
+    gpu: GpuOpt = None,
+    optimizer: OptimizerOpt = "sgd",
     mean: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: the seed's)."),
@@ -133,11 +148,53 @@ def show(
             report = report.with_grid(bdata.GridInfo(tuple(indices), labels, seed, str(out) if out else None))
         elif not as_json:
             err_console.print(f"note: no display here; add --out grid.png to save {grid} random samples")
+    beside = _gpu_beside_host(report, model, gpu, optimizer) if model else None
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        data = report.to_dict()
+        if beside is not None:
+            data["gpu_estimate"] = beside[1].to_dict()
+        print(json.dumps(data, indent=2))
     else:
         Console(highlight=False).print(report)
+        if beside is not None:
+            show_table(beside[0])
     if window:
         import matplotlib.pyplot as plt
 
         plt.show()
+
+
+def _gpu_beside_host(
+    report: DatasetReport, model: str, gpu: str | None, optimizer: str
+) -> tuple[Table, EstimateReport]:
+    """One training step of ``model`` on these batches, estimated for a GPU, beside the host RAM."""
+    from ..estimate import estimate
+
+    rows_in = report.rows
+    sizes = [r.batch_shape[0] for r in rows_in]
+    est = estimate(
+        model,
+        input_size=tuple(report.sample_shape),
+        num_classes=len(report.classes),
+        batch_size=sorted(set(sizes)),
+        optimizer=optimizer,
+        gpu=gpu,
+    )
+    assert isinstance(est, EstimateReport)
+    by_size = {r.batch_size: r for r in est}
+    rows = []
+    for r in rows_in:
+        e = by_size[r.batch_shape[0]]
+        rows.append(
+            [
+                f"{r.batch_shape[0]:,}",
+                format_bytes(r.input_bytes + r.label_bytes),
+                format_bytes(e.peak_allocated_bytes),
+                format_bytes(e.total_bytes or 0),
+                format_bytes(r.host.total_bytes),
+            ]
+        )
+    title = f"the GPU beside the host: one training step of {model} ({optimizer}) on {est[0].card}, estimated"
+    columns = ["batch", "inputs + labels on GPU", "GPU step (max allocated)", "GPU total (nvidia-smi)", "host RAM"]
+    footer = ["the GPU figures include parameters, gradients, activations, workspaces; total adds the CUDA context"]
+    return Table(title, columns, rows, footer=footer), est
