@@ -135,3 +135,21 @@ def test_cli_json_and_exit_codes() -> None:
     assert small.exit_code == 4 and "does not fit" in small.output
     bad = runner.invoke(app, ["fit", "mlp", "--memory", "lots"])
     assert bad.exit_code == 3 and "memory size" in bad.output
+
+
+def test_batch_size_one_shaped_differently_still_uses_the_affine_timeline() -> None:
+    """nn.TransformerEncoder's step at batch 1 skips copies that larger batches make: the
+    timeline is built from batch 2 and 3, batch 1 keeps its own trace, and the answer is exact."""
+    import torch
+
+    from batchfit.models import InputSpec, Workload
+    from zoo import ZOO
+
+    with torch.device("meta"):
+        model = ZOO["transformer_encoder"].build()
+    w = Workload("encoder", model, (InputSpec((10, 32)),))
+    est = Estimator(w, make_spec("cuda", "adam"), memory="1GiB")
+    assert not AffineTimeline(est.trace(1), est.trace(2)).ok
+    r = fit(w, memory="1GiB", optimizer="adam")
+    assert r.method == "affine"
+    assert est.at(r.max_batch_size).fits and not est.at(r.max_batch_size + 1).fits

@@ -309,10 +309,17 @@ def fit(
         b1, t1, t2 = 2, t2, est.trace(3)
     else:
         t1 = first_try
+    trace_b1 = t1
     first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
     if not first.fits:
         raise _does_not_fit(est, first)
     timeline = AffineTimeline(t1, t2)
+    if not timeline.ok:
+        # batch size 1 is often shaped differently (a copy skipped when a dimension is 1): build
+        # the timeline from the next two sizes, and keep batch 1's own trace for batch 1
+        t3 = est.trace(b1 + 2)
+        timeline = AffineTimeline(t2, t3)
+        t1, t2 = t2, t3
     method = "affine" if timeline.ok else "traced"
 
     def fits_at(b: int) -> bool:
@@ -328,7 +335,7 @@ def fit(
     # a first guess from the per-sample cost of the live-bytes peak, so the search starts near the answer
     p1, p2 = _raw_peak(t1.events)[0], _raw_peak(t2.events)[0]
     per_sample = p2 - p1
-    guess = b1 + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else b1
+    guess = t1.batch_size + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else b1
     start = max(b1, min(guess, limit))
     # A third trace checks the affine timeline: taken near the answer (at the first guess), in a
     # forked child while the search runs here, and compared with the timeline once both are done.
@@ -354,6 +361,8 @@ def fit(
             timeline.ok = False
             limit = min(2**16, numel_limit)
             best, _calls = search_max(fits_at, start=min(best, limit), limit=limit, first=b1)
+    if at_max_trace is None and best == b1:
+        at_max_trace = trace_b1
     if at_max_trace is None:
         at_max_trace = timeline.trace_at(best) if timeline.ok else est.trace(best)
     at_max = estimate_trace(at_max_trace, workload, spec, budget, est.alloc_config)
@@ -375,8 +384,11 @@ def fit(
             f"one batch can hold all of it; the recommendation is capped at {size:,}"
         )
         recommended = min(recommended, size)
-    rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
-    at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
+    if recommended == b1:
+        at_rec = first
+    else:
+        rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
+        at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
     return FitResult(
         model=workload.name,
         card=budget.card.name,
