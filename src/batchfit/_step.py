@@ -125,20 +125,18 @@ def run_step(
     scaler: Scaler | None = None,
     on_phase: Callable[[str, int], None] = lambda phase, iteration: None,
     after_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
-) -> tuple[int, ...] | None:
-    """Run the reference step's window; returns the shape of the output the loss was computed from.
+) -> None:
+    """Run the reference step's window.
 
     ``labels`` may be given, or made on first use by ``make_labels(logits)`` (which must file them
     as existing before the window).
     """
-    output_shape: tuple[int, ...] | None = None
     if spec.mode == "inference":
         on_phase("forward", 1)
         with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
             out = call_model(model, inputs)
-        if output_is_loss(out) is None:
-            output_shape = tuple(logits_of(out).shape)
-        return output_shape
+        del out
+        return
     assert optimizer is not None
     for it in range(1, spec.iterations + 1):
         on_phase("forward", it)
@@ -150,7 +148,6 @@ def run_step(
             loss = output_is_loss(out)
             if loss is None:
                 logits = logits_of(out)
-                output_shape = tuple(logits.shape)
                 if labels is None and make_labels is not None:
                     labels = make_labels(logits)
                 del logits
@@ -169,4 +166,3 @@ def run_step(
             optimizer.step()
         after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
-    return output_shape

@@ -75,7 +75,6 @@ class Trace:
     events: list[Event]
     activation_bytes_by_module: dict[str, int]
     notes: list[str] = field(default_factory=list)
-    output_shape: tuple[int, ...] | None = None
     numels: dict[int, int] = field(default_factory=dict)  # storage id -> elements of the tensor that made it
     module_types: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
 
@@ -591,7 +590,6 @@ def trace_step(
         tracer.cuda_workspaces = cuda_workspaces
     param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    output_shape: tuple[int, ...] | None = None
     setup_end = 0
 
     def make_labels(logits: torch.Tensor) -> Any:
@@ -649,7 +647,7 @@ def trace_step(
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
             if device.type == "cuda":
                 stack.enter_context(_CudaKernels(tracer.notes))
-            output_shape = run_step(
+            run_step(
                 model,
                 inputs,
                 spec,
@@ -674,9 +672,7 @@ def trace_step(
         )
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
-    return Trace(
-        batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, output_shape, tracer.numels, types
-    )
+    return Trace(batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, tracer.numels, types)
 
 
 def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, int]:

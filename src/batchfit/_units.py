@@ -42,6 +42,15 @@ def format_bytes(n: int | float, unit: Unit = "auto", digits: int = 2) -> str:
     return f"{n / _FACTORS[unit]:,.{digits}f} {unit}"
 
 
+def mib_cell(n: int | None) -> str:
+    """A table cell in MiB without the unit (the column header or title says MiB); ``-`` for None.
+
+    >>> mib_cell(1_048_576), mib_cell(None)
+    ('1.00', '-')
+    """
+    return "-" if n is None else format_bytes(n, unit="MiB").removesuffix(" MiB")
+
+
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 _SUFFIXES: dict[str, int] = {
     "": 1,

@@ -22,7 +22,7 @@ from ._events import CATEGORIES, Event
 from ._render import Table
 from ._step import StepSpec
 from ._trace import Trace, trace_step
-from ._units import format_bytes
+from ._units import mib_cell
 from .models import Workload, load_workload
 from .training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
 
@@ -165,17 +165,21 @@ class EstimateReport(Sequence[StepEstimate]):
         first = self.results[0]
         cuda = first.device == "cuda"
         cats = [c for c in (CUDA_CATEGORIES if cuda else CATEGORIES) if any(r.breakdown.get(c) for r in self.results)]
-        columns = ["batch", *[_short(c) for c in cats], "peak alloc"]
+        columns = ["batch", *[short_category(c) for c in cats], "peak alloc"]
         if cuda:
             columns += ["reserved", "total", "fits"]
         rows = []
         for r in self.results:
-            row = [f"{r.batch_size:,}", *[_mib(r.breakdown.get(c, 0)) for c in cats], _mib(r.peak_allocated_bytes)]
+            row = [
+                f"{r.batch_size:,}",
+                *[mib_cell(r.breakdown.get(c, 0)) for c in cats],
+                mib_cell(r.peak_allocated_bytes),
+            ]
             if cuda:
                 fits = r.fits
                 row += [
-                    _mib(r.peak_reserved_bytes or 0),
-                    _mib(r.total_bytes or 0),
+                    mib_cell(r.peak_reserved_bytes or 0),
+                    mib_cell(r.total_bytes or 0),
                     "-" if fits is None else "yes" if fits else "NO",
                 ]
             rows.append(row)
@@ -196,7 +200,7 @@ class EstimateReport(Sequence[StepEstimate]):
         if self.per_layer:
             last = self.results[-1]
             layer_rows = [
-                [name or "(top level)", f"{nbytes:,}", _mib(nbytes)]
+                [name or "(top level)", f"{nbytes:,}", mib_cell(nbytes)]
                 for name, nbytes in sorted(last.activation_bytes_by_module.items(), key=lambda kv: -kv[1])
             ]
             out.append(
@@ -229,12 +233,8 @@ _SHORT = {
 }
 
 
-def _short(category: str) -> str:
+def short_category(category: str) -> str:
     return _SHORT.get(category, category)
-
-
-def _mib(n: int) -> str:
-    return format_bytes(n, unit="MiB").removesuffix(" MiB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def estimate_trace(
         notes=list(trace.notes),
     )
     if spec.device == "cpu":
-        peak, at, breakdown = _raw_peak(events)
+        peak, at, breakdown = raw_peak(events)
         ev = events[at] if at is not None else None
         return StepEstimate(
             peak_allocated_bytes=peak,
@@ -327,7 +327,7 @@ def replay_on_card(
     return simulate(events, config, record_series=False), False
 
 
-def _raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
+def raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
     """Peak of live bytes, the event where it is first reached, and the categories then."""
     running = peak = 0
     at: int | None = None

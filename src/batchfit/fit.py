@@ -28,7 +28,7 @@ from ._events import Event
 from ._render import Table
 from ._trace import Trace
 from ._units import format_bytes
-from .estimate import Estimator, StepEstimate, _raw_peak, estimate_trace, make_spec, replay_on_card
+from .estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
 from .models import load_workload
 
 if TYPE_CHECKING:
@@ -78,9 +78,7 @@ class AffineTimeline:
 
         layers = {m: line(a.activation_bytes_by_module.get(m, 0), n) for m, n in b.activation_bytes_by_module.items()}
         numels = {sid: line(n, b.numels[sid]) for sid, n in a.numels.items() if sid in b.numels}
-        return Trace(
-            batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), None, numels, a.module_types
-        )
+        return Trace(batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), numels, a.module_types)
 
     def events_at(self, batch_size: int) -> list[Event]:
         return [
@@ -333,7 +331,7 @@ def fit(
     numel_limit = _numel_limit(t1, t2)
     limit = min(2**31, numel_limit) if timeline.ok else min(2**16, numel_limit)
     # a first guess from the per-sample cost of the live-bytes peak, so the search starts near the answer
-    p1, p2 = _raw_peak(t1.events)[0], _raw_peak(t2.events)[0]
+    p1, p2 = raw_peak(t1.events)[0], raw_peak(t2.events)[0]
     per_sample = p2 - p1
     guess = t1.batch_size + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else b1
     start = max(b1, min(guess, limit))

@@ -269,7 +269,7 @@ def _timm_entry(name: str) -> ModelEntry:
     return ModelEntry(build, default_input=default_input, description="timm")
 
 
-def _import_target(spec: str) -> tuple[Any, Any]:
+def import_target(spec: str) -> tuple[Any, Any]:
     """``path/to/file.py:NAME`` or ``package.module:NAME`` -> (module object, attribute)."""
     location, _, attr = spec.rpartition(":")
     if location.endswith(".py") or "/" in location or "\\" in location:
@@ -311,7 +311,7 @@ def _import_target(spec: str) -> tuple[Any, Any]:
 
 
 def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
-    module, target = _import_target(spec)
+    module, target = import_target(spec)
     if not callable(target):
         raise BatchfitError(
             f"{spec!r} is not a class or function", hint="name an nn.Module class or a function returning one"
@@ -366,7 +366,7 @@ def load_workload(
     if isinstance(model, Workload):  # already resolved (the verbs accept both)
         return model
     info = get_dataset(dataset) if isinstance(dataset, str) else dataset
-    inputs = _parse_inputs(input_size)
+    inputs = parse_inputs(input_size)
     if isinstance(model, nn.Module):
         if not inputs and info is not None:
             inputs = (InputSpec(info.shape),)
@@ -398,7 +398,7 @@ def load_workload(
     return Workload(model, built, inputs, example_inputs, info)
 
 
-def _parse_inputs(
+def parse_inputs(
     input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None,
 ) -> tuple[InputSpec, ...]:
     if input_size is None:

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import BatchfitError, ExitCode
 from ._render import Table
-from ._units import format_bytes
-from .estimate import CUDA_CATEGORIES, Estimator, StepEstimate, _mib, _short, make_spec
+from ._units import format_bytes, mib_cell
+from .estimate import CUDA_CATEGORIES, Estimator, StepEstimate, make_spec, short_category
 from .fit import FitResult, fit, standard_batch_sizes
 from .models import load_workload
 from .summary import ModelSummary, summary
@@ -276,17 +276,25 @@ class Plan:
 
     def sizes_table(self) -> Table:
         cats = self.categories()
-        columns = ["batch", *[_SHORT_EXTRA.get(c) or _short(c) for c in cats], "alloc", "reserved", "total", "fits", ""]
+        columns = [
+            "batch",
+            *[_SHORT_EXTRA.get(c) or short_category(c) for c in cats],
+            "alloc",
+            "reserved",
+            "total",
+            "fits",
+            "",
+        ]
         marks = {self.max_batch_size: "<- max", self.recommended_batch_size: "<- use"}
         if self.max_batch_size == self.recommended_batch_size:
             marks[self.max_batch_size] = "<- max, use"
         rows: list[Sequence[str]] = [
             [
                 f"{p.batch_size:,}",
-                *[_mib(p.stack_bytes.get(c, 0)) for c in cats],
-                _mib(p.peak_allocated_bytes),
-                _mib(p.peak_reserved_bytes),
-                _mib(p.total_bytes),
+                *[mib_cell(p.stack_bytes.get(c, 0)) for c in cats],
+                mib_cell(p.peak_allocated_bytes),
+                mib_cell(p.peak_reserved_bytes),
+                mib_cell(p.total_bytes),
                 "yes" if p.fits else "NO",
                 marks.get(p.batch_size, ""),
             ]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, ExitCode
 from ._render import Table
-from ._units import format_bytes
+from ._units import format_bytes, mib_cell
 
 if TYPE_CHECKING:
     from torch import nn
@@ -604,12 +604,12 @@ class ProbeResult:
                     str(i),
                     f"{a.batch_size:,}",
                     a.status if a.status != "error" else f"error: {a.message}",
-                    _mib(a.peak_allocated_bytes),
-                    _mib(a.estimated_peak_allocated_bytes),
-                    _mib(a.peak_reserved_bytes),
-                    _mib(a.estimated_peak_reserved_bytes),
-                    _mib(a.device_used_bytes),
-                    _mib(a.estimated_total_bytes),
+                    mib_cell(a.peak_allocated_bytes),
+                    mib_cell(a.estimated_peak_allocated_bytes),
+                    mib_cell(a.peak_reserved_bytes),
+                    mib_cell(a.estimated_peak_reserved_bytes),
+                    mib_cell(a.device_used_bytes),
+                    mib_cell(a.estimated_total_bytes),
                     f"{sps:,.0f}" if sps is not None else "-",
                     f"{a.seconds:.1f}",
                 ]
@@ -658,10 +658,6 @@ class ProbeResult:
         from rich.console import Group
 
         return Group(*(t.__rich__() for t in self.tables()))
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else format_bytes(n, unit="MiB").removesuffix(" MiB")
 
 
 def cudnn_notes(attempts: list[Attempt], max_batch_size: int, workspace_bytes: int | None = None) -> list[str]:
@@ -876,9 +872,9 @@ def _plain(value: Any, what: str) -> str | None:
 
 
 def _input_strings(input_size: Any) -> tuple[str, ...] | None:
-    from .models import _parse_inputs
+    from .models import parse_inputs
 
-    specs = _parse_inputs(input_size)
+    specs = parse_inputs(input_size)
     return tuple(str(s) for s in specs) if specs else None
 
 

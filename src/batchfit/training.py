@@ -252,9 +252,9 @@ def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
     if key in LOSSES:
         return LOSSES[key]
     if ":" in spec:
-        from .models import _import_target
+        from .models import import_target
 
-        _, fn = _import_target(spec)
+        _, fn = import_target(spec)
         if not callable(fn):
             raise BatchfitError(f"{spec!r} is not a function", hint="name a function fn(output, labels) -> loss")
         return LossSpec(spec, fn, _ce_labels)
@@ -268,9 +268,9 @@ def parse_step(spec: str | StepFn | None) -> StepFn | None:
     """A user's own training step ``fn(model, inputs, labels, optimizer)`` from ``file.py:fn``."""
     if spec is None or callable(spec):
         return spec
-    from .models import _import_target
+    from .models import import_target
 
-    _, fn = _import_target(spec)
+    _, fn = import_target(spec)
     if not callable(fn):
         raise BatchfitError(f"{spec!r} is not a function", hint="name a function fn(model, inputs, labels, optimizer)")
     return fn  # type: ignore[no-any-return]
