@@ -65,6 +65,27 @@ def test_search_property(boundary: int, start: int, first: int) -> None:
     assert n == (boundary if boundary >= first else first - 1)
 
 
+@pytest.mark.parametrize("bad", [None, 95, 64, 7])
+def test_search_with_sizes_checked_side_by_side_gives_the_same_answer(bad: int | None) -> None:
+    """The window below the boundary checked in a forked child and here agrees with one by one."""
+    from batchfit.fit import _side_by_side
+
+    def fits(b: int) -> bool:
+        return b <= 100 and b != bad
+
+    many = _side_by_side(fits)
+    assert many is not None  # Linux: fork is available
+    seen: list[list[int]] = []
+
+    def recording(sizes: list[int]) -> list[bool]:
+        seen.append(sizes)
+        return many(sizes)
+
+    assert search_max(fits, start=60, fits_many=recording) == search_max(fits, start=60)
+    assert seen and all(len(sizes) > 1 for sizes in seen)  # the window went through fits_many
+    assert many([1, 95, 100, 101, 64, 7]) == [fits(b) for b in (1, 95, 100, 101, 64, 7)]
+
+
 def test_search_limit_and_batch_one_failing() -> None:
     assert search_max(lambda b: True, start=3, limit=500)[0] == 500
     assert search_max(lambda b: False)[0] == 0

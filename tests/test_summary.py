@@ -263,6 +263,22 @@ def test_wrong_channels_suggests_the_channel_count() -> None:
 
 
 @pytest.mark.parametrize(
+    ("sample", "proposal"),
+    [((3, 28), "--input 3,28,28"), ((28, 28), "--input 3,28,28"), ((3, 28, 28, 2), "--input 3,32,32")],
+)
+def test_a_sample_with_the_wrong_rank_for_a_conv_says_so(sample: tuple[int, ...], proposal: str) -> None:
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    with pytest.raises(BatchfitError) as info:
+        summary(model, input_size=sample)
+    got = ", ".join(str(d) for d in (1, *sample))
+    assert info.value.message == f"layer conv1 (Conv2d) expected a 4-d input (N, C, H, W), got input of shape ({got})"
+    assert info.value.hint == f"one sample is (C, H, W) without the batch dimension, e.g. {proposal}"
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"style": "fancy"}, "unknown style"),

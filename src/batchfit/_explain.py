@@ -24,11 +24,18 @@ def _expect_linear(m: nn.Linear, shape: tuple[int, ...]) -> str | None:
 
 
 def _expect_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> str | None:
+    # batchfit always adds the batch dimension, so a short shape is a sample missing a dimension,
+    # not an unbatched call
     spatial = len(m.kernel_size)
-    if len(shape) not in (spatial + 1, spatial + 2):
-        return f"expected a {spatial + 2}-d input (N, C, {', '.join('LHWD'[-spatial:] if spatial > 1 else 'L')})"
-    channels = shape[-spatial - 1]
-    return None if channels == m.in_channels else f"expected {m.in_channels} input channels (dim 1)"
+    if len(shape) != spatial + 2:
+        return f"expected a {spatial + 2}-d input {_conv_layout(spatial, batch=True)}"
+    return None if shape[1] == m.in_channels else f"expected {m.in_channels} input channels (dim 1)"
+
+
+def _conv_layout(spatial: int, *, batch: bool) -> str:
+    dims = ["N"] if batch else []
+    dims += ["C", *("HW"[:spatial] if spatial == 2 else "DHW" if spatial == 3 else "L")]
+    return "(" + ", ".join(dims) + ")"
 
 
 def _expect_batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...]) -> str | None:
@@ -75,6 +82,16 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
             shape = ",".join(str(d) for d in matches[0].shape)
             return f"the model expects --input {shape} / --dataset {matches[0].name}"
         return f"the model expects {module.in_features} values per sample, e.g. --input {module.in_features}"
+    if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and len(got) != len(module.kernel_size) + 2:
+        rank = len(module.kernel_size)
+        if len(sample.shape) == rank and sample.shape[0] == module.in_channels:
+            proposal = (*sample.shape, sample.shape[-1])  # a spatial size left out
+        elif len(sample.shape) == rank:
+            proposal = (module.in_channels, *sample.shape)  # the channels left out
+        else:
+            proposal = (module.in_channels, *(32,) * rank)
+        example = ",".join(str(d) for d in proposal)
+        return f"one sample is {_conv_layout(rank, batch=False)} without the batch dimension, e.g. --input {example}"
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and got[1:] == sample.shape:
         spatial = ",".join(str(d) for d in sample.shape[1:])
         names = [d.name for d in DATASETS.values() if d.shape[0] == module.in_channels]

@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._render import Table
-from ._trace import Trace
+from ._trace import Trace, frozen_heap
 from ._units import format_bytes
 from .estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
 from .models import load_workload
 
 if TYPE_CHECKING:
+    from .allocator import AllocatorConfig
     from .gpus import Budget
 
 SCHEMA_VERSION = 1
@@ -47,6 +49,7 @@ class AffineTimeline:
             raise ValueError("two different batch sizes are needed")
         self.first, self.second = a, b
         self.template = a.events
+        self._static: list[tuple[Any, ...]] | None = None
         db = b.batch_size - a.batch_size
         self.slopes: list[int] = []
         self.intercepts: list[int] = []
@@ -81,9 +84,18 @@ class AffineTimeline:
         return Trace(batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), numels, a.module_types)
 
     def events_at(self, batch_size: int) -> list[Event]:
+        # the search calls this once per candidate: the fields that do not change are unpacked
+        # once, and the events are built as plain tuples (half the time of Event(...) here)
+        if self._static is None:
+            self._static = [
+                (e.seq, e.action, e.storage, e.category, e.module, e.phase, e.iteration) for e in self.template
+            ]
+        make = tuple.__new__
         return [
-            Event(e.seq, e.action, e.storage, max(0, i + s * batch_size), e.category, e.module, e.phase, e.iteration)
-            for e, s, i in zip(self.template, self.slopes, self.intercepts)
+            make(Event, (seq, action, storage, max(0, i + s * batch_size), category, module, phase, iteration))
+            for (seq, action, storage, category, module, phase, iteration), s, i in zip(
+                self._static, self.slopes, self.intercepts
+            )
         ]
 
     def matches(self, trace: Trace) -> bool:
@@ -206,7 +218,14 @@ class DoesNotFit(BatchfitError):
         self.advice = advice
 
 
-def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**31, first: int = 1) -> tuple[int, int]:
+def search_max(
+    fits: Callable[[int], bool],
+    *,
+    start: int = 1,
+    limit: int = 2**31,
+    first: int = 1,
+    fits_many: Callable[[list[int]], list[bool]] | None = None,
+) -> tuple[int, int]:
     """The largest N with ``fits(b)`` for every checked b <= N, and ``fits(N + 1)`` false.
 
     Gallops up from ``start`` (doubling), bisects the bracket, then checks the sizes just below
@@ -214,6 +233,8 @@ def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**3
     size: allocator rounding can make b fail while b + 1 fits); a failure found there restarts the
     search below it. Returns (N, calls); N is ``first - 1`` when ``first`` (the smallest size
     considered, normally 1) does not fit. ``limit`` caps the search (the answer is then ``limit``).
+    ``fits_many`` (same answers as ``fits``, for a list of sizes) checks those below together,
+    e.g. split across processes.
     """
     calls = 0
     memo: dict[int, bool] = {}
@@ -256,7 +277,12 @@ def search_max(fits: Callable[[int], bool], *, start: int = 1, limit: int = 2**3
         candidate = lo
         below = list(range(max(first, candidate - _SCAN_WINDOW), candidate))
         below += [2**k for k in range(int(math.log2(candidate)) + 1) if first <= 2**k < candidate]
-        failing = [b for b in sorted(set(below)) if not ok(b)]
+        below = sorted(set(below))
+        todo = [b for b in below if b not in memo]
+        if fits_many is not None and len(todo) > 1:
+            memo.update(zip(todo, fits_many(todo)))
+            calls += len(todo)
+        failing = [b for b in below if not ok(b)]
         if not failing:
             return min(candidate, limit), calls
         upper = failing[0]
@@ -293,12 +319,33 @@ def fit(
     budget = est.budget
     assert budget is not None
     say = progress or (lambda text: None)
-    notes: list[str] = []
 
-    # two traces give the affine timeline (checked at a third size: the max)
-    say("tracing the step at batch sizes 1 and 2")
+    # Two traces give the affine timeline; a third, near the answer, checks it. All three start at
+    # once (forked children beside this process), the third at a first guess made without tracing.
+    early = _early_guess(est)
+    say(f"tracing the step at batch sizes 1, 2 and {early:,}" if early else "tracing the step at batch sizes 1 and 2")
+    with frozen_heap():  # also spares the forked children a walk over the parent's heap
+        first_try, t2, early_check = _trace_side_by_side(est, 1, 2, early)
+        try:
+            return _fit_from_traces(est, first_try, t2, early, early_check, safety, say)
+        finally:
+            if early_check is not None:
+                early_check.cancel()  # not needed after all (or the search failed): stop and reap it
+
+
+def _fit_from_traces(
+    est: Estimator,
+    first_try: Trace | BatchfitError,
+    t2: Trace,
+    early: int | None,
+    early_check: _Child | None,
+    safety: float,
+    say: Callable[[str], None],
+) -> FitResult:
+    workload, spec, budget = est.workload, est.spec, est.budget
+    assert budget is not None
+    notes: list[str] = []
     b1 = 1
-    first_try, t2 = _trace_both(est, 1, 2)
     if isinstance(first_try, BatchfitError):
         if first_try.exit_code == ExitCode.UNSUPPORTED:
             raise first_try
@@ -335,13 +382,20 @@ def fit(
     per_sample = p2 - p1
     guess = t1.batch_size + (budget.device_limit_bytes - p1) // per_sample if per_sample > 0 else b1
     start = max(b1, min(guess, limit))
-    # A third trace checks the affine timeline: taken near the answer (at the first guess), in a
-    # forked child while the search runs here, and compared with the timeline once both are done.
-    check = _fork_trace(est, start) if timeline.ok and _can_fork() else None
-    say("searching the boundary")
-    best, _calls = search_max(fits_at, start=start, limit=limit, first=b1)
-    third: Trace | None = check() if check is not None else None
+    if timeline.ok and start > t1.batch_size:
+        start = _allocated_guess(timeline, t1.batch_size, start, budget, est.alloc_config, b1, limit)
+    # A third trace checks the affine timeline near the answer: the early one when it was taken
+    # (below the 2^31-element limit), else one at this guess, in a forked child while the search
+    # runs here; either is compared with the timeline once both are done.
+    check: _Child | None = None
     checked_at = start
+    if early_check is not None and early is not None and early <= limit and timeline.ok:
+        check, checked_at = early_check, early
+    elif timeline.ok and _can_fork():
+        check = _fork_trace(est, start)
+    say("searching the boundary")
+    best, _calls = search_max(fits_at, start=start, limit=limit, first=b1, fits_many=_side_by_side(fits_at))
+    third: Trace | None = check.result() if check is not None else None
     if third is None and timeline.ok:
         say(f"confirming with a trace at batch size {best:,}")
         checked_at = best
@@ -358,7 +412,9 @@ def fit(
             method = "traced"
             timeline.ok = False
             limit = min(2**16, numel_limit)
-            best, _calls = search_max(fits_at, start=min(best, limit), limit=limit, first=b1)
+            best, _calls = search_max(
+                fits_at, start=min(best, limit), limit=limit, first=b1, fits_many=_side_by_side(fits_at)
+            )
     if at_max_trace is None and best == b1:
         at_max_trace = trace_b1
     if at_max_trace is None:
@@ -407,21 +463,106 @@ def fit(
     )
 
 
-def _trace_both(est: Estimator, a: int, b: int) -> tuple[Trace | BatchfitError, Trace]:
-    """Trace at ``a`` (its error returned, not raised) and at ``b``, side by side where possible.
+def _allocated_guess(
+    timeline: AffineTimeline, a: int, far: int, budget: Budget, config: AllocatorConfig | None, first: int, limit: int
+) -> int:
+    """Where the allocated memory (live blocks, rounded as the allocator rounds them) reaches
+    the limit, on the line through its peaks at ``far / 2`` and ``far``.
 
-    The two traces are independent: on Linux the second runs in a forked child (the imports and
-    the model are already in memory), so a 2-core machine traces both in about the time of one.
-    Anything unusual in the child (an error, a crash) and the parent simply traces ``b`` itself.
+    Near the limit the allocator frees its cache and retries, so what decides is the allocated
+    peak, not the unlimited reserved one; the live-bytes guess can be 2x off. Two replays put the
+    search's start within a few sizes of the answer for most models.
     """
-    child = _fork_trace(est, b) if _can_fork() else None
-    first: Trace | BatchfitError
+    from .allocator import simulate
+
+    a = max(a, far // 2)  # small batches carry the fixed costs' rounding: fit the line higher up
+    if far - a < 2:
+        return far
+    low = simulate(timeline.events_at(a), config, record_series=False).peak_allocated_bytes
+    high = simulate(timeline.events_at(far), config, record_series=False).peak_allocated_bytes
+    if high <= low:
+        return far
+    guess = a + (budget.device_limit_bytes - low) * (far - a) // (high - low)
+    return max(first, min(guess, limit))
+
+
+def _trace_side_by_side(
+    est: Estimator, a: int, b: int, c: int | None = None
+) -> tuple[Trace | BatchfitError, Trace, _Child | None]:
+    """Trace at ``a`` (its error returned, not raised) and at ``b``, side by side where possible,
+    and start one at ``c`` (collected later from the child returned; None if not started).
+
+    The traces are independent: on Linux ``b`` and ``c`` run in forked children (the imports and
+    the model are already in memory), so a 2-core machine traces all three in about the time of
+    two. Anything unusual in a child (an error, a crash) and the parent simply traces ``b`` itself.
+    """
+    forks = _can_fork()
+    child = _fork_trace(est, b) if forks else None
+    later = _fork_trace(est, c) if forks and c is not None else None
     try:
-        first = est.trace(a)
-    except BatchfitError as exc:
-        first = exc
-    second = child() if child is not None else None
-    return first, second if second is not None else est.trace(b)
+        first: Trace | BatchfitError
+        try:
+            first = est.trace(a)
+        except BatchfitError as exc:
+            first = exc
+        second = child.result() if child is not None else None
+        return first, second if second is not None else est.trace(b), later
+    except BaseException:
+        for running in (child, later):
+            if running is not None:
+                running.cancel()
+        raise
+
+
+def _early_guess(est: Estimator) -> int | None:
+    """A first guess at the max before any trace, from one forward pass on the ``meta`` device.
+
+    Meta tensors carry shapes only, so the pass takes a fraction of a second even for large
+    models. Every leaf module's output bytes per sample stand in for the activations kept for
+    backward; parameters, gradients and optimizer state are counted as four copies of the
+    parameters. It is only where the checking trace is taken, so being off by 2x is harmless;
+    it is capped below the 2^31-element limit. None when the model cannot run on meta tensors
+    (or was not built on them) or the guess would be 1 or 2 (those sizes are traced anyway).
+    """
+    import torch
+    from torch import nn
+
+    from ._step import train_mode
+    from .models import unique_parameters
+
+    budget = est.budget
+    workload = est.workload
+    params = [p for _, p in unique_parameters(workload.model)]
+    if budget is None or not params or not all(p.is_meta for p in params):
+        return None
+    per_sample = 0
+    biggest = 0
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        nonlocal per_sample, biggest
+        if next(module.children(), None) is not None:
+            return
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                per_sample += t.numel() * t.element_size()
+                biggest = max(biggest, t.numel())
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad(), train_mode(workload.model, True):
+            inputs = workload.make_inputs(1, "meta")
+            workload.model(*inputs)
+    except Exception:
+        return None
+    finally:
+        handle.remove()
+    fixed = 4 * sum(p.numel() * p.element_size() for p in params)
+    if per_sample <= 0:
+        return None
+    guess = (budget.device_limit_bytes - fixed) // per_sample
+    if biggest:
+        guess = min(guess, (INT32_ELEMENTS - 1) // biggest)
+    return int(guess) if guess > 2 else None
 
 
 def _can_fork() -> bool:
@@ -429,24 +570,62 @@ def _can_fork() -> bool:
     return hasattr(os, "fork") and not os.environ.get("BATCHFIT_NO_FORK")
 
 
-def _fork_trace(est: Estimator, batch_size: int) -> Callable[[], Trace | None] | None:
+class _Child:
+    """A call running in a forked child; :meth:`result` waits for it, :meth:`cancel` stops it."""
+
+    def __init__(self, pid: int, read: int) -> None:
+        self.pid, self.read = pid, read
+        self.done = False
+
+    def result(self) -> Any:
+        """What the call returned, or None when it failed (the caller then does the work itself)."""
+        import pickle
+
+        if self.done:
+            return None
+        self.done = True
+        with os.fdopen(self.read, "rb") as pipe:
+            payload = pipe.read()
+        _, status = os.waitpid(self.pid, 0)
+        if status != 0 or not payload:
+            return None
+        try:
+            return pickle.loads(payload)
+        except Exception:
+            return None
+
+    def cancel(self) -> None:
+        """Stop a child whose result is no longer needed, and reap it."""
+        import signal
+
+        if self.done:
+            return
+        self.done = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.close(self.read)
+        os.waitpid(self.pid, 0)
+
+
+def _fork_call(call: Callable[[], Any]) -> _Child | None:
+    """Run ``call()`` in a forked child (the imports, model and traces are already in memory)."""
     import pickle
     import warnings
 
     read, write = os.pipe()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process": the child only traces
+        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process": the child only computes
         try:
             pid = os.fork()
         except OSError:
             os.close(read)
             os.close(write)
             return None
-    if pid == 0:  # the child: trace, send the result, leave without running any cleanup
+    if pid == 0:  # the child: compute, send the result, leave without running any cleanup
         code = 0
         try:
             os.close(read)
-            payload = pickle.dumps(est.trace(batch_size), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(call(), protocol=pickle.HIGHEST_PROTOCOL)
             with os.fdopen(write, "wb") as pipe:
                 pipe.write(payload)
         except BaseException:
@@ -454,20 +633,35 @@ def _fork_trace(est: Estimator, batch_size: int) -> Callable[[], Trace | None] |
         finally:
             os._exit(code)
     os.close(write)
+    return _Child(pid, read)
 
-    def collect() -> Trace | None:
-        with os.fdopen(read, "rb") as pipe:
-            payload = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        if status != 0 or not payload:
-            return None
+
+def _fork_trace(est: Estimator, batch_size: int) -> _Child | None:
+    return _fork_call(lambda: est.trace(batch_size))
+
+
+def _side_by_side(fits: Callable[[int], bool]) -> Callable[[list[int]], list[bool]] | None:
+    """``fits`` over a list of sizes, half of them in a forked child (None where fork is not available)."""
+    if not _can_fork():
+        return None
+
+    def many(sizes: list[int]) -> list[bool]:
+        theirs, mine = sizes[1::2], sizes[0::2]
+        child = _fork_call(lambda: [fits(b) for b in theirs])
         try:
-            trace: Trace = pickle.loads(payload)
-        except Exception:
-            return None
-        return trace
+            here = [fits(b) for b in mine]
+            there = child.result() if child is not None else None
+        except BaseException:
+            if child is not None:
+                child.cancel()
+            raise
+        if there is None:
+            there = [fits(b) for b in theirs]
+        out = [False] * len(sizes)
+        out[0::2], out[1::2] = here, there
+        return out
 
-    return collect
+    return many
 
 
 def _numel_lines(a: Trace, b: Trace) -> list[tuple[int, float]]:

@@ -5,6 +5,9 @@ Each command lives in its own module and registers itself on :data:`app` when im
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -36,7 +39,26 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The console entry point: run the command, then leave without the interpreter's teardown.
+
+    Tearing down torch and the traced objects one by one took about 2 s of a 14 s ``fit`` here
+    (measured: the command's output was complete at 12.0 s, the process ended at 14.4 s). All
+    output is flushed first; batchfit leaves no other state behind.
+    """
+    code: int | str | None = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BrokenPipeError, ValueError):  # reader gone, or the stream closed
+                stream.flush()
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 __all__ = ["app", "main"]
