@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -128,3 +130,21 @@ def test_golden_rich_table(golden) -> None:  # type: ignore[no-untyped-def]
     buf = io.StringIO()
     Console(file=buf, width=120, color_system=None, force_terminal=False).print(summary("cnn", dataset="mnist"))
     golden("summary_rich_cnn_mnist.txt", buf.getvalue())
+
+
+def _entry_point(*args: str) -> subprocess.CompletedProcess[str]:
+    """The console entry point as a user runs it (it leaves through os._exit: no teardown)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "batchfit", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_entry_point_flushes_all_output_and_keeps_exit_codes() -> None:
+    done = _entry_point("summary", "mlp", "--dataset", "mnist", "--json")
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["total_params"] == 101_770  # the whole document arrived
+    bad = _entry_point("summary", "no_such_model")
+    assert bad.returncode == 3 and "no_such_model" in bad.stderr
+    usage = _entry_point("summary", "mlp", "--style")
+    assert usage.returncode == 2

@@ -125,11 +125,12 @@ def run_step(
     scaler: Scaler | None = None,
     on_phase: Callable[[str, int], None] = lambda phase, iteration: None,
     after_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
+    window_only: bool = False,
 ) -> None:
     """Run the reference step's window.
 
     ``labels`` may be given, or made on first use by ``make_labels(logits)`` (which must file them
-    as existing before the window).
+    as existing before the window). ``window_only``: stop after the first iteration's backward.
     """
     if spec.mode == "inference":
         on_phase("forward", 1)
@@ -158,6 +159,9 @@ def run_step(
         on_phase("backward", it)
         backward(loss)
         del loss
+        if window_only:
+            on_phase("end", it)  # before this frame's locals (the labels it made) go
+            return
         on_phase("optimizer", it)
         if scaler is not None:
             scaler.step(optimizer)

@@ -79,6 +79,14 @@ class Trace:
     notes: list[str] = field(default_factory=list)
     numels: dict[int, int] = field(default_factory=dict)  # storage id -> elements of the tensor that made it
     module_types: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
+    # where the step's phases begin in ``events``: (phase, iteration, index); an "end" mark
+    # closes the step (what follows is the teardown's frees)
+    marks: list[tuple[str, int, int]] = field(default_factory=list)
+    window_only: bool = False  # only the first iteration's forward and backward were run
+
+    def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
+        """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
+        return next((i for p, it, i in self.marks if p == phase and iteration in (None, it)), None)
 
 
 class _Holder:
@@ -212,6 +220,7 @@ class _Tracer:
         self.cublas_threads: set[str] = set()
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
+        self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
@@ -360,9 +369,11 @@ class _Tracer:
         and makes traces of the same step comparable event by event.
         """
         ordered: list[tuple[str, _Storage]] = []
-        for is_free, run in itertools.groupby(self.raw, key=lambda entry: entry[0] == "free"):
-            entries = list(run)
-            ordered.extend(sorted(entries, key=lambda entry: entry[1].sid) if is_free else entries)
+        cuts = sorted({index for _, _, index in self.marks if 0 < index < len(self.raw)})
+        for start, stop in zip([0, *cuts], [*cuts, len(self.raw)]):  # a phase's first event stays first
+            for is_free, run in itertools.groupby(self.raw[start:stop], key=lambda entry: entry[0] == "free"):
+                entries = list(run)
+                ordered.extend(sorted(entries, key=lambda entry: entry[1].sid) if is_free else entries)
         return [
             Event(seq, action, rec.sid, rec.nbytes, rec.category, rec.module, rec.phase, rec.iteration)  # type: ignore[arg-type]
             for seq, (action, rec) in enumerate(ordered)
@@ -615,17 +626,24 @@ def trace_step(
     spec: StepSpec,
     *,
     cuda_workspaces: tuple[int, int] | None = None,
+    window_only: bool = False,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
 
     ``cuda_workspaces`` = (cuBLAS workspace per handle, cuDNN workspace per convolution call) in
     bytes adds the library workspaces a CUDA run takes through the caching allocator.
+    ``window_only``: run only the first iteration's forward and backward (about half the work);
+    :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
     with frozen_heap():
-        return _trace_step(workload, batch_size, spec, cuda_workspaces)
+        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only)
 
 
-def _trace_step(workload: Workload, batch_size: int, spec: StepSpec, cuda_workspaces: tuple[int, int] | None) -> Trace:
+def _trace_step(
+    workload: Workload, batch_size: int, spec: StepSpec, cuda_workspaces: tuple[int, int] | None, window_only: bool
+) -> Trace:
+    if window_only and (spec.mode != "train" or spec.step is not None):
+        raise ValueError("window_only traces need the reference training step (no custom step)")
     model = workload.model
     tracer = _Tracer(model)
     device = torch.device(spec.device)
@@ -643,6 +661,7 @@ def _trace_step(workload: Workload, batch_size: int, spec: StepSpec, cuda_worksp
         return labels
 
     def on_phase(phase: str, iteration: int) -> None:
+        tracer.marks.append((phase, iteration, len(tracer.raw)))
         tracer.phase, tracer.iteration = phase, iteration
         tracer.module_stack[-1] = "optimizer" if phase == "optimizer" else ""
 
@@ -703,7 +722,10 @@ def _trace_step(workload: Workload, batch_size: int, spec: StepSpec, cuda_worksp
                 scaler=_GradScaler(spec.device) if spec.precision.grad_scaler and spec.mode == "train" else None,
                 on_phase=on_phase,
                 after_step=after_step,
+                window_only=window_only,
             )
+            if not window_only:
+                on_phase("end", 0)
             del inputs, labels, optimizer
     except BatchfitError:
         raise
@@ -717,7 +739,17 @@ def _trace_step(workload: Workload, batch_size: int, spec: StepSpec, cuda_worksp
         )
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
-    return Trace(batch_size, spec.device, tracer.events(), activation_bytes, tracer.notes, tracer.numels, types)
+    return Trace(
+        batch_size,
+        spec.device,
+        tracer.events(),
+        activation_bytes,
+        tracer.notes,
+        tracer.numels,
+        types,
+        list(tracer.marks),
+        window_only,
+    )
 
 
 def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, int]:
@@ -735,6 +767,7 @@ def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, 
     for _, rec in born:
         rec.category, rec.module = "inputs", ""
     tracer.raw[setup_end:setup_end] = born
+    tracer.marks = [(p, it, i + len(born) if i >= setup_end else i) for p, it, i in tracer.marks]
     return made, setup_end + len(born)
 
 

@@ -380,8 +380,10 @@ class Estimator:
         self.cuda_workspaces = (card.cublas_workspace_bytes, card.conv_workspace_bytes) if card is not None else None
         self._cache: dict[int, StepEstimate] = {}
 
-    def trace(self, batch_size: int) -> Trace:
-        return trace_step(self.workload, batch_size, self.spec, cuda_workspaces=self.cuda_workspaces)
+    def trace(self, batch_size: int, *, window_only: bool = False) -> Trace:
+        return trace_step(
+            self.workload, batch_size, self.spec, cuda_workspaces=self.cuda_workspaces, window_only=window_only
+        )
 
     def at(self, batch_size: int) -> StepEstimate:
         if batch_size not in self._cache:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._compose import compose
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._render import Table
@@ -322,10 +323,12 @@ def fit(
 
     # Two traces give the affine timeline; a third, near the answer, checks it. All three start at
     # once (forked children beside this process), the third at a first guess made without tracing.
-    early = _early_guess(est)
-    say(f"tracing the step at batch sizes 1, 2 and {early:,}" if early else "tracing the step at batch sizes 1 and 2")
+    say("tracing the step at batch sizes 1, 2 and a first guess")
     with frozen_heap():  # also spares the forked children a walk over the parent's heap
-        first_try, t2, early_check = _trace_side_by_side(est, 1, 2, early)
+        # Only the forward and backward change with the batch size: at 2 and at the guess only the
+        # first iteration's are traced, and composed onto the whole step traced at 1 (see _compose)
+        window_only = spec.step is None
+        first_try, t2, early, early_check = _trace_side_by_side(est, 1, 2, lambda: _early_guess(est), window_only)
         try:
             return _fit_from_traces(est, first_try, t2, early, early_check, safety, say)
         finally:
@@ -346,14 +349,21 @@ def _fit_from_traces(
     assert budget is not None
     notes: list[str] = []
     b1 = 1
+    short = t2.window_only
     if isinstance(first_try, BatchfitError):
         if first_try.exit_code == ExitCode.UNSUPPORTED:
             raise first_try
         # a model that cannot train on one sample (BatchNorm on a single value per channel)
         notes.append(f"batch size 1 cannot train this model ({first_try.message}); sizes from 2 up were searched")
-        b1, t1, t2 = 2, t2, est.trace(3)
+        b1 = 2
+        template = t1 = est.trace(2) if short else t2
+        t2 = _complete(est, template, est.trace(3, window_only=short))
     else:
-        t1 = first_try
+        template = t1 = first_try
+        composed = compose(t1, t2) if short else t2
+        if composed is None:  # batch size 1 is shaped differently: the whole step at 2 is the template
+            composed = template = est.trace(2)
+        t2 = composed
     trace_b1 = t1
     first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
     if not first.fits:
@@ -362,7 +372,7 @@ def _fit_from_traces(
     if not timeline.ok:
         # batch size 1 is often shaped differently (a copy skipped when a dimension is 1): build
         # the timeline from the next two sizes, and keep batch 1's own trace for batch 1
-        t3 = est.trace(b1 + 2)
+        t3 = _complete(est, template, est.trace(b1 + 2, window_only=short))
         timeline = AffineTimeline(t2, t3)
         t1, t2 = t2, t3
     method = "affine" if timeline.ok else "traced"
@@ -392,10 +402,12 @@ def _fit_from_traces(
     if early_check is not None and early is not None and early <= limit and timeline.ok:
         check, checked_at = early_check, early
     elif timeline.ok and _can_fork():
-        check = _fork_trace(est, start)
+        check = _fork_trace(est, start, short)
     say("searching the boundary")
     best, _calls = search_max(fits_at, start=start, limit=limit, first=b1, fits_many=_side_by_side(fits_at))
     third: Trace | None = check.result() if check is not None else None
+    if third is not None:
+        third = _complete(est, template, third)
     if third is None and timeline.ok:
         say(f"confirming with a trace at batch size {best:,}")
         checked_at = best
@@ -487,31 +499,43 @@ def _allocated_guess(
 
 
 def _trace_side_by_side(
-    est: Estimator, a: int, b: int, c: int | None = None
-) -> tuple[Trace | BatchfitError, Trace, _Child | None]:
-    """Trace at ``a`` (its error returned, not raised) and at ``b``, side by side where possible,
-    and start one at ``c`` (collected later from the child returned; None if not started).
+    est: Estimator, a: int, b: int, c: Callable[[], int | None], window_only: bool
+) -> tuple[Trace | BatchfitError, Trace, int | None, _Child | None]:
+    """Trace the whole step at ``a`` (its error returned, not raised) and at ``b`` (only the
+    window when ``window_only``), side by side where possible, and start one like ``b`` at the
+    size ``c()`` returns (None: none), collected later from the child returned.
 
     The traces are independent: on Linux ``b`` and ``c`` run in forked children (the imports and
-    the model are already in memory), so a 2-core machine traces all three in about the time of
-    two. Anything unusual in a child (an error, a crash) and the parent simply traces ``b`` itself.
+    the model are already in memory), so a 2-core machine runs all three in about the time of the
+    longest; ``c()`` is worked out while ``b``'s child runs. Anything unusual in a child (an
+    error, a crash) and the parent simply traces ``b`` itself.
     """
     forks = _can_fork()
-    child = _fork_trace(est, b) if forks else None
-    later = _fork_trace(est, c) if forks and c is not None else None
+    child = _fork_trace(est, b, window_only) if forks else None
+    later: _Child | None = None
     try:
+        size = c()
+        later = _fork_trace(est, size, window_only) if forks and size is not None else None
         first: Trace | BatchfitError
         try:
             first = est.trace(a)
         except BatchfitError as exc:
             first = exc
         second = child.result() if child is not None else None
-        return first, second if second is not None else est.trace(b), later
+        return first, second if second is not None else est.trace(b, window_only=window_only), size, later
     except BaseException:
         for running in (child, later):
             if running is not None:
                 running.cancel()
         raise
+
+
+def _complete(est: Estimator, template: Trace, trace: Trace) -> Trace:
+    """A full trace at ``trace``'s batch size: ``trace`` itself, or, when it is window-only,
+    composed onto ``template`` (traced in full when the two do not line up)."""
+    if not trace.window_only:
+        return trace
+    return compose(template, trace) or est.trace(trace.batch_size)
 
 
 def _early_guess(est: Estimator) -> int | None:
@@ -636,8 +660,8 @@ def _fork_call(call: Callable[[], Any]) -> _Child | None:
     return _Child(pid, read)
 
 
-def _fork_trace(est: Estimator, batch_size: int) -> _Child | None:
-    return _fork_call(lambda: est.trace(batch_size))
+def _fork_trace(est: Estimator, batch_size: int, window_only: bool = False) -> _Child | None:
+    return _fork_call(lambda: est.trace(batch_size, window_only=window_only))
 
 
 def _side_by_side(fits: Callable[[int], bool]) -> Callable[[list[int]], list[bool]] | None:
