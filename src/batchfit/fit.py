@@ -350,6 +350,7 @@ def _fit_from_traces(
     notes: list[str] = []
     b1 = 1
     short = t2.window_only
+    t3_ahead: Trace | None = None  # batch size 3, when it is known early that it will be needed
     if isinstance(first_try, BatchfitError):
         if first_try.exit_code == ExitCode.UNSUPPORTED:
             raise first_try
@@ -361,8 +362,18 @@ def _fit_from_traces(
     else:
         template = t1 = first_try
         composed = compose(t1, t2) if short else t2
-        if composed is None:  # batch size 1 is shaped differently: the whole step at 2 is the template
-            composed = template = est.trace(2)
+        if composed is None:
+            # batch size 1 is shaped differently: the whole step at 2 becomes the template, and the
+            # timeline will need batch size 3 (traced meanwhile in a child)
+            ahead = _fork_trace(est, 3, short) if _can_fork() else None
+            try:
+                composed = template = est.trace(2)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+            three = ahead.result() if ahead is not None else None
+            t3_ahead = _complete(est, template, three) if three is not None else None
         t2 = composed
     trace_b1 = t1
     first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
@@ -372,7 +383,7 @@ def _fit_from_traces(
     if not timeline.ok:
         # batch size 1 is often shaped differently (a copy skipped when a dimension is 1): build
         # the timeline from the next two sizes, and keep batch 1's own trace for batch 1
-        t3 = _complete(est, template, est.trace(b1 + 2, window_only=short))
+        t3 = t3_ahead or _complete(est, template, est.trace(b1 + 2, window_only=short))
         timeline = AffineTimeline(t2, t3)
         t1, t2 = t2, t3
     method = "affine" if timeline.ok else "traced"
