@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,6 +47,7 @@ _CUBLAS_OPS = frozenset(
     f"aten.{op}"
     for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation", "addr")
 )
+_PRIM_DEVICE = torch.ops.prim.device.default
 _CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "aten.cudnn_convolution"))
 
 
@@ -106,6 +107,10 @@ class _Recorder(TorchDispatchMode):
         self.tracer = tracer
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor) and not args[0].fake_mode.in_kernel_invocation:
+            # `.device` of a fake tensor (thousands per step: autograd's and the optimizer's
+            # device checks): answered as the fake mode answers it, without a trip through it
+            return args[0].fake_device
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
