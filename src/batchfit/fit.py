@@ -328,9 +328,9 @@ def fit(
         # Only the forward and backward change with the batch size: at 2 and at the guess only the
         # first iteration's are traced, and composed onto the whole step traced at 1 (see _compose)
         window_only = spec.step is None
-        first_try, t2, early, early_check = _trace_side_by_side(est, 1, 2, lambda: _early_guess(est), window_only)
+        first_try, t2, early_check = _trace_side_by_side(est, 1, 2, lambda: _early_guess(est), window_only)
         try:
-            return _fit_from_traces(est, first_try, t2, early, early_check, safety, say)
+            return _fit_from_traces(est, first_try, t2, early_check, safety, say)
         finally:
             if early_check is not None:
                 early_check.cancel()  # not needed after all (or the search failed): stop and reap it
@@ -340,7 +340,6 @@ def _fit_from_traces(
     est: Estimator,
     first_try: Trace | BatchfitError,
     t2: Trace,
-    early: int | None,
     early_check: _Child | None,
     safety: float,
     say: Callable[[str], None],
@@ -405,18 +404,22 @@ def _fit_from_traces(
     start = max(b1, min(guess, limit))
     if timeline.ok and start > t1.batch_size:
         start = _allocated_guess(timeline, t1.batch_size, start, budget, est.alloc_config, b1, limit)
-    # A third trace checks the affine timeline near the answer: the early one when it was taken
-    # (below the 2^31-element limit), else one at this guess, in a forked child while the search
-    # runs here; either is compared with the timeline once both are done.
-    check: _Child | None = None
-    checked_at = start
-    if early_check is not None and early is not None and early <= limit and timeline.ok:
-        check, checked_at = early_check, early
-    elif timeline.ok and _can_fork():
+    # A third trace checks the affine timeline near the answer: the one at the early guess (below
+    # the 2^31-element limit), else one at this guess, in a forked child while the search runs
+    # here; either is compared with the timeline once both are done.
+    check = early_check if timeline.ok else None
+    if check is None and timeline.ok and _can_fork():
         check = _fork_trace(est, start, short)
     say("searching the boundary")
     best, _calls = search_max(fits_at, start=start, limit=limit, first=b1, fits_many=_side_by_side(fits_at))
-    third: Trace | None = check.result() if check is not None else None
+    third: Trace | None = None
+    checked_at = start
+    if check is not None and check is early_check:
+        early = check.result()  # (the guess, its trace), or None when there was no guess
+        if early is not None and early[0] <= limit:
+            checked_at, third = early
+    elif check is not None:
+        third = check.result()
     if third is not None:
         third = _complete(est, template, third)
     if third is None and timeline.ok:
@@ -511,34 +514,36 @@ def _allocated_guess(
 
 def _trace_side_by_side(
     est: Estimator, a: int, b: int, c: Callable[[], int | None], window_only: bool
-) -> tuple[Trace | BatchfitError, Trace, int | None, _Child | None]:
+) -> tuple[Trace | BatchfitError, Trace, _Child | None]:
     """Trace the whole step at ``a`` (its error returned, not raised) and at ``b`` (only the
-    window when ``window_only``), side by side where possible, and start one like ``b`` at the
-    size ``c()`` returns (None: none), collected later from the child returned.
+    window when ``window_only``), side by side where possible; and start a child that works out
+    the size ``c()`` and traces there like ``b``: it gives (size, trace), or None when ``c()`` is None.
 
     The traces are independent: on Linux ``b`` and ``c`` run in forked children (the imports and
     the model are already in memory), so a 2-core machine runs all three in about the time of the
-    longest; ``c()`` is worked out while ``b``'s child runs. Anything unusual in a child (an
-    error, a crash) and the parent simply traces ``b`` itself.
+    longest. Anything unusual in a child (an error, a crash) and the parent simply traces ``b`` itself.
     """
     forks = _can_fork()
     child = _fork_trace(est, b, window_only) if forks else None
-    later: _Child | None = None
+    later = _fork_call(lambda: _trace_at_guess(est, c, window_only)) if forks else None
     try:
-        size = c()
-        later = _fork_trace(est, size, window_only) if forks and size is not None else None
         first: Trace | BatchfitError
         try:
             first = est.trace(a)
         except BatchfitError as exc:
             first = exc
         second = child.result() if child is not None else None
-        return first, second if second is not None else est.trace(b, window_only=window_only), size, later
+        return first, second if second is not None else est.trace(b, window_only=window_only), later
     except BaseException:
         for running in (child, later):
             if running is not None:
                 running.cancel()
         raise
+
+
+def _trace_at_guess(est: Estimator, guess: Callable[[], int | None], window_only: bool) -> tuple[int, Trace] | None:
+    size = guess()
+    return None if size is None else (size, est.trace(size, window_only=window_only))
 
 
 def _complete(est: Estimator, template: Trace, trace: Trace) -> Trace:
