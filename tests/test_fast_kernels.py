@@ -107,6 +107,7 @@ def test_traces_are_the_same_with_and_without_stand_ins(monkeypatch, precision, 
         aten.cudnn_batch_norm.default,
         aten.cudnn_batch_norm_backward.default,
         aten.native_batch_norm.default,
+        aten._foreach_sqrt.default,
     }
 
 
@@ -150,3 +151,19 @@ def test_cpu_autocast_bf16_with_batch_norm_traces():
     est = Estimator(workload, make_spec("cpu", "sgd", "amp-bf16", None, None, "train"))
     trace = est.trace(2)
     assert any(e.phase == "backward" for e in trace.events)
+
+
+def test_foreach_sqrt_matches_the_decomposition():
+    with FakeTensorMode():
+        tensors = [
+            torch.empty(64, 3, 7, 7, device="cuda").contiguous(memory_format=torch.channels_last),
+            torch.empty(10, device="cuda", dtype=torch.bfloat16),
+            torch.empty(5, 4, device="cuda").t(),  # transposed: still dense
+            torch.empty((), device="cuda"),
+        ]
+        expected = aten._foreach_sqrt.default(tensors)
+        fast = run_fast(aten._foreach_sqrt.default, (tensors,), {})
+        assert fast is not None
+        assert [_meta(t) for t in fast] == [_meta(t) for t in expected]
+        strided = [torch.empty(8, 8, device="cuda")[:, ::2]]
+        assert run_fast(aten._foreach_sqrt.default, (strided,), {}) is None

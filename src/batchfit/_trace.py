@@ -31,6 +31,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -48,6 +49,8 @@ _CUBLAS_OPS = frozenset(
     for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation", "addr")
 )
 _PRIM_DEVICE = torch.ops.prim.device.default
+_ITEM = torch.ops.aten._local_scalar_dense.default
+_ANSWERED_HERE = frozenset((_PRIM_DEVICE, _ITEM))
 _CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "aten.cudnn_convolution"))
 
 
@@ -107,10 +110,16 @@ class _Recorder(TorchDispatchMode):
         self.tracer = tracer
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor) and not args[0].fake_mode.in_kernel_invocation:
-            # `.device` of a fake tensor (thousands per step: autograd's and the optimizer's
-            # device checks): answered as the fake mode answers it, without a trip through it
-            return args[0].fake_device
+        if func in _ANSWERED_HERE and isinstance(args[0], FakeTensor):
+            # Answered as the fake mode answers them, without a trip through it (thousands per
+            # step): `.device` (autograd's and the optimizer's device checks), and `.item()` of a
+            # constant (the optimizer's CPU step counters, read for the bias corrections).
+            first = args[0]
+            if func is _PRIM_DEVICE and not first.fake_mode.in_kernel_invocation:
+                return first.fake_device
+            if func is _ITEM and first.constant is not None:
+                with no_dispatch():
+                    return first.constant.item()
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
