@@ -75,3 +75,13 @@ def test_a_device_limit_is_never_exceeded(events: list[Event], cfg: AllocatorCon
     unlimited = simulate(events, cfg)
     if unlimited.peak_reserved_bytes <= limit:
         assert not result.oom  # what fits without a limit fits under it
+
+
+@settings(max_examples=60, deadline=None)
+@given(timelines(), st.sampled_from(CONFIGS), st.integers(40 << 20, 400 << 20))
+def test_the_replay_without_breakdown_answers_the_same(events: list[Event], cfg: AllocatorConfig, limit: int) -> None:
+    full = simulate(events, cfg, device_limit_bytes=limit, record_series=False).to_dict()
+    quick = simulate(events, cfg, device_limit_bytes=limit, record_series=False, breakdown=False).to_dict()
+    assert quick.pop("allocated_by_category_bytes") == {}
+    full.pop("allocated_by_category_bytes")
+    assert quick == full

@@ -951,6 +951,7 @@ def simulate(
     *,
     allowed_bytes: int | None = None,
     record_series: bool = True,
+    breakdown: bool = True,
 ) -> AllocatorResult:
     """Replay ``events`` through the caching-allocator model.
 
@@ -959,6 +960,8 @@ def simulate(
     (the replay stops there). ``allowed_bytes``: the cap set by
     ``torch.cuda.set_per_process_memory_fraction`` (it also enables ``garbage_collection_threshold``).
     Events with ``nbytes == 0`` allocate nothing (PyTorch hands out a null pointer).
+    ``breakdown=False`` skips the per-category accounting (``allocated_by_category_bytes`` is then
+    empty): for a search that only asks whether a step fits.
 
     >>> from batchfit._events import Event
     >>> ev = [Event(0, "alloc", 1, 30 << 20, "parameters", "", "setup", 0)]
@@ -1003,9 +1006,10 @@ def simulate(
                     oom_seq, oom_bytes = ev.seq, ev.nbytes
                     break
                 live[storage] = block
-                cat = ev.category
-                category_of[storage] = cat
-                by_category[cat] = by_category.get(cat, 0) + block.size
+                if breakdown:
+                    cat = ev.category
+                    category_of[storage] = cat
+                    by_category[cat] = by_category.get(cat, 0) + block.size
                 if state.allocated > peak_alloc:
                     # the breakdown is copied lazily, at the next free: within a run of
                     # allocations only the last new peak matters
@@ -1016,10 +1020,11 @@ def simulate(
         else:
             freed = live.pop(storage, None)
             if freed is not None:
-                if peak_pending:
-                    peak_categories = dict(by_category)
-                    peak_pending = False
-                by_category[category_of.pop(storage)] -= freed.size
+                if breakdown:
+                    if peak_pending:
+                        peak_categories = dict(by_category)
+                        peak_pending = False
+                    by_category[category_of.pop(storage)] -= freed.size
                 free(freed)
             elif storage in zero_sized:
                 zero_sized.discard(storage)
@@ -1029,8 +1034,10 @@ def simulate(
             series_seq.append(ev.seq)
             series_alloc.append(state.allocated)
             series_res.append(state.reserved)
-    if peak_pending:
+    if peak_pending and breakdown:
         peak_categories = dict(by_category)
+    if not breakdown:
+        peak_categories = {}
     series = AllocatorSeries(series_seq, series_alloc, series_res) if record_series else None
     return AllocatorResult(
         peak_allocated_bytes=peak_alloc,

@@ -321,7 +321,7 @@ def replay_on_card(
     """
     from .allocator import simulate
 
-    limited = simulate(events, config, budget.device_limit_bytes, record_series=False)
+    limited = simulate(events, config, budget.device_limit_bytes, record_series=False, breakdown=numbers)
     if not limited.oom or not numbers:  # numbers=False: only whether it fits matters
         return limited, not limited.oom
     return simulate(events, config, record_series=False), False
