@@ -125,3 +125,14 @@ def test_fit_answers_the_same_with_and_without_composition(monkeypatch: pytest.M
     assert composed.recommended_batch_size == full.recommended_batch_size
     assert composed.estimate_at_max == full.estimate_at_max
     assert composed.method == full.method == "affine"
+
+
+def test_fit_without_fork_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BATCHFIT_NO_FORK=1 (or no fork on the platform): every trace in this process, same answer."""
+    args = {"memory": "3GiB", "optimizer": "adamw"}
+    side_by_side = fit("cnn", dataset="cifar10", **args)
+    monkeypatch.setenv("BATCHFIT_NO_FORK", "1")
+    alone = fit("cnn", dataset="cifar10", **args)
+    assert alone.max_batch_size == side_by_side.max_batch_size
+    assert alone.recommended_batch_size == side_by_side.recommended_batch_size
+    assert alone.estimate_at_max == side_by_side.estimate_at_max
