@@ -13,18 +13,7 @@ from batchfit._compose import compose
 from batchfit.estimate import Estimator, make_spec
 from batchfit.fit import fit
 from batchfit.models import InputSpec, Workload, load_workload
-from zoo import ZOO
-
-
-def _zoo_workload(name: str) -> Workload:
-    entry = ZOO[name]
-    with torch.device("meta"):
-        model = entry.build()
-    if entry.make_inputs is not None:
-        return Workload(name, model, example_inputs=entry.make_inputs)
-    sizes = [entry.input_size] if isinstance(entry.input_size, tuple) else list(entry.input_size or [])
-    return Workload(name, model, tuple(InputSpec(tuple(s)) for s in sizes))
-
+from zoo import ZOO, zoo_workload
 
 CASES = [
     ("cnn", "adam", "fp32"),
@@ -42,7 +31,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "optimizer", "precision"), CASES)
 def test_composed_trace_equals_the_full_trace(name: str, optimizer: str, precision: str) -> None:
     if name in ZOO:
-        workload = _zoo_workload(name)
+        workload = zoo_workload(name)
     else:
         workload = load_workload(
             name, (3, 32, 32) if name == "resnet18" else None, dataset="mnist" if name != "resnet18" else None

@@ -17,17 +17,7 @@ from batchfit import estimate, load_workload
 from batchfit.estimate import make_spec
 from batchfit.measure import measure_step
 from batchfit.models import InputSpec, Workload
-from zoo import ZOO
-
-
-def _zoo_workload(name: str) -> Workload:
-    entry = ZOO[name]
-    with torch.device("meta"):
-        model = entry.build()
-    if entry.make_inputs is not None:
-        return Workload(name, model, example_inputs=entry.make_inputs)
-    sizes = [entry.input_size] if isinstance(entry.input_size, tuple) else list(entry.input_size or [])
-    return Workload(name, model, tuple(InputSpec(tuple(s)) for s in sizes))
+from zoo import zoo_workload
 
 
 def _both(workload: Workload, batch_size: int, optimizer: str = "sgd") -> tuple[int, int]:
@@ -71,7 +61,7 @@ def test_registry_models_match_a_real_step(model: str, kwargs: dict, batch_size:
 
 @pytest.mark.parametrize("name", ["tied_lm", "frozen", "reused", "lstm", "two_inputs", "dict_input", "llama_tiny"])
 def test_zoo_matches_a_real_step(name: str) -> None:
-    est, real = _both(_zoo_workload(name), 4, "adam")
+    est, real = _both(zoo_workload(name), 4, "adam")
     assert abs(est - real) / real < 0.01, (est, real)
 
 

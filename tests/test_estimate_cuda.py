@@ -10,7 +10,7 @@ from torch import nn
 from batchfit import estimate, load_workload
 from batchfit.gpus import get_gpu
 from batchfit.models import InputSpec, Workload
-from zoo import ZOO
+from zoo import zoo_workload
 
 H100 = get_gpu("h100")
 
@@ -134,14 +134,7 @@ def test_the_cpu_step_counters_of_adam_are_not_gpu_memory() -> None:
     "name", ["reused", "tied_lm", "frozen", "two_inputs", "dict_input", "transformer_encoder", "llama_tiny", "lstm"]
 )
 def test_allocated_le_reserved_le_total(name: str) -> None:
-    entry = ZOO[name]
-    with torch.device("meta"):
-        model = entry.build()
-    if entry.make_inputs is not None:
-        w = Workload(name, model, example_inputs=entry.make_inputs)
-    else:
-        sizes = [entry.input_size] if isinstance(entry.input_size, tuple) else list(entry.input_size or [])
-        w = Workload(name, model, tuple(InputSpec(tuple(s)) for s in sizes))
+    w = zoo_workload(name)
     r = estimate(w, batch_size=8, device="cuda", optimizer="adamw")
     assert r.peak_reserved_bytes is not None and r.total_bytes is not None
     assert r.peak_allocated_bytes <= r.peak_reserved_bytes <= r.total_bytes

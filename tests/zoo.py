@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchfit.models import InputSpec, Workload
+
 # ---------------------------------------------------------------------------------------------
 # The awkward models
 
@@ -337,3 +339,14 @@ ZOO: dict[str, ZooModel] = {
         note="LLaMA-shaped decoder, tiny config",
     ),
 }
+
+
+def zoo_workload(name: str) -> Workload:
+    """The zoo entry ``name`` built on ``meta``, as a Workload (its inputs or example inputs)."""
+    entry = ZOO[name]
+    with torch.device("meta"):
+        model = entry.build()
+    if entry.make_inputs is not None:
+        return Workload(name, model, example_inputs=entry.make_inputs)
+    sizes = [entry.input_size] if isinstance(entry.input_size, tuple) else list(entry.input_size or [])
+    return Workload(name, model, tuple(InputSpec(tuple(s)) for s in sizes))
