@@ -33,9 +33,8 @@ def _expect_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> str | No
 
 
 def _conv_layout(spatial: int, *, batch: bool) -> str:
-    dims = ["N"] if batch else []
-    dims += ["C", *("HW"[:spatial] if spatial == 2 else "DHW" if spatial == 3 else "L")]
-    return "(" + ", ".join(dims) + ")"
+    dims = ["N", "C"] if batch else ["C"]
+    return "(" + ", ".join([*dims, *{1: "L", 2: "HW", 3: "DHW"}[spatial]]) + ")"
 
 
 def _expect_batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...]) -> str | None:

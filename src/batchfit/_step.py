@@ -129,16 +129,19 @@ def run_step(
 ) -> None:
     """Run the reference step's window.
 
-    ``labels`` may be given, or made on first use by ``make_labels(logits)`` (which must file them
-    as existing before the window). ``window_only``: stop after the first iteration's backward.
+        ``labels`` may be given, or made on first use by ``make_labels(logits)`` (which must file them
+        as existing before the window). ``window_only``: stop after the first iteration's backward.
+    ``on_phase(phase, iteration)`` is called as each phase begins, and with ``"end"`` as the step ends.
     """
     if spec.mode == "inference":
         on_phase("forward", 1)
         with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
             out = call_model(model, inputs)
         del out
+        on_phase("end", 1)
         return
     assert optimizer is not None
+    it = 0
     for it in range(1, spec.iterations + 1):
         on_phase("forward", it)
         if spec.step is not None:
@@ -160,8 +163,7 @@ def run_step(
         backward(loss)
         del loss
         if window_only:
-            on_phase("end", it)  # before this frame's locals (the labels it made) go
-            return
+            break
         on_phase("optimizer", it)
         if scaler is not None:
             scaler.step(optimizer)
@@ -170,3 +172,4 @@ def run_step(
             optimizer.step()
         after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
+    on_phase("end", it)  # while this frame's locals (the labels it made) are still alive

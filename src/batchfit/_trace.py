@@ -83,7 +83,7 @@ class Trace:
     notes: list[str] = field(default_factory=list)
     numels: dict[int, int] = field(default_factory=dict)  # storage id -> elements of the tensor that made it
     module_types: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
-    # where the step's phases begin in ``events``: (phase, iteration, index); an "end" mark
+    # where the step's phases begin in ``events``: (phase, iteration, index); the "end" mark
     # closes the step (what follows is the teardown's frees)
     marks: list[tuple[str, int, int]] = field(default_factory=list)
     window_only: bool = False  # only the first iteration's forward and backward were run
@@ -738,8 +738,6 @@ def _trace_step(
                 after_step=after_step,
                 window_only=window_only,
             )
-            if not window_only:
-                on_phase("end", 0)
             del inputs, labels, optimizer
     except BatchfitError:
         raise

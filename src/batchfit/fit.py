@@ -3,11 +3,12 @@
 The max is the largest N such that every batch size from 1 to N fits: its step, replayed through
 the caching-allocator model against the card's limit, does not run out of memory (so its
 ``total_bytes`` is within the budget). Tracing a step at every candidate would take a second
-each; instead the step is traced at two batch sizes, and when the two timelines have the same
-structure (same storages, same order) every storage's size is an exact affine function of the
-batch size, checked at a third size. Any batch size's timeline then follows without tracing,
-and each candidate costs one allocator replay (milliseconds). The boundary found is confirmed by
-a real trace at the max.
+each; instead the whole step is traced at batch size 1, and only its first forward and backward
+at 2 and at a first guess, completed from the full trace (:mod:`batchfit._compose`). When the
+timelines at 1 and 2 have the same structure (same storages, same order) every storage's size
+is an exact affine function of the batch size, checked against the trace at the guess. Any
+batch size's timeline then follows without tracing, and each candidate costs one allocator
+replay (milliseconds). The three traces run side by side in forked children where fork exists.
 
 >>> r = fit("mlp", dataset="mnist", gpu="h100")
 >>> r.recommended_batch_size == 60000   # capped at MNIST's 60,000 training images
@@ -407,19 +408,17 @@ def _fit_from_traces(
     # A third trace checks the affine timeline near the answer: the one at the early guess (below
     # the 2^31-element limit), else one at this guess, in a forked child while the search runs
     # here; either is compared with the timeline once both are done.
-    check = early_check if timeline.ok else None
-    if check is None and timeline.ok and _can_fork():
-        check = _fork_trace(est, start, short)
+    late = _fork_trace(est, start, short) if timeline.ok and early_check is None and _can_fork() else None
     say("searching the boundary")
     best, _calls = search_max(fits_at, start=start, limit=limit, first=b1, fits_many=_side_by_side(fits_at))
     third: Trace | None = None
     checked_at = start
-    if check is not None and check is early_check:
-        early = check.result()  # (the guess, its trace), or None when there was no guess
+    if timeline.ok and early_check is not None:
+        early = early_check.result()  # (the guess, its trace), or None when there was no guess
         if early is not None and early[0] <= limit:
             checked_at, third = early
-    elif check is not None:
-        third = check.result()
+    elif late is not None:
+        third = late.result()
     if third is not None:
         third = _complete(est, template, third)
     if third is None and timeline.ok:
