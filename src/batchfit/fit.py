@@ -307,17 +307,21 @@ def fit(
     step: Any = None,
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
+    context_bytes: str | int | None = None,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
     Raises :class:`DoesNotFit` (exit code 4 on the command line) when even batch size 1 does not
-    fit, with the fixed costs and what would help.
+    fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
+    outside the allocator (``--context``).
     """
     if not 0 < safety <= 1:
         raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, "train")
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    est = Estimator(
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+    )
     budget = est.budget
     assert budget is not None
     say = progress or (lambda text: None)

@@ -13,6 +13,7 @@ from ._app import command, err_console
 from ._common import (
     AllocConfOpt,
     ClassesOpt,
+    ContextOpt,
     DatasetOpt,
     FreeOpt,
     GpuOpt,
@@ -40,6 +41,7 @@ def fit_cmd(
     gpu: GpuOpt = None,
     memory: MemoryOpt = None,
     free: FreeOpt = False,
+    context: ContextOpt = None,
     optimizer: OptimizerOpt = "sgd",
     precision: PrecisionOpt = "fp32",
     safety: SafetyOpt = 0.8,
@@ -59,6 +61,7 @@ def fit_cmd(
             gpu=gpu,
             memory=memory,
             free=free,
+            context_bytes=context,
             optimizer=optimizer,
             precision=precision,
             safety=safety,

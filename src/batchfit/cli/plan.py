@@ -14,6 +14,7 @@ from ._app import command, err_console
 from ._common import (
     AllocConfOpt,
     ClassesOpt,
+    ContextOpt,
     DatasetOpt,
     FreeOpt,
     GpuOpt,
@@ -47,6 +48,7 @@ def plan_cmd(
     gpu: GpuOpt = None,
     memory: MemoryOpt = None,
     free: FreeOpt = False,
+    context: ContextOpt = None,
     optimizer: OptimizerOpt = "sgd",
     precision: PrecisionOpt = "fp32",
     safety: SafetyOpt = 0.8,
@@ -70,6 +72,7 @@ def plan_cmd(
             gpu=gpu,
             memory=memory,
             free=free,
+            context_bytes=context,
             optimizer=optimizer,
             precision=precision,
             safety=safety,

@@ -1,0 +1,306 @@
+"""Memory that CUDA kernels allocate through the caching allocator inside one op.
+
+A fake kernel makes an op's outputs and nothing else; the real CUDA kernel may also take buffers
+from the caching allocator (``at::empty`` inside the kernel) and give them back before it returns.
+They count in ``torch.cuda.max_memory_allocated()`` and can set the step's peak, so each one that
+matters at training scale is modelled here from PyTorch's source, keyed by the aten op the tracer
+sees, as a function of the op's shapes and dtypes. Each rule names the file and function it
+follows; ``docs/allocator.md`` lists them in a table, and ``bench/gpu_validate.py`` measures each
+on a real GPU (the figures are *modelled, not yet measured* until such a run is committed).
+
+A rule returns a small program of ``("alloc", name, nbytes)`` / ``("free", name)`` steps in the
+kernel's order; whatever is still held when the program ends is freed then, newest first.
+
+>>> q = torch.empty(2, 8, 1000, 64, dtype=torch.bfloat16, device="meta")
+>>> prog = flash_backward_program(q, q, q, q, (8, 0))
+>>> [(step[1], step[2]) for step in prog]
+[('softmax_d', 65536), ('dq_accum', 4194304)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Step = tuple[Any, ...]  # ("alloc", name, nbytes) or ("free", name)
+Rule = Callable[[tuple[Any, ...], dict[str, Any], tuple[int, int]], list[Step]]
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_INT64_BYTES = 8
+
+
+# -- flash attention backward -------------------------------------------------------------------
+
+
+def flash_backward_program(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    compute_capability: tuple[int, int],
+    *,
+    deterministic: bool = False,
+    sm_count: int | None = None,
+) -> list[Step]:
+    """FlashAttention-2 backward's own buffers; tensors in SDPA's layout ``[B, H, S, D]``.
+
+    aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp, ``mha_bwd``:
+    ``softmax_d = empty({b, h, round_multiple(seqlen_q, 128)}, float)``;
+    ``dq_accum = empty({b, round_multiple(seqlen_q, 128), h, head_size_rounded}, float)`` where
+    ``head_size_rounded = round_multiple(d, d <= 128 ? 32 : 64)`` (``loop`` is always true); with
+    deterministic algorithms ``dq_accum`` gains a leading ``nsplits = ceil(SMs / (b*h))``;
+    MQA/GQA (fewer key heads) adds ``dk_expanded``/``dv_expanded`` = ``{b, seqlen_k, h, d}`` in the
+    input dtype. ``softmax_d`` is returned to ``_flash_attention_backward``, which drops it: all
+    die when the op returns.
+    """
+    del compute_capability  # one kernel family on sm80+
+    b, h, sq, d = (int(s) for s in query.shape)
+    sk, hk = int(key.shape[2]), int(key.shape[1])
+    sq_r = _round_up(sq, 128)
+    d_r = _round_up(d, 32 if d <= 128 else 64)
+    splits = 1
+    if deterministic:
+        splits = _ceil_div(sm_count or 1, b * h)
+    prog: list[Step] = [
+        ("alloc", "softmax_d", b * h * sq_r * 4),
+        ("alloc", "dq_accum", splits * b * sq_r * h * d_r * 4),
+    ]
+    if hk != h:
+        itemsize = query.element_size()
+        prog += [
+            ("alloc", "dk_expanded", b * sk * h * d * itemsize),
+            ("alloc", "dv_expanded", b * sk * h * d * itemsize),
+        ]
+    return prog
+
+
+# -- memory-efficient attention backward (xformers' CUTLASS kernels) ---------------------------
+
+# aten/src/ATen/native/transformers/cuda/mem_eff_attention/kernels/cutlassB.h, dispatch_cutlassB_
+# {f16,bf16}_sm80: the kernels in the order tried, as (block I, block J, max K, sequences aligned
+# to the block, preload); `_efficient_attention_backward` launches the first one that fits.
+# Without dropout:
+_CUTLASS_B_HALF_SM80 = (
+    (64, 64, 32, True),
+    (64, 64, 32, False),
+    (64, 64, 64, True),
+    (64, 64, 64, False),
+    (128, 64, 96, False),  # only when the compute capability is 8.6 or 8.9
+    (128, 128, 128, True),
+    (128, 128, 128, False),
+    (64, 64, 128, True),
+    (64, 64, 128, False),
+    (128, 64, 65536, False),
+    (64, 64, 65536, False),
+)
+# With dropout (the `_dropout_` kernels; none is sequence-aligned):
+_CUTLASS_B_HALF_SM80_DROPOUT = (
+    (64, 64, 32, False),
+    (64, 64, 64, False),
+    (128, 128, 128, False),
+    (64, 64, 128, False),
+    (128, 64, 65536, False),
+    (64, 64, 65536, False),
+)
+# Shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): the 128x128 and 128x64 kernels
+# need more than the 99 KiB of the 8.6/8.9 cards (their `sizeof(SharedStorage)` check skips them).
+_SMALL_SMEM_CCS = ((8, 6), (8, 9), (12, 0))
+
+
+def _cutlass_b_kernel(k: int, m: int, n: int, dropout: bool, cc: tuple[int, int]) -> tuple[int, int, int]:
+    """(block I, block J, max K) of the half-precision backward kernel PyTorch launches."""
+    table = _CUTLASS_B_HALF_SM80_DROPOUT if dropout else _CUTLASS_B_HALF_SM80
+    small_smem = cc in _SMALL_SMEM_CCS
+    for bi, bj, max_k, aligned in table:
+        if max_k == 96 and cc not in ((8, 6), (8, 9)):
+            continue
+        if max_k < k or (aligned and (m % bi or n % bj)):
+            continue
+        if small_smem and bi == 128 and max_k != 96:
+            continue
+        return bi, bj, max_k
+    return 64, 64, 65536
+
+
+def efficient_backward_program(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    compute_capability: tuple[int, int],
+    *,
+    dropout: bool = False,
+) -> list[Step]:
+    """Memory-efficient attention backward's own buffers; tensors in SDPA's layout ``[B, H, S, D]``.
+
+    aten/src/ATen/native/transformers/cuda/attention_backward.cu, ``_efficient_attention_backward``:
+    ``grad_out.contiguous()`` (a copy when the incoming gradient is not contiguous in the kernel's
+    ``[B, M, H, Kv]`` layout); ``delta = empty({B, nH, M}, float)`` for the half-precision kernels
+    (``kKernelComputesDelta``), else ``(grad_out.float() * out.float()).sum(-1).transpose(-2,
+    -1).contiguous()`` (a ``[B, M, H, Kv]`` fp32 product, its ``[B, M, H]`` sum and the
+    ``[B, H, M]`` copy); then ``workspace = empty({p.workspace_size()}, uint8)`` with
+    mem_eff_attention/kernel_backward.h ``Params::workspace_size``: per batch and head
+    ``align_up(gk + gv + gq, 4)`` floats, ``gq = ceil(M/I) * ceil(K/J) * (4 + I*J)`` (the
+    ``GradQTempStorage`` of lock, counter, pad and an ``I x J`` fp32 tile; ``kNeedsAccumGradQ``
+    since ``kEnableSplitKeys``), and ``gk = gv = splits * align_up(N, J) * align_up(K, I)`` when the
+    fp32 accumulators of dK/dV cannot stay in registers (half kernels with ``kMaxK > I``).
+    The fp32 kernels' block sizes are not in the tables read here: 64 x 64 is assumed (documented).
+    """
+    b, h, m, k = (int(s) for s in query.shape)
+    n, kv = int(key.shape[2]), int(value.shape[3])
+    half = query.dtype in _HALF
+    prog: list[Step] = []
+    # the kernel reads grad_out as [B, M, H, Kv]: contiguous there means stride order 0, 2, 1, 3
+    g_t = grad_out.transpose(1, 2)
+    if not g_t.is_contiguous():
+        prog.append(("alloc", "grad_out_contiguous", g_t.numel() * g_t.element_size()))
+    if half:
+        bi, bj, max_k = _cutlass_b_kernel(max(k, kv), m, n, dropout, compute_capability)
+        prog.append(("alloc", "delta", b * h * m * 4))
+    else:
+        bi, bj, max_k = 64, 64, 65536
+        prog += [
+            ("alloc", "delta_product", b * m * h * kv * 4),
+            ("alloc", "delta_sum", b * m * h * 4),
+            ("free", "delta_product"),
+            ("alloc", "delta", b * h * m * 4),
+            ("free", "delta_sum"),
+        ]
+    output_in_rf = half and max_k <= bi
+    needs_accum_kv = not output_in_rf and half  # output_accum_t (float) differs from output_t
+    splits = 1
+    if needs_accum_kv:
+        splits = _ceil_div(n, bj)
+        if b * h >= 256 and n <= 2 * bj:
+            splits = 1
+        splits = min(splits, 200 // (b * h))
+        splits = max(splits, 1)
+    gk = splits * _round_up(n, bj) * _round_up(k, bi) if needs_accum_kv else 0
+    gv = splits * _round_up(n, bj) * _round_up(kv, bi) if needs_accum_kv else 0
+    gq = _ceil_div(m, bi) * _ceil_div(k, bj) * (4 + bi * bj)
+    prog.append(("alloc", "workspace", b * h * _round_up(gk + gv + gq, 4) * 4))
+    return prog
+
+
+def _sdpa_flash_backward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    grad_out, query, key, value = args[:4]
+    return flash_backward_program(grad_out, query, key, value, cc)
+
+
+def _sdpa_efficient_backward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    grad_out, query, key, value = args[:4]
+    dropout_p = float(args[9]) if len(args) > 9 else float(kwargs.get("dropout_p", 0.0))
+    return efficient_backward_program(grad_out, query, key, value, cc, dropout=dropout_p > 0)
+
+
+# -- embedding backward ---------------------------------------------------------------------------
+
+NROWS_PER_THREAD = 10  # aten/src/ATen/native/cuda/EmbeddingBackwardKernel.cu
+
+
+def embedding_backward_program(
+    grad_output: torch.Tensor, indices: torch.Tensor, num_weights: int, scale_grad_by_freq: bool
+) -> list[Step]:
+    """``embedding_dense_backward`` on CUDA, the sort path (more than 3,072 indices, or
+    ``scale_grad_by_freq``); the direct path allocates only its output.
+
+    aten/src/ATen/native/cuda/Embedding.cu, ``embedding_dense_backward_cuda``: ``sorted_indices``,
+    ``orig_indices`` (``empty_like(indices)``) and ``range = arange(num_indices)`` for
+    ``radix_sort_pairs`` (``range`` dies with the sort; cub's own temporary storage is not
+    modelled), ``count`` with ``scale_grad_by_freq``; then EmbeddingBackwardKernel.cu,
+    ``embedding_backward_cuda_kernel``: ``segment_offsets {numel}``, a scalar segment count,
+    ``partials_per_segment`` and its offsets ``{max_segments = min(numel, num_weights)}``, a scalar,
+    ``partial_segment_offset {max_partial_segment = numel / NROWS_PER_THREAD + max_segments}`` and
+    ``grad_weight_per_segment {max_partial_segment, stride}`` in the accumulate type (fp32 for
+    half and bfloat16 gradients). All are freed when the op returns.
+    """
+    numel = indices.numel()
+    if numel <= 3072 and not scale_grad_by_freq:
+        return []
+    idx = indices.element_size()
+    stride = int(grad_output.shape[-1])
+    acc = 4 if grad_output.dtype in _HALF else grad_output.element_size()
+    max_segments = min(numel, int(num_weights))
+    max_partial = numel // NROWS_PER_THREAD + max_segments
+    prog: list[Step] = []
+    if not grad_output.is_contiguous():
+        prog.append(("alloc", "grad_contiguous", grad_output.numel() * grad_output.element_size()))
+    prog += [
+        ("alloc", "sorted_indices", numel * idx),
+        ("alloc", "orig_indices", numel * idx),
+        ("alloc", "range", numel * idx),
+        ("free", "range"),
+    ]
+    if scale_grad_by_freq:
+        prog.append(("alloc", "count", numel * idx))
+    prog += [
+        ("alloc", "segment_offsets", numel * idx),
+        ("alloc", "num_of_segments", _INT64_BYTES),
+        ("alloc", "partials_per_segment", max_segments * idx),
+        ("alloc", "partials_per_segment_offset", max_segments * idx),
+        ("alloc", "num_of_partial_segments", _INT64_BYTES),
+        ("alloc", "partial_segment_offset", max_partial * idx),
+        ("alloc", "grad_weight_per_segment", max_partial * stride * acc),
+    ]
+    return prog
+
+
+def _embedding_backward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    grad_output, indices, num_weights, _padding_idx, scale = args[:5]
+    return embedding_backward_program(grad_output, indices, int(num_weights), bool(scale))
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+RULES: dict[str, Rule] = {
+    "aten._scaled_dot_product_flash_attention_backward.default": _sdpa_flash_backward,
+    "aten._scaled_dot_product_efficient_attention_backward.default": _sdpa_efficient_backward,
+    "aten.embedding_dense_backward.default": _embedding_backward,
+}
+
+
+def kernel_scratch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    """The program of buffers ``func``'s CUDA kernel takes inside itself (``[]`` when none is modelled)."""
+    rule = RULES.get(str(func))
+    if rule is None:
+        return []
+    return rule(args, kwargs, cc)
+
+
+def peak_bytes(prog: list[Step]) -> int:
+    """The most the program holds at once (what ``max_memory_allocated`` rises by, before rounding).
+
+    >>> peak_bytes([("alloc", "a", 10), ("alloc", "b", 5), ("free", "a"), ("alloc", "c", 3)])
+    15
+    """
+    held: dict[str, int] = {}
+    peak = 0
+    for step in prog:
+        if step[0] == "alloc":
+            held[step[1]] = step[2]
+        else:
+            held.pop(step[1])
+        peak = max(peak, sum(held.values()))
+    return peak
+
+
+__all__ = [
+    "NROWS_PER_THREAD",
+    "RULES",
+    "efficient_backward_program",
+    "embedding_backward_program",
+    "flash_backward_program",
+    "kernel_scratch",
+    "peak_bytes",
+]
