@@ -19,6 +19,7 @@ kernel's order; whatever is still held when the program ends is freed then, newe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -261,12 +262,45 @@ def _embedding_backward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple
     return embedding_backward_program(grad_output, indices, int(num_weights), bool(scale))
 
 
+# -- foreach norm (clip_grad_norm_) ----------------------------------------------------------------
+
+K_CHUNK_SIZE = 65536  # aten/src/ATen/native/cuda/MultiTensorApply.cuh, kChunkSize
+
+
+def foreach_norm_program(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[Step]:
+    """``_foreach_norm`` on CUDA's fast route (``p`` 1, 2 or inf on floating tensors).
+
+    aten/src/ATen/native/cuda/ForeachReduceOp.cu, ``foreach_tensor_norm_cuda``:
+    ``output_per_tensor = zeros({ntensors * max_chunks_per_tensor}, opmath(dtype))`` with
+    ``max_chunks_per_tensor = max(ceil(numel / kChunkSize))``, one partial sum per chunk; it dies
+    when the op returns (the per-tensor results are the op's outputs). Whether the fast route is
+    taken (same device, dtype and layout) cannot be told from shapes alone: the larger figure is
+    taken (the slow route allocates only its outputs).
+    """
+    if not tensors:
+        return []
+    chunks = max(_ceil_div(t.numel(), K_CHUNK_SIZE) for t in tensors)
+    out_dtype = dtype or tensors[0].dtype
+    opmath = 4 if out_dtype in _HALF else torch.empty((), dtype=out_dtype, device="meta").element_size()
+    return [("alloc", "output_per_tensor", len(tensors) * chunks * opmath)]
+
+
+def _foreach_norm(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    tensors = list(args[0])
+    ord_ = float(args[1]) if len(args) > 1 else float(kwargs.get("ord", 2))
+    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    if ord_ not in (1.0, 2.0, math.inf) or not all(t.is_floating_point() for t in tensors):
+        return []
+    return foreach_norm_program(tensors, dtype)
+
+
 # -- the registry ---------------------------------------------------------------------------------
 
 RULES: dict[str, Rule] = {
     "aten._scaled_dot_product_flash_attention_backward.default": _sdpa_flash_backward,
     "aten._scaled_dot_product_efficient_attention_backward.default": _sdpa_efficient_backward,
     "aten.embedding_dense_backward.default": _embedding_backward,
+    "aten._foreach_norm.Scalar": _foreach_norm,
 }
 
 
@@ -296,11 +330,13 @@ def peak_bytes(prog: list[Step]) -> int:
 
 
 __all__ = [
+    "K_CHUNK_SIZE",
     "NROWS_PER_THREAD",
     "RULES",
     "efficient_backward_program",
     "embedding_backward_program",
     "flash_backward_program",
+    "foreach_norm_program",
     "kernel_scratch",
     "peak_bytes",
 ]
