@@ -133,7 +133,11 @@ def test_embedding_backward_sort_path() -> None:
     assert got["partials_per_segment"] == got["partials_per_segment_offset"] == max_segments * 8
     assert ("free", "range") in prog  # arange for the sort dies with it
     # fp32 gradients accumulate in fp32 too
-    fp32 = sizes(cs.embedding_backward_program(meta(numel, dim, dtype=torch.float32), meta(numel, dtype=torch.int64), vocab, False))
+    fp32 = sizes(
+        cs.embedding_backward_program(
+            meta(numel, dim, dtype=torch.float32), meta(numel, dtype=torch.int64), vocab, False
+        )
+    )
     assert fp32["grad_weight_per_segment"] == max_partial_segment * dim * 4
 
 
@@ -159,7 +163,12 @@ def test_registry_keys_are_real_aten_ops() -> None:
 class TinyLM(nn.Module):
     def __init__(self, vocab: int = 100, d: int = 128, heads: int = 2) -> None:
         super().__init__()
-        self.emb, self.qkv, self.out, self.heads = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.Linear(d, vocab), heads
+        self.emb, self.qkv, self.out, self.heads = (
+            nn.Embedding(vocab, d),
+            nn.Linear(d, 3 * d),
+            nn.Linear(d, vocab),
+            heads,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.emb(x)

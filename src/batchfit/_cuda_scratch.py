@@ -312,8 +312,9 @@ def kernel_scratch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], cc:
     return rule(args, kwargs, cc)
 
 
-def peak_bytes(prog: list[Step]) -> int:
-    """The most the program holds at once (what ``max_memory_allocated`` rises by, before rounding).
+def peak_bytes(prog: list[Step], round_size: Callable[[int], int] | None = None) -> int:
+    """The most the program holds at once (what ``max_memory_allocated`` rises by); ``round_size``
+    rounds each request as the caching allocator does (e.g. ``AllocatorConfig().round_size``).
 
     >>> peak_bytes([("alloc", "a", 10), ("alloc", "b", 5), ("free", "a"), ("alloc", "c", 3)])
     15
@@ -322,7 +323,7 @@ def peak_bytes(prog: list[Step]) -> int:
     peak = 0
     for step in prog:
         if step[0] == "alloc":
-            held[step[1]] = step[2]
+            held[step[1]] = round_size(step[2]) if round_size else step[2]
         else:
             held.pop(step[1])
         peak = max(peak, sum(held.values()))
