@@ -105,6 +105,16 @@ def test_efficient_backward_fp32_computes_delta_outside_the_kernel() -> None:
     )
 
 
+def test_efficient_backward_fp32_head128_uses_the_128x64_kernel() -> None:
+    b, h, m, k = 1, 2, 300, 128
+    q = meta(b, h, m, k, dtype=torch.float32)
+    got = sizes(cs.efficient_backward_program(grad(b, h, m, k, torch.float32), q, q, q, (8, 0)))
+    # dispatch_cutlassB_f32_sm80: 64x64_k32, 64x64_k64, then 128x64_k128; fp32 dK/dV never need
+    # global accumulators (output_accum_t == output_t), dQ always does (split keys)
+    per_bh = gq_floats(m, k, 128, 64)
+    assert got["workspace"] == 4 * b * h * (per_bh + (-per_bh) % 4)
+
+
 def test_efficient_backward_copies_a_non_contiguous_gradient() -> None:
     q = meta(2, 4, 64, 32)
     contiguous = grad(2, 4, 64, 32)

@@ -114,14 +114,27 @@ _CUTLASS_B_HALF_SM80_DROPOUT = (
     (128, 64, 65536, False),
     (64, 64, 65536, False),
 )
+# dispatch_cutlassB_f32_sm80 (fp32 kernels: no preload, none sequence-aligned; dropout variants
+# have the same blocks):
+_CUTLASS_B_F32_SM80 = (
+    (64, 64, 32, False),
+    (64, 64, 64, False),
+    (128, 64, 128, False),
+    (64, 64, 128, False),
+    (128, 64, 65536, False),
+    (64, 64, 65536, False),
+)
 # Shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): the 128x128 and 128x64 kernels
 # need more than the 99 KiB of the 8.6/8.9 cards (their `sizeof(SharedStorage)` check skips them).
 _SMALL_SMEM_CCS = ((8, 6), (8, 9), (12, 0))
 
 
-def _cutlass_b_kernel(k: int, m: int, n: int, dropout: bool, cc: tuple[int, int]) -> tuple[int, int, int]:
-    """(block I, block J, max K) of the half-precision backward kernel PyTorch launches."""
-    table = _CUTLASS_B_HALF_SM80_DROPOUT if dropout else _CUTLASS_B_HALF_SM80
+def _cutlass_b_kernel(
+    k: int, m: int, n: int, dropout: bool, cc: tuple[int, int], half: bool = True
+) -> tuple[int, int, int]:
+    """(block I, block J, max K) of the backward kernel PyTorch launches (sm80 tables, used for
+    every card from 8.0 on: attention_backward.cu maps newer cards onto them)."""
+    table = _CUTLASS_B_F32_SM80 if not half else _CUTLASS_B_HALF_SM80_DROPOUT if dropout else _CUTLASS_B_HALF_SM80
     small_smem = cc in _SMALL_SMEM_CCS
     for bi, bj, max_k, aligned in table:
         if max_k == 96 and cc not in ((8, 6), (8, 9)):
@@ -156,7 +169,8 @@ def efficient_backward_program(
     ``GradQTempStorage`` of lock, counter, pad and an ``I x J`` fp32 tile; ``kNeedsAccumGradQ``
     since ``kEnableSplitKeys``), and ``gk = gv = splits * align_up(N, J) * align_up(K, I)`` when the
     fp32 accumulators of dK/dV cannot stay in registers (half kernels with ``kMaxK > I``).
-    The fp32 kernels' block sizes are not in the tables read here: 64 x 64 is assumed (documented).
+    Which kernels a card's shared memory excludes is modelled coarsely: on the 99 KiB cards
+    (8.6, 8.9, 12.0) the kernels with 128-row blocks are skipped, except the 8.6/8.9 k96 one.
     """
     b, h, m, k = (int(s) for s in query.shape)
     n, kv = int(key.shape[2]), int(value.shape[3])
@@ -166,11 +180,10 @@ def efficient_backward_program(
     g_t = grad_out.transpose(1, 2)
     if not g_t.is_contiguous():
         prog.append(("alloc", "grad_out_contiguous", g_t.numel() * g_t.element_size()))
+    bi, bj, max_k = _cutlass_b_kernel(max(k, kv), m, n, dropout, compute_capability, half)
     if half:
-        bi, bj, max_k = _cutlass_b_kernel(max(k, kv), m, n, dropout, compute_capability)
         prog.append(("alloc", "delta", b * h * m * 4))
     else:
-        bi, bj, max_k = 64, 64, 65536
         prog += [
             ("alloc", "delta_product", b * m * h * kv * 4),
             ("alloc", "delta_sum", b * m * h * 4),
