@@ -74,7 +74,7 @@ def test_efficient_backward_half_head64_keeps_dk_dv_in_registers() -> None:
     got = sizes(cs.efficient_backward_program(grad(b, h, m, k), q, q, q, (9, 0)))
     # cutlassB bf16 sm80: first kernel with kMaxK >= 64 is 64x64_k64_seqaligned (1024 % 64 == 0)
     per_bh = gq_floats(m, k, 64, 64)
-    assert got == {"delta": 4 * b * h * m, "workspace": 4 * b * h * (per_bh + (-per_bh) % 4)}
+    assert got == {"grad_out_contiguous": 0, "delta": 4 * b * h * m, "workspace": 4 * b * h * (per_bh + (-per_bh) % 4)}
 
 
 def test_efficient_backward_head128_small_smem_card_uses_gmem_accumulators() -> None:
@@ -119,7 +119,7 @@ def test_efficient_backward_copies_a_non_contiguous_gradient() -> None:
     q = meta(2, 4, 64, 32)
     contiguous = grad(2, 4, 64, 32)
     strided = meta(2, 4, 64, 32)  # contiguous as [B, H, M, K]: not in the kernel's layout
-    assert "grad_out_contiguous" not in sizes(cs.efficient_backward_program(contiguous, q, q, q, (8, 0)))
+    assert sizes(cs.efficient_backward_program(contiguous, q, q, q, (8, 0)))["grad_out_contiguous"] == 0
     assert sizes(cs.efficient_backward_program(strided, q, q, q, (8, 0)))["grad_out_contiguous"] == 2 * 4 * 64 * 32 * 2
 
 
@@ -127,7 +127,10 @@ def test_efficient_backward_copies_a_non_contiguous_gradient() -> None:
 
 
 def test_embedding_backward_direct_path_allocates_nothing() -> None:
-    assert cs.embedding_backward_program(meta(3072, 64), meta(3072, dtype=torch.int64), 1000, False) == []
+    prog = cs.embedding_backward_program(meta(3072, 64), meta(3072, dtype=torch.int64), 1000, False)
+    # the same buffers as the sort path, each 0 bytes (one event structure at every batch size)
+    assert prog and all(step[2] == 0 for step in prog if step[0] == "alloc")
+    assert cs.peak_bytes(prog) == 0
 
 
 def test_embedding_backward_sort_path() -> None:
@@ -202,7 +205,7 @@ def test_traced_bf16_step_has_flash_and_embedding_buffers() -> None:
     events = kernel_events("bf16")
     b, h, t, d = 4, 2, 1024, 64
     flash = [4 * b * h * t, 4 * b * t * h * d]  # softmax_d, dq_accum (1024 and 64 are already rounded)
-    born = [e.nbytes for e in events if e.is_alloc and e.iteration == 1]
+    born = [e.nbytes for e in events if e.is_alloc and e.iteration == 1 and e.nbytes]
     assert born[:2] == flash
     assert 4 * (b * t // 10 + 100) * 128 in born  # grad_weight_per_segment: 4096 tokens, vocabulary 100
     # every buffer is born and dies in the backward of its iteration, and nothing outlives its op:
@@ -216,7 +219,7 @@ def test_traced_bf16_step_has_flash_and_embedding_buffers() -> None:
             alive.discard(e.storage)
     assert not alive
     for it in (1, 2):
-        assert [e.nbytes for e in events if e.iteration == it and e.is_alloc][:2] == flash
+        assert [e.nbytes for e in events if e.iteration == it and e.is_alloc and e.nbytes][:2] == flash
 
 
 def test_traced_fp32_step_has_efficient_attention_workspace() -> None:
@@ -225,8 +228,28 @@ def test_traced_fp32_step_has_efficient_attention_workspace() -> None:
     q = meta(b, h, t, d, dtype=torch.float32)
     expected = cs.efficient_backward_program(grad(b, h, t, d, torch.float32), q, q, q, (9, 0))
     born = [e.nbytes for e in events if e.is_alloc and e.iteration == 1]
-    assert born[: len(sizes(expected))] == [step[2] for step in expected if step[0] == "alloc"]
+    assert born[: len(sizes(expected))] == [step[2] for step in expected if step[0] == "alloc"]  # 0 B copy first
     assert 4 * b * t * h * d in born  # the fp32 delta's product grad_out * out
+
+
+def test_fit_sizes_kernel_buffers_per_batch_size() -> None:
+    """fit's affine timeline re-runs the rules: the embedding backward switches to its sort path
+    above 3,072 indices (not a line in the batch size), yet the timeline equals a trace there."""
+    from batchfit.fit import AffineTimeline
+
+    with torch.device("meta"):
+        model = TinyLM(vocab=1000)
+    workload = load_workload(model, ("1000:int64",))
+    spec = make_spec("cuda", "sgd", "bf16", None, None, "train")
+
+    def trace(b: int):  # type: ignore[no-untyped-def]
+        return trace_step(workload, b, spec, cuda_workspaces=(1000, 0), compute_capability=(9, 0))
+
+    timeline = AffineTimeline(trace(2), trace(3))  # 2,000 and 3,000 indices: the direct path
+    assert timeline.ok
+    at7 = trace(7)  # 7,000 indices: sorted
+    assert 4 * (7000 // 10 + 1000) * 128 in [e.nbytes for e in at7.events if e.category == "workspaces"]
+    assert timeline.matches(at7)
 
 
 def test_cpu_trace_has_no_kernel_buffers() -> None:

@@ -178,8 +178,8 @@ def efficient_backward_program(
     prog: list[Step] = []
     # the kernel reads grad_out as [B, M, H, Kv]: contiguous there means stride order 0, 2, 1, 3
     g_t = grad_out.transpose(1, 2)
-    if not g_t.is_contiguous():
-        prog.append(("alloc", "grad_out_contiguous", g_t.numel() * g_t.element_size()))
+    copy = 0 if g_t.is_contiguous() else g_t.numel() * g_t.element_size()
+    prog.append(("alloc", "grad_out_contiguous", copy))  # 0 bytes when no copy: one structure
     bi, bj, max_k = _cutlass_b_kernel(max(k, kv), m, n, dropout, compute_capability, half)
     if half:
         prog.append(("alloc", "delta", b * h * m * 4))
@@ -227,7 +227,7 @@ def embedding_backward_program(
     grad_output: torch.Tensor, indices: torch.Tensor, num_weights: int, scale_grad_by_freq: bool
 ) -> list[Step]:
     """``embedding_dense_backward`` on CUDA, the sort path (more than 3,072 indices, or
-    ``scale_grad_by_freq``); the direct path allocates only its output.
+    ``scale_grad_by_freq``); the direct path allocates only its output (every buffer 0 bytes).
 
     aten/src/ATen/native/cuda/Embedding.cu, ``embedding_dense_backward_cuda``: ``sorted_indices``,
     ``orig_indices`` (``empty_like(indices)``) and ``range = arange(num_indices)`` for
@@ -240,34 +240,31 @@ def embedding_backward_program(
     half and bfloat16 gradients). All are freed when the op returns.
     """
     numel = indices.numel()
-    if numel <= 3072 and not scale_grad_by_freq:
-        return []
-    idx = indices.element_size()
+    # the direct path (few indices, no frequency scaling) allocates nothing: the same buffers are
+    # listed with 0 bytes, so a step's events have one structure at every batch size (fit's
+    # affine timeline re-runs the rule per size; 0-byte requests take no memory)
+    on = numel > 3072 or scale_grad_by_freq
+    idx = indices.element_size() if on else 0
     stride = int(grad_output.shape[-1])
     acc = 4 if grad_output.dtype in _HALF else grad_output.element_size()
     max_segments = min(numel, int(num_weights))
     max_partial = numel // NROWS_PER_THREAD + max_segments
-    prog: list[Step] = []
-    if not grad_output.is_contiguous():
-        prog.append(("alloc", "grad_contiguous", grad_output.numel() * grad_output.element_size()))
-    prog += [
+    copy = on and not grad_output.is_contiguous()
+    return [
+        ("alloc", "grad_contiguous", grad_output.numel() * grad_output.element_size() if copy else 0),
         ("alloc", "sorted_indices", numel * idx),
         ("alloc", "orig_indices", numel * idx),
         ("alloc", "range", numel * idx),
         ("free", "range"),
-    ]
-    if scale_grad_by_freq:
-        prog.append(("alloc", "count", numel * idx))
-    prog += [
+        ("alloc", "count", numel * idx if scale_grad_by_freq else 0),
         ("alloc", "segment_offsets", numel * idx),
-        ("alloc", "num_of_segments", _INT64_BYTES),
+        ("alloc", "num_of_segments", _INT64_BYTES if on else 0),
         ("alloc", "partials_per_segment", max_segments * idx),
         ("alloc", "partials_per_segment_offset", max_segments * idx),
-        ("alloc", "num_of_partial_segments", _INT64_BYTES),
+        ("alloc", "num_of_partial_segments", _INT64_BYTES if on else 0),
         ("alloc", "partial_segment_offset", max_partial * idx),
-        ("alloc", "grad_weight_per_segment", max_partial * stride * acc),
+        ("alloc", "grad_weight_per_segment", max_partial * stride * acc if on else 0),
     ]
-    return prog
 
 
 def _embedding_backward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
@@ -325,6 +322,65 @@ def kernel_scratch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], cc:
     return rule(args, kwargs, cc)
 
 
+# -- re-running a rule at another batch size (fit's affine timeline) ------------------------------
+
+# (op, storage ids of its buffers in allocation order, described positional arguments, keyword arguments)
+KernelCall = tuple[str, tuple[int, ...], Any, dict[str, Any]]
+
+
+def describe(value: Any) -> Any:
+    """The arguments a rule reads, without tensors: shapes, strides and dtypes (see :func:`rebuild`)."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(int(x) for x in value.shape), tuple(int(x) for x in value.stride()), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return ("L", tuple(describe(v) for v in value))
+    return ("V", value)
+
+
+def rebuild(desc: Any) -> Any:
+    """Meta tensors (no memory) with the described shapes, strides and dtypes."""
+    kind = desc[0]
+    if kind == "T":
+        return torch.empty_strided(desc[1], desc[2], dtype=desc[3], device="meta")
+    if kind == "L":
+        return [rebuild(d) for d in desc[1]]
+    return desc[1]
+
+
+def at_batch(a: Any, b: Any, xa: int, xb: int, x: int) -> Any:
+    """The description at batch size ``x`` from those at ``xa`` and ``xb``: every shape and stride
+    entry on the line through them; ``None`` when an entry is not (a whole slope per sample) or
+    the two differ otherwise.
+
+    >>> at_batch(("T", (4, 8), (8, 1), torch.float32), ("T", (6, 8), (8, 1), torch.float32), 2, 3, 10)
+    ('T', (20, 8), (8, 1), torch.float32)
+    """
+    if a[0] != b[0]:
+        return None
+    if a[0] == "V":
+        return a if a == b else None
+    if a[0] == "L":
+        if len(a[1]) != len(b[1]):
+            return None
+        items = [at_batch(u, v, xa, xb, x) for u, v in zip(a[1], b[1])]
+        return None if any(i is None for i in items) else ("L", tuple(items))
+    if a[3] != b[3] or len(a[1]) != len(b[1]):
+        return None
+    out = []
+    for ua, ub in zip((*a[1], *a[2]), (*b[1], *b[2])):
+        if (ub - ua) % (xb - xa):
+            return None
+        out.append(ua + (ub - ua) // (xb - xa) * (x - xa))
+    n = len(a[1])
+    return ("T", tuple(out[:n]), tuple(out[n:]), a[3])
+
+
+def call_sizes(key: str, desc: Any, kwargs: dict[str, Any], cc: tuple[int, int]) -> list[int]:
+    """The sizes of a rule's buffers, in allocation order, for described arguments."""
+    args = rebuild(desc)
+    return [step[2] for step in RULES[key](tuple(args), kwargs, cc) if step[0] == "alloc"]
+
+
 def peak_bytes(prog: list[Step], round_size: Callable[[int], int] | None = None) -> int:
     """The most the program holds at once (what ``max_memory_allocated`` rises by); ``round_size``
     rounds each request as the caching allocator does (e.g. ``AllocatorConfig().round_size``).
@@ -347,10 +403,15 @@ __all__ = [
     "K_CHUNK_SIZE",
     "NROWS_PER_THREAD",
     "RULES",
+    "KernelCall",
+    "at_batch",
+    "call_sizes",
+    "describe",
     "efficient_backward_program",
     "embedding_backward_program",
     "flash_backward_program",
     "foreach_norm_program",
     "kernel_scratch",
     "peak_bytes",
+    "rebuild",
 ]

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ._cpu_scratch import ScratchMeter, is_scratch_op
-from ._cuda_scratch import kernel_scratch
+from ._cuda_scratch import KernelCall, describe, kernel_scratch
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure
@@ -88,6 +88,10 @@ class Trace:
     # closes the step (what follows is the teardown's frees)
     marks: list[tuple[str, int, int]] = field(default_factory=list)
     window_only: bool = False  # only the first iteration's forward and backward were run
+    # CUDA kernels' own buffers, one entry per op call (_cuda_scratch), so that fit can size them
+    # at another batch size; and the card's compute capability the rules were run for
+    kernel_calls: list[KernelCall] = field(default_factory=list)
+    compute_capability: tuple[int, int] | None = None
 
     def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
         """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
@@ -235,6 +239,7 @@ class _Tracer:
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
         self.compute_capability: tuple[int, int] = (8, 0)  # the card's, for kernel choices (_cuda_scratch)
+        self.kernel_calls: list[KernelCall] = []
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
@@ -323,16 +328,21 @@ class _Tracer:
         """Buffers the op's CUDA kernel takes through the caching allocator and frees before it
         returns (``_cuda_scratch``): born and dead after the op's outputs, in the kernel's order."""
         program = kernel_scratch(func, args, kwargs, self.compute_capability)
+        if not program:
+            return
         held: dict[str, _Storage] = {}
+        sids = []
         for step in program:
             if step[0] == "alloc":
                 rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], "workspaces", self.iteration)
                 held[step[1]] = rec
+                sids.append(rec.sid)
                 self.raw.append(("alloc", rec))
             else:
                 self.raw.append(("free", held.pop(step[1])))
         for rec in reversed(held.values()):
             self.raw.append(("free", rec))
+        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
 
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """The real kernel makes this output another size than the meta kernel says (its birth record is fixed)."""
@@ -788,6 +798,8 @@ def _trace_step(
         types,
         list(tracer.marks),
         window_only,
+        tracer.kernel_calls,
+        tracer.compute_capability if tracer.cuda_workspaces is not None else None,
     )
 
 
