@@ -107,8 +107,9 @@ def compose(full: Trace, short: Trace) -> Trace | None:
     short_calls = {call[1][0]: call for call in short.kernel_calls if call[1]}
     calls = []
     for call in full.kernel_calls:
-        other = short_calls.get(counterpart(call[1][0])) if call[1] else None  # type: ignore[arg-type]
-        calls.append((call[0], call[1], other[2], other[3]) if other is not None else call)
+        twin = counterpart(call[1][0]) if call[1] else None
+        match = short_calls.get(twin) if twin is not None else None
+        calls.append((call[0], call[1], match[2], match[3]) if match is not None else call)
 
     events = []
     numels = dict(full.numels)
