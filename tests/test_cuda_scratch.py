@@ -245,7 +245,14 @@ def test_fit_sizes_kernel_buffers_per_batch_size() -> None:
     def trace(b: int):  # type: ignore[no-untyped-def]
         return trace_step(workload, b, spec, cuda_workspaces=(1000, 0), compute_capability=(9, 0))
 
-    timeline = AffineTimeline(trace(2), trace(3))  # 2,000 and 3,000 indices: the direct path
+    from batchfit._compose import compose
+
+    two = trace(2)
+    three = compose(
+        two, trace_step(workload, 3, spec, cuda_workspaces=(1000, 0), compute_capability=(9, 0), window_only=True)
+    )
+    assert three is not None  # fit composes its traces from window-only ones
+    timeline = AffineTimeline(two, three)  # 2,000 and 3,000 indices: the direct path
     assert timeline.ok
     at7 = trace(7)  # 7,000 indices: sorted
     assert 4 * (7000 // 10 + 1000) * 128 in [e.nbytes for e in at7.events if e.category == "workspaces"]
