@@ -314,9 +314,20 @@ RULES: dict[str, Rule] = {
 }
 
 
+def _by_overload() -> dict[Any, Rule]:
+    out: dict[Any, Rule] = {}
+    for key, rule in RULES.items():
+        _, name, overload = key.split(".")
+        out[getattr(getattr(torch.ops.aten, name), overload)] = rule
+    return out
+
+
+_BY_OVERLOAD = _by_overload()  # looked up once per op of every CUDA trace: no string per op
+
+
 def kernel_scratch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
     """The program of buffers ``func``'s CUDA kernel takes inside itself (``[]`` when none is modelled)."""
-    rule = RULES.get(str(func))
+    rule = _BY_OVERLOAD.get(func)
     if rule is None:
         return []
     return rule(args, kwargs, cc)
