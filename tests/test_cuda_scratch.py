@@ -307,3 +307,20 @@ def test_estimate_context_bytes_moves_only_the_total() -> None:
 
 def base_context_plus(base, extra: int) -> int:  # type: ignore[no-untyped-def]
     return base.total_bytes - base.peak_reserved_bytes + extra
+
+
+def test_cli_context_option() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from batchfit.cli import app
+
+    runner = CliRunner()
+    args = ["estimate", "mlp", "--dataset", "mnist", "--batch-size", "64", "--gpu", "h100", "--json"]
+    base = json.loads(runner.invoke(app, args).stdout)["results"][0]
+    more = json.loads(runner.invoke(app, [*args, "--context", "2GiB"]).stdout)["results"][0]
+    assert more["total_bytes"] == more["peak_reserved_bytes"] + 2 * 2**30
+    assert more["peak_reserved_bytes"] == base["peak_reserved_bytes"]
+    bad = runner.invoke(app, [*args, "--context", "-5"])
+    assert bad.exit_code != 0 and "context" in bad.output

@@ -458,7 +458,12 @@ def _with_context(budget: Budget, context: str | int | None) -> Budget:
     """The budget's card with its memory outside the allocator: ``--context`` or the context model."""
     card = budget.card
     if context is not None:
-        size = parse_size(context) if isinstance(context, str) else int(context)
+        try:
+            size = parse_size(context) if isinstance(context, str) else int(context)
+        except (BatchfitError, ValueError):
+            raise BatchfitError(
+                f"--context must be a size, not {context!r}", hint="e.g. --context 600MiB (2^20 B each), or bytes"
+            ) from None
         if size < 0:
             raise BatchfitError(f"--context must not be negative, not {context!r}", hint="e.g. --context 600MiB")
         nbytes, prov = size, Provenance("nominal", "--context")
