@@ -220,6 +220,11 @@ KERNEL_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {"backend": "efficient", "shape": (1, 4, 2048, 128), "dtype": "float32"},
     ),
     (
+        "efficient-fwd-bf16-2x8x1024x256",
+        "sdpa_forward",
+        {"backend": "efficient", "shape": (2, 8, 1024, 256), "dtype": "bfloat16"},
+    ),
+    (
         "embedding-bwd-fp32-4096x50257x768",
         "embedding",
         {"tokens": 4096, "vocab": 50257, "dim": 768, "dtype": "float32"},
@@ -277,6 +282,11 @@ def _kernel_setup(kind: str, p: dict[str, Any], device: str, cc: tuple[int, int]
         with sdpa_kernel(backend):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return (lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True)), program
+    if kind == "sdpa_forward":
+        b, h, s, d = p["shape"]
+        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(3))
+        program = cs.efficient_forward_program(q, v)
+        return (lambda: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True)), program
     if kind == "embedding":
         n, vocab, dim = p["tokens"], p["vocab"], p["dim"]
         w = torch.randn(vocab, dim, device=device, dtype=dtype, requires_grad=real)

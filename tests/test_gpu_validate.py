@@ -102,7 +102,13 @@ def test_dry_run_predicts_every_kernel_case(dry_run: Path) -> None:
     b, h, s, d = 4, 16, 1024, 64
     assert by_id["flash-bwd-bf16-4x16x1024x64"]["predicted_bytes"] == 4 * b * h * s + 4 * b * s * h * d
     assert by_id["embedding-bwd-fp32-2048x50257x768-direct"]["predicted_bytes"] == 0
-    assert {r["kind"] for r in kernels if r["modelled"]} == {"sdpa", "embedding", "foreach_norm", "conv"}
+    assert {r["kind"] for r in kernels if r["modelled"]} == {
+        "sdpa",
+        "sdpa_forward",
+        "embedding",
+        "foreach_norm",
+        "conv",
+    }
     assert not [r for r in kernels if r["kind"] == "op" and r["modelled"]]
     assert set(cs.RULES) >= {
         "aten._scaled_dot_product_flash_attention_backward.default",

@@ -207,6 +207,26 @@ def efficient_backward_program(
     return prog
 
 
+def efficient_forward_program(query: torch.Tensor, value: torch.Tensor) -> list[Step]:
+    """Memory-efficient attention forward's fp32 output accumulator; SDPA's layout ``[B, H, M, K]``.
+
+    aten/src/ATen/native/transformers/cuda/attention.cu, ``_efficient_attention_forward``:
+    ``output_accum = empty(output.sizes(), float)`` when ``Kernel::kNeedsOutputAccumulatorBuffer``
+    (mem_eff_attention/kernel_forward.h: the output cannot stay in registers, ``kMaxK >
+    kKeysPerBlock``, and is not fp32). kernels/cutlassF.h ``dispatch_cutlassF_{f16,bf16}_sm80``:
+    64x64 up to K 64, 64x128 up to 128 (both in registers), then 32x128 with ``kMaxK`` 65536 (in
+    global memory): half-precision heads wider than 128 need it. fp32 kernels never do.
+    """
+    b, h, m, k = (int(x) for x in query.shape)
+    kv = int(value.shape[3])
+    needed = query.dtype in _HALF and max(k, kv) > 128
+    return [("alloc", "output_accum", 4 * b * m * h * kv if needed else 0)]
+
+
+def _sdpa_efficient_forward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    return efficient_forward_program(args[0], args[2])
+
+
 def _sdpa_flash_backward(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
     grad_out, query, key, value = args[:4]
     return flash_backward_program(grad_out, query, key, value, cc)
@@ -308,6 +328,7 @@ def _foreach_norm(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, 
 
 RULES: dict[str, Rule] = {
     "aten._scaled_dot_product_flash_attention_backward.default": _sdpa_flash_backward,
+    "aten._scaled_dot_product_efficient_attention.default": _sdpa_efficient_forward,
     "aten._scaled_dot_product_efficient_attention_backward.default": _sdpa_efficient_backward,
     "aten.embedding_dense_backward.default": _embedding_backward,
     "aten._foreach_norm.Scalar": _foreach_norm,
@@ -419,6 +440,7 @@ __all__ = [
     "call_sizes",
     "describe",
     "efficient_backward_program",
+    "efficient_forward_program",
     "embedding_backward_program",
     "flash_backward_program",
     "foreach_norm_program",
