@@ -302,6 +302,7 @@ def test_context_override_sets_the_budget() -> None:
     assert budget.card.non_allocator_bytes == 1 << 30
     assert budget.device_limit_bytes == budget.budget_bytes - (1 << 30)
     assert budget.card.provenance["non_allocator"].source == "--context"
+    assert str(budget.card.provenance["non_allocator"]) == "given with --context"
     with pytest.raises(BatchfitError):
         resolve_card("h100", None, False, local=None, context=-1)
 

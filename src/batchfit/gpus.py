@@ -84,6 +84,8 @@ class Provenance:
     def __str__(self) -> str:
         if self.status == "measured":
             return f"measured on {self.card} (driver {self.driver}, torch {self.torch}, {self.date})"
+        if self.source == "--context":
+            return "given with --context"
         return self.status
 
 
