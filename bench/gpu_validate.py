@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     #      predictions only, on meta tensors), while the estimate children run on the CPU
     began = time.perf_counter()
     kernels = run_child(
-        "kernels", {"dry_run": dry_run}, timeout_s=min(150, max(60, clock.left(0.5))), hide_cuda=dry_run
+        "kernels", {"dry_run": dry_run}, timeout_s=min(180, max(120, clock.left(0.6))), hide_cuda=dry_run
     )
     for r in kernels.get("records", []):
         got = r.get("error") or (
