@@ -132,8 +132,9 @@ _SMALL_SMEM_CCS = ((8, 6), (8, 9), (12, 0))
 def _cutlass_b_kernel(
     k: int, m: int, n: int, dropout: bool, cc: tuple[int, int], half: bool = True
 ) -> tuple[int, int, int]:
-    """(block I, block J, max K) of the backward kernel PyTorch launches (sm80 tables, used for
-    every card from 8.0 on: attention_backward.cu maps newer cards onto them)."""
+    """(block I, block J, max K) of the backward kernel PyTorch launches: the sm80 tables, which
+    ``dispatch_cutlassB`` uses for ``80 <= cc < 100`` in the releases read (used here for newer
+    cards too, unverified)."""
     table = _CUTLASS_B_F32_SM80 if not half else _CUTLASS_B_HALF_SM80_DROPOUT if dropout else _CUTLASS_B_HALF_SM80
     small_smem = cc in _SMALL_SMEM_CCS
     for bi, bj, max_k, aligned in table:
