@@ -140,7 +140,7 @@ def test_embedding_backward_direct_path_allocates_nothing() -> None:
     prog = cs.embedding_backward_program(meta(3072, 64), meta(3072, dtype=torch.int64), 1000, False)
     # the same buffers as the sort path, each 0 bytes (one event structure at every batch size)
     assert prog and all(step[2] == 0 for step in prog if step[0] == "alloc")
-    assert cs.peak_bytes(prog) == 0
+    assert cs.peak_bytes(prog) == cs.peak_bytes(prog, lambda n: max(512, n)) == 0  # 0 B requests take nothing
 
 
 def test_embedding_backward_sort_path() -> None:

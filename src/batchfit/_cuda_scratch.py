@@ -425,7 +425,7 @@ def peak_bytes(prog: list[Step], round_size: Callable[[int], int] | None = None)
     peak = 0
     for step in prog:
         if step[0] == "alloc":
-            held[step[1]] = round_size(step[2]) if round_size else step[2]
+            held[step[1]] = round_size(step[2]) if round_size and step[2] > 0 else step[2]  # 0 B takes nothing
         else:
             held.pop(step[1])
         peak = max(peak, sum(held.values()))
