@@ -88,6 +88,14 @@ def test_cifar_files_in_the_real_format(tmp_path: Path) -> None:
     assert r.runs[0].steps == 2 and r.runs[0].samples == 32
 
 
+def test_show_points_digits_to_sweep() -> None:
+    from batchfit.data import load_dataset
+
+    with pytest.raises(BatchfitError) as info:
+        load_dataset("digits")
+    assert "scikit-learn" in info.value.message and "batchfit sweep" in (info.value.hint or "")
+
+
 def test_missing_files_say_which(tmp_path: Path) -> None:
     with pytest.raises(BatchfitError, match="train-images-idx3-ubyte"):
         sweep("mlp", dataset="mnist", root=tmp_path, max_batch=16, samples=16, **TINY)
@@ -210,6 +218,19 @@ def test_choose_by_loss_and_divergence() -> None:
     assert choose(runs).batch_size == 32
     with pytest.raises(BatchfitError, match="metric"):
         choose(runs, metric="f1")
+    with pytest.raises(BatchfitError, match="every run diverged"):
+        choose([_run(16, 0.1, float("nan")), _run(32, 0.1, float("inf"))])
+    with pytest.raises(BatchfitError, match="--tolerance"):
+        choose(runs, tolerance=-1)
+
+
+def test_a_model_that_cannot_take_the_batches(tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 10))  # digits have 64 values
+    with pytest.raises(BatchfitError, match="at batch size 16 failed") as info:
+        sweep(net, max_batch=16, samples=16, **TINY)
+    assert "(16, 1, 8, 8)" in (info.value.hint or "")
+    with pytest.raises(BatchfitError, match="at batch size 32 failed"):  # the noise scale's examples first
+        sweep(net, max_batch=16, samples=16, memory=False, noise_samples=32)
 
 
 # --- JSON, plot, command line --------------------------------------------------------------------

@@ -19,11 +19,12 @@ The data are tensors held on the device (``digits`` ships with scikit-learn; ``m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -298,6 +299,20 @@ def sample_order(train_size: int, samples: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.randperm(train_size, generator=generator) for _ in range(epochs)])[:samples]
 
 
+@contextlib.contextmanager
+def _explained(batch_size: int, sample_shape: tuple[int, ...]) -> Iterator[None]:
+    """A model that cannot train on these batches is the user's error, said as one."""
+    try:
+        yield
+    except (RuntimeError, ValueError, IndexError) as exc:
+        shape = ", ".join(str(d) for d in (batch_size, *sample_shape))
+        raise BatchfitError(
+            f"training the model at batch size {batch_size:,} failed: {type(exc).__name__}: {exc}",
+            hint=f"the model must take a float batch of shape ({shape}) and return (N, classes) logits for "
+            "cross-entropy against integer labels (rerun with --debug for the traceback)",
+        ) from exc
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -428,6 +443,8 @@ def choose(
         raise BatchfitError("no runs to choose from", hint="lower --min-batch or raise --max-batch")
     if metric not in ("accuracy", "loss"):
         raise BatchfitError(f"unknown metric {metric!r}", hint="use accuracy or loss")
+    if tolerance is not None and tolerance < 0:
+        raise BatchfitError(f"--tolerance must be 0 or more, got {tolerance}", hint="e.g. --tolerance 1")
     ordered = sorted(runs, key=lambda r: r.batch_size)
     if metric == "accuracy":
         tol = 1.0 if tolerance is None else tolerance
@@ -452,7 +469,13 @@ def choose(
             return f"{r.val_loss:.4f}" if not r.diverged else "diverged"
 
         tol_text = f"{100 * tol:g}% of the loss"
-    first = next(i for i, r in enumerate(ordered) if ok(r))
+    good = [i for i, r in enumerate(ordered) if ok(r)]
+    if not good:
+        raise BatchfitError(
+            "every run diverged (its loss is not finite): no batch size trains at these settings",
+            hint="lower --lr, or use --lr-scaling sqrt or none",
+        )
+    first = good[0]
     last = first
     while last + 1 < len(ordered) and ok(ordered[last + 1]):
         last += 1
@@ -807,7 +830,8 @@ def sweep(
             pick = sample_order(data.train_size, n, seed + 1).to(dev)
             xs, ys = data_on.x_train[pick], data_on.y_train[pick]
             m = fresh_model(workload.model, dev, seed)
-            noise.append(noise_scale(m, xs, ys, when="at initialisation"))
+            with _explained(n, data.sample_shape):
+                noise.append(noise_scale(m, xs, ys, when="at initialisation"))
             train_run(
                 m,
                 data_on,
@@ -836,18 +860,19 @@ def sweep(
             target = scaled_lr(base_lr, min_batch, b, lr_scaling)
             steps = math.ceil(samples / b)
             warm = math.ceil(warmup * steps) if target > base_lr else 0
-            losses, seconds = train_run(
-                m,
-                data_on,
-                b,
-                samples,
-                spec.optimizer,
-                lr=target,
-                base_lr=base_lr,
-                warmup_steps=warm,
-                seed=seed,
-                progress=tick(f"batch size {b:,}"),
-            )
+            with _explained(b, data.sample_shape):
+                losses, seconds = train_run(
+                    m,
+                    data_on,
+                    b,
+                    samples,
+                    spec.optimizer,
+                    lr=target,
+                    base_lr=base_lr,
+                    warmup_steps=warm,
+                    seed=seed,
+                    progress=tick(f"batch size {b:,}"),
+                )
             done += samples
             val_loss, val_acc = evaluate(m, data_on.x_val, data_on.y_val)
             del m
