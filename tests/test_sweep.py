@@ -32,8 +32,8 @@ from test_data import random_mnist, skip_cifar_md5, write_cifar  # noqa: F401 - 
 TINY = {"memory": False, "noise_samples": 0, "threads": 1}
 
 
-def _run(b: int, acc: float, loss: float = 1.0) -> RunResult:
-    return RunResult(b, 0.1, 0, 1, 100, 1.0, ((100, loss),), loss, acc)
+def _run(b: int, acc: float, loss: float = 1.0, seconds: float = 1.0) -> RunResult:
+    return RunResult(b, 0.1, 0, 1, 100, seconds, ((100, loss),), loss, acc)
 
 
 # --- the data ------------------------------------------------------------------------------------
@@ -265,3 +265,15 @@ def test_cli_errors(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["sweep", "mlp", "--dataset", "mnist", "--root", str(tmp_path), "--max-batch", "16"])
     assert bad.exit_code == 3 and "train-images-idx3-ubyte" in bad.stderr
     assert "batchfit show mnist --download" in bad.stderr  # sweep itself never downloads
+
+
+def test_throughput_saturation() -> None:
+    """The smallest batch within 5% of the best samples/s (100 samples per run: 100 / seconds)."""
+    r = sweep("mlp", max_batch=32, samples=64, **TINY)
+    r.runs = [_run(16, 0.9, seconds=1.0), _run(32, 0.9, seconds=0.52), _run(64, 0.9, seconds=0.5)]
+    # 100, 192.3, 200 samples/s: 192.3 >= 0.95 x 200 = 190
+    assert r.saturation_batch_size == 32
+    r.runs[1] = _run(32, 0.9, seconds=0.53)  # 188.7 < 190
+    assert r.saturation_batch_size == 64
+    assert r.to_dict()["throughput_saturation_batch_size"] == 64
+    assert "from batch size 64 on, within 5% of the best samples/s" in str(r)

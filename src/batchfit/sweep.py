@@ -50,6 +50,7 @@ DEFAULT_EPOCHS = 2.0
 DEFAULT_NOISE_SAMPLES = 512
 EVAL_CHUNK = 1024
 CURVE_POINTS = 64  # loss-curve points kept per run (each the mean over its steps)
+SATURATION = 0.05  # throughput within 5% of the best counts as saturated (issue 16's definition)
 
 # scikit-learn's load_digits() reads this file (sklearn/datasets/_base.py, load_digits:
 # _load_gzip_compressed_csv_data("digits.csv.gz")): 1,797 rows of 64 pixel values (0..16) and the label.
@@ -544,6 +545,16 @@ class SweepResult:
         return _budget_text(self.samples, self.train_size)
 
     @property
+    def saturation_batch_size(self) -> int | None:
+        """The smallest batch size whose samples/s is within 5% of the best run's (None without runs):
+        past it, a larger batch buys little speed on this device."""
+        timed = [r for r in self.runs if r.seconds > 0]
+        if not timed:
+            return None
+        best = max(r.samples_per_second for r in timed)
+        return min(r.batch_size for r in timed if r.samples_per_second >= (1 - SATURATION) * best)
+
+    @property
     def noise_scale(self) -> NoiseScale | None:
         """The noise scale after the warm-up (the later, more telling one), else at initialisation."""
         return self.noise[-1] if self.noise else None
@@ -570,6 +581,7 @@ class SweepResult:
             "max_batch_source": self.max_batch_source,
             "recommended_batch_size": self.recommended_batch_size,
             "reason": self.reason,
+            "throughput_saturation_batch_size": self.saturation_batch_size,
             "noise_scale": ns.b_simple if ns is not None and ns.resolved else None,
             "noise_scales": [n.to_dict() for n in self.noise],
             "results": [r.to_dict() for r in self.runs],
@@ -595,6 +607,12 @@ class SweepResult:
                 "estimates it"
             )
         footer += [f"noise scale: {n}" for n in self.noise]
+        sat = self.saturation_batch_size
+        if sat is not None:
+            footer.append(
+                f"throughput: from batch size {sat:,} on, within {SATURATION:.0%} of the best samples/s measured "
+                f"on {self.device}"
+            )
         if self.max_batch_size is not None:
             footer.append(f"largest batch that fits: {self.max_batch_size:,} ({self.max_batch_source})")
         footer += [f"note: {n}" for n in self.notes]
