@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._step import train_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -131,18 +132,13 @@ def per_example_grad_stats(
     per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))
     sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     sq = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with train_mode(model, False):
         for start in range(0, n, chunk):
             grads = per_example(params, inputs[start : start + chunk], targets[start : start + chunk])
             for k, g in grads.items():
                 g64 = g.to(torch.float64)
                 sums[k] += g64.sum(0)
                 sq += g64.flatten(1).pow(2).sum()
-    finally:
-        for m, mode in was_training:
-            m.training = mode
     return sums, sq, n
 
 

@@ -96,6 +96,17 @@ def check_plot_path(path: str | Path) -> Path:
     return out
 
 
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``FILE.png`` or ``FILE.svg`` (the folder is created); returns the path."""
+    out = check_plot_path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = PLOT_FORMATS[out.suffix.lower()]
+    # no date in SVG files, so that the same input writes the same file
+    metadata = {"Date": None} if fmt == "svg" else None
+    fig.savefig(out, format=fmt, dpi=dpi, metadata=metadata)
+    return out
+
+
 @dataclass(frozen=True)
 class PlanPoint:
     """One batch size: what stacks up to the card's total, in bytes.
@@ -402,13 +413,7 @@ class Plan:
 
     def save_plot(self, path: str | Path) -> Path:
         """Write the plot to ``FILE.png`` or ``FILE.svg`` (the folder is created); returns the path."""
-        out = check_plot_path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fmt = PLOT_FORMATS[out.suffix.lower()]
-        # no date in SVG files, so that the same plan writes the same file
-        metadata = {"Date": None} if fmt == "svg" else None
-        self.plot().savefig(out, format=fmt, dpi=120, metadata=metadata)
-        return out
+        return save_figure(self.plot(), path)
 
     def _repr_png_(self) -> bytes:
         buf = io.BytesIO()
@@ -933,5 +938,6 @@ __all__ = [
     "answer_key",
     "check_plot_path",
     "plan",
+    "save_figure",
     "sweep_sizes",
 ]

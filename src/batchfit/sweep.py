@@ -713,13 +713,9 @@ class SweepResult:
 
     def save_plot(self, path: str | Path) -> Path:
         """Write the plot to ``FILE.png`` or ``FILE.svg``; returns the path."""
-        from .plan import PLOT_FORMATS, check_plot_path
+        from .plan import save_figure
 
-        out = check_plot_path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fmt = PLOT_FORMATS[out.suffix.lower()]
-        self.plot().savefig(out, format=fmt, dpi=110, metadata={"Date": None} if fmt == "svg" else None)
-        return out
+        return save_figure(self.plot(), path)
 
 
 def batch_sizes(top: int, smallest: int = MIN_BATCH) -> list[int]:
