@@ -129,6 +129,12 @@ def test_same_budget_same_start_same_stream() -> None:
     ]
 
 
+def test_batchnorm_never_trains_on_one_sample() -> None:
+    """33 samples in batches of 16: 16 + 17, not 16 + 16 + 1 (BatchNorm fails on a batch of one)."""
+    r = sweep("cnn", max_batch=16, samples=33, **TINY)
+    assert r.runs[0].steps == 2 and r.runs[0].curve[-1][0] == 33
+
+
 def test_evaluate_is_the_mean_cross_entropy_and_accuracy() -> None:
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 4)

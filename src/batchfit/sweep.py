@@ -342,7 +342,8 @@ def train_run(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer.build(params, device_type=device.type)
     order = sample_order(data.train_size, samples, seed).to(device)
-    steps = math.ceil(samples / batch_size)
+    ends = batch_ends(samples, batch_size)
+    steps = len(ends)
     losses = torch.empty(steps, device=device)
     report_every = max(1, steps // 50)
     model.train()
@@ -357,8 +358,8 @@ def train_run(
         del spare, spare_opt
     _sync(device)
     start = time.perf_counter()
-    for i in range(steps):
-        idx = order[i * batch_size : (i + 1) * batch_size]
+    for i, end in enumerate(ends):
+        idx = order[ends[i - 1] if i else 0 : end]
         for group in opt.param_groups:
             group["lr"] = lr_at(i, warmup_steps, base_lr, lr)
         loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
@@ -367,7 +368,7 @@ def train_run(
         opt.zero_grad(set_to_none=True)
         losses[i] = loss.detach()
         if progress is not None and (i + 1) % report_every == 0:
-            progress(min(samples, (i + 1) * batch_size))
+            progress(end)
     _sync(device)
     seconds = time.perf_counter() - start
     if progress is not None:
@@ -389,12 +390,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return total_loss / n, correct / n
 
 
-def loss_curve(
-    losses: Sequence[float], batch_size: int, samples: int, points: int = CURVE_POINTS
-) -> list[tuple[int, float]]:
+def batch_ends(samples: int, batch_size: int) -> list[int]:
+    """Samples seen after each step: full batches, the last one short; a last batch of a single sample
+    joins the one before (BatchNorm cannot train on one sample, and the budget stays exact).
+
+    >>> batch_ends(40, 16), batch_ends(33, 16), batch_ends(16, 16)
+    ([16, 32, 40], [16, 33], [16])
+    """
+    ends = [min(samples, k + batch_size) for k in range(0, samples, batch_size)]
+    if len(ends) > 1 and ends[-1] - ends[-2] == 1:
+        del ends[-2]
+    return ends
+
+
+def loss_curve(losses: Sequence[float], ends: Sequence[int], points: int = CURVE_POINTS) -> list[tuple[int, float]]:
     """At most ``points`` (samples seen, mean step loss) pairs, each the mean of the steps since the last.
 
-    >>> loss_curve([4.0, 2.0, 1.0, 1.0], 10, 35, points=2)
+    >>> loss_curve([4.0, 2.0, 1.0, 1.0], [10, 20, 30, 35], points=2)
     [(20, 3.0), (35, 1.0)]
     """
     steps = len(losses)
@@ -402,7 +414,7 @@ def loss_curve(
     out, prev = [], 0
     for end in bounds:
         chunk = losses[prev:end]
-        out.append((min(samples, end * batch_size), sum(chunk) / len(chunk)))
+        out.append((ends[end - 1], sum(chunk) / len(chunk)))
         prev = end
     return out
 
@@ -872,7 +884,8 @@ def sweep(
         for b in sizes:
             m = fresh_model(workload.model, dev, seed)
             target = scaled_lr(base_lr, min_batch, b, lr_scaling)
-            steps = math.ceil(samples / b)
+            ends = batch_ends(samples, b)
+            steps = len(ends)
             warm = math.ceil(warmup * steps) if target > base_lr else 0
             with _explained(b, data.sample_shape):
                 losses, seconds = train_run(
@@ -904,7 +917,7 @@ def sweep(
                     steps,
                     samples,
                     seconds,
-                    tuple(loss_curve(losses, b, samples)),
+                    tuple(loss_curve(losses, ends)),
                     val_loss,
                     val_acc,
                     measured,
@@ -950,6 +963,7 @@ __all__ = [
     "RunResult",
     "SweepResult",
     "TrainData",
+    "batch_ends",
     "batch_sizes",
     "choose",
     "digits_arrays",
