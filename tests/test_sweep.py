@@ -266,6 +266,8 @@ def test_cli_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     bad = runner.invoke(app, ["sweep", "mlp", "--max-batch", "16", "--samples", "16", "--lr-scaling", "cubic"])
     assert bad.exit_code == 3 and "--lr-scaling" in bad.stderr
+    bad = runner.invoke(app, ["sweep", "mlp", "--max-batch", "16", "--samples", "16", "--device", "tpu"])
+    assert bad.exit_code == 3 and "--device cpu" in bad.stderr
     bad = runner.invoke(app, ["sweep", "mlp", "--max-batch", "16", "--plot", str(tmp_path / "x.jpg")])
     assert bad.exit_code == 2 and "x.jpg" in bad.stderr
     bad = runner.invoke(app, ["sweep", "mlp", "--dataset", "mnist", "--root", str(tmp_path), "--max-batch", "16"])

@@ -789,7 +789,12 @@ def sweep(
         raise BatchfitError(f"--warmup must be a fraction in [0, 1), got {warmup}", hint="e.g. --warmup 0.1")
     if min_batch < 1:
         raise BatchfitError(f"--min-batch must be at least 1, got {min_batch}", hint="the lesson starts at 16")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        dev = torch.device("meta")  # not a device sweep trains on: refused below
+    if dev.type not in ("cpu", "cuda"):
+        raise BatchfitError(f"cannot train on device {device!r}", hint="use --device cpu or --device cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             "training on CUDA needs a GPU, and this machine has none",
