@@ -804,7 +804,7 @@ def sweep(
     if data is None:
         data = load_train_data(dataset, root)
     info = data.info if data.info is not None else get_dataset(dataset)
-    workload = load_workload(model, data.sample_shape, dataset=info, num_classes=num_classes or info.num_classes)
+    workload = load_workload(model, data.sample_shape, dataset=info, num_classes=num_classes)
     spec = make_spec(dev.type, optimizer)
     base_lr = float(lr if lr is not None else spec.optimizer.kwargs.get("lr", 0.01))
     if samples is None:
