@@ -67,6 +67,8 @@ class StepEstimate:
     module_types: dict[str, str] = field(default_factory=dict, repr=False)
     method: str = "simulated"  # or "extrapolated" (fallback)
     oom: bool = False  # the replay on the card ran out of memory
+    # where each phase of each iteration begins in ``events``, and the step's end (Trace.marks)
+    marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
 
     @property
     def peak_where(self) -> str:
@@ -276,6 +278,7 @@ def estimate_trace(
         module_types=trace.module_types,
         events=events,
         notes=list(trace.notes),
+        marks=list(trace.marks),
     )
     if spec.device == "cpu":
         peak, at, breakdown = raw_peak(events)

@@ -32,6 +32,7 @@ from ._common import (
     parse_int_list,
     workload_from_options,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
 
 @command("estimate")
@@ -57,14 +58,19 @@ def estimate_cmd(
     ] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: include the event timeline.")] = False,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
+    check_paths(snapshot_path, report_path)
     workload = workload_from_options(model, inputs, dataset, num_classes)
     spec = make_spec(device, optimizer, precision, loss, step, mode)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
     comparison = _compare(report, workload, spec) if compare else None
+    write_snapshots(snapshot_path, report.results)
+    write_report(report_path, report)
     if as_json:
         out = report.to_dict(events=events)
         if comparison is not None:
