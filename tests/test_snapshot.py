@@ -65,7 +65,12 @@ def viewer_timelines(data: Any) -> tuple[int, int, int]:
         peak_active = max(peak_active, active)
         peak_reserved = max(peak_reserved, reserved)
     # what the trace leaves allocated is what the segments hold (the JS walks back from them)
-    blocks = {b["address"]: b["requested_size"] for s in data["segments"] for b in s["blocks"] if b["state"] == "active_allocated"}
+    blocks = {
+        b["address"]: b["requested_size"]
+        for s in data["segments"]
+        for b in s["blocks"]
+        if b["state"] == "active_allocated"
+    }
     assert blocks == live
     return peak_active, peak_reserved, reserved
 
@@ -107,9 +112,7 @@ def test_stats_at_the_end(step: StepEstimate) -> None:
     assert step.allocator is not None and step.allocator.num_device_free == 0
     assert f"total_reserved: {mv.Bytes(step.peak_reserved_bytes)}" in text
     assert f"segments: {len(snap['segments'])}" in text
-    assert mv.trace(snap).count("cudaMalloc(") == sum(
-        e["action"] == "segment_alloc" for e in snap["device_traces"][0]
-    )
+    assert mv.trace(snap).count("cudaMalloc(") == sum(e["action"] == "segment_alloc" for e in snap["device_traces"][0])
 
 
 def test_cli_writes_a_file_pytorch_reads(tmp_path: Any) -> None:
@@ -145,7 +148,19 @@ def test_several_batch_sizes_write_one_file_each(tmp_path: Any) -> None:
     from batchfit.cli import app
 
     res = CliRunner().invoke(
-        app, ["estimate", "mlp", "--dataset", "mnist", "-b", "64,128", "--gpu", "T4", "--snapshot", str(tmp_path / "s.pickle")]
+        app,
+        [
+            "estimate",
+            "mlp",
+            "--dataset",
+            "mnist",
+            "-b",
+            "64,128",
+            "--gpu",
+            "T4",
+            "--snapshot",
+            str(tmp_path / "s.pickle"),
+        ],
     )
     assert res.exit_code == 0, res.output
     for b in (64, 128):

@@ -113,7 +113,7 @@ def _to_pytorch(
         trace.append(entry)
     segments = []
     for seg in history.segments:
-        blocks = []
+        blocks: list[dict[str, Any]] = []
         for b in seg.blocks:
             if b.storage is None:
                 blocks.append({"address": b.address, "size": b.size, "requested_size": 0, "state": "inactive", "frames": []})

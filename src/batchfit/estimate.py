@@ -122,6 +122,15 @@ class StepEstimate:
     def __rich__(self) -> Any:
         return EstimateReport([self]).__rich__()
 
+    def _repr_html_(self) -> str:
+        """The table, and on CUDA the step's timeline (allocated and reserved over the events)."""
+        from ._html import figure_svg, fragment, table_html, timeline_figure
+
+        parts = [table_html(t) for t in EstimateReport([self]).tables()]
+        if self.device == "cuda" and self.events:
+            parts.append(figure_svg(timeline_figure(self)))
+        return fragment(*parts)
+
 
 @dataclass
 class EstimateReport(Sequence[StepEstimate]):
@@ -221,6 +230,11 @@ class EstimateReport(Sequence[StepEstimate]):
         from rich.console import Group
 
         return Group(*(t.__rich__() for t in self.tables()))
+
+    def _repr_html_(self) -> str:
+        from ._html import tables_fragment
+
+        return tables_fragment(self.tables())
 
 
 _SHORT = {

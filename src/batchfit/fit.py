@@ -211,6 +211,11 @@ class FitResult:
     def __rich__(self) -> Any:
         return self.table().__rich__()
 
+    def _repr_html_(self) -> str:
+        from ._html import tables_fragment
+
+        return tables_fragment([self.table()])
+
 
 class DoesNotFit(BatchfitError):
     """Even batch size 1 does not fit; ``advice`` quantifies what would help."""

@@ -14,6 +14,8 @@ from ._app import err_console
 
 if TYPE_CHECKING:
     from ..estimate import StepEstimate
+    from ..gpus import Budget
+    from ..models import Workload
 
 SnapshotOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
@@ -64,10 +66,14 @@ def write_snapshots(path: Path | None, estimates: list[StepEstimate]) -> None:
         err_console.print(f"memory snapshot at batch size {e.batch_size:,} written to {written}", soft_wrap=True)
 
 
-def write_report(path: Path | None, result: Any) -> None:
+def write_report(
+    path: Path | None, result: Any, *, workload: Workload | None = None, budget: Budget | None = None
+) -> None:
+    """The report of ``result``; ``workload`` and ``budget`` for an estimate (a plan or a fit carries its own)."""
     if path is None:
         return
     from .._html import write_report as write
+    from ..summary import summary
 
-    written = write(result, path)
+    written = write(result, path, summary=summary(workload) if workload is not None else None, budget=budget)
     err_console.print(f"report written to {written}", soft_wrap=True)

@@ -70,7 +70,7 @@ def estimate_cmd(
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
     comparison = _compare(report, workload, spec) if compare else None
     write_snapshots(snapshot_path, report.results)
-    write_report(report_path, report)
+    write_report(report_path, report, workload=workload, budget=est.budget)
     if as_json:
         out = report.to_dict(events=events)
         if comparison is not None:
