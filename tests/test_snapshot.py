@@ -90,6 +90,9 @@ def test_trace_plot_round_trip_and_peaks(step: StepEstimate) -> None:
     assert peak_active == requested_peak
     assert peak_reserved == step.peak_reserved_bytes
     assert end_reserved == sum(s["total_size"] for s in data["segments"])
+    # a gradient dies in the next iteration's optimizer phase (zero_grad(set_to_none=True))
+    frees = [e["frames"] for e in data["device_traces"][0] if e["action"] == "free_requested"]
+    assert any(f[0]["name"] == "iteration 1 optimizer" and f[1]["name"] == "gradients" for f in frees)
 
 
 def test_memory_flamegraph_at_the_peak_is_peak_allocated(step: StepEstimate) -> None:

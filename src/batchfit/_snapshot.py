@@ -6,8 +6,8 @@ PyTorch's own answer to "where did my memory go" is ``_record_memory_history()``
 file without a GPU: ``device_traces`` holds every action of the caching-allocator model (alloc,
 free_requested, free_completed, segment_alloc/free, segment_map/unmap) with the model's addresses
 and sizes; ``segments`` the segments and their blocks when the snapshot is taken. Each entry's
-``frames`` name what PyTorch would show as a stack: the category, the module, and the phase of
-the iteration, with batchfit's event number as the "line".
+``frames`` name what PyTorch would show as a stack: the storage's category, the module and the
+phase of the iteration it was born in (and, for a free, the phase it was freed in).
 
 The schema follows ``torch/cuda/memory.py`` (``_snapshot``'s docstring) and what
 ``torch/cuda/_memory_viz.py`` and ``torch/utils/viz/MemoryViz.js`` read: trace entries'
@@ -23,6 +23,7 @@ and ``requested_size`` for the frees), segments' and blocks' sizes are the round
 from __future__ import annotations
 
 import pickle
+from bisect import bisect_right
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,6 +104,14 @@ def _to_pytorch(
 ) -> dict[str, Any]:
     types = estimate.module_types
     frames = [_frames(ev, types) for ev in events]
+    # a free's event carries its storage's birth; PyTorch's frames are where the free happened:
+    # say at least in which phase of which iteration it was
+    starts = sorted((i, phase, it) for phase, it, i in estimate.marks if phase != "end")
+    for i, ev in enumerate(events):
+        if ev.action == "free":
+            k = bisect_right(starts, (i, "~", 0)) - 1
+            _, phase, it = starts[k] if k >= 0 else (0, "setup", 0)
+            frames[i] = [{"filename": "freed in", "line": 0, "name": f"iteration {it} {phase}"}, *frames[i]]
     born = {ev.storage: i for i, ev in enumerate(events) if ev.action == "alloc"}
     trace: list[dict[str, Any]] = []
     for a in history.actions:

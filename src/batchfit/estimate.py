@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
@@ -29,6 +30,7 @@ from .training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_opti
 if TYPE_CHECKING:
     from .allocator import AllocatorConfig, AllocatorResult
     from .gpus import Budget
+    from .summary import ModelSummary
 
 SCHEMA_VERSION = 1
 DEVICES = ("cuda", "cpu")
@@ -130,6 +132,19 @@ class StepEstimate:
         if self.device == "cuda" and self.events:
             parts.append(figure_svg(timeline_figure(self)))
         return fragment(*parts)
+
+    def save_snapshot(self, path: str | Path, *, at: str = "end") -> Path:
+        """Write the step as a PyTorch memory snapshot (FILE.pickle, CUDA): see docs/report.md.
+
+        Open it at https://pytorch.org/memory_viz or with ``python -m torch.cuda._memory_viz``.
+        """
+        from ._snapshot import write_snapshot
+
+        return write_snapshot(self, path, at=at)  # type: ignore[arg-type]
+
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report of this step (FILE.html)."""
+        return EstimateReport([self]).save_report(path)
 
 
 @dataclass
@@ -235,6 +250,12 @@ class EstimateReport(Sequence[StepEstimate]):
         from ._html import tables_fragment
 
         return tables_fragment(self.tables())
+
+    def save_report(self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None) -> Path:
+        """Write a self-contained HTML report (FILE.html); ``summary`` adds the model's layer tree."""
+        from ._html import write_report
+
+        return write_report(self, path, summary=summary, budget=budget)
 
 
 _SHORT = {

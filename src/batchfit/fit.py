@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._compose import compose
@@ -215,6 +216,12 @@ class FitResult:
         from ._html import tables_fragment
 
         return tables_fragment([self.table()])
+
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (FILE.html): the plan around this answer."""
+        from ._html import write_report
+
+        return write_report(self, path)
 
 
 class DoesNotFit(BatchfitError):

@@ -407,6 +407,12 @@ class Plan:
         self.plot().savefig(out, format=fmt, dpi=120, metadata=metadata)
         return out
 
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (FILE.html): tables, inline SVG charts, assumptions."""
+        from ._html import write_report
+
+        return write_report(self, path)
+
     def _repr_png_(self) -> bytes:
         buf = io.BytesIO()
         self.plot().savefig(buf, format="png", dpi=100)
