@@ -202,7 +202,7 @@ def breakdown_table(e: StepEstimate) -> Table:
     rows.append(["total (nvidia-smi)", format_bytes(point.total_bytes), f"{point.total_bytes:,}", "100%"])
     return Table(
         f"at batch size {e.batch_size:,}: the peak ({e.peak_where})",
-        ["", "MiB", "bytes", "share"],
+        ["", "size", "bytes", "share"],
         rows,
         footer=["allocated categories at the peak of allocated memory; reserve and context on top"],
     )
