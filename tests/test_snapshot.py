@@ -18,7 +18,7 @@ import pytest
 from torch.cuda import _memory_viz as mv
 
 from batchfit import estimate
-from batchfit._errors import BatchfitError
+from batchfit._errors import BatchfitError, ExitCode
 from batchfit._snapshot import snapshot, write_snapshot
 from batchfit.estimate import StepEstimate
 
@@ -171,6 +171,16 @@ def test_several_batch_sizes_write_one_file_each(tmp_path: Any) -> None:
             assert pickle.load(f)["batchfit"]["batch_size"] == b
 
 
+def test_a_step_that_does_not_fit_is_written_as_it_would_need() -> None:
+    # the T4's CUDA context (512 MiB, catalogue) leaves 18 MiB to the allocator: too little
+    e = estimate("mlp", dataset="mnist", batch_size=256, gpu="T4", memory="530MiB")
+    assert isinstance(e, StepEstimate) and e.fits is False
+    snap = snapshot(e)
+    assert snap["batchfit"]["fits"] is False
+    assert not any(t["action"] == "oom" for t in snap["device_traces"][0])
+    assert viewer_timelines(snap)[1] == e.peak_reserved_bytes
+
+
 def test_errors(tmp_path: Any, step: StepEstimate) -> None:
     with pytest.raises(BatchfitError, match="pickle"):
         write_snapshot(step, tmp_path / "x.json")
@@ -179,3 +189,12 @@ def test_errors(tmp_path: Any, step: StepEstimate) -> None:
     with pytest.raises(BatchfitError, match="CUDA caching allocator") as info:
         snapshot(cpu)
     assert "--device cuda" in (info.value.hint or "")
+    from typer.testing import CliRunner
+
+    from batchfit.cli import app
+
+    args = ["estimate", "mlp", "--dataset", "mnist", "-b", "8", "--device", "cpu", "--snapshot", str(tmp_path / "s.pickle")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == ExitCode.USAGE and "--device cuda" in res.output
+    res = CliRunner().invoke(app, [*args[:-2], "--snapshot", str(tmp_path / "s.json")])
+    assert res.exit_code == ExitCode.USAGE and "FILE.pickle" in res.output

@@ -61,13 +61,7 @@ def snapshot(estimate: StepEstimate, *, at: At = "end") -> dict[str, Any]:
     estimate's breakdown describes); the trace stops there, and the segments' active blocks add
     up to ``peak_allocated_bytes``.
     """
-    if estimate.device != "cuda" or estimate.allocator is None:
-        raise BatchfitError(
-            "a memory snapshot is the CUDA caching allocator's picture; this estimate is for "
-            f"{estimate.device!r}" + ("" if estimate.device != "cuda" else " without an allocator replay"),
-            hint="estimate with --device cuda (the default; no GPU needed)",
-            exit_code=ExitCode.USAGE,
-        )
+    check_device(estimate.device)
     if not estimate.events:
         raise BatchfitError(
             f"the estimate at batch size {estimate.batch_size} has no event timeline ({estimate.method})",
@@ -78,9 +72,20 @@ def snapshot(estimate: StepEstimate, *, at: At = "end") -> dict[str, Any]:
     from .allocator import simulate
 
     alloc = estimate.allocator
+    assert alloc is not None  # every traced CUDA estimate is replayed on its card
     result = simulate(events, alloc.config, alloc.device_limit_bytes, record_series=False, history=True)
     assert result.history is not None
     return _to_pytorch(estimate, events, result.history, at, result.peak_allocated_bytes, result.peak_reserved_bytes)
+
+
+def check_device(device: str) -> None:
+    """A snapshot is the CUDA caching allocator's picture: CPU steps have none."""
+    if device != "cuda":
+        raise BatchfitError(
+            f"a memory snapshot is the CUDA caching allocator's picture; this step is on {device!r}",
+            hint="estimate with --device cuda (the default; no GPU needed)",
+            exit_code=ExitCode.USAGE,
+        )
 
 
 def _window(estimate: StepEstimate, at: At) -> list[Event]:
@@ -170,6 +175,9 @@ def _to_pytorch(
             "allocator_settings": str(estimate.allocator.config) if estimate.allocator else "default",
             "peak_allocated_bytes": peak_allocated,
             "peak_reserved_bytes": peak_reserved,
+            # a step that does not fit is written as replayed without the card's limit, what it
+            # would need (the estimate's numbers), not as PyTorch's OOM would cut it short
+            "fits": estimate.fits,
         },
     }
 
@@ -200,4 +208,4 @@ def write_snapshot(estimate: StepEstimate, path: str | Path, *, at: At = "end") 
     return out
 
 
-__all__ = ["check_snapshot_path", "snapshot", "write_snapshot"]
+__all__ = ["check_device", "check_snapshot_path", "snapshot", "write_snapshot"]

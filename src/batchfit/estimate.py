@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -133,14 +133,14 @@ class StepEstimate:
             parts.append(figure_svg(timeline_figure(self)))
         return fragment(*parts)
 
-    def save_snapshot(self, path: str | Path, *, at: str = "end") -> Path:
+    def save_snapshot(self, path: str | Path, *, at: Literal["end", "peak"] = "end") -> Path:
         """Write the step as a PyTorch memory snapshot (FILE.pickle, CUDA): see docs/report.md.
 
         Open it at https://pytorch.org/memory_viz or with ``python -m torch.cuda._memory_viz``.
         """
         from ._snapshot import write_snapshot
 
-        return write_snapshot(self, path, at=at)  # type: ignore[arg-type]
+        return write_snapshot(self, path, at=at)
 
     def save_report(self, path: str | Path) -> Path:
         """Write a self-contained HTML report of this step (FILE.html)."""

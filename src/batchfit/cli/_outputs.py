@@ -37,12 +37,13 @@ ReportOpt = Annotated[
 ]
 
 
-def check_paths(snapshot: Path | None, report: Path | None) -> None:
-    """Fail on a bad file name now, not after the work."""
+def check_paths(snapshot: Path | None, report: Path | None, device: str = "cuda") -> None:
+    """Fail on a bad file name (or a snapshot of a CPU step) now, not after the work."""
     if snapshot is not None:
-        from .._snapshot import check_snapshot_path
+        from .._snapshot import check_device, check_snapshot_path
 
         check_snapshot_path(snapshot)
+        check_device(device)
     if report is not None:
         from .._html import check_report_path
 

@@ -62,7 +62,7 @@ def estimate_cmd(
     report_path: ReportOpt = None,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
-    check_paths(snapshot_path, report_path)
+    check_paths(snapshot_path, report_path, device)
     workload = workload_from_options(model, inputs, dataset, num_classes)
     spec = make_spec(device, optimizer, precision, loss, step, mode)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
