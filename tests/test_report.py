@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from batchfit import EstimateReport, Plan, StepEstimate, estimate, measure_step, plan, probe, summary
+from batchfit import EstimateReport, Plan, StepEstimate, estimate, format_bytes, measure_step, plan, probe, summary
 from batchfit._errors import ExitCode
 from batchfit._html import report_html, write_report
 from batchfit.cli import app
@@ -187,6 +187,12 @@ def test_repr_html_of_every_result(mlp_plan: Plan) -> None:
     report = estimate("mlp", dataset="mnist", batch_size=[64, 128], gpu="T4")
     assert isinstance(e, StepEstimate) and isinstance(report, EstimateReport)
     m = measure_step(workload, 8, make_spec("cpu"))
+    on_cpu = estimate("mlp", dataset="mnist", batch_size=8, device="cpu")
+    assert isinstance(on_cpu, StepEstimate)
+    # the CPU page: breakdown, bars and the live bytes' timeline, peaking at the estimate's peak
+    cpu_page = parse(report_html(on_cpu))
+    assert "The step's timeline" in words(cpu_page.text)
+    assert any(f"peak allocated {format_bytes(on_cpu.peak_allocated_bytes)}" in c for c in cpu_page.comments)
     p = probe(
         "mlp",
         dataset="mnist",
@@ -201,6 +207,7 @@ def test_repr_html_of_every_result(mlp_plan: Plan) -> None:
         (mlp_plan.fit, [f"{mlp_plan.fit.max_batch_size:,}", "Tesla T4"]),
         (mlp_plan, ["recommended"]),
         (m, [f"{m.peak_allocated_bytes:,}"]),
+        (on_cpu, ["live tensors", "2: forward"]),
         (p, [f"{p.max_batch_size:,}", f"{p.first_failing_batch_size:,}"]),
     ]
     for obj, expected in cases:

@@ -131,45 +131,57 @@ _PHASE_COLORS = {"setup": "#f0f0f0", "forward": "#e3eefb", "backward": "#fbe9e3"
 
 
 def timeline_figure(e: StepEstimate) -> Figure:
-    """Allocated and reserved bytes after each event of the step (CUDA), phases shaded and named."""
+    """Bytes after each event of the step, phases shaded and named: on CUDA allocated and reserved
+    (the allocator model's replay), on the CPU the live tensors' bytes."""
     from matplotlib.figure import Figure
 
     from .allocator import simulate
 
     end = next((i for phase, _it, i in e.marks if phase == "end"), len(e.events))
     events = e.events[:end]
-    alloc = e.allocator
-    replay = simulate(
-        events,
-        alloc.config if alloc else None,
-        alloc.device_limit_bytes if alloc else None,
-        record_series=True,
-        breakdown=False,
-    )
-    series = replay.series
-    assert series is not None
-    unit, name = _scale(max(series.reserved_bytes, default=0))
+    reserved: list[int] | None = None
+    if e.device == "cuda":
+        alloc = e.allocator
+        replay = simulate(
+            events,
+            alloc.config if alloc else None,
+            alloc.device_limit_bytes if alloc else None,
+            record_series=True,
+            breakdown=False,
+        )
+        assert replay.series is not None
+        allocated, reserved = replay.series.allocated_bytes, replay.series.reserved_bytes
+    else:
+        allocated, running = [], 0
+        for ev in events:
+            running += ev.nbytes if ev.action == "alloc" else -ev.nbytes
+            allocated.append(running)
+    peak = max(allocated, default=0)
+    top_bytes = max(reserved, default=0) if reserved is not None else peak
+    unit, name = _scale(top_bytes)
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    xs = list(range(len(series.seq)))
-
-    ax.step(xs, [b / unit for b in series.reserved_bytes], where="post", color="#7f7f7f", label="reserved (segments)")
-    ax.step(xs, [b / unit for b in series.allocated_bytes], where="post", color="#d62728", label="allocated (blocks)")
+    xs = list(range(len(allocated)))
+    if reserved is not None:
+        ax.step(xs, [b / unit for b in reserved], where="post", color="#7f7f7f", label="reserved (segments)")
+        ax.step(xs, [b / unit for b in allocated], where="post", color="#d62728", label="allocated (blocks)")
+    else:
+        ax.step(xs, [b / unit for b in allocated], where="post", color="#d62728", label="live tensors")
     bounds = sorted((i, p, it) for p, it, i in e.marks if p != "end" and i < end)
     if not bounds or bounds[0][0] > 0:
         bounds.insert(0, (0, "setup", 0))
-    top = max(series.reserved_bytes, default=0) / unit
+    top = top_bytes / unit
     for k, (start, phase, it) in enumerate(bounds):
         stop = bounds[k + 1][0] if k + 1 < len(bounds) else len(xs)
         ax.axvspan(start, stop, color=_PHASE_COLORS.get(phase, "#f7f7f7"), linewidth=0, zorder=0)
         label = phase if phase == "setup" else f"{it}: {phase}"
         ax.text((start + stop) / 2, top * 1.02, label, ha="center", va="bottom", fontsize=7, color="#444")
-    if replay.peak_allocated_seq is not None:
-        at = replay.peak_allocated_seq
-        ax.plot([at], [replay.peak_allocated_bytes / unit], "o", color="#d62728", markersize=4)
+    if peak:
+        at = allocated.index(peak)
+        ax.plot([at], [peak / unit], "o", color="#d62728", markersize=4)
         ax.annotate(
-            f"peak allocated {format_bytes(replay.peak_allocated_bytes)}",
-            (at, replay.peak_allocated_bytes / unit),
+            f"peak allocated {format_bytes(peak)}",
+            (at, peak / unit),
             textcoords="offset points",
             xytext=(6, 4),
             fontsize=8,
@@ -178,7 +190,8 @@ def timeline_figure(e: StepEstimate) -> Figure:
     ax.set_ylim(0, top * 1.12 if top else 1)
     ax.set_xlabel("event (each storage's birth or death, in order)")
     ax.set_ylabel(f"{name} (1 {name} = 1024^{3 if name == 'GiB' else 2} bytes)")
-    ax.set_title(f"{e.model} at batch size {e.batch_size:,}: one step, two iterations, on {e.card}", fontsize=10)
+    where = e.card if e.device == "cuda" else "the CPU"
+    ax.set_title(f"{e.model} at batch size {e.batch_size:,}: one step, two iterations, on {where}", fontsize=10)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     return fig
 
@@ -359,16 +372,13 @@ def estimate_report(r: EstimateReport, summary: ModelSummary | None, budget: Bud
     if summary is not None:
         body.append(_section("The model", summary_html(summary)))
     last = r.results[-1]
-    if last.device == "cuda":
-        body.append(_section("Where the memory goes", table_html(breakdown_table(last))))
-        points = [PlanPoint.from_estimate(e) for e in r.results]
-        budget_bytes = first.budget_bytes
-        chart = breakdown_figure(
-            points, budget_bytes, f"{first.model} on {first.card}: what stacks up at each batch size"
-        )
-        body.append(_section("Memory against the batch size", figure_svg(chart)))
-        if last.events:
-            body.append(_section("The step's timeline", figure_svg(timeline_figure(last))))
+    body.append(_section("Where the memory goes", table_html(breakdown_table(last))))
+    points = [PlanPoint.from_estimate(e) for e in r.results]
+    where = first.card if first.device == "cuda" else "the CPU"
+    chart = breakdown_figure(points, first.budget_bytes, f"{first.model} on {where}: what stacks up at each batch size")
+    body.append(_section("Memory against the batch size", figure_svg(chart)))
+    if last.events:
+        body.append(_section("The step's timeline", figure_svg(timeline_figure(last))))
     notes = sorted({n for e in r.results for n in e.notes})
     body.append(
         _section(

@@ -125,11 +125,11 @@ class StepEstimate:
         return EstimateReport([self]).__rich__()
 
     def _repr_html_(self) -> str:
-        """The table, and on CUDA the step's timeline (allocated and reserved over the events)."""
+        """The table and the step's timeline (on CUDA allocated and reserved over the events)."""
         from ._html import figure_svg, fragment, table_html, timeline_figure
 
         parts = [table_html(t) for t in EstimateReport([self]).tables()]
-        if self.device == "cuda" and self.events:
+        if self.events:
             parts.append(figure_svg(timeline_figure(self)))
         return fragment(*parts)
 
