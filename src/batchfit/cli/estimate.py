@@ -69,15 +69,16 @@ def estimate_cmd(
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
     comparison = _compare(report, workload, spec) if compare else None
-    write_snapshots(snapshot_path, report.results)
-    write_report(report_path, report, workload=workload, budget=est.budget)
     if as_json:
         out = report.to_dict(events=events)
         if comparison is not None:
             out["measured"] = comparison[1]
         print(json.dumps(out, indent=2))
-        return
-    show(report, *([comparison[0]] if comparison else []))
+    else:
+        show(report, *([comparison[0]] if comparison else []))
+    # the files after the answer: a file that cannot be made does not hide the answer
+    write_snapshots(snapshot_path, report.results)
+    write_report(report_path, report, workload=workload, budget=est.budget)
 
 
 def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]:  # type: ignore[no-untyped-def]

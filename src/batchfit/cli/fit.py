@@ -72,10 +72,10 @@ def fit_cmd(
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
         )
+    if as_json:
+        print(result.to_json())
+    else:
+        show(result)
     if result.estimate_at_recommended is not None:
         write_snapshots(snapshot_path, [result.estimate_at_recommended])
     write_report(report_path, result)
-    if as_json:
-        print(result.to_json())
-        return
-    show(result)

@@ -86,12 +86,12 @@ def plan_cmd(
         if plot is not None:
             status.update(f"drawing {plot}")
             written = result.save_plot(plot)
-    if result.fit.estimate_at_recommended is not None:
-        write_snapshots(snapshot_path, [result.fit.estimate_at_recommended])
-    write_report(report_path, result)
     if as_json:
         print(result.to_json())
     else:
         show(result)
+    if result.fit.estimate_at_recommended is not None:
+        write_snapshots(snapshot_path, [result.fit.estimate_at_recommended])
+    write_report(report_path, result)
     if plot is not None:
         err_console.print(f"plot written to {written}", soft_wrap=True)
