@@ -217,3 +217,15 @@ def test_repr_html_of_every_result(mlp_plan: Plan) -> None:
         seen = words([*doc.text, *doc.comments])
         for needle in expected:
             assert needle in seen, (type(obj).__name__, needle)
+
+
+def test_answer_key_displays_itself() -> None:
+    from batchfit.plan import answer_key
+
+    key = answer_key(gpu="T4")
+    page = key._repr_html_()
+    assert_offline(page)
+    doc = parse(page)
+    text = words(doc.text)
+    assert f"{key.total_params:,}" in text and doc.tags["table"] >= 2  # the lesson's tables
+    assert "784" in text  # torchsummary's classic layout, as the lesson prints it
