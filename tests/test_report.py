@@ -229,3 +229,24 @@ def test_answer_key_displays_itself() -> None:
     text = words(doc.text)
     assert f"{key.total_params:,}" in text and doc.tags["table"] >= 2  # the lesson's tables
     assert "784" in text  # torchsummary's classic layout, as the lesson prints it
+
+
+def test_a_long_timeline_stays_small_and_keeps_its_peak() -> None:
+    from dataclasses import replace
+    from itertools import pairwise
+
+    from batchfit._events import Event
+    from batchfit._html import figure_svg, timeline_figure
+
+    e = estimate("mlp", dataset="mnist", batch_size=8, device="cpu")
+    assert isinstance(e, StepEstimate)
+    sizes = [1000 + (i * 7919) % 5000 for i in range(30_000)]
+    events = []  # 60,000 events: each storage lives until the next one is born
+    for i, size in enumerate(sizes):
+        events.append(Event(len(events), "alloc", i, size, "temporaries", "", "forward", 1))
+        if i:
+            events.append(Event(len(events), "free", i - 1, sizes[i - 1], "temporaries", "", "forward", 1))
+    peak = max(a + b for a, b in pairwise(sizes))
+    svg = figure_svg(timeline_figure(replace(e, events=events, marks=[])))
+    assert len(svg) < 250_000  # every event drawn: 535 KB here, enveloped: 137 KB
+    assert f"peak allocated {format_bytes(peak)}" in svg

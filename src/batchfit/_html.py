@@ -130,6 +130,21 @@ def _scale(max_bytes: int) -> tuple[float, Literal["GiB", "MiB"]]:
 _PHASE_COLORS = {"setup": "#f0f0f0", "forward": "#e3eefb", "backward": "#fbe9e3", "optimizer": "#ececfb"}
 
 
+_MAX_POINTS = 2000
+
+
+def _envelope(values: Sequence[int], unit: float) -> tuple[list[int], list[float]]:
+    """The series to draw: every value, or above ``2 x _MAX_POINTS`` events the highest of each
+    run of events (peaks survive, the page stays small: 60,000 events drawn one by one made a
+    535 KB SVG here, 137 KB enveloped)."""
+    n = len(values)
+    if n <= 2 * _MAX_POINTS:
+        return list(range(n)), [v / unit for v in values]
+    step = -(-n // _MAX_POINTS)
+    starts = list(range(0, n, step))
+    return starts, [max(values[i : i + step]) / unit for i in starts]
+
+
 def timeline_figure(e: StepEstimate) -> Figure:
     """Bytes after each event of the step, phases shaded and named: on CUDA allocated and reserved
     (the allocator model's replay), on the CPU the live tensors' bytes."""
@@ -163,10 +178,10 @@ def timeline_figure(e: StepEstimate) -> Figure:
     ax = fig.add_subplot()
     xs = list(range(len(allocated)))
     if reserved is not None:
-        ax.step(xs, [b / unit for b in reserved], where="post", color="#7f7f7f", label="reserved (segments)")
-        ax.step(xs, [b / unit for b in allocated], where="post", color="#d62728", label="allocated (blocks)")
+        ax.step(*_envelope(reserved, unit), where="post", color="#7f7f7f", label="reserved (segments)")
+        ax.step(*_envelope(allocated, unit), where="post", color="#d62728", label="allocated (blocks)")
     else:
-        ax.step(xs, [b / unit for b in allocated], where="post", color="#d62728", label="live tensors")
+        ax.step(*_envelope(allocated, unit), where="post", color="#d62728", label="live tensors")
     bounds = sorted((i, p, it) for p, it, i in e.marks if p != "end" and i < end)
     if not bounds or bounds[0][0] > 0:
         bounds.insert(0, (0, "setup", 0))
