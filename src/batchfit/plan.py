@@ -417,6 +417,12 @@ class Plan:
         """Write the plot to ``FILE.png`` or ``FILE.svg`` (the folder is created); returns the path."""
         return save_figure(self.plot(), path)
 
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (FILE.html): tables, inline SVG charts, assumptions."""
+        from ._html import write_report
+
+        return write_report(self, path)
+
     def _repr_png_(self) -> bytes:
         buf = io.BytesIO()
         self.plot().savefig(buf, format="png", dpi=100)
@@ -490,6 +496,18 @@ def plan(
         alloc_conf=alloc_conf,
         progress=progress,
     )
+    return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress)
+
+
+def plan_from_fit(
+    model_summary: ModelSummary,
+    result: FitResult,
+    *,
+    curve_points: int = 48,
+    progress: Callable[[str], None] | None = None,
+) -> Plan:
+    """The plan around an answer :func:`~batchfit.fit.fit` already found (``fit --report`` uses it)."""
+    say = progress or (lambda text: None)
     known: dict[int, StepEstimate] = {}
     for e in (result.estimate_at_max, result.estimate_at_recommended):
         if e is not None:
@@ -880,6 +898,11 @@ class AnswerKey:
             parts.append(s.__rich__() if isinstance(s, Table) else Text(s))
             parts.append(Text(""))
         return Group(*parts)
+
+    def _repr_html_(self) -> str:
+        from ._html import esc, fragment, table_html
+
+        return fragment(*(table_html(s) if isinstance(s, Table) else f"<pre>{esc(s)}</pre>" for s in self.sections()))
 
 
 def answer_key(

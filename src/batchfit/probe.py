@@ -663,6 +663,11 @@ class ProbeResult:
 
         return Group(*(t.__rich__() for t in self.tables()))
 
+    def _repr_html_(self) -> str:
+        from ._html import tables_fragment
+
+        return tables_fragment(self.tables())
+
 
 def cudnn_notes(attempts: list[Attempt], max_batch_size: int, workspace_bytes: int | None = None) -> list[str]:
     """What the measurements say about cuDNN picking smaller-workspace (slower) algorithms near the limit.
