@@ -248,7 +248,7 @@ def _asks_the_driver(model: nn.Module, inputs: Any, labels: Any, optimizer: torc
 def test_messages_name_the_problem_and_the_phase(device: str) -> None:
     with pytest.raises(BatchfitError, match="create_graph=True"):
         estimate("mlp", dataset="mnist", batch_size=8, device=device, step=_second_order)
-    with pytest.raises(BatchfitError, match="step function's backward.*backward through the graph a second time"):
+    with pytest.raises(BatchfitError, match=r"step function's backward.*backward through the graph a second time"):
         estimate("mlp", dataset="mnist", batch_size=8, device=device, step=_fails_in_backward)
 
 

@@ -557,7 +557,11 @@ class _Replay:
             for nr, t in retain.get(node, ()):
                 # the retains_grad hook (VariableHooks::retain_grad): a contiguous clone, then sums
                 if inputs_[nr] is not None:
-                    t.grad = inputs_[nr].clone(memory_format=torch.contiguous_format) if t.grad is None else t.grad + inputs_[nr]
+                    t.grad = (
+                        inputs_[nr].clone(memory_format=torch.contiguous_format)
+                        if t.grad is None
+                        else t.grad + inputs_[nr]
+                    )
             if needed is not None and node not in needed:
                 del inputs_, node
                 continue
@@ -684,7 +688,7 @@ def _call_node(node: Any, grads: list[Any]) -> tuple[Any, tuple[Any, ...]]:
     # tensors that require grad go along the node's edges
     for i, grad in enumerate(grads):
         if grad is None:
-            meta = node._input_metadata[i]
+            meta = node._input_metadata[i]  # type: ignore[attr-defined]  # the node's, not in the stubs
             grads[i] = torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
     outs = node.apply(*grads)
     grads.clear()
@@ -792,7 +796,7 @@ def _engine_replaced(replay: _Replay) -> Iterator[None]:
     from torch.autograd.variable import Variable
 
     real = Variable._execution_engine
-    Variable._execution_engine = _Engine(real, replay)
+    Variable._execution_engine = _Engine(real, replay)  # type: ignore[assignment]
     try:
         yield
     finally:
