@@ -8,9 +8,9 @@ import typer
 
 from .._render import show
 from ..fit import fit
-from ..models import load_workload
 from ._app import command, err_console
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     ClassesOpt,
     DatasetOpt,
@@ -21,9 +21,12 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
+    workload_from_options,
 )
 
 SafetyOpt = Annotated[
@@ -32,6 +35,7 @@ SafetyOpt = Annotated[
 
 
 @command("fit")
+@model_options
 def fit_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -47,12 +51,13 @@ def fit_cmd(
     step: StepOpt = None,
     alloc_conf: AllocConfOpt = None,
     as_json: JsonOpt = False,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Find the largest batch size whose training step fits the GPU, and recommend safety x that.
 
     Exit code 4 when even batch size 1 does not fit (the message says what would help).
     """
-    workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     with err_console.status("estimating...") as status:
         result = fit(
             workload,
