@@ -160,7 +160,7 @@ def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(BatchfitError, match="did you mean"):
         resolve_config("hf:gtp2")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BatchfitError, match="without a config.json"):
+    with pytest.raises(BatchfitError, match=r"without a config\.json"):
         resolve_config(f"hf:{tmp_path / 'empty'}")
 
 
