@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 from ._cpu_scratch import ScratchMeter, is_scratch_op
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
-from ._explain import layer_failure
+from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
 from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
 from .models import Workload, fake_state
@@ -649,7 +649,7 @@ def trace_step(
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
-    with frozen_heap():
+    with frozen_heap(), quiet_fake_tensor_logs():
         return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only)
 
 
@@ -701,7 +701,7 @@ def _trace_step(
             tracer.setup_category = "inputs"
             inputs = workload.make_inputs(batch_size, device)
             if param_dtype is not None:
-                inputs = tuple(x.to(param_dtype) if x.is_floating_point() else x for x in inputs)
+                inputs = inputs.floating_to(param_dtype)
             stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
             del state
             optimizer = None

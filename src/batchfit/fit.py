@@ -589,8 +589,7 @@ def _early_guess(est: Estimator) -> int | None:
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
         with torch.no_grad(), train_mode(workload.model, True):
-            inputs = workload.make_inputs(1, "meta")
-            workload.model(*inputs)
+            workload.make_inputs(1, "meta").call(workload.model)
     except Exception:
         return None
     finally:

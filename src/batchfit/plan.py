@@ -242,6 +242,8 @@ class Plan:
             ["one sample", shapes],
             ["mult-adds per sample", f"{s.total_mult_adds:,}"],
         ]
+        if s.num_classes is not None:
+            rows.append(["output classes", f"{s.num_classes:,} (--num-classes to change)"])
         return Table(f"{s.model}: the model", ["", ""], rows, right=[False, False])
 
     def breakdown_table(self) -> Table:
