@@ -14,7 +14,7 @@ from torch import nn
 from batchfit import BatchfitError, estimate, load_workload, summary
 from batchfit.estimate import make_spec
 from batchfit.measure import measure_step
-from batchfit.models import ModelInputs, count_parameters
+from batchfit.models import count_parameters
 
 # -- inputs by keyword (issue 12, item 10) ---------------------------------------------------------
 
@@ -35,6 +35,8 @@ x, m = torch.zeros(2, 3), torch.ones(2, 3)
     ],
 )
 def test_the_forms_example_inputs_may_take(made: object, n_args: int, keys: list[str]) -> None:
+    from batchfit.models import ModelInputs
+
     got = ModelInputs.of(made)
     assert len(got.args) == n_args and list(got.kwargs) == keys
     assert sum(t.numel() for t in got.tensors()) == sum(t.numel() for t in torch.utils._pytree.tree_leaves(made))

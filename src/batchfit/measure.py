@@ -38,6 +38,11 @@ class Measurement:
     def samples_per_second(self) -> float:
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
+    def _repr_html_(self) -> str:
+        from ._html import fragment, measurement_html
+
+        return fragment(measurement_html(self))
+
 
 def _storage_bytes(objects: list[Any]) -> int:
     """Bytes of the distinct storages among the tensors in ``objects`` (nested containers too)."""

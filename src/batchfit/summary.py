@@ -767,6 +767,11 @@ class ModelSummary:
     def __str__(self) -> str:
         return self.to_text()
 
+    def _repr_html_(self) -> str:
+        from ._html import fragment, summary_html
+
+        return fragment(summary_html(self))
+
     def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
         from rich.table import Table
         from rich.text import Text

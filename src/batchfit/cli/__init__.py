@@ -21,6 +21,7 @@ from . import plan as _plan  # noqa: F401
 from . import probe as _probe  # noqa: F401
 from . import show as _show  # noqa: F401
 from . import summary as _summary_cmd  # noqa: F401
+from . import sweep as _sweep_cmd  # noqa: F401
 from ._app import DEBUG_HELP, app, set_debug
 
 
