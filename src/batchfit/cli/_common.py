@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
@@ -126,7 +127,9 @@ def model_options(fn: F) -> F:
     One definition for every command that builds a model, instead of eight parameters each.
     """
     signature = inspect.signature(fn)
-    params = [p for p in signature.parameters.values() if p.name != "extras"]
+    # evaluated annotations: typer reads the options (Annotated metadata) from the signature
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "extras"]
     added = [
         inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=getattr(_DEFAULTS, name), annotation=Annotated[kind, option]
@@ -152,6 +155,8 @@ def workload_from_options(
     extras: ModelExtras | None = None,
 ) -> Workload:
     extras = extras or _DEFAULTS
+    if model.startswith("hf:"):
+        _quiet_transformers()
     return load_workload(
         model,
         inputs or None,
@@ -264,3 +269,16 @@ def budget_from_options(gpu: str | None, memory: str | None, free: bool) -> Budg
     from ..gpus import resolve_card
 
     return resolve_card(gpu, memory, free)
+
+
+def _quiet_transformers() -> None:
+    """On the command line, transformers' deprecation warnings and info logs are noise around the answer."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\b")
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+
