@@ -85,9 +85,25 @@ def _est_and_real(w: Workload, batch_size: int, optimizer: str = "adamw") -> tup
     return est.peak_allocated_bytes, real.peak_allocated_bytes
 
 
+# transformers builds an explicit causal mask when it sees fake tensors (its is_tracing() treats
+# them as tracing), which a real run skips; with checkpointing the mask is alive at the peak
+_MASK_ON_FAKE = pytest.mark.xfail(strict=True, reason="transformers' mask on fake tensors (issue 12, item 4)")
+
+
 @pytest.mark.parametrize("family", sorted(TINY))
-@pytest.mark.parametrize("variant", ["plain", "lora", "checkpointing"])
-def test_small_configs_equal_a_real_cpu_step(tmp_path: Path, family: str, variant: str) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "plain",
+        "lora",
+        "checkpointing",
+    ],
+)
+def test_small_configs_equal_a_real_cpu_step(
+    tmp_path: Path, family: str, variant: str, request: pytest.FixtureRequest
+) -> None:
+    if variant == "checkpointing" and family in ("gemma", "gpt2"):
+        request.applymarker(_MASK_ON_FAKE)
     kwargs: dict = {"lora": 4} if variant == "lora" else {}
     if variant == "checkpointing":
         kwargs["gradient_checkpointing"] = True
