@@ -40,8 +40,9 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure
 from ._fast_kernels import run_fast
-from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
+from ._step import StepSpec, cpu_threads, label_choice, run_step, state_tensors, train_mode, unique_trainable
 from .models import Workload, fake_state
+from .training import LossChoice
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
 _CUBLAS_OPS = frozenset(
@@ -87,6 +88,7 @@ class Trace:
     # closes the step (what follows is the teardown's frees)
     marks: list[tuple[str, int, int]] = field(default_factory=list)
     window_only: bool = False  # only the first iteration's forward and backward were run
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
         """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
@@ -649,7 +651,7 @@ def trace_step(
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
-    with frozen_heap():
+    with frozen_heap(), cpu_threads(spec.threads if spec.device == "cpu" else None):
         return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only)
 
 
@@ -669,9 +671,9 @@ def _trace_step(
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     setup_end = 0
 
-    def make_labels(logits: torch.Tensor) -> Any:
+    def make_labels(choice: LossChoice) -> Any:
         nonlocal setup_end
-        labels, setup_end = _file_under_setup(tracer, lambda: spec.loss.make_labels(logits.detach()), setup_end)
+        labels, setup_end = _file_under_setup(tracer, choice.labels, setup_end)
         return labels
 
     def on_phase(phase: str, iteration: int) -> None:
@@ -716,16 +718,16 @@ def _trace_step(
                 del params
             labels = None
             if spec.step is not None:
-                logits = output_logits(model, inputs, spec)  # not recorded: tracked storages only
-                if logits is not None:
-                    labels = make_labels(logits)
-                del logits
+                choice = label_choice(model, inputs, spec)  # not recorded: tracked storages only
+                if choice.target is not None:
+                    labels = make_labels(choice)
+                del choice
             setup_end = len(tracer.raw)
             stack.enter_context(_module_hooks(tracer))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
             if device.type == "cuda":
                 stack.enter_context(_CudaKernels(tracer.notes))
-            run_step(
+            loss = run_step(
                 model,
                 inputs,
                 spec,
@@ -761,6 +763,7 @@ def _trace_step(
         types,
         list(tracer.marks),
         window_only,
+        loss,
     )
 
 

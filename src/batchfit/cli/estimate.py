@@ -10,7 +10,7 @@ import typer
 from .._errors import BatchfitError, ExitCode
 from .._render import Table, show
 from .._units import format_bytes
-from ..estimate import EstimateReport, Estimator, make_spec
+from ..estimate import EstimateReport, Estimator, make_spec, threads_text
 from ._app import command
 from ._common import (
     AllocConfOpt,
@@ -33,6 +33,16 @@ from ._common import (
     workload_from_options,
 )
 
+ThreadsOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--threads",
+        help="CPU: torch's intra-op threads of the run to simulate or measure (default: torch.get_num_threads()); "
+        "CPU kernels' scratch memory depends on it.",
+        show_default=False,
+    ),
+]
+
 
 @command("estimate")
 def estimate_cmd(
@@ -51,6 +61,7 @@ def estimate_cmd(
     memory: MemoryOpt = None,
     free: FreeOpt = False,
     alloc_conf: AllocConfOpt = None,
+    threads: ThreadsOpt = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also show each module's saved activations.")] = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Also run the step for real on this machine's device and show the error.")
@@ -60,7 +71,7 @@ def estimate_cmd(
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     workload = workload_from_options(model, inputs, dataset, num_classes)
-    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
@@ -111,6 +122,7 @@ def measure_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     mode: ModeOpt = "train",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the reference step for real on this machine's device and measure its peak memory."""
@@ -126,7 +138,7 @@ def measure_cmd(
             exit_code=ExitCode.NO_DEVICE,
         )
     workload = workload_from_options(model, inputs, dataset, num_classes)
-    spec = make_spec(dev, optimizer, precision, loss, step, mode)
+    spec = make_spec(dev, optimizer, precision, loss, step, mode, threads)
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:
         print(
@@ -137,6 +149,8 @@ def measure_cmd(
                     "device": dev,
                     "optimizer": str(spec.optimizer),
                     "precision": spec.precision.name,
+                    "threads": spec.threads,
+                    "loss": results[0].loss if results else None,
                     "results": [
                         {
                             "batch_size": m.batch_size,
@@ -163,5 +177,7 @@ def measure_cmd(
         ]
         for m in results
     ]
-    title = f"{workload.name}: a real training step on {dev} ({spec.optimizer}, {spec.precision.name}), measured"
-    show(Table(title, ["batch", "peak allocated", "peak reserved", "device in use", "samples/s"], rows))
+    on = f"cpu, {threads_text(spec.threads)}" if dev == "cpu" else dev
+    title = f"{workload.name}: a real training step on {on} ({spec.optimizer}, {spec.precision.name}), measured"
+    footer = [f"loss: {text}" for text in dict.fromkeys(m.loss for m in results) if text]
+    show(Table(title, ["batch", "peak allocated", "peak reserved", "device in use", "samples/s"], rows, footer=footer))
