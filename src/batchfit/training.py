@@ -376,7 +376,9 @@ def choose_loss(output: Any, spec: LossSpec) -> LossChoice:
     target, where = _certain_logits(output)
     kind = "class" if target.dim() == 2 else "token"
     chosen = LOSSES["cross-entropy" if target.dim() == 2 else "token-cross-entropy"]
-    return LossChoice(f"{chosen.name} over the last dimension of the {where}, {_shape(target)} {kind} logits", chosen, target)
+    return LossChoice(
+        f"{chosen.name} over the last dimension of the {where}, {_shape(target)} {kind} logits", chosen, target
+    )
 
 
 def _auto(output: Any, labels: Any) -> torch.Tensor:
