@@ -121,4 +121,5 @@ def compose(full: Trace, short: Trace) -> Trace | None:
         full.module_types,
         list(full.marks),
         False,
+        full.loss,
     )

@@ -149,7 +149,7 @@ class EstimateReport(Sequence[StepEstimate]):
 
     def to_dict(self, *, events: bool = False) -> dict[str, Any]:
         first = self.results[0] if self.results else None
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "model": first.model if first else None,
             "device": first.device if first else None,
@@ -157,10 +157,12 @@ class EstimateReport(Sequence[StepEstimate]):
             "optimizer": first.optimizer if first else None,
             "precision": first.precision if first else None,
             "mode": first.mode if first else None,
-            "threads": first.threads if first else None,
             "budget": self.budget_description,
             "results": [r.to_dict(events=events) for r in self.results],
         }
+        if first is not None and first.device == "cpu":
+            out["threads"] = first.threads
+        return out
 
     def to_json(self, *, events: bool = False) -> str:
         return json.dumps(self.to_dict(events=events), indent=2)
