@@ -3,7 +3,7 @@
 Before the window: model (train mode), optimizer (no state), one batch of inputs and labels.
 Then, ``iterations`` times::
 
-    loss = loss_fn(model(*inputs), labels)   # the output is not kept once the loss exists
+    loss = loss_fn(model(*args, **kwargs), labels)   # the output is not kept once the loss exists
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .models import ModelInputs
 from .training import (
     AUTO_LOSS,
     LOSSES,
@@ -114,11 +115,6 @@ def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = was_training
 
 
-def call_model(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """``model(*inputs)``: inputs are positional (a dict among them is passed as one argument)."""
-    return model(*inputs)
-
-
 def unique_trainable(model: nn.Module) -> list[torch.Tensor]:
     seen: set[int] = set()
     out: list[torch.Tensor] = []
@@ -136,13 +132,13 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def label_choice(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> LossChoice:
+def label_choice(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> LossChoice:
     """The loss the step will use, from a no-grad forward (labels are made from it before the window).
 
     A user's ``--step`` computes its own loss: its labels follow the output's first tensor.
     """
     with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
-        out = call_model(model, inputs)
+        out = inputs.call(model)
     if spec.step is None:
         return choose_loss(out, spec.loss)
     if output_is_loss(out) is not None:
@@ -154,7 +150,7 @@ def label_choice(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> L
 
 def run_step(
     model: nn.Module,
-    inputs: tuple[Any, ...],
+    inputs: ModelInputs,
     spec: StepSpec,
     optimizer: torch.optim.Optimizer | None,
     *,
@@ -175,7 +171,7 @@ def run_step(
     if spec.mode == "inference":
         on_phase("forward", 1)
         with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
-            out = call_model(model, inputs)
+            out = inputs.call(model)
         del out
         on_phase("end", 1)
         return None
@@ -185,10 +181,10 @@ def run_step(
     for it in range(1, spec.iterations + 1):
         on_phase("forward", it)
         if spec.step is not None:
-            spec.step(model, inputs, labels, optimizer)
+            spec.step(model, inputs.as_given(), labels, optimizer)
             continue
         with autocast(spec.device, spec.precision.autocast_dtype):
-            out = call_model(model, inputs)
+            out = inputs.call(model)
             choice = choose_loss(out, spec.loss)
             if labels is None and make_labels is not None and choice.target is not None:
                 labels = make_labels(choice)

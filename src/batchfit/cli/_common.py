@@ -25,7 +25,7 @@ InputOpt = Annotated[
         "--input",
         "-i",
         help="One sample's shape WITHOUT the batch dimension, e.g. 1,28,28; repeat for several inputs; "
-        "a dtype suffix such as 128:int64 gives integer (zero) inputs.",
+        "a dtype suffix such as 128:int64 gives integer (zero) inputs. Replaces a model file's example_inputs.",
         show_default=False,
     ),
 ]
@@ -40,7 +40,9 @@ DatasetOpt = Annotated[
 ClassesOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--num-classes", help="Number of output classes (default: the dataset's, else 10; 1000 for torchvision models)."
+        "--num-classes",
+        help="Size of the classifier head (default: the dataset's, else the model's own: 1000 for torchvision, "
+        "timm's pretrained cfg for timm:NAME, 10 for mlp/cnn); passed as num_classes= to your own model.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]

@@ -32,6 +32,7 @@ from ._common import (
     parse_int_list,
     workload_from_options,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
 ThreadsOpt = Annotated[
     Optional[int],  # noqa: UP045
@@ -68,8 +69,11 @@ def estimate_cmd(
     ] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: include the event timeline.")] = False,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
+    check_paths(snapshot_path, report_path, device)
     workload = workload_from_options(model, inputs, dataset, num_classes)
     spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
@@ -81,8 +85,11 @@ def estimate_cmd(
         if comparison is not None:
             out["measured"] = comparison[1]
         print(json.dumps(out, indent=2))
-        return
-    show(report, *([comparison[0]] if comparison else []))
+    else:
+        show(report, *([comparison[0]] if comparison else []))
+    # the files after the answer: a file that cannot be made does not hide the answer
+    write_snapshots(snapshot_path, report.results)
+    write_report(report_path, report, workload=workload, budget=est.budget)
 
 
 def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]:  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ from ._common import (
     PrecisionOpt,
     StepOpt,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
 SafetyOpt = Annotated[
     float, typer.Option("--safety", help="Use this fraction of the largest batch that fits (the seed's rule: 0.8).")
@@ -47,11 +48,15 @@ def fit_cmd(
     step: StepOpt = None,
     alloc_conf: AllocConfOpt = None,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
 ) -> None:
     """Find the largest batch size whose training step fits the GPU, and recommend safety x that.
 
     Exit code 4 when even batch size 1 does not fit (the message says what would help).
+    --snapshot writes the step at the recommended batch size.
     """
+    check_paths(snapshot_path, report_path)
     workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
     with err_console.status("estimating...") as status:
         result = fit(
@@ -69,5 +74,8 @@ def fit_cmd(
         )
     if as_json:
         print(result.to_json())
-        return
-    show(result)
+    else:
+        show(result)
+    if result.estimate_at_recommended is not None:
+        write_snapshots(snapshot_path, [result.estimate_at_recommended])
+    write_report(report_path, result)

@@ -26,6 +26,7 @@ from ._common import (
     PrecisionOpt,
     StepOpt,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 from .fit import SafetyOpt
 
 PlotOpt = Annotated[
@@ -55,12 +56,16 @@ def plan_cmd(
     alloc_conf: AllocConfOpt = None,
     plot: PlotOpt = None,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
 ) -> None:
     """The one-screen answer: model totals, the largest and the recommended batch size, the memory
     breakdown, a table at standard batch sizes, and (with --plot) a plot of memory by batch size.
 
     Exit code 4 when even batch size 1 does not fit (the message says what would help).
+    --snapshot writes the step at the recommended batch size.
     """
+    check_paths(snapshot_path, report_path)
     if plot is not None:
         check_plot_path(plot)  # before minutes of work, not after
     workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
@@ -85,5 +90,8 @@ def plan_cmd(
         print(result.to_json())
     else:
         show(result)
+    if result.fit.estimate_at_recommended is not None:
+        write_snapshots(snapshot_path, [result.fit.estimate_at_recommended])
+    write_report(report_path, result)
     if plot is not None:
         err_console.print(f"plot written to {written}", soft_wrap=True)
