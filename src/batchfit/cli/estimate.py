@@ -9,6 +9,7 @@ import typer
 
 from .._errors import BatchfitError, ExitCode
 from .._render import Table, show
+from .._step import StepSpec
 from .._units import format_bytes
 from ..estimate import EstimateReport, Estimator, make_spec, threads_text
 from ._app import command
@@ -110,7 +111,7 @@ def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]
     columns = ["batch", "estimated peak (B)", "measured peak (B)", "error"]
     if any(len(r) > 4 for r in rows):
         columns += ["est. reserved (B)", "meas. reserved (B)"]
-    return Table(f"estimate vs a real step on this machine ({spec.device})", columns, rows), data
+    return Table(f"estimate vs a real step on this machine ({_device_text(spec)})", columns, rows), data
 
 
 @command("measure")
@@ -184,7 +185,11 @@ def measure_cmd(
         ]
         for m in results
     ]
-    on = f"cpu, {threads_text(spec.threads)}" if dev == "cpu" else dev
-    title = f"{workload.name}: a real training step on {on} ({spec.optimizer}, {spec.precision.name}), measured"
+    title = f"{workload.name}: a real training step on {_device_text(spec)} ({spec.optimizer}, {spec.precision.name}), measured"
     footer = [f"loss: {text}" for text in dict.fromkeys(m.loss for m in results) if text]
     show(Table(title, ["batch", "peak allocated", "peak reserved", "device in use", "samples/s"], rows, footer=footer))
+
+
+def _device_text(spec: StepSpec) -> str:
+    """``cpu, 2 threads`` or ``cuda``: where a real step ran."""
+    return f"cpu, {threads_text(spec.threads)}" if spec.device == "cpu" else spec.device
