@@ -34,6 +34,7 @@ from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ._cpu_scalars import cast_bytes, saved_for_backward, wrapped_numbers
 from ._cpu_scratch import ScratchMeter, is_scratch_op
 from ._cuda_kernels import cuda_kernel_choices
 from ._errors import BatchfitError, ExitCode
@@ -126,6 +127,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
             return None
+        held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
@@ -135,6 +137,8 @@ class _Recorder(TorchDispatchMode):
             for t in out if isinstance(out, (tuple, list)) else tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     tracer.track(t)
+        if held:
+            tracer.release(held)
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
         if tracer.scratch is not None and is_scratch_op(func):
@@ -171,6 +175,7 @@ class _Tracer:
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
+        self.saved_scalars: dict[int, _Storage] = {}  # CPU: wrapped numbers autograd keeps, by node sequence number
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
         self.on_phase: Callable[[str], None] | None = None
 
@@ -270,6 +275,41 @@ class _Tracer:
         if note is not None and note not in self.notes:
             self.notes.append(note)
 
+    def held(self, sizes: list[int]) -> list[_Storage]:
+        """Memory born now and held through the op that follows (see :meth:`release`)."""
+        held = [
+            _Storage(next(self.ids), n, self.phase, self.module_stack[-1], "temporaries", self.iteration) for n in sizes
+        ]
+        self.raw.extend(("alloc", rec) for rec in held)
+        return held
+
+    def release(self, held: list[_Storage]) -> None:
+        self.raw.extend(("free", rec) for rec in reversed(held))
+
+    def wrapped_scalars(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Storage]:
+        """CPU: the 0-dim tensors Python numbers become around this op (see :mod:`batchfit._cpu_scalars`).
+
+        Those autograd keeps for backward live until the op's node runs (:meth:`release_saved`);
+        the others, and TensorIterator's casts of them, are held through the op."""
+        wrapped = wrapped_numbers(func, args, kwargs)
+        if not wrapped:
+            return []
+        held = []
+        for nbytes, _, name in wrapped:
+            if saved_for_backward(func, args, name):
+                # the op's node was made just before it was dispatched: the last sequence number
+                (rec,) = self.held([nbytes])
+                rec.category = "activations"
+                self.saved_scalars[torch._C._autograd._get_sequence_nr() - 1] = rec
+            else:
+                held.append(nbytes)
+        return self.held(held + cast_bytes(args, wrapped))
+
+    def release_saved(self, node: Any) -> None:
+        rec = self.saved_scalars.pop(node._sequence_nr(), None)
+        if rec is not None:
+            self.raw.append(("free", rec))
+
     # -- modules ----------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         name = self.module_names.get(id(module), type(module).__name__)
@@ -328,6 +368,9 @@ class _Tracer:
         whatever their order (free neighbours merge either way), so sorting them loses nothing
         and makes traces of the same step comparable event by event.
         """
+        for rec in self.saved_scalars.values():  # graphs that never ran backward die with the step
+            self.raw.append(("free", rec))
+        self.saved_scalars.clear()
         ordered: list[tuple[str, _Storage]] = []
         cuts = sorted({index for _, _, index in self.marks if 0 < index < len(self.raw)})
         for start, stop in zip([0, *cuts], [*cuts, len(self.raw)]):  # a phase's first event stays first
@@ -636,6 +679,7 @@ class _Replay:
         if names is None:
             names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
             self._saved_attrs[type(node)] = names
+        self.tracer.release_saved(node)
         if not names:
             # a node whose saved tensors Python cannot see (a C++ custom Function): what it
             # unpacked while it ran

@@ -23,13 +23,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ._errors import BatchfitError
 from .datasets import DatasetInfo, get_dataset
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -478,15 +481,97 @@ def load_workload(
     dataset: str | DatasetInfo | None = None,
     num_classes: int | None = None,
     example_inputs: ExampleInputs | None = None,
+    seq_len: int | None = None,
+    task: str | None = None,
+    attn: str | None = None,
+    gradient_checkpointing: bool = False,
+    lora: int | LoraSpec | None = None,
     **model_kwargs: Any,
 ) -> Workload:
     """Resolve a model (a registry name or an ``nn.Module``) and its inputs into a :class:`Workload`.
 
     ``input_size`` is one sample's shape without the batch dimension (``(1, 28, 28)``), or a list of
     such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
+    ``hf:ID_OR_PATH`` models (see :mod:`batchfit.hf`) take ``seq_len``, ``task``, ``attn`` and
+    ``gradient_checkpointing``; ``lora`` (a rank or a :class:`~batchfit.lora.LoraSpec`) adds peft's
+    LoRA adapters to any model (a model of yours is copied first, never changed).
     """
     if isinstance(model, Workload):  # already resolved (the verbs accept both)
         return model
+    if isinstance(model, str) and model.startswith("hf:"):
+        workload = _hf_workload(model, input_size, dataset, num_classes, seq_len, task, attn, gradient_checkpointing)
+    else:
+        hf_only = {"seq_len": seq_len, "task": task, "attn": attn, "gradient_checkpointing": gradient_checkpointing}
+        given = [name for name, value in hf_only.items() if value]
+        if given:
+            raise BatchfitError(
+                f"{', '.join(given)} apply to Hugging Face models only (hf:ID_OR_PATH)",
+                hint="name the model as hf:ID or hf:path/to/config.json, or drop the option",
+            )
+        workload = _load_workload(model, input_size, dataset, num_classes, example_inputs, **model_kwargs)
+    if lora is not None:
+        workload = _with_lora(workload, lora)
+    return workload
+
+
+def _hf_workload(
+    ref: str,
+    input_size: Any,
+    dataset: Any,
+    num_classes: int | None,
+    seq_len: int | None,
+    task: str | None,
+    attn: str | None,
+    gradient_checkpointing: bool,
+) -> Workload:
+    from .hf import build_hf_model
+
+    if input_size is not None or dataset is not None:
+        raise BatchfitError(
+            "hf: models take token ids: --input and --dataset do not apply",
+            hint="set the tokens per sample with --seq-len",
+        )
+    built = build_hf_model(
+        ref,
+        seq_len=seq_len,
+        task=task,
+        attn=attn,
+        num_classes=num_classes,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return Workload(
+        ref,
+        built.model,
+        (InputSpec((built.seq_len,), torch.int64),),
+        built.example_inputs(),
+        None,
+        [f"task {built.task}", *built.notes],
+    )
+
+
+def _with_lora(workload: Workload, lora: int | LoraSpec) -> Workload:
+    import copy
+
+    from .lora import LoraSpec, apply_lora
+
+    spec = LoraSpec.parse(lora)
+    model = workload.model
+    if any(not t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = copy.deepcopy(model)  # peft wraps the model in place: a model of yours stays as it was
+    wrapped = apply_lora(model, spec)
+    return Workload(
+        workload.name, wrapped, workload.inputs, workload.example_inputs, workload.dataset, [*workload.notes, str(spec)]
+    )
+
+
+def _load_workload(
+    model: str | nn.Module,
+    input_size: Any,
+    dataset: str | DatasetInfo | None,
+    num_classes: int | None,
+    example_inputs: ExampleInputs | None,
+    **model_kwargs: Any,
+) -> Workload:
     info = get_dataset(dataset) if isinstance(dataset, str) else dataset
     inputs = parse_inputs(input_size)
     if inputs and example_inputs is not None:

@@ -14,6 +14,7 @@ from .._units import format_bytes
 from ..estimate import EstimateReport, Estimator, make_spec, threads_text
 from ._app import command
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     BatchSizesOpt,
     ClassesOpt,
@@ -26,10 +27,12 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     ModeOpt,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
     parse_int_list,
     workload_from_options,
 )
@@ -47,6 +50,7 @@ ThreadsOpt = Annotated[
 
 
 @command("estimate")
+@model_options
 def estimate_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -72,10 +76,11 @@ def estimate_cmd(
     as_json: JsonOpt = False,
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     check_paths(snapshot_path, report_path, device)
-    workload = workload_from_options(model, inputs, dataset, num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     sizes = parse_int_list(batch_size)
@@ -115,6 +120,7 @@ def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]
 
 
 @command("measure")
+@model_options
 def measure_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -132,6 +138,7 @@ def measure_cmd(
     mode: ModeOpt = "train",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Run the reference step for real on this machine's device and measure its peak memory."""
     import torch
@@ -145,7 +152,7 @@ def measure_cmd(
             hint="use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run",
             exit_code=ExitCode.NO_DEVICE,
         )
-    workload = workload_from_options(model, inputs, dataset, num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     spec = make_spec(dev, optimizer, precision, loss, step, mode, threads)
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:

@@ -8,9 +8,9 @@ import typer
 
 from .._render import show
 from ..fit import fit
-from ..models import load_workload
 from ._app import command, err_console
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     ClassesOpt,
     DatasetOpt,
@@ -21,9 +21,12 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
+    workload_from_options,
 )
 from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
@@ -33,6 +36,7 @@ SafetyOpt = Annotated[
 
 
 @command("fit")
+@model_options
 def fit_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -50,6 +54,7 @@ def fit_cmd(
     as_json: JsonOpt = False,
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Find the largest batch size whose training step fits the GPU, and recommend safety x that.
 
@@ -57,7 +62,7 @@ def fit_cmd(
     --snapshot writes the step at the recommended batch size.
     """
     check_paths(snapshot_path, report_path)
-    workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     with err_console.status("estimating...") as status:
         result = fit(
             workload,

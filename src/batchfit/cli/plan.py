@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from .._render import show
-from ..models import load_workload
 from ..plan import check_plot_path, plan
 from ._app import command, err_console
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     ClassesOpt,
     DatasetOpt,
@@ -22,9 +22,12 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
+    workload_from_options,
 )
 from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 from .fit import SafetyOpt
@@ -40,6 +43,7 @@ PlotOpt = Annotated[
 
 
 @command("plan")
+@model_options
 def plan_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -58,6 +62,7 @@ def plan_cmd(
     as_json: JsonOpt = False,
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """The one-screen answer: model totals, the largest and the recommended batch size, the memory
     breakdown, a table at standard batch sizes, and (with --plot) a plot of memory by batch size.
@@ -68,7 +73,7 @@ def plan_cmd(
     check_paths(snapshot_path, report_path)
     if plot is not None:
         check_plot_path(plot)  # before minutes of work, not after
-    workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     with err_console.status("planning...") as status:
         result = plan(
             workload,
