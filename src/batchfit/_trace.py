@@ -42,8 +42,9 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
-from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
+from ._step import StepSpec, cpu_threads, label_choice, run_step, state_tensors, train_mode, unique_trainable
 from .models import Workload, fake_state
+from .training import LossChoice
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
 _CUBLAS_OPS = frozenset(
@@ -93,6 +94,7 @@ class Trace:
     # at another batch size; and the card's compute capability the rules were run for
     kernel_calls: list[KernelCall] = field(default_factory=list)
     compute_capability: tuple[int, int] | None = None
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
         """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
@@ -976,7 +978,7 @@ def trace_step(
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
-    with frozen_heap(), quiet_fake_tensor_logs():
+    with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
         return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability)
 
 
@@ -1002,9 +1004,9 @@ def _trace_step(
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     setup_end = 0
 
-    def make_labels(logits: torch.Tensor) -> Any:
+    def make_labels(choice: LossChoice) -> Any:
         nonlocal setup_end
-        labels, setup_end = _file_under_setup(tracer, lambda: spec.loss.make_labels(logits.detach()), setup_end)
+        labels, setup_end = _file_under_setup(tracer, choice.labels, setup_end)
         return labels
 
     def on_phase(phase: str, iteration: int) -> None:
@@ -1045,10 +1047,10 @@ def _trace_step(
                 del params
             labels = None
             if spec.step is not None:
-                logits = output_logits(model, inputs, spec)  # not recorded: tracked storages only
-                if logits is not None:
-                    labels = make_labels(logits)
-                del logits
+                choice = label_choice(model, inputs, spec)  # not recorded: tracked storages only
+                if choice.target is not None:
+                    labels = make_labels(choice)
+                del choice
             setup_end = len(tracer.raw)
             stack.enter_context(_module_hooks(tracer))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
@@ -1060,7 +1062,7 @@ def _trace_step(
                 stack.enter_context(cuda_kernel_choices(tracer.notes))
             if spec.step is not None:
                 tracer.on_phase = lambda phase: on_phase(phase, tracer.iteration) if phase != tracer.phase else None
-            run_step(
+            loss = run_step(
                 model,
                 inputs,
                 spec,
@@ -1097,6 +1099,7 @@ def _trace_step(
         window_only,
         tracer.kernel_calls,
         tracer.compute_capability if tracer.cuda_workspaces is not None else None,
+        loss,
     )
 
 
