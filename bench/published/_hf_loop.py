@@ -11,8 +11,9 @@ the figures; the loop, as issue 11 section 5 describes the published benchmark, 
         loss.backward()
     print(torch.cuda.max_memory_allocated() * 1e-6)   # "MB" = 10^6 bytes
 
-What batchfit runs for it (``estimate(..., precision="fp16", device="cuda")``): the model built from
-its config on the meta device with fp16 parameters; the reference step's two iterations with the
+What batchfit runs for it (``estimate(..., device="cuda")``): the model built from its config on
+the meta device with the dtypes ``from_pretrained(torch_dtype=torch.float16)`` gives
+(:func:`from_pretrained_dtypes`: fp16 parameters, fp32 buffers where the model makes them so); the reference step's two iterations with the
 loss ``outputs.logits.sum()``; SGD with lr=0 as the "optimizer" (no momentum: its CUDA foreach step
 works in place and allocates nothing), whose ``zero_grad(set_to_none=True)`` frees the gradients
 where the loop's next ``model.zero_grad()`` would, before the next forward. The loop's variable
@@ -72,6 +73,26 @@ class CallsWithMask(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
 
 
+def from_pretrained_dtypes(build: Any, attention: str) -> nn.Module:
+    """The model on meta with the dtypes ``from_pretrained(torch_dtype=torch.float16)`` gives it.
+
+    from_pretrained builds the model under ``torch.set_default_dtype(torch.float16)``
+    (transformers/modeling_utils.py, ``PreTrainedModel._set_default_torch_dtype``) and loads the
+    checkpoint's fp16 weights: parameters are fp16, but buffers the model computes in fp32 on
+    purpose stay fp32 (GPT-NeoX's rotary ``inv_freq``, and ``cos_cached``/``sin_cached`` in 4.4x,
+    made with ``.float()``). batchfit's ``precision="fp16"`` converts every floating tensor, as
+    ``model.half()`` would; with fp32 rotary tables a real run computes the rotated query and key
+    in fp32 (type promotion), which the 4.4x code says it does on purpose.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("meta"):
+            return build(attention)  # type: ignore[no-any-return]
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @dataclass(frozen=True)
 class Case:
     batch: int
@@ -107,15 +128,14 @@ def run(
             continue
         figures = {}
         for mode in modes:
-            with torch.device("meta"):
-                model = CallsWithMask(build(case.attention), eval_mode=mode == "eval")
+            model = CallsWithMask(from_pretrained_dtypes(build, case.attention), eval_mode=mode == "eval")
             keep = KeepOutputs()
             workload = Workload(name, model, inputs=(InputSpec((case.seq,), torch.long),))
             est = estimate(
                 workload,
                 batch_size=case.batch,
                 optimizer="SGD(lr=0.0)",
-                precision="fp16",
+                precision="fp32",  # no conversion: the model's own dtypes, as from_pretrained leaves them
                 device="cuda",
                 gpu=gpu,
                 loss=LossSpec("outputs.logits.sum()", keep.loss, lambda logits: None),

@@ -20,6 +20,7 @@ The model: GPTNeoXForCausalLM from the public config.json of EleutherAI/pythia-4
 from __future__ import annotations
 
 from _hf_loop import Case, run
+from torch import nn
 
 CONFIG = {
     "architectures": ["GPTNeoXForCausalLM"],
@@ -63,7 +64,7 @@ CASES = [
 ]  # fmt: skip
 
 
-def build(attention: str):  # noqa: ANN201
+def build(attention: str) -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(**{k: v for k, v in CONFIG.items() if k not in ("architectures", "model_type")})

@@ -21,6 +21,7 @@ The model: OPTForCausalLM from the public config.json of facebook/opt-350m (valu
 from __future__ import annotations
 
 from _hf_loop import Case, run
+from torch import nn
 
 CONFIG = {
     "activation_dropout": 0.0,
@@ -72,7 +73,7 @@ CASES = [
 SUSPECT = {(4, 2048, "sdpa"), (8, 2048, "sdpa")}
 
 
-def build(attention: str):  # noqa: ANN201
+def build(attention: str) -> nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(**{k: v for k, v in CONFIG.items() if k not in ("architectures", "model_type")})
