@@ -161,6 +161,9 @@ class Values:
     # -- following every op -----------------------------------------------------------------
     def follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Give ``out`` real values when every tensor ``func`` read has one (called after each op)."""
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and self.value(first) is None and not self._written(func):
+            return  # the common case, decided at the first argument
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         for a in args:
             if isinstance(a, (list, tuple)):
