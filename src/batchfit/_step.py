@@ -3,7 +3,7 @@
 Before the window: model (train mode), optimizer (no state), one batch of inputs and labels.
 Then, ``iterations`` times::
 
-    loss = loss_fn(model(*inputs), labels)   # the output is not kept once the loss exists
+    loss = loss_fn(model(*args, **kwargs), labels)   # the output is not kept once the loss exists
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .models import ModelInputs
 from .training import LossSpec, OptimizerSpec, Precision, StepFn, logits_of, output_is_loss
 
 
@@ -84,11 +85,6 @@ def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = was_training
 
 
-def call_model(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """``model(*inputs)``: inputs are positional (a dict among them is passed as one argument)."""
-    return model(*inputs)
-
-
 def unique_trainable(model: nn.Module) -> list[torch.Tensor]:
     seen: set[int] = set()
     out: list[torch.Tensor] = []
@@ -106,16 +102,16 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def output_logits(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> torch.Tensor | None:
+def output_logits(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> torch.Tensor | None:
     """The tensor labels are shaped after (None when the model returns its loss), from a no-grad forward."""
     with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
-        out = call_model(model, inputs)
+        out = inputs.call(model)
     return None if output_is_loss(out) is not None else logits_of(out).detach()
 
 
 def run_step(
     model: nn.Module,
-    inputs: tuple[Any, ...],
+    inputs: ModelInputs,
     spec: StepSpec,
     optimizer: torch.optim.Optimizer | None,
     *,
@@ -136,7 +132,7 @@ def run_step(
     if spec.mode == "inference":
         on_phase("forward", 1)
         with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
-            out = call_model(model, inputs)
+            out = inputs.call(model)
         del out
         on_phase("end", 1)
         return
@@ -145,10 +141,10 @@ def run_step(
     for it in range(1, spec.iterations + 1):
         on_phase("forward", it)
         if spec.step is not None:
-            spec.step(model, inputs, labels, optimizer)
+            spec.step(model, inputs.as_given(), labels, optimizer)
             continue
         with autocast(spec.device, spec.precision.autocast_dtype):
-            out = call_model(model, inputs)
+            out = inputs.call(model)
             loss = output_is_loss(out)
             if loss is None:
                 logits = logits_of(out)

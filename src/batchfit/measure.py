@@ -38,6 +38,11 @@ class Measurement:
     def samples_per_second(self) -> float:
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
+    def _repr_html_(self) -> str:
+        from ._html import fragment, measurement_html
+
+        return fragment(measurement_html(self))
+
 
 def _storage_bytes(objects: list[Any]) -> int:
     """Bytes of the distinct storages among the tensors in ``objects`` (nested containers too)."""
@@ -70,7 +75,7 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         state = real_state(model, device, dtype=param_dtype)
         inputs = workload.make_inputs(batch_size, device)
         if param_dtype is not None:
-            inputs = tuple(x.to(param_dtype) if x.is_floating_point() else x for x in inputs)
+            inputs = inputs.floating_to(param_dtype)
         stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
         optimizer = None
         if spec.mode == "train":
@@ -86,7 +91,7 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
-        before = _storage_bytes([*state.values(), *inputs, labels])
+        before = _storage_bytes([*state.values(), *inputs.tensors(), labels])
         gc.collect()
         runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(before)
         start = time.perf_counter()
