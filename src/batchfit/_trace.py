@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,6 +48,7 @@ from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
 from ._step import StepSpec, cpu_threads, label_choice, run_step, state_tensors, train_mode, unique_trainable
+from ._values import Values, real_tensor_paths
 from .models import Workload, fake_state
 from .training import LossChoice
 
@@ -125,9 +131,13 @@ class _Recorder(TorchDispatchMode):
             first = args[0]
             if func is _PRIM_DEVICE and not first.fake_mode.in_kernel_invocation:
                 return first.fake_device
-            if func is _ITEM and first.constant is not None:
-                with no_dispatch():
-                    return first.constant.item()
+            if func is _ITEM:
+                if first.constant is not None:
+                    with no_dispatch():
+                        return first.constant.item()
+                value = self.tracer.values.item(first)
+                if value is not None:
+                    return value
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
@@ -135,7 +145,13 @@ class _Recorder(TorchDispatchMode):
         held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
         if out is None:
-            out = func(*args, **kwargs)
+            try:
+                out = func(*args, **kwargs)
+            except (DataDependentOutputException, DynamicOutputShapeException):
+                out = tracer.values.answer(func, args, kwargs)  # computed for real from known values
+                if out is None:
+                    raise
+        tracer.values.follow(func, args, kwargs, out)
         if isinstance(out, torch.Tensor):
             tracer.track(out)
         else:
@@ -182,6 +198,7 @@ class _Tracer:
         self.kernel_calls: list[KernelCall] = []
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
+        self.values = Values(self.track)  # real values of the batch's ids and masks, for models that read them
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
         self.saved_scalars: dict[int, _Storage] = {}  # CPU: wrapped numbers autograd keeps, by node sequence number
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
@@ -1019,6 +1036,7 @@ def _trace_step(
             stack.enter_context(warnings.catch_warnings())
             # nn.RNNBase asks its (fake) weights for data pointers; harmless here
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+            stack.enter_context(real_tensor_paths())
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_Recorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
@@ -1085,6 +1103,13 @@ def _trace_step(
             + ", ".join(sorted(set(tracer.scratch.skipped)))
             + " (its forward's workspace was not measured)"
         )
+    if tracer.values.answered:
+        tracer.notes.append(
+            "values read by the model ("
+            + ", ".join(tracer.values.answered)
+            + ") computed for real on the CPU from the batch's integer inputs and constants"
+            " (memory is counted on the fake tensors as for every op)"
+        )
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     return Trace(
@@ -1124,11 +1149,7 @@ def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, 
 
 def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Tracer) -> BatchfitError:
     """Turn a failure inside the model into a message that names the layer and the fix."""
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        UnsupportedOperatorException,
-    )
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     fake_limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
