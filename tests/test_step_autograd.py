@@ -193,10 +193,10 @@ def test_transformers_gradient_checkpointing_matches_a_real_step() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     est, real = _both(w, 4)
     assert real < base_real  # checkpointing did something in the real step
-    # the same few bytes as without checkpointing: 0-dim tensors that CPU kernels make inside
-    # an op (eager attention's scalar divisor), which no dispatch mode sees
-    assert abs(est.peak_allocated_bytes - real) <= 64, (est.peak_allocated_bytes, real)
-    assert abs(base.peak_allocated_bytes - base_real) <= 64, (base.peak_allocated_bytes, base_real)
+    # exact, with the 0-dim tensors Python numbers become (_cpu_scalars), also those the
+    # recomputed graph keeps until it is dropped
+    assert est.peak_allocated_bytes == real
+    assert base.peak_allocated_bytes == base_real
     cuda = estimate(w, batch_size=4, device="cuda")
     assert cuda.activation_bytes_by_module.get("transformer.h.0.attn", 0) == 0
 

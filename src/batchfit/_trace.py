@@ -158,6 +158,8 @@ class _Recorder(TorchDispatchMode):
             for t in out if isinstance(out, (tuple, list)) else tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     tracer.track(t)
+        if tracer.unlinked_scalars:
+            tracer.output_of_scalar_op(out)
         if held:
             tracer.release(held)
         if tracer.cuda_workspaces is not None:
@@ -200,7 +202,11 @@ class _Tracer:
         self.notes: list[str] = []
         self.values = Values(self.track)  # real values of the batch's ids and masks, for models that read them
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
-        self.saved_scalars: dict[int, _Storage] = {}  # CPU: wrapped numbers autograd keeps, by node sequence number
+        # CPU: wrapped numbers autograd keeps: by node sequence number, and by the real tensor the node holds
+        self.saved_scalars: dict[int, _Storage] = {}
+        self.unlinked_scalars: list[tuple[Any, _Storage]] = []
+        self.scalar_refs: dict[int, weakref.ref[Any]] = {}
+        self.live_scalars: set[int] = set()
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
         self.on_phase: Callable[[str], None] | None = None
 
@@ -334,8 +340,10 @@ class _Tracer:
     def wrapped_scalars(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Storage]:
         """CPU: the 0-dim tensors Python numbers become around this op (see :mod:`batchfit._cpu_scalars`).
 
-        Those autograd keeps for backward live until the op's node runs (:meth:`release_saved`);
-        the others, and TensorIterator's casts of them, are held through the op."""
+        Those autograd keeps for backward live until the op's node runs (:meth:`release_saved`) or
+        the node dies unrun (a checkpoint's recomputed graph; :meth:`link_scalars` follows the real
+        tensor the node holds); the others, and TensorIterator's casts of them, are held through the op."""
+        self.link_scalars()
         wrapped = wrapped_numbers(func, args, kwargs)
         if not wrapped:
             return []
@@ -345,15 +353,40 @@ class _Tracer:
                 # the op's node was made just before it was dispatched: the last sequence number
                 (rec,) = self.held([nbytes])
                 rec.category = "activations"
+                self.live_scalars.add(rec.sid)
                 self.saved_scalars[torch._C._autograd._get_sequence_nr() - 1] = rec
+                self.unlinked_scalars.append((args[0] if str(func).startswith("aten.mul_") else None, rec))
             else:
                 held.append(nbytes)
         return self.held(held + cast_bytes(args, wrapped))
 
+    def output_of_scalar_op(self, out: Any) -> None:
+        """The op that saved a wrapped number returned ``out``: its node will be ``out.grad_fn``."""
+        if self.unlinked_scalars and self.unlinked_scalars[-1][0] is None and isinstance(out, torch.Tensor):
+            self.unlinked_scalars[-1] = (out, self.unlinked_scalars[-1][1])
+
+    def link_scalars(self) -> None:
+        """Follow the real wrapped-number tensors the last ops' nodes hold: they die with the node."""
+        for out, rec in self.unlinked_scalars:
+            node = getattr(out, "grad_fn", None)
+            held = getattr(node, "_saved_other", None) if node is not None else None
+            if not isinstance(held, torch.Tensor) or isinstance(held, FakeTensor):
+                self._free_scalar(rec)
+                continue
+            ref = weakref.ref(held.untyped_storage(), lambda _, rec=rec: self._free_scalar(rec))
+            self.scalar_refs[rec.sid] = ref
+        self.unlinked_scalars.clear()
+
+    def _free_scalar(self, rec: _Storage) -> None:
+        self.scalar_refs.pop(rec.sid, None)
+        if rec.sid in self.live_scalars:
+            self.live_scalars.discard(rec.sid)
+            self.raw.append(("free", rec))
+
     def release_saved(self, node: Any) -> None:
         rec = self.saved_scalars.pop(node._sequence_nr(), None)
         if rec is not None:
-            self.raw.append(("free", rec))
+            self._free_scalar(rec)
 
     # -- modules ----------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -413,8 +446,9 @@ class _Tracer:
         whatever their order (free neighbours merge either way), so sorting them loses nothing
         and makes traces of the same step comparable event by event.
         """
-        for rec in self.saved_scalars.values():  # graphs that never ran backward die with the step
-            self.raw.append(("free", rec))
+        self.link_scalars()
+        for rec in list(self.saved_scalars.values()):  # graphs that never ran backward die with the step
+            self._free_scalar(rec)
         self.saved_scalars.clear()
         ordered: list[tuple[str, _Storage]] = []
         cuts = sorted({index for _, _, index in self.marks if 0 < index < len(self.raw)})
