@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import gc
 import heapq
 import itertools
@@ -373,9 +374,11 @@ class _Tracer:
             if not isinstance(held, torch.Tensor) or isinstance(held, FakeTensor):
                 self._free_scalar(rec)
                 continue
-            ref = weakref.ref(held.untyped_storage(), lambda _, rec=rec: self._free_scalar(rec))
-            self.scalar_refs[rec.sid] = ref
+            self.scalar_refs[rec.sid] = weakref.ref(held.untyped_storage(), functools.partial(self._scalar_died, rec))
         self.unlinked_scalars.clear()
+
+    def _scalar_died(self, rec: _Storage, ref: weakref.ref[Any]) -> None:
+        self._free_scalar(rec)
 
     def _free_scalar(self, rec: _Storage) -> None:
         self.scalar_refs.pop(rec.sid, None)
