@@ -155,8 +155,8 @@ def workload_from_options(
     extras: ModelExtras | None = None,
 ) -> Workload:
     extras = extras or _DEFAULTS
-    if model.startswith("hf:"):
-        _quiet_transformers()
+    if model.startswith("hf:") or extras.lora is not None:
+        _quiet_libraries()
     return load_workload(
         model,
         inputs or None,
@@ -283,14 +283,16 @@ def budget_from_options(gpu: str | None, memory: str | None, free: bool) -> Budg
     return resolve_card(gpu, memory, free)
 
 
-def _quiet_transformers() -> None:
-    """On the command line, transformers' deprecation warnings and info logs are noise around the answer."""
+def _quiet_libraries() -> None:
+    """On the command line, transformers' deprecation warnings and info logs, and bitsandbytes'
+    import-time warnings (peft imports it when installed), are noise around the answer."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\b")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import transformers
     except ImportError:
         return
     transformers.logging.set_verbosity_error()
-
