@@ -40,7 +40,19 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure
 from ._fast_kernels import run_fast
-from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
+from ._step import (
+    Batch,
+    LabelsLike,
+    StepSpec,
+    batch_inputs,
+    batch_maker,
+    output_logits,
+    run_step,
+    state_tensors,
+    tail_sizes,
+    train_mode,
+    unique_trainable,
+)
 from .models import Workload, fake_state
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
@@ -699,9 +711,7 @@ def _trace_step(
                 if rec is not None and name in buffer_names:
                     rec.category = "buffers"
             tracer.setup_category = "inputs"
-            inputs = workload.make_inputs(batch_size, device)
-            if param_dtype is not None:
-                inputs = tuple(x.to(param_dtype) if x.is_floating_point() else x for x in inputs)
+            inputs = batch_inputs(workload, batch_size, device, param_dtype)
             stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
             del state
             optimizer = None
@@ -725,20 +735,33 @@ def _trace_step(
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
             if device.type == "cuda":
                 stack.enter_context(_CudaKernels(tracer.notes))
+            batch = Batch(inputs, labels)
+            del inputs, labels  # the loop owns the batch: a new one can replace it
+            make_batch = batch_maker(workload, device, param_dtype)
+
+            def new_batch(size: int, like: LabelsLike | None) -> Batch:
+                made = make_batch(size, like)
+                for t in tree_leaves((made.inputs, made.labels)):
+                    if isinstance(t, torch.Tensor):
+                        tracer.mark(t, "inputs")
+                return made
+
+            dataset_size = workload.dataset.train_size if workload.dataset is not None else None
             run_step(
                 model,
-                inputs,
+                batch,
                 spec,
                 optimizer,
                 backward=_Replay(tracer).backward,
-                labels=labels,
                 make_labels=make_labels,
+                new_batch=new_batch,
+                tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=_GradScaler(spec.device) if spec.precision.grad_scaler and spec.mode == "train" else None,
                 on_phase=on_phase,
                 after_step=after_step,
                 window_only=window_only,
             )
-            del inputs, labels, optimizer
+            del batch, optimizer
     except BatchfitError:
         raise
     except Exception as exc:

@@ -20,7 +20,7 @@ from torch import nn
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
 from ._render import Table
-from ._step import StepSpec
+from ._step import StepSpec, parse_loop
 from ._trace import Trace, trace_step
 from ._units import mib_cell
 from .models import Workload, load_workload
@@ -247,8 +247,17 @@ def make_spec(
     loss: str | LossSpec | Callable[..., Any] | None = None,
     step: Any = None,
     mode: str = "train",
+    *,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
 ) -> StepSpec:
-    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs)."""
+    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
+
+    ``loop``: pytorch (the default), hf-trainer or lightning (see ``batchfit._step.LOOPS``).
+    ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
+    ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
+    """
     if device not in DEVICES:
         raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
     if mode not in ("train", "inference"):
@@ -257,7 +266,29 @@ def make_spec(
     if device == "cpu" and prec.name == "amp-fp16":
         raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
     opt: OptimizerSpec = parse_optimizer(optimizer)
-    return StepSpec(device, opt, prec, parse_loss(loss), mode, parse_step(step))
+    if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
+        try:
+            last_batch = int(last_batch)
+        except ValueError:
+            raise BatchfitError(
+                f"cannot read --last-batch {last_batch!r}", hint="give a batch size, or auto (needs --dataset)"
+            ) from None
+    if isinstance(last_batch, str):
+        last_batch = "auto"
+    for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
+        if isinstance(value, int) and value < 1:
+            raise BatchfitError(f"{name} must be at least 1, got {value}", hint="e.g. 32")
+    return StepSpec(
+        device,
+        opt,
+        prec,
+        parse_loss(loss),
+        mode,
+        parse_step(step),
+        loop=parse_loop(loop),
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
 
 
 def estimate_trace(
