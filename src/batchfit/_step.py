@@ -349,10 +349,10 @@ def _hf_trainer_loop(r: _Run, plan: _Plan, last: bool) -> None:
         tr_loss_step = _hf_training_step(r, it)
         if r.window_only:
             break
+        r.on_phase("optimizer", it)  # what follows backward sees no batch-sized tensor
         # logging_nan_inf_filter=True: torch.isnan(tr_loss_step) or torch.isinf(tr_loss_step)
         _finite_checks(tr_loss_step)
         tr_loss += tr_loss_step
-        r.on_phase("optimizer", it)
         # max_grad_norm=1.0: Accelerator.clip_grad_norm_ -> torch.nn.utils.clip_grad_norm_, whose
         # total norm the loop keeps in grad_norm until the next step rebinds it
         grad_norm = torch.nn.utils.clip_grad_norm_(unique_trainable(r.model), 1.0, foreach=True)
