@@ -131,8 +131,6 @@ def output_logits(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> 
     return None if output_is_loss(out) is not None else logits_of(out).detach()
 
 
-
-
 @dataclass
 class Batch:
     """One batch on the device; the loop owns it, so that a new batch can replace it (the old one dies)."""
@@ -148,7 +146,9 @@ class Batch:
 LabelsLike = tuple[tuple[int, ...], torch.dtype, torch.device]
 
 
-def batch_inputs(workload: Workload, batch_size: int, device: torch.device | str, param_dtype: torch.dtype | None) -> tuple[Any, ...]:
+def batch_inputs(
+    workload: Workload, batch_size: int, device: torch.device | str, param_dtype: torch.dtype | None
+) -> tuple[Any, ...]:
     """The workload's inputs at ``batch_size``, floating ones in the parameters' dtype (pure bf16/fp16)."""
     inputs = workload.make_inputs(batch_size, device)
     if param_dtype is not None:
@@ -400,7 +400,8 @@ def _lightning_run(r: _Run, it: int) -> dict[str, torch.Tensor]:
         closure()
         r.optimizer_step()
     else:
-        r.optimizer.step(closure)
+        # typed as returning a float; Lightning's closure returns the detached loss tensor
+        r.optimizer.step(closure)  # type: ignore[arg-type]
         r.after_step(r.optimizer)
     return {"loss": result.pop("loss")}  # ClosureResult.asdict(); the closure loss dies with the result
 
@@ -496,7 +497,9 @@ def run_step(
         on_phase("end", 1)
         return
     assert optimizer is not None
-    r = _Run(model, spec, optimizer, batch, backward, make_labels, new_batch, scaler, on_phase, after_step, window_only, {})
+    r = _Run(
+        model, spec, optimizer, batch, backward, make_labels, new_batch, scaler, on_phase, after_step, window_only, {}
+    )
     del batch
     loop = LOOPS[spec.loop].run
     steady: _Plan = [(it, None) for it in range(1, spec.iterations + 1)]

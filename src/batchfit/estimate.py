@@ -403,6 +403,10 @@ class Estimator:
         free: bool = False,
         alloc_conf: str | None = None,
     ) -> None:
+        if spec.last_batch == "auto" and workload.dataset is None:
+            raise BatchfitError(
+                "--last-batch auto needs the training set's size", hint="add --dataset NAME, or give --last-batch N"
+            )
         self.workload = workload
         self.spec = spec
         self.budget = _resolve_budget(spec, gpu, memory, free)
@@ -484,16 +488,31 @@ def estimate(
     memory: str | int | None = None,
     free: bool = False,
     alloc_conf: str | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
     ``model``: a registry name or an ``nn.Module`` (never modified); ``input_size``: one sample's
     shape without the batch dimension. ``batch_size`` an int gives a :class:`StepEstimate`, a list
     an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
-    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run.
+    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run. ``loop``: the
+    training loop (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and
+    ``eval_batch_size`` add a training run's tail (docs/estimate.md).
     """
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    spec = make_spec(
+        device,
+        optimizer,
+        precision,
+        loss,
+        step,
+        mode,
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     if isinstance(batch_size, int):
         return est.at(batch_size)

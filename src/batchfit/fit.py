@@ -30,10 +30,10 @@ from ._compose import compose
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._render import Table
+from ._step import tail_sizes
 from ._trace import Trace, frozen_heap
 from ._units import format_bytes
 from .estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
-from ._step import tail_sizes
 from .models import load_workload
 
 if TYPE_CHECKING:
@@ -324,7 +324,15 @@ def fit(
         raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
-        "cuda", optimizer, precision, loss, step, "train", loop=loop, last_batch=last_batch, eval_batch_size=eval_batch_size
+        "cuda",
+        optimizer,
+        precision,
+        loss,
+        step,
+        "train",
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
     )
     # the search runs on the steady step (its timeline is affine in the batch size); the tail's
     # batches are not (the last one is the dataset's size modulo the batch size): checked after

@@ -18,7 +18,17 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import BatchfitError, ExitCode
-from ._step import Batch, StepSpec, batch_inputs, batch_maker, output_logits, run_step, tail_sizes, train_mode, unique_trainable
+from ._step import (
+    Batch,
+    StepSpec,
+    batch_inputs,
+    batch_maker,
+    output_logits,
+    run_step,
+    tail_sizes,
+    train_mode,
+    unique_trainable,
+)
 from .models import Workload, real_state
 
 

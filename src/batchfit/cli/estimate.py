@@ -18,10 +18,13 @@ from ._common import (
     ClassesOpt,
     DatasetOpt,
     DeviceOpt,
+    EvalBatchOpt,
     FreeOpt,
     GpuOpt,
     InputOpt,
     JsonOpt,
+    LastBatchOpt,
+    LoopOpt,
     LossOpt,
     MemoryOpt,
     ModelArg,
@@ -46,6 +49,9 @@ def estimate_cmd(
     device: DeviceOpt = "cuda",
     loss: LossOpt = None,
     step: StepOpt = None,
+    loop: LoopOpt = "pytorch",
+    last_batch: LastBatchOpt = None,
+    eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
     gpu: GpuOpt = None,
     memory: MemoryOpt = None,
@@ -60,7 +66,17 @@ def estimate_cmd(
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     workload = workload_from_options(model, inputs, dataset, num_classes)
-    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    spec = make_spec(
+        device,
+        optimizer,
+        precision,
+        loss,
+        step,
+        mode,
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
@@ -110,6 +126,9 @@ def measure_cmd(
     ] = None,
     loss: LossOpt = None,
     step: StepOpt = None,
+    loop: LoopOpt = "pytorch",
+    last_batch: LastBatchOpt = None,
+    eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
     as_json: JsonOpt = False,
 ) -> None:
@@ -126,7 +145,9 @@ def measure_cmd(
             exit_code=ExitCode.NO_DEVICE,
         )
     workload = workload_from_options(model, inputs, dataset, num_classes)
-    spec = make_spec(dev, optimizer, precision, loss, step, mode)
+    spec = make_spec(
+        dev, optimizer, precision, loss, step, mode, loop=loop, last_batch=last_batch, eval_batch_size=eval_batch_size
+    )
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:
         print(
