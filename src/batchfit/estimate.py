@@ -2,7 +2,7 @@
 
 >>> r = estimate("mlp", dataset="mnist", batch_size=64, device="cpu")
 >>> r.peak_allocated_bytes   # the seed's MNIST MLP, SGD, one real CPU step measures the same
-1048152
+1050712
 >>> r.breakdown["parameters"], r.peak_phase
 (407080, 'backward')
 """
