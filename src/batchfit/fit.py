@@ -541,7 +541,12 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
         if at(upper).fits:
             return upper
         if not at(lowest).fits:
-            raise _does_not_fit(run_est, at(lowest))
+            plain = _does_not_fit(run_est, at(lowest))
+            eval_size = run_est.spec.eval_batch_size
+            advice = [f"a smaller --eval-batch-size than {eval_size:,}"] if eval_size else []
+            raise DoesNotFit(
+                f"{plain.message} (with the training run's tail: {at(lowest).peak_where})", advice + plain.advice
+            )
         lo, hi = lowest, upper
         while hi - lo > 1:
             mid = (lo + hi) // 2
