@@ -141,5 +141,7 @@ def test_cli_loop_options() -> None:
     assert ok.exit_code == 0, ok.output
     bad = runner.invoke(app, ["estimate", "mlp", "--dataset", "mnist", "--device", "cpu", "--loop", "keras"])
     assert bad.exit_code == 3 and "unknown loop 'keras'" in bad.output
+    both = runner.invoke(app, ["estimate", "mlp", "--dataset", "mnist", "--loop", "lightning", "--step", "x.py:f"])
+    assert both.exit_code == 3 and "--step" in both.output
     auto = runner.invoke(app, ["estimate", "mlp", "--input", "784", "--device", "cpu", "--last-batch", "auto"])
     assert auto.exit_code == 3 and "--dataset" in auto.output

@@ -266,6 +266,12 @@ def make_spec(
     if device == "cpu" and prec.name == "amp-fp16":
         raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
     opt: OptimizerSpec = parse_optimizer(optimizer)
+    loop = parse_loop(loop)
+    if step is not None and loop != "pytorch":
+        raise BatchfitError(
+            f"--step replaces the loop's iteration, so --loop {loop} does not apply",
+            hint="write that library's step into your --step function, or drop --step",
+        )
     if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
         try:
             last_batch = int(last_batch)
@@ -285,7 +291,7 @@ def make_spec(
         parse_loss(loss),
         mode,
         parse_step(step),
-        loop=parse_loop(loop),
+        loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
     )
