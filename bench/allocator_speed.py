@@ -1,6 +1,9 @@
 """How fast the caching-allocator model replays a timeline (events per second).
 
-    PYTHONPATH=src python bench/allocator_speed.py [--events 20000] [--repeat 5]
+    PYTHONPATH=src python bench/allocator_speed.py [--events 20000] [--repeat 5] [--history]
+
+``--history`` also times the replay that records every action with its addresses (what
+``--snapshot`` runs once); fit's searches never record.
 
 The trace is synthetic but shaped like a ResNet-50 training step: parameters and buffers at
 setup, activations kept through the forward pass and released in reverse during backward,
@@ -62,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--history", action="store_true", help="also time replays that record the history")
     args = parser.parse_args()
     events = synthetic_step(args.events)
     for name, config in [
@@ -69,16 +73,20 @@ def main() -> None:
         ("expandable_segments", AllocatorConfig(expandable_segments=True)),
         ("max_split_size_mb:128", AllocatorConfig.parse("max_split_size_mb:128")),
     ]:
-        best = float("inf")
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            result = simulate(events, config, record_series=False)
-            best = min(best, time.perf_counter() - start)
-        print(
-            f"{name:<24} {len(events):>7,} events  best {best * 1e3:7.1f} ms  "
-            f"{len(events) / best:>12,.0f} events/s  peak reserved {result.peak_reserved_bytes:,} B"
-        )
+        for history in (False, True) if args.history else (False,):
+            _time(events, f"{name}{' +history' if history else ''}", config, history, args.repeat)
 
+
+def _time(events: list[Event], name: str, config: AllocatorConfig, history: bool, repeat: int) -> None:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = simulate(events, config, record_series=False, history=history)
+        best = min(best, time.perf_counter() - start)
+    print(
+        f"{name:<32} {len(events):>7,} events  best {best * 1e3:7.1f} ms  "
+        f"{len(events) / best:>12,.0f} events/s  peak reserved {result.peak_reserved_bytes:,} B"
+    )
 
 if __name__ == "__main__":
     main()

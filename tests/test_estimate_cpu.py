@@ -62,7 +62,9 @@ def test_registry_models_match_a_real_step(model: str, kwargs: dict, batch_size:
     assert abs(est - real) / real < 0.01, (est, real)
 
 
-@pytest.mark.parametrize("name", ["tied_lm", "frozen", "reused", "lstm", "two_inputs", "dict_input", "llama_tiny"])
+@pytest.mark.parametrize(
+    "name", ["tied_lm", "frozen", "reused", "lstm", "two_inputs", "dict_input", "keyword_inputs", "llama_tiny"]
+)
 def test_zoo_matches_a_real_step(name: str) -> None:
     est, real = _both(zoo_workload(name), 4, "adam")
     assert abs(est - real) / real < 0.01, (est, real)

@@ -85,11 +85,44 @@ def test_pure_bf16_halves_parameters_gradients_and_state() -> None:
     fp32 = estimate(w, batch_size=8, device="cpu", optimizer="adam")
     bf16 = estimate(w, batch_size=8, device="cpu", optimizer="adam", precision="bf16")
     assert bf16.breakdown["parameters"] * 2 == fp32.breakdown["parameters"]
+    assert bf16.breakdown["gradients"] * 2 == fp32.breakdown["gradients"]
+    # Adam's exp_avg and exp_avg_sq take the parameters' dtype; its `step` counters stay 4-byte
+    # float32 scalars (torch/optim/adam.py `_init_group`), one per parameter tensor, in both runs
+    steps = 4 * len(list(w.model.parameters()))
+    assert (bf16.breakdown["optimizer_state"] - steps) * 2 == fp32.breakdown["optimizer_state"] - steps
+    assert fp32.peak_phase == bf16.peak_phase == "optimizer"
 
 
 def test_grad_scaler_runs_for_amp_fp16() -> None:
-    r = estimate("mlp", dataset="mnist", batch_size=64, device="cuda", precision="amp-fp16", optimizer="adam")
-    assert r.peak_allocated_bytes > 0 and r.breakdown["optimizer_state"] > 0
+    """GradScaler (torch/amp/grad_scaler.py) adds exactly its own tensors to an amp-bf16 step:
+    the scale (float32) and growth tracker (int32), made at the first `scale()` and kept; and per
+    `step()`, `_unscale_grads_`'s inv_scale (`_scale.double().reciprocal().float()`: 8, 8, 4 B)
+    and found_inf (float32)."""
+    runs = {
+        p: estimate("mlp", dataset="mnist", batch_size=64, device="cuda", precision=p, optimizer="adam")
+        for p in ("amp-fp16", "amp-bf16")
+    }
+    kept = {p: _kept_from_first_iteration(r.events) for p, r in runs.items()}
+    assert kept["amp-fp16"] == sorted([*kept["amp-bf16"], 4, 4])
+    in_optimizer = {
+        p: sorted(e.nbytes for e in r.events if e.action == "alloc" and e.phase == "optimizer" and e.iteration == 1)
+        for p, r in runs.items()
+    }
+    extra = list(in_optimizer["amp-fp16"])
+    for nbytes in in_optimizer["amp-bf16"]:
+        extra.remove(nbytes)
+    assert sorted(extra) == [4, 4, 8, 8]
+
+
+def _kept_from_first_iteration(events: list) -> list[int]:
+    """Sizes of the storages born in the first iteration that are still alive when the step ends."""
+    last_alloc = max(i for i, e in enumerate(events) if e.action == "alloc")
+    freed_at = {e.storage: i for i, e in enumerate(events) if e.action == "free"}
+    return sorted(
+        e.nbytes
+        for e in events
+        if e.action == "alloc" and e.iteration == 1 and freed_at.get(e.storage, len(events)) > last_alloc
+    )
 
 
 def test_foreach_optimizer_on_cuda_holds_temporaries_for_all_parameters_at_once() -> None:

@@ -106,7 +106,7 @@ def test_gpt2_model_file_loads_through_the_registry() -> None:
     w = load_workload("bench/peers/gpt2_small.py:GPT2Small")
     # GPT-2 small has 124,439,808 parameters (head tied to the embedding) with 1024 positions; 512 here
     assert count_parameters(w.model) == 124_439_808 - 512 * 768
-    (tokens,) = w.make_inputs(3, "meta")
+    (tokens,) = w.make_inputs(3, "meta").args
     assert tokens.shape == (3, 512) and tokens.dtype == torch.int64
 
 

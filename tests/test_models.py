@@ -55,7 +55,7 @@ def test_user_file_model_and_example_inputs(tmp_path) -> None:
     w = load_workload(f"{f}:Net")
     assert count_parameters(w.model) == 100 * 8 + 8 * 3 + 3
     with FakeTensorMode():
-        ids, mask = w.make_inputs(4, "cpu")
+        ids, mask = w.make_inputs(4, "cpu").args
     assert ids.shape == (4, 16) and ids.dtype == torch.int64 and mask.dtype == torch.float32
 
 

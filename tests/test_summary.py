@@ -14,7 +14,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from batchfit import BatchfitError
-from batchfit.models import MLP
+from batchfit.models import MLP, ModelInputs
 from batchfit.summary import SCHEMA_VERSION, LayerRow, ModelSummary, summary
 from zoo import LLAMA_7B, LLAMA_TINY, ZOO, Llama
 
@@ -52,7 +52,7 @@ def test_zoo_parameters_and_output_shapes(name: str) -> None:
     # the model's output at batch 3, run for real in eval mode, has the shapes of the first row
     model.eval()
     with torch.no_grad():
-        out = model(*entry.inputs(3))
+        out = ModelInputs.of(entry.inputs(3)).call(model)
     assert s.rows[0].output_shapes == _shapes(out)
 
 

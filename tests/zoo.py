@@ -7,7 +7,8 @@ hand (so tests compare against arithmetic, not against torch's own counting). Bu
     from zoo import ZOO
     entry = ZOO["tied_lm"]
     model = entry.build()
-    inputs = entry.inputs(batch_size=4)       # a tuple of positional inputs (real CPU tensors)
+    inputs = entry.inputs(batch_size=4)       # real CPU tensors, in a form ModelInputs.of reads
+    ModelInputs.of(inputs).call(model)        # model(*args, **kwargs)
     assert sum(p.numel() for p in model.parameters()) == entry.params
 
 ``LlamaConfig`` / ``Llama`` give a LLaMA-shaped decoder from plain nn layers (``LLAMA_7B`` is the
@@ -101,6 +102,19 @@ class DictInput(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h = torch.cat([self.image(batch["image"]), self.table(batch["table"])], dim=1)
         return {"logits": self.head(h), "features": h}
+
+
+class KeywordInputs(nn.Module):
+    """Token ids positionally and a keyword-only mask (as transformers' ``attention_mask=``)."""
+
+    def __init__(self, vocab: int = 30, dim: int = 12, num_classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) * mask.unsqueeze(-1)
+        return self.head(h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1))
 
 
 class TwoInputs(nn.Module):
@@ -265,7 +279,8 @@ class ZooModel:
     note: str = ""
 
     def inputs(self, batch_size: int) -> Any:
-        """Positional inputs (a tuple of CPU tensors) at ``batch_size``."""
+        """The inputs at ``batch_size`` (CPU tensors): a tuple of positional inputs, or any form
+        :meth:`batchfit.models.ModelInputs.of` reads (a dict of keyword inputs, an (args, kwargs) pair)."""
         if self.make_inputs is not None:
             return self.make_inputs(batch_size)
         sizes = [self.input_size] if isinstance(self.input_size, tuple) else list(self.input_size or [])
@@ -311,8 +326,16 @@ ZOO: dict[str, ZooModel] = {
         DictInput,
         _lin(64, 16) + _lin(6, 16) + _lin(32, 2),
         _lin(64, 16) + _lin(6, 16) + _lin(32, 2),
+        # a 1-tuple holding the dict: the dict is one positional argument (a bare dict would be keywords)
         make_inputs=lambda b: ({"image": torch.rand(b, 1, 8, 8), "table": torch.rand(b, 6)},),
         note="one dict argument, dict output",
+    ),
+    "keyword_inputs": ZooModel(
+        KeywordInputs,
+        30 * 12 + _lin(12, 4),
+        30 * 12 + _lin(12, 4),
+        make_inputs=lambda b: ((torch.zeros(b, 9, dtype=torch.long),), {"mask": torch.ones(b, 9)}),
+        note="an (args, kwargs) pair: ids positionally, mask= by keyword",
     ),
     "two_inputs": ZooModel(
         TwoInputs,

@@ -19,9 +19,11 @@ from .estimate import EstimateReport, StepEstimate, estimate
 from .fit import FitResult, fit
 from .measure import Measurement, measure_step
 from .models import InputSpec, Workload, load_workload
+from .noise import NoiseScale, noise_scale
 from .plan import Plan, plan
 from .probe import ProbeResult, probe
 from .summary import ModelSummary, summary
+from .sweep import SweepResult, sweep
 
 __all__ = [
     "BatchfitError",
@@ -32,9 +34,11 @@ __all__ = [
     "InputSpec",
     "Measurement",
     "ModelSummary",
+    "NoiseScale",
     "Plan",
     "ProbeResult",
     "StepEstimate",
+    "SweepResult",
     "Workload",
     "estimate",
     "fit",
@@ -42,9 +46,11 @@ __all__ = [
     "get_dataset",
     "load_workload",
     "measure_step",
+    "noise_scale",
     "parse_size",
     "plan",
     "probe",
     "summary",
+    "sweep",
 ]
 __version__ = "0.1.0"

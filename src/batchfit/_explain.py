@@ -5,8 +5,10 @@ Shared by the summary and the tracer, so that a wrong input shape reads the same
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -14,6 +16,33 @@ from torch import nn
 from ._errors import BatchfitError, ExitCode
 from .datasets import DATASETS
 from .models import Workload
+
+_torch_logs = {"shown": False}
+
+
+def show_torch_logs(shown: bool) -> None:
+    """``--debug``: let PyTorch's own logs through while batchfit runs a model on fake tensors."""
+    _torch_logs["shown"] = shown
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_logs() -> Iterator[None]:
+    """Silence FakeTensorMode's logger while a model runs on fake tensors.
+
+    When a meta kernel rejects a shape, ``FakeTensorMode._dispatch_impl``
+    (torch/_subclasses/fake_tensor.py) logs the kernel's whole traceback at ERROR level before
+    raising; batchfit reports that failure itself, in one line (:func:`layer_failure`), and the
+    exception it raises chains to the original one. With ``--debug`` (:func:`show_torch_logs`)
+    nothing is silenced.
+    """
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was = logger.disabled
+    logger.disabled = was or not _torch_logs["shown"]
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
 
 # module type -> (module, shape of its first input) -> what it expected, or None when the shape is fine
 Expectation = Callable[[Any, tuple[int, ...]], str | None]

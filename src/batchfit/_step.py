@@ -4,7 +4,7 @@ Before the window: model (train mode), optimizer (no state), one batch of inputs
 Then ``iterations`` times the loop users write (``--loop pytorch``, the default; PyTorch's
 quickstart tutorial, ``train()``)::
 
-    outputs = model(*inputs)                 # the previous outputs die here, when the name is rebound
+    outputs = model(*args, **kwargs)         # the previous outputs die here, when the name is rebound
     loss = loss_fn(outputs, labels)          # the previous loss likewise
     loss.backward()
     optimizer.step()
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from .models import ModelInputs
 from .training import LossSpec, OptimizerSpec, Precision, StepFn, logits_of, output_is_loss
 
 if TYPE_CHECKING:
@@ -102,11 +103,6 @@ def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = was_training
 
 
-def call_model(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """``model(*inputs)``: inputs are positional (a dict among them is passed as one argument)."""
-    return model(*inputs)
-
-
 def unique_trainable(model: nn.Module) -> list[torch.Tensor]:
     seen: set[int] = set()
     out: list[torch.Tensor] = []
@@ -124,10 +120,10 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def output_logits(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> torch.Tensor | None:
+def output_logits(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> torch.Tensor | None:
     """The tensor labels are shaped after (None when the model returns its loss), from a no-grad forward."""
     with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
-        out = call_model(model, inputs)
+        out = inputs.call(model)
     return None if output_is_loss(out) is not None else logits_of(out).detach()
 
 
@@ -135,12 +131,12 @@ def output_logits(model: nn.Module, inputs: tuple[Any, ...], spec: StepSpec) -> 
 class Batch:
     """One batch on the device; the loop owns it, so that a new batch can replace it (the old one dies)."""
 
-    inputs: tuple[Any, ...]
+    inputs: ModelInputs
     labels: Any = None
 
     def release(self) -> None:
         """Drop the tensors (in place: whoever holds this batch no longer keeps them alive)."""
-        self.inputs, self.labels = (), None
+        self.inputs, self.labels = ModelInputs(), None
 
 
 LabelsLike = tuple[tuple[int, ...], torch.dtype, torch.device]
@@ -148,12 +144,10 @@ LabelsLike = tuple[tuple[int, ...], torch.dtype, torch.device]
 
 def batch_inputs(
     workload: Workload, batch_size: int, device: torch.device | str, param_dtype: torch.dtype | None
-) -> tuple[Any, ...]:
+) -> ModelInputs:
     """The workload's inputs at ``batch_size``, floating ones in the parameters' dtype (pure bf16/fp16)."""
     inputs = workload.make_inputs(batch_size, device)
-    if param_dtype is not None:
-        inputs = tuple(x.to(param_dtype) if x.is_floating_point() else x for x in inputs)
-    return inputs
+    return inputs.floating_to(param_dtype) if param_dtype is not None else inputs
 
 
 def batch_maker(
@@ -234,7 +228,7 @@ class _Run:
 
     def forward(self) -> Any:
         assert self.batch is not None
-        return call_model(self.model, self.batch.inputs)
+        return self.batch.inputs.call(self.model)
 
     def criterion(self, outputs: Any) -> torch.Tensor:
         """The model's own loss, else ``loss_fn(outputs, labels)`` (labels made on first use)."""
@@ -262,7 +256,7 @@ class _Run:
 
     def user_step(self) -> None:
         assert self.spec.step is not None and self.batch is not None
-        self.spec.step(self.model, self.batch.inputs, self.batch.labels, self.optimizer)
+        self.spec.step(self.model, self.batch.inputs.as_given(), self.batch.labels, self.optimizer)
 
     def swap_batch(self, size: int | None, *, old_first: bool = True) -> None:
         """A new batch of ``size`` replaces the current one (None: the same batch again).
@@ -492,7 +486,7 @@ def run_step(
     if spec.mode == "inference":
         on_phase("forward", 1)
         with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
-            out = call_model(model, batch.inputs)
+            out = batch.inputs.call(model)
         del out
         on_phase("end", 1)
         return

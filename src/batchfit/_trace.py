@@ -22,7 +22,7 @@ import itertools
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,15 +30,16 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.overrides import TorchFunctionMode
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ._cpu_scalars import cast_bytes, saved_for_backward, wrapped_numbers
 from ._cpu_scratch import ScratchMeter, is_scratch_op
+from ._cuda_kernels import cuda_kernel_choices
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
-from ._explain import layer_failure
+from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
 from ._step import (
     Batch,
@@ -136,6 +137,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
             return None
+        held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
@@ -145,6 +147,8 @@ class _Recorder(TorchDispatchMode):
             for t in out if isinstance(out, (tuple, list)) else tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     tracer.track(t)
+        if held:
+            tracer.release(held)
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
         if tracer.scratch is not None and is_scratch_op(func):
@@ -154,72 +158,6 @@ class _Recorder(TorchDispatchMode):
             tracer.scratch.resized.clear()
             tracer.transient(extra, note=f"{func} scratch extrapolated from batch 1 and 2" if extrapolated else None)
         return out
-
-
-class _CudaKernels(TorchFunctionMode):
-    """Choose the kernels a real CUDA device would run where fake CUDA cannot ask the device.
-
-    ``F.scaled_dot_product_attention`` on fake CUDA falls back to the math path (memory grows with
-    the sequence length squared); an sm80+ GPU runs flash or memory-efficient attention, whose
-    saved tensors (output and log-sum-exp) are far smaller. The choice follows PyTorch's
-    ``sdp_utils`` rules for the cases that matter for memory.
-    """
-
-    def __init__(self, notes: list[str]) -> None:
-        super().__init__()
-        self.notes = notes
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            fused = _fused_attention(*args, **kwargs)
-            if fused is not None:
-                return fused
-        name = getattr(func, "__name__", "")
-        if name in _CUDNN_RNNS:
-            # cuDNN's RNN kernels need the driver even on fake tensors: use PyTorch's own CUDA
-            # RNN (fused cells, one per time step), whose saved tensors differ from cuDNN's
-            # reserve space; the output says so
-            note = f"{name}: simulated with PyTorch's native CUDA RNN instead of cuDNN (cuDNN needs a real GPU)"
-            if note not in self.notes:
-                self.notes.append(note)
-            with torch.backends.cudnn.flags(enabled=False):
-                return func(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-_CUDNN_RNNS = frozenset(("lstm", "gru", "rnn_tanh", "rnn_relu"))
-
-
-def _fused_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor | None:
-    if query.dim() != 4 or enable_gqa or query.device.type != "cuda":
-        return None
-    head_dim = query.shape[-1]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    low_precision = query.dtype in (torch.float16, torch.bfloat16)
-    if attn_mask is None and low_precision and head_dim <= 256 and head_dim % 8 == 0:
-        out = torch.ops.aten._scaled_dot_product_flash_attention(
-            query, key, value, dropout_p, is_causal, False, scale=scale
-        )[0]
-        return out  # type: ignore[no-any-return]
-    if query.dtype in (torch.float32, torch.float16, torch.bfloat16) and head_dim % 8 == 0:
-        bias = attn_mask
-        if bias is not None and bias.dtype == torch.bool:
-            bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill_(bias.logical_not(), float("-inf"))
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, bias, needs_grad, dropout_p, is_causal, scale=scale
-        )[0]
-        return out  # type: ignore[no-any-return]
-    return None
 
 
 class _Tracer:
@@ -247,6 +185,9 @@ class _Tracer:
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
+        self.saved_scalars: dict[int, _Storage] = {}  # CPU: wrapped numbers autograd keeps, by node sequence number
+        # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
+        self.on_phase: Callable[[str], None] | None = None
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
@@ -344,9 +285,46 @@ class _Tracer:
         if note is not None and note not in self.notes:
             self.notes.append(note)
 
+    def held(self, sizes: list[int]) -> list[_Storage]:
+        """Memory born now and held through the op that follows (see :meth:`release`)."""
+        held = [
+            _Storage(next(self.ids), n, self.phase, self.module_stack[-1], "temporaries", self.iteration) for n in sizes
+        ]
+        self.raw.extend(("alloc", rec) for rec in held)
+        return held
+
+    def release(self, held: list[_Storage]) -> None:
+        self.raw.extend(("free", rec) for rec in reversed(held))
+
+    def wrapped_scalars(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Storage]:
+        """CPU: the 0-dim tensors Python numbers become around this op (see :mod:`batchfit._cpu_scalars`).
+
+        Those autograd keeps for backward live until the op's node runs (:meth:`release_saved`);
+        the others, and TensorIterator's casts of them, are held through the op."""
+        wrapped = wrapped_numbers(func, args, kwargs)
+        if not wrapped:
+            return []
+        held = []
+        for nbytes, _, name in wrapped:
+            if saved_for_backward(func, args, name):
+                # the op's node was made just before it was dispatched: the last sequence number
+                (rec,) = self.held([nbytes])
+                rec.category = "activations"
+                self.saved_scalars[torch._C._autograd._get_sequence_nr() - 1] = rec
+            else:
+                held.append(nbytes)
+        return self.held(held + cast_bytes(args, wrapped))
+
+    def release_saved(self, node: Any) -> None:
+        rec = self.saved_scalars.pop(node._sequence_nr(), None)
+        if rec is not None:
+            self.raw.append(("free", rec))
+
     # -- modules ----------------------------------------------------------------------------
     def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         name = self.module_names.get(id(module), type(module).__name__)
+        if name == "" and len(self.module_stack) == 1 and self.on_phase is not None:
+            self.on_phase("forward")
         self.module_stack.append(name)
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         self.module_calls.append((module, tuple(first.shape) if first is not None else None))
@@ -370,10 +348,11 @@ class _Tracer:
     # -- saved tensors ----------------------------------------------------------------------
     def pack(self, t: torch.Tensor) -> _Holder:
         rec = self.storage_of(t)
-        if rec is not None and self.phase == "forward":
+        if rec is not None:
+            # saved for a backward (also a recomputation's, inside a reentrant checkpoint's backward)
             if rec.category == "temporaries":
                 rec.category = "activations"
-            if self.iteration == 1:  # per-layer figures: one iteration's worth
+            if self.phase == "forward" and self.iteration == 1:  # per-layer figures: one forward's worth
                 self.saved_bytes.setdefault(self.module_stack[-1], {})[rec.sid] = rec.nbytes
         # detached: saving an output with its grad_fn would make a reference cycle
         return _Holder(t)
@@ -381,7 +360,12 @@ class _Tracer:
     def unpack(self, holder: _Holder) -> torch.Tensor:
         self.current_holders.append(holder)
         if holder.tensor is None:
-            raise RuntimeError("batchfit: a saved tensor was used after its node ran (retain_graph is not supported)")
+            # the engine's own message (SavedVariable::unpack) for a node whose tensors were released
+            raise RuntimeError(
+                "Trying to backward through the graph a second time (or directly access saved tensors after "
+                "they have already been freed). Specify retain_graph=True if you need to backward through "
+                "the graph a second time or if you need to access saved tensors after calling backward."
+            )
         return holder.tensor
 
     # -- result -----------------------------------------------------------------------------
@@ -394,6 +378,9 @@ class _Tracer:
         whatever their order (free neighbours merge either way), so sorting them loses nothing
         and makes traces of the same step comparable event by event.
         """
+        for rec in self.saved_scalars.values():  # graphs that never ran backward die with the step
+            self.raw.append(("free", rec))
+        self.saved_scalars.clear()
         ordered: list[tuple[str, _Storage]] = []
         cuts = sorted({index for _, _, index in self.marks if 0 < index < len(self.raw)})
         for start, stop in zip([0, *cuts], [*cuts, len(self.raw)]):  # a phase's first event stays first
@@ -410,15 +397,28 @@ class _Tracer:
 def _module_hooks(tracer: _Tracer) -> Iterator[None]:
     """Global (not per-model) forward hooks: the user's model gets no hooks of ours."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     # no always_call: when a forward raises, the stack keeps the module that failed (for the message)
     pre = register_module_forward_pre_hook(lambda m, a: tracer.enter_module(m, a))
     post = register_module_forward_hook(lambda m, a, o: tracer.exit_module(m))
+    # a user's step: any optimizer's step begins the optimizer phase
+    step = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: tracer.on_phase("optimizer") if tracer.on_phase is not None else None
+    )
+
+    def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for value in state_tensors(optimizer):  # any optimizer's, also one a user's step made
+            tracer.mark(value, "optimizer_state")
+
+    stepped = register_optimizer_step_post_hook(after_step)
     try:
         yield
     finally:
         pre.remove()
         post.remove()
+        step.remove()
+        stepped.remove()
 
 
 class _GradScaler:
@@ -457,22 +457,98 @@ class _GradScaler:
 
 
 class _Replay:
-    """PyTorch's autograd engine, re-enacted in Python for memory (see the module docstring)."""
+    """PyTorch's autograd engine, re-enacted in Python for memory (see the module docstring).
+
+    It stands in for the engine itself (``Variable._execution_engine``, see :func:`_engine_replaced`),
+    so every way into a backward pass reaches it: ``loss.backward()``, ``torch.autograd.backward``
+    and ``torch.autograd.grad`` from the reference step, a user's ``--step``, a library, or a node's
+    own backward (reentrant checkpointing), with the engine's arguments (``inputs=``,
+    ``retain_graph``; gradients of non-leaf tensors; ``create_graph`` is refused with a message).
+    """
 
     def __init__(self, tracer: _Tracer) -> None:
         self.tracer = tracer
         self._saved_attrs: dict[type, tuple[str, ...]] = {}
+        self._callbacks: list[list[Any]] = []  # queue_callback's callbacks, one list per running pass
+        self._frames_released: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
 
-    def backward(self, root_tensor: torch.Tensor) -> None:
-        root = root_tensor.grad_fn
-        if root is None:
+    def backward(self, loss: torch.Tensor) -> None:
+        """The reference step's ``loss.backward()``."""
+        if loss.grad_fn is None:
             raise BatchfitError(
                 "the loss does not depend on any trainable parameter",
                 hint="check that some parameters have requires_grad=True, or use --mode inference",
             )
+        loss.backward()
+
+    def run_backward(
+        self,
+        tensors: tuple[Any, ...],
+        grad_tensors: tuple[torch.Tensor | None, ...],
+        keep_graph: bool,
+        create_graph: bool,
+        inputs: tuple[Any, ...] = (),
+        allow_unreachable: bool = False,
+        accumulate_grad: bool = True,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """``ImperativeEngine.run_backward`` (torch/csrc/autograd/python_engine.cpp): the arguments
+        ``torch.autograd.backward`` / ``grad`` pass after making the root gradients."""
+        if create_graph:
+            raise BatchfitError(
+                "backward with create_graph=True (higher-order gradients) is not simulated",
+                hint="batchfit replays the backward pass without building a graph of it; "
+                "use `batchfit measure` (a real run) for steps that differentiate twice",
+            )
+        roots: list[tuple[Any, int, torch.Tensor | None]] = []
+        for i, (t, grad) in enumerate(zip(tensors, grad_tensors)):
+            edge = _gradient_edge(t)
+            if edge is None:
+                raise RuntimeError(f"element {i} of tensors does not require grad and does not have a grad_fn")
+            roots.append((edge[0], edge[1], grad))
+        outputs: list[tuple[Any, int] | None] = []
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and not t.requires_grad:
+                raise RuntimeError("One of the differentiated Tensors does not require grad")
+            outputs.append(_gradient_edge(t))
+        tracer = self.tracer
+        if tracer.on_phase is not None:
+            tracer.on_phase("backward")
+        saved_module, saved_holders = tracer.module_stack[-1], tracer.current_holders
+        group = _graph_exec_group()
+        self._callbacks.append([])
+        try:
+            with group, torch.no_grad():
+                captured = self._run(roots, outputs, keep_graph, accumulate_grad, tensors, inputs)
+            for callback in self._callbacks[-1]:
+                callback()
+        finally:
+            self._callbacks.pop()
+            tracer.module_stack[-1], tracer.current_holders = saved_module, saved_holders
+        if not accumulate_grad and not allow_unreachable and any(g is None for g in captured):
+            raise RuntimeError(
+                "One of the differentiated Tensors appears to not have been used in the graph. "
+                "Set allow_unused=True if this is the desired behavior."
+            )
+        return captured
+
+    def _run(
+        self,
+        roots: list[tuple[Any, int, torch.Tensor | None]],
+        outputs: list[tuple[Any, int] | None],
+        keep_graph: bool,
+        accumulate: bool,
+        tensors: tuple[Any, ...],
+        inputs: tuple[Any, ...],
+    ) -> tuple[torch.Tensor | None, ...]:
+        # engine.cpp compute_dependencies: every node reachable from the roots, with its count of
+        # incoming edges (the roots' own edges come from the graph root, which runs first)
         deps: dict[Any, int] = {}
-        stack = [root]
-        seen = {root}
+        stack = []
+        for node, _, _ in roots:
+            deps[node] = deps.get(node, 0) + 1
+            if deps[node] == 1:
+                stack.append(node)
+        seen = set(stack)
         while stack:
             node = stack.pop()
             for nxt, _ in node.next_functions:
@@ -483,53 +559,90 @@ class _Replay:
                     seen.add(nxt)
                     stack.append(nxt)
         del seen, stack
-        # torch.autograd.backward() makes the root gradient in Python and holds it until the
-        # engine returns: it stays alive for the whole pass, as here.
-        root_grad = torch.ones_like(root_tensor, memory_format=torch.contiguous_format)
-        buffers: dict[Any, list[Any]] = {root: [root_grad]}
+        # engine.cpp init_to_execute: with `inputs`, only nodes on a path to one of them run;
+        # autograd.grad captures the gradient arriving at each input's edge instead of running it
+        captures: dict[Any, list[tuple[int, int]]] = {}
+        retain: dict[Any, list[tuple[int, torch.Tensor]]] = {}  # backward(inputs=non-leaf): retain_grad()
+        for idx, edge in enumerate(outputs):
+            if edge is None:
+                continue
+            if accumulate:
+                t = inputs[idx]
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    retain.setdefault(edge[0], []).append((edge[1], t))
+            else:
+                captures.setdefault(edge[0], []).append((edge[1], idx))
+        needed = _needed(roots, {e[0] for e in outputs if e is not None}, accumulate) if outputs else None
+        captured: list[torch.Tensor | None] = [None] * len(outputs) if not accumulate else []
+        buffers: dict[Any, list[Any]] = {}
         counter = itertools.count()
-        ready: list[tuple[int, int, Any]] = [(-root._sequence_nr(), next(counter), root)]
+        ready: list[tuple[int, int, Any]] = []
         tracer = self.tracer
-        with torch.no_grad():
-            while ready:
-                node = heapq.heappop(ready)[2]
-                inputs = buffers.pop(node)
-                tracer.module_stack[-1] = tracer.module_of_node(node)
-                if type(node).__name__ == "AccumulateGrad":
-                    grad = inputs[0]
-                    inputs.clear()
-                    if grad is not None:
-                        self._accumulate(node.variable, grad)
-                    del grad, inputs, node
-                    continue
-                tracer.current_holders = []
-                outs = node(*inputs)
-                del inputs
+
+        def deliver(nxt: Any, nr: int, grad: torch.Tensor | None) -> None:
+            # engine.cpp evaluate_function, for each output: count the edge, then add the
+            # gradient to the next node's input buffer unless that node will not execute
+            deps[nxt] -= 1
+            if needed is not None and nxt not in needed and nxt not in captures:
+                return
+            slot = buffers.get(nxt)
+            if slot is None:
+                slot = buffers[nxt] = [None] * len(nxt._input_metadata)
+            if grad is not None:
+                grad = self._validate(nxt, nr, grad)
+                old = slot[nr]
+                if old is None:
+                    slot[nr] = grad
+                else:
+                    slot[nr] = None
+                    slot[nr] = self._sum(old, grad)
+                del old
+            if deps[nxt] == 0:
+                heapq.heappush(ready, (-_priority(nxt), next(counter), nxt))
+
+        # the graph root (a GraphRoot node, or the only root's own node when there is one)
+        for node, nr, grad in roots:
+            deliver(node, nr, grad)
+        del grad
+        while ready:
+            node = heapq.heappop(ready)[2]
+            inputs_ = buffers.pop(node)
+            for nr, idx in captures.get(node, ()):
+                captured[idx] = inputs_[nr]
+            for nr, t in retain.get(node, ()):
+                # the retains_grad hook (VariableHooks::retain_grad): a contiguous clone, then sums
+                if inputs_[nr] is not None:
+                    t.grad = (
+                        inputs_[nr].clone(memory_format=torch.contiguous_format)
+                        if t.grad is None
+                        else t.grad + inputs_[nr]
+                    )
+            if needed is not None and node not in needed:
+                del inputs_, node
+                continue
+            tracer.module_stack[-1] = tracer.module_of_node(node)
+            if type(node).__name__ == "AccumulateGrad":
+                grad = inputs_[0]
+                inputs_.clear()
+                if grad is not None:
+                    self._accumulate(node.variable, grad)
+                del grad, inputs_, node
+                continue
+            depth = len(tracer.module_stack)
+            tracer.current_holders = []
+            edges, outs = _call_node(node, inputs_)
+            del inputs_
+            # a forward re-run inside the node (checkpointing) may stop early, inside a module
+            del tracer.module_stack[depth:], tracer.module_calls[depth - 1 :]
+            if not keep_graph:
                 self._release(node)
-                if not isinstance(outs, tuple):
-                    outs = (outs,)
-                for (nxt, nr), grad in zip(node.next_functions, outs):
-                    if nxt is None:
-                        continue
-                    slot = buffers.get(nxt)
-                    if slot is None:
-                        slot = buffers[nxt] = [None] * len(nxt._input_metadata)
-                    if grad is not None:
-                        grad = self._validate(nxt, nr, grad)
-                        old = slot[nr]
-                        if old is None:
-                            slot[nr] = grad
-                        else:
-                            slot[nr] = None
-                            slot[nr] = self._sum(old, grad)
-                        del old
-                    deps[nxt] -= 1
-                    if deps[nxt] == 0:
-                        heapq.heappush(ready, (-_priority(nxt), next(counter), nxt))
-                    del grad
-                del outs, node
-        del root_grad
-        tracer.module_stack[-1] = ""
+            for (nxt, nr), grad in zip(edges, outs):
+                if nxt is not None:
+                    deliver(nxt, nr, grad)
+                del grad
+            del outs, node
+        del roots[:]
+        return tuple(captured)
 
     @staticmethod
     def _validate(nxt: Any, nr: int, grad: torch.Tensor) -> torch.Tensor:
@@ -561,27 +674,209 @@ class _Replay:
                 variable.grad = _clone_like(grad, variable)
         else:
             variable.grad.add_(grad)
-        self.tracer.mark(variable.grad, "gradients")
+        rec = self.tracer.storage_of(variable)
+        if rec is not None and rec.category == "parameters":
+            self.tracer.mark(variable.grad, "gradients")
 
     def _release(self, node: Any) -> None:
-        """Empty the holders of every tensor the node saved (Node::release_variables)."""
+        """Drop what the node saved, as Node::release_variables does once it has run.
+
+        The holders our pack hook made are emptied. A tensor saved under another hook (a
+        non-reentrant checkpoint's) holds nothing of ours; what such a checkpoint keeps for its
+        recomputation (its inputs) lives until the last node that saved under it is released.
+        """
         names = self._saved_attrs.get(type(node))
         if names is None:
             names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
             self._saved_attrs[type(node)] = names
-        holders = self.tracer.current_holders  # unpacked while the node ran
+        self.tracer.release_saved(node)
+        if not names:
+            # a node whose saved tensors Python cannot see (a C++ custom Function): what it
+            # unpacked while it ran
+            self._empty(self.tracer.current_holders)
+            self.tracer.current_holders = []
+            return
+        self.tracer.current_holders = []
+        holders: list[Any] = []
         for name in names:
             with contextlib.suppress(Exception):
                 raw = getattr(node, name)
                 for saved in raw if isinstance(raw, (list, tuple)) else (raw,):
-                    holders.append(_packed(saved, node, name))
-        if hasattr(node, "saved_tensors"):  # custom autograd.Function
-            with contextlib.suppress(Exception):
-                node.saved_tensors  # noqa: B018  (unpacking registers the holders)
+                    packed = _packed(saved, node, name)
+                    if packed is not None and not isinstance(packed, _Holder):
+                        self._release_foreign(saved, packed)
+                    holders.append(packed)
+        holders.extend(self.tracer.current_holders)  # older torch: unpacking registered them
+        self._empty(holders)
+        self.tracer.current_holders = []
+
+    @staticmethod
+    def _empty(holders: list[Any]) -> None:
         for holder in holders:
             if isinstance(holder, _Holder):
                 holder.tensor = None
-        self.tracer.current_holders = []
+
+    def _release_foreign(self, saved: Any, packed: Any) -> None:
+        frame = _checkpoint_frame(getattr(saved, "unpack_hook", None))
+        if frame is None:
+            return
+        released = self._frames_released.setdefault(frame, set())
+        released.add(id(packed))
+        alive = [h for h in (w() for w in frame.weak_holders) if h is not None]
+        if all(id(h) in released for h in alive):
+            # the frame is dead for the engine: what it holds goes (the inputs it saved, its
+            # recomputation's closure with the forward's RNG state), though our graph still
+            # references it
+            self._empty([getattr(s, "data", None) for s in frame.saved_args])
+            frame.saved_args = []
+            frame.recompute_fn = None
+            frame.recomputed.clear()
+
+
+def _call_node(node: Any, grads: list[Any]) -> tuple[Any, tuple[Any, ...]]:
+    """Run one node: its next edges and the gradients it sends along them."""
+    if not isinstance(node, torch.autograd.function.BackwardCFunction):
+        outs = node(*grads)
+        return node.next_functions, outs if isinstance(outs, tuple) else (outs,)
+    # a custom autograd.Function (python_function.cpp PyNode::apply): missing gradients are
+    # materialized as zeros (the default; ctx.set_materialize_grads(False) is not readable from
+    # Python), and the backward returns one gradient per forward argument, of which those for
+    # tensors that require grad go along the node's edges
+    for i, grad in enumerate(grads):
+        if grad is None:
+            meta = node._input_metadata[i]  # type: ignore[attr-defined]  # the node's, not in the stubs
+            grads[i] = torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
+    outs = node.apply(*grads)
+    grads.clear()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    needs = node.needs_input_grad
+    if len(outs) != len(needs):
+        raise RuntimeError(
+            f"function {type(node).__name__} returned an incorrect number of gradients "
+            f"(expected {len(needs)}, got {len(outs)})"
+        )
+    edges = tuple(edge for edge in node.next_functions if edge[0] is not None)
+    return edges, tuple(grad for grad, need in zip(outs, needs) if need)
+
+
+def _gradient_edge(t: Any) -> tuple[Any, int] | None:
+    """The (node, input number) a gradient for ``t`` flows into (impl::gradient_edge), or None."""
+    if isinstance(t, torch.autograd.graph.GradientEdge):
+        return t.node, t.output_nr
+    if t.grad_fn is not None:
+        return t.grad_fn, t.output_nr
+    if not t.requires_grad:
+        return None
+    with torch.enable_grad():
+        return t.view_as(t).grad_fn.next_functions[0][0], 0  # the leaf's AccumulateGrad
+
+
+def _needed(roots: list[tuple[Any, int, Any]], targets: set[Any], accumulate: bool) -> set[Any]:
+    """engine.cpp GraphTask::init_to_execute: the nodes with a path to an input's edge."""
+    needed: set[Any] = set(targets) if accumulate else set()
+    done: set[Any] = set()
+    for root, _, _ in roots:
+        stack: list[tuple[Any, Iterator[Any]]] = [(root, iter(root.next_functions))]
+        if root in done:
+            continue
+        done.add(root)
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                if stack and (node in needed or node in targets):
+                    needed.add(stack[-1][0])
+                continue
+            nxt = child[0]
+            if nxt is None:
+                continue
+            if nxt in done:
+                if nxt in needed or nxt in targets:
+                    needed.add(node)
+                continue
+            done.add(nxt)
+            stack.append((nxt, iter(nxt.next_functions)))
+    return needed
+
+
+def _checkpoint_frame(hook: Any) -> Any:
+    """The non-reentrant checkpoint frame an unpack hook belongs to (torch.utils.checkpoint), or None."""
+    for cell in getattr(hook, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):
+            value = cell.cell_contents
+            if type(value).__name__ == "_CheckpointFrame":
+                return value
+            if callable(value) and getattr(value, "__closure__", None):
+                inner = _checkpoint_frame(value)
+                if inner is not None:
+                    return inner
+    return None
+
+
+def _graph_exec_group() -> contextlib.AbstractContextManager[Any]:
+    """One graph-task id for a replayed pass: non-reentrant checkpointing keys its recomputation
+    by the engine's graph task (-1 outside the C++ engine, which would recompute at every unpack)."""
+    group = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
+    if group is None or torch._C._get_graph_exec_group() is not None:
+        return contextlib.nullcontext()
+    return group()  # type: ignore[no-any-return]
+
+
+class _Engine:
+    """Stands in for ``Variable._execution_engine`` while a step is traced: the C++ engine cannot
+    run on fake CUDA tensors (``hasPrimaryContext``), and one replay for both devices keeps CPU
+    and CUDA comparable. Whatever else is asked of the engine goes to the real one."""
+
+    def __init__(self, real: Any, replay: _Replay) -> None:
+        self._real = real
+        self._replay = replay
+
+    def run_backward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, ...]:
+        return self._replay.run_backward(*args, **kwargs)
+
+    def queue_callback(self, callback: Any) -> None:
+        if not self._replay._callbacks:
+            raise RuntimeError("Final callbacks can only be installed during backward pass.")
+        self._replay._callbacks[-1].append(callback)
+
+    def is_checkpoint_valid(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def _engine_replaced(replay: _Replay) -> Iterator[None]:
+    from torch.autograd.variable import Variable
+
+    real = Variable._execution_engine
+    Variable._execution_engine = _Engine(real, replay)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        Variable._execution_engine = real
+
+
+@contextlib.contextmanager
+def _rng_states_tracked(tracer: _Tracer) -> Iterator[None]:
+    """CPU: ``torch.get_rng_state()`` makes a real host tensor (the generator's state, 5,056 bytes
+    for mt19937) outside the dispatcher; checkpointing keeps one per checkpointed call to replay
+    its randomness (torch.utils.checkpoint, ``preserve_rng_state``), and ``fork_rng`` one more
+    while it recomputes. Such a tensor is tracked like any other storage."""
+    real = torch.get_rng_state
+
+    def get_rng_state() -> torch.Tensor:
+        state = real()
+        tracer.track(state)
+        return state
+
+    torch.get_rng_state = get_rng_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state = real
 
 
 def _packed(saved: Any, node: Any, name: str) -> Any:
@@ -589,7 +884,8 @@ def _packed(saved: Any, node: Any, name: str) -> Any:
     data = getattr(saved, "data", None)
     if data is not None:
         return data
-    getattr(node, name.replace("_raw_saved_", "_saved_", 1))  # older torch: unpack registers it
+    with contextlib.suppress(Exception):
+        getattr(node, name.replace("_raw_saved_", "_saved_", 1))  # older torch: unpack registers it
     return None
 
 
@@ -661,7 +957,7 @@ def trace_step(
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
-    with frozen_heap():
+    with frozen_heap(), quiet_fake_tensor_logs():
         return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only)
 
 
@@ -690,10 +986,6 @@ def _trace_step(
         tracer.marks.append((phase, iteration, len(tracer.raw)))
         tracer.phase, tracer.iteration = phase, iteration
         tracer.module_stack[-1] = "optimizer" if phase == "optimizer" else ""
-
-    def after_step(optimizer: torch.optim.Optimizer) -> None:
-        for value in state_tensors(optimizer):
-            tracer.mark(value, "optimizer_state")
 
     try:
         with contextlib.ExitStack() as stack:
@@ -733,15 +1025,21 @@ def _trace_step(
             setup_end = len(tracer.raw)
             stack.enter_context(_module_hooks(tracer))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
+            replay = _Replay(tracer)
+            stack.enter_context(_engine_replaced(replay))
+            if device.type == "cpu":
+                stack.enter_context(_rng_states_tracked(tracer))
             if device.type == "cuda":
-                stack.enter_context(_CudaKernels(tracer.notes))
+                stack.enter_context(cuda_kernel_choices(tracer.notes))
+            if spec.step is not None:
+                tracer.on_phase = lambda phase: on_phase(phase, tracer.iteration) if phase != tracer.phase else None
             batch = Batch(inputs, labels)
             del inputs, labels  # the loop owns the batch: a new one can replace it
             make_batch = batch_maker(workload, device, param_dtype)
 
             def new_batch(size: int, like: LabelsLike | None) -> Batch:
                 made = make_batch(size, like)
-                for t in tree_leaves((made.inputs, made.labels)):
+                for t in [*made.inputs.tensors(), made.labels]:
                     if isinstance(t, torch.Tensor):
                         tracer.mark(t, "inputs")
                 return made
@@ -752,13 +1050,12 @@ def _trace_step(
                 batch,
                 spec,
                 optimizer,
-                backward=_Replay(tracer).backward,
+                backward=replay.backward,
                 make_labels=make_labels,
                 new_batch=new_batch,
                 tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=_GradScaler(spec.device) if spec.precision.grad_scaler and spec.mode == "train" else None,
                 on_phase=on_phase,
-                after_step=after_step,
                 window_only=window_only,
             )
             del batch, optimizer
@@ -827,7 +1124,15 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
     if tracer.module_calls and tracer.phase == "forward":
         module, shape = tracer.module_calls[-1]
         return layer_failure(workload, tracer.module_stack[-1], module, shape, exc)
+    where = f"your step function's {tracer.phase}" if tracer.on_phase is not None else tracer.phase
+    hint = "rerun with --debug for the traceback"
+    if "hasPrimaryContext" in text or "CUDA driver" in text or "no NVIDIA driver" in text:
+        hint = (
+            "something in the step asks the CUDA driver (e.g. torch.cuda.synchronize(), a real "
+            "torch.cuda call or a CUDA stream), which fake CUDA tensors cannot answer; guard it with "
+            "torch.cuda.is_available(), or use --device cpu; " + hint
+        )
     return BatchfitError(
-        f"the training step failed in {tracer.phase} at batch size {batch_size}: {type(exc).__name__}: {text}",
-        hint="rerun with --debug for the traceback",
+        f"the training step failed in {where} at batch size {batch_size}: {type(exc).__name__}: {text}",
+        hint=hint,
     )

@@ -25,7 +25,7 @@ import os
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
@@ -836,6 +836,121 @@ class _Allocator:
         self.num_device_free += 1
 
 
+class AllocatorAction(NamedTuple):
+    """One thing the allocator did, as ``torch.cuda.memory._record_memory_history()`` records it.
+
+    ``action``: ``alloc``, ``free_requested``, ``free_completed`` (``size`` is the request, before
+    rounding, as ``TraceEntry::ALLOC``/``FREE_*`` carry it in CUDACachingAllocator.cpp),
+    ``segment_alloc``/``segment_free`` (cudaMalloc/cudaFree of a segment), ``segment_map``/
+    ``segment_unmap`` (pages of an expandable segment), ``oom`` (``device_free``: what CUDA had
+    left). ``event``: the index, in the replayed list, of the event that made the allocator act.
+    """
+
+    action: str
+    addr: int
+    size: int
+    event: int
+    device_free: int = 0
+
+
+class BlockState(NamedTuple):
+    """A block of a segment at the end of a replay; ``storage`` is ``None`` for a free block."""
+
+    address: int
+    size: int
+    storage: int | None
+
+
+class SegmentState(NamedTuple):
+    """A segment (one contiguous mapped range for an expandable segment) and its blocks, by address."""
+
+    address: int
+    size: int
+    small: bool
+    expandable: bool
+    blocks: list[BlockState]
+
+
+@dataclass(frozen=True)
+class AllocatorHistory:
+    """Every action of a replay with its addresses, and the segments when the replay ended."""
+
+    actions: list[AllocatorAction]
+    segments: list[SegmentState]
+
+
+class _RecordingAllocator(_Allocator):
+    """The same allocator, also writing down what it does (only when a replay asks for its history,
+    so the searches of ``fit``, which never do, run the plain class at full speed)."""
+
+    def __init__(self, config: AllocatorConfig, device_limit_bytes: int | None, allowed_bytes: int | None) -> None:
+        super().__init__(config, device_limit_bytes, allowed_bytes)
+        self.actions: list[AllocatorAction] = []
+        self.requested: dict[int, int] = {}  # address of an allocated block -> bytes requested
+        self.now = 0
+
+    def watch(self, events: Iterable[Event]) -> Iterable[Event]:
+        for i, ev in enumerate(events):
+            self.now = i
+            yield ev
+
+    def malloc(self, nbytes: int) -> _Block | None:
+        block = super().malloc(nbytes)
+        if block is None:
+            limit = self.allowed if self.allowed is not None else self.limit
+            free = max(0, limit - self.reserved) if limit is not None else 0
+            self.actions.append(AllocatorAction("oom", 0, nbytes, self.now, free))
+            return None
+        self.requested[block.ptr] = nbytes
+        self.actions.append(AllocatorAction("alloc", block.ptr, nbytes, self.now))
+        return block
+
+    def free(self, block: _Block) -> None:
+        ptr, nbytes = block.ptr, self.requested.pop(block.ptr)
+        self.actions.append(AllocatorAction("free_requested", ptr, nbytes, self.now))
+        super().free(block)
+        self.actions.append(AllocatorAction("free_completed", ptr, nbytes, self.now))
+
+    def alloc_block(self, pool: _Pool, size: int, alloc_size: int, is_retry: bool) -> _Block | None:
+        block = super().alloc_block(pool, size, alloc_size, is_retry)
+        if block is not None and not self.cfg.expandable_segments:  # expandable: map_block records
+            self.actions.append(AllocatorAction("segment_alloc", block.ptr, block.size, self.now))
+        return block
+
+    def release_block(self, block: _Block, pool: _Pool) -> None:
+        self.actions.append(AllocatorAction("segment_free", block.ptr, block.size, self.now))
+        super().release_block(block, pool)
+
+    def map_block(self, block: _Block, size: int, pool: _Pool) -> bool:
+        ptr, before = block.ptr, self.reserved  # unmapped blocks start on a page boundary
+        ok = super().map_block(block, size, pool)
+        if ok:
+            self.actions.append(AllocatorAction("segment_map", ptr, self.reserved - before, self.now))
+        return ok
+
+    def unmap_block(self, block: _Block, pool: _Pool) -> None:
+        before = self.reserved
+        super().unmap_block(block, pool)
+        if self.reserved < before:  # block now covers exactly the unmapped pages
+            self.actions.append(AllocatorAction("segment_unmap", block.ptr, before - self.reserved, self.now))
+
+    def segments_now(self, live: dict[int, _Block]) -> list[SegmentState]:
+        """The segments as ``snapshot()`` lists them: one per cudaMalloc, or per mapped range of an
+        expandable segment (``DeviceCachingAllocator::snapshot``)."""
+        owner = {id(b): storage for storage, b in live.items()}
+        blocks = [*live.values(), *(b for pool in (self.small, self.large) for b in pool.blocks.values())]
+        heads = [b for b in blocks if b.prev is None or not b.prev.mapped]
+        out = []
+        for head in sorted(heads, key=lambda b: b.ptr):
+            states: list[BlockState] = []
+            b: _Block | None = head
+            while b is not None and b.mapped:
+                states.append(BlockState(b.ptr, b.size, owner.get(id(b)) if b.allocated else None))
+                b = b.next
+            out.append(SegmentState(head.ptr, sum(s.size for s in states), head.small, head.seg is not None, states))
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # Replay
 # --------------------------------------------------------------------------------------------
@@ -879,6 +994,7 @@ class AllocatorResult:
     oom_seq: int | None = None
     oom_request_bytes: int | None = None
     series: AllocatorSeries | None = None
+    history: AllocatorHistory | None = field(default=None, repr=False, compare=False)
 
     @property
     def overhead_bytes(self) -> int:
@@ -952,6 +1068,7 @@ def simulate(
     allowed_bytes: int | None = None,
     record_series: bool = True,
     breakdown: bool = True,
+    history: bool = False,
 ) -> AllocatorResult:
     """Replay ``events`` through the caching-allocator model.
 
@@ -961,7 +1078,9 @@ def simulate(
     ``torch.cuda.set_per_process_memory_fraction`` (it also enables ``garbage_collection_threshold``).
     Events with ``nbytes == 0`` allocate nothing (PyTorch hands out a null pointer).
     ``breakdown=False`` skips the per-category accounting (``allocated_by_category_bytes`` is then
-    empty): for a search that only asks whether a step fits.
+    empty): for a search that only asks whether a step fits. ``history=True`` also records every
+    action with its addresses and the segments at the end (``AllocatorResult.history``), for
+    :mod:`batchfit._snapshot`; it costs the plain replay nothing when off.
 
     >>> from batchfit._events import Event
     >>> ev = [Event(0, "alloc", 1, 30 << 20, "parameters", "", "setup", 0)]
@@ -975,7 +1094,10 @@ def simulate(
             hint="drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for the estimate",
             exit_code=ExitCode.UNSUPPORTED,
         )
-    state = _Allocator(cfg, device_limit_bytes, allowed_bytes)
+    recorder = _RecordingAllocator(cfg, device_limit_bytes, allowed_bytes) if history else None
+    state = recorder or _Allocator(cfg, device_limit_bytes, allowed_bytes)
+    if recorder is not None:
+        events = recorder.watch(events)
     live: dict[int, _Block] = {}
     zero_sized: set[int] = set()
     category_of: dict[int, str] = {}
@@ -1058,6 +1180,7 @@ def simulate(
         oom_seq=oom_seq,
         oom_request_bytes=oom_bytes,
         series=series,
+        history=AllocatorHistory(recorder.actions, recorder.segments_now(live)) if recorder is not None else None,
     )
 
 
@@ -1092,9 +1215,13 @@ __all__ = [
     "K_ROUND_LARGE",
     "K_SMALL_BUFFER",
     "K_SMALL_SIZE",
+    "AllocatorAction",
     "AllocatorConfig",
+    "AllocatorHistory",
     "AllocatorResult",
     "AllocatorSeries",
+    "BlockState",
+    "SegmentState",
     "simulate",
     "with_settings",
 ]

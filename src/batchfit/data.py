@@ -99,6 +99,11 @@ def required_files(name: str, root: str | Path | None = None) -> list[Path]:
 def _torchvision_class(info: DatasetInfo) -> type:
     import torchvision.datasets
 
+    if info.name == "digits":  # registered for batchfit.sweep, which reads scikit-learn's copy
+        raise BatchfitError(
+            "the digits ship inside scikit-learn as an array, not as torchvision files or image folders",
+            hint="use them with `batchfit sweep MODEL --dataset digits`, or pick mnist, fashion-mnist or cifar10 here",
+        )
     if info.torchvision_class is None or info.torchvision_class not in _REQUIRED_FILES:
         raise BatchfitError(
             f"batchfit cannot load {info.name!r} by itself (torchvision does not download it)",

@@ -86,6 +86,19 @@ DATASETS: dict[str, DatasetInfo] = {
             torchvision_class="CIFAR10",
             images_in_ram=True,
         ),
+        # scikit-learn's bundled 8x8 digits (1,797 images, values 0..16; batchfit.sweep reads them,
+        # no download): the first 1,437 images train, the last 360 validate. mean/std: of the training
+        # images scaled to [0, 1] (tests/test_sweep.py recomputes them from the file).
+        DatasetInfo(
+            "digits",
+            (1, 8, 8),
+            10,
+            1_437,
+            360,
+            (0.3054,),
+            (0.3755,),
+            _DIGITS,
+        ),
         DatasetInfo(
             "imagenet",
             (3, 224, 224),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, overload
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from .training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_opti
 if TYPE_CHECKING:
     from .allocator import AllocatorConfig, AllocatorResult
     from .gpus import Budget
+    from .summary import ModelSummary
 
 SCHEMA_VERSION = 1
 DEVICES = ("cuda", "cpu")
@@ -67,6 +69,8 @@ class StepEstimate:
     module_types: dict[str, str] = field(default_factory=dict, repr=False)
     method: str = "simulated"  # or "extrapolated" (fallback)
     oom: bool = False  # the replay on the card ran out of memory
+    # where each phase of each iteration begins in ``events``, and the step's end (Trace.marks)
+    marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
 
     @property
     def peak_where(self) -> str:
@@ -119,6 +123,28 @@ class StepEstimate:
 
     def __rich__(self) -> Any:
         return EstimateReport([self]).__rich__()
+
+    def _repr_html_(self) -> str:
+        """The table and the step's timeline (on CUDA allocated and reserved over the events)."""
+        from ._html import figure_svg, fragment, table_html, timeline_figure
+
+        parts = [table_html(t) for t in EstimateReport([self]).tables()]
+        if self.events:
+            parts.append(figure_svg(timeline_figure(self)))
+        return fragment(*parts)
+
+    def save_snapshot(self, path: str | Path, *, at: Literal["end", "peak"] = "end") -> Path:
+        """Write the step as a PyTorch memory snapshot (FILE.pickle, CUDA): see docs/report.md.
+
+        Open it at https://pytorch.org/memory_viz or with ``python -m torch.cuda._memory_viz``.
+        """
+        from ._snapshot import write_snapshot
+
+        return write_snapshot(self, path, at=at)
+
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report of this step (FILE.html)."""
+        return EstimateReport([self]).save_report(path)
 
 
 @dataclass
@@ -220,6 +246,17 @@ class EstimateReport(Sequence[StepEstimate]):
 
         return Group(*(t.__rich__() for t in self.tables()))
 
+    def _repr_html_(self) -> str:
+        from ._html import tables_fragment
+
+        return tables_fragment(self.tables())
+
+    def save_report(self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None) -> Path:
+        """Write a self-contained HTML report (FILE.html); ``summary`` adds the model's layer tree."""
+        from ._html import write_report
+
+        return write_report(self, path, summary=summary, budget=budget)
+
 
 _SHORT = {
     "parameters": "params",
@@ -313,6 +350,7 @@ def estimate_trace(
         module_types=trace.module_types,
         events=events,
         notes=list(trace.notes),
+        marks=list(trace.marks),
     )
     if spec.device == "cpu":
         peak, at, breakdown = raw_peak(events)

@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._compose import compose
@@ -85,7 +86,7 @@ class AffineTimeline:
 
         layers = {m: line(a.activation_bytes_by_module.get(m, 0), n) for m, n in b.activation_bytes_by_module.items()}
         numels = {sid: line(n, b.numels[sid]) for sid, n in a.numels.items() if sid in b.numels}
-        return Trace(batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), numels, a.module_types)
+        return Trace(batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), numels, a.module_types, list(a.marks))
 
     def events_at(self, batch_size: int) -> list[Event]:
         # the search calls this once per candidate: the fields that do not change are unpacked
@@ -212,6 +213,17 @@ class FitResult:
 
     def __rich__(self) -> Any:
         return self.table().__rich__()
+
+    def _repr_html_(self) -> str:
+        from ._html import tables_fragment
+
+        return tables_fragment([self.table()])
+
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (FILE.html): the plan around this answer."""
+        from ._html import write_report
+
+        return write_report(self, path)
 
 
 class DoesNotFit(BatchfitError):
@@ -687,8 +699,7 @@ def _early_guess(est: Estimator) -> int | None:
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
         with torch.no_grad(), train_mode(workload.model, True):
-            inputs = workload.make_inputs(1, "meta")
-            workload.model(*inputs)
+            workload.make_inputs(1, "meta").call(workload.model)
     except Exception:
         return None
     finally:

@@ -49,6 +49,11 @@ class Measurement:
     def samples_per_second(self) -> float:
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
+    def _repr_html_(self) -> str:
+        from ._html import fragment, measurement_html
+
+        return fragment(measurement_html(self))
+
 
 def _storage_bytes(objects: list[Any]) -> int:
     """Bytes of the distinct storages among the tensors in ``objects`` (nested containers too)."""
@@ -97,7 +102,7 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
-        before = _storage_bytes([*state.values(), *inputs, labels])
+        before = _storage_bytes([*state.values(), *inputs.tensors(), labels])
         batch = Batch(inputs, labels)
         del inputs, labels  # the loop owns the batch: a new one can replace it
         dataset_size = workload.dataset.train_size if workload.dataset is not None else None

@@ -12,6 +12,7 @@ builds it, or the user's own module left untouched) plus the inputs of one sampl
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -22,13 +23,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ._errors import BatchfitError
 from .datasets import DatasetInfo, get_dataset
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -98,7 +102,71 @@ class InputSpec:
         return dims if self.dtype == torch.float32 else f"{dims}:{str(self.dtype).removeprefix('torch.')}"
 
 
-ExampleInputs = Callable[[int], Any]  # a tensor, or a tuple of positional inputs (tensors, dicts of tensors)
+ExampleInputs = Callable[[int], Any]  # returns a batch of inputs in one of the forms ModelInputs.of reads
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """One batch of a model's inputs: positional and keyword arguments, ``model(*args, **kwargs)``.
+
+    :meth:`of` reads what ``example_inputs(batch_size)`` returns:
+
+    - a tensor: the one positional input;
+    - a tuple or list: positional inputs (``(ids, mask)``; ``(batch_dict,)`` passes a dict
+      positionally, as one argument);
+    - a dict: keyword inputs, ``model(**d)`` (``input_ids=``, ``attention_mask=``, ``labels=``);
+    - a pair ``(tuple_or_list, dict)``: positional and keyword inputs.
+
+    >>> x = torch.zeros(2, 3)
+    >>> ModelInputs.of({"x": x}).kwargs.keys(), len(ModelInputs.of(({"x": x},)).args)
+    (dict_keys(['x']), 1)
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, made: Any) -> ModelInputs:
+        if isinstance(made, ModelInputs):
+            return made
+        if isinstance(made, dict):
+            return cls((), dict(made))
+        if (
+            isinstance(made, tuple)
+            and len(made) == 2
+            and isinstance(made[0], (tuple, list))
+            and isinstance(made[1], dict)
+        ):
+            return cls(tuple(made[0]), dict(made[1]))
+        if isinstance(made, (tuple, list)):
+            return cls(tuple(made))
+        return cls((made,))
+
+    def call(self, model: Callable[..., Any]) -> Any:
+        return model(*self.args, **self.kwargs)
+
+    def map(self, fn: Callable[[Any], Any]) -> ModelInputs:
+        """The same structure with ``fn`` applied to every leaf (tensors and other values)."""
+        from torch.utils._pytree import tree_map
+
+        return ModelInputs(tuple(tree_map(fn, list(self.args))), tree_map(fn, self.kwargs))
+
+    def floating_to(self, dtype: torch.dtype) -> ModelInputs:
+        """Floating-point tensors converted to ``dtype`` (bf16/fp16 training), the others as they are."""
+        return self.map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+
+    def tensors(self) -> list[torch.Tensor]:
+        from torch.utils._pytree import tree_leaves
+
+        return [t for t in tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
+
+    def as_given(self) -> Any:
+        """The form a ``--step`` function receives: the positional tuple when there are no keyword
+        inputs (``model(*inputs)``), the dict when there are only keyword inputs (``model(**inputs)``),
+        else the ``(args, kwargs)`` pair."""
+        if not self.kwargs:
+            return self.args
+        return self.kwargs if not self.args else (self.args, self.kwargs)
 
 
 @dataclass
@@ -111,8 +179,9 @@ class Workload:
     example_inputs: ExampleInputs | None = None
     dataset: DatasetInfo | None = None
     notes: list[str] = field(default_factory=list)
+    num_classes: int | None = None  # the head batchfit built (None: the user's code chose it)
 
-    def make_inputs(self, batch_size: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    def make_inputs(self, batch_size: int, device: torch.device | str) -> ModelInputs:
         """The model's inputs at ``batch_size`` on ``device``; call inside a fake mode to spend no memory.
 
         Float inputs are uniform noise, integer inputs are zeros (valid for any embedding).
@@ -120,12 +189,8 @@ class Workload:
         if batch_size < 1:
             raise BatchfitError(f"batch size must be at least 1, got {batch_size}")
         if self.example_inputs is not None:
-            from torch.utils._pytree import tree_map
-
             with torch.device("meta"):
                 made: Any = self.example_inputs(batch_size)
-            if isinstance(made, (torch.Tensor, dict)):
-                made = (made,)
 
             def fresh(t: Any) -> Any:
                 if not isinstance(t, torch.Tensor):
@@ -133,7 +198,7 @@ class Workload:
                 out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
                 return out.uniform_() if out.is_floating_point() else out.zero_()
 
-            return tuple(tree_map(fresh, tuple(made)))
+            return ModelInputs.of(made).map(fresh)
         if not self.inputs:
             raise BatchfitError(
                 f"no input shape for model {self.name!r}",
@@ -146,7 +211,7 @@ class Workload:
                 out.append(torch.rand(shape, dtype=spec.dtype, device=device))
             else:
                 out.append(torch.zeros(shape, dtype=spec.dtype, device=device))
-        return tuple(out)
+        return ModelInputs(tuple(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,12 +275,19 @@ def _build_cnn(inputs: Sequence[InputSpec], num_classes: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: how to build it and the input it takes when none is given."""
+    """A registered model: how to build it and the input it takes when none is given.
 
-    build: ModelBuilder  # build(inputs, num_classes, **kwargs)
+    ``default_classes``: the head's size when neither ``--num-classes`` nor a dataset gives one
+    (None: the model's own default); ``has_head``: False for the user's own models, which get
+    ``num_classes`` only when asked for it.
+    """
+
+    build: ModelBuilder  # build(inputs, num_classes, **kwargs); num_classes None = the model's default
     default_dataset: str | None = None
     default_input: tuple[int, ...] | None = None
     description: str = ""
+    default_classes: int | None = 10
+    has_head: bool = True
 
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
@@ -243,7 +315,13 @@ def _torchvision_entry(name: str) -> ModelEntry:
         )
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
 
-    return ModelEntry(build, default_input=(3, side, side), default_dataset="imagenet", description="torchvision")
+    return ModelEntry(
+        build,
+        default_input=(3, side, side),
+        default_dataset="imagenet",
+        description="torchvision",
+        default_classes=1000,
+    )
 
 
 def _timm_entry(name: str) -> ModelEntry:
@@ -263,10 +341,16 @@ def _timm_entry(name: str) -> ModelEntry:
     cfg = timm.get_pretrained_cfg(name)
     default_input = tuple(cfg.input_size) if cfg is not None and getattr(cfg, "input_size", None) else (3, 224, 224)
 
-    def build(inputs: Sequence[InputSpec], num_classes: int, **kwargs: Any) -> nn.Module:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    def build(inputs: Sequence[InputSpec], num_classes: int | None, **kwargs: Any) -> nn.Module:
+        # without num_classes, timm's builder takes the head from the model's pretrained cfg
+        # (timm/models/_builder.py, _update_default_model_kwargs): 1000 for ImageNet-1k models
+        classes: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(name, pretrained=False, **classes, **kwargs)
 
-    return ModelEntry(build, default_input=default_input, description="timm")
+    return ModelEntry(build, default_input=default_input, description="timm", default_classes=None)
+
+
+_USER_MODULE = "_batchfit_user_"  # the name prefix of model files imported by path
 
 
 def import_target(spec: str) -> tuple[Any, Any]:
@@ -276,14 +360,15 @@ def import_target(spec: str) -> tuple[Any, Any]:
         path = Path(location)
         if not path.is_file():
             raise BatchfitError(f"model file {str(path)!r} does not exist", hint="check the path before ':'")
-        mod_name = f"_batchfit_user_{abs(hash(str(path.resolve())))}"
+        mod_name = f"{_USER_MODULE}{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         if loader_spec is None or loader_spec.loader is None:
             raise BatchfitError(f"cannot import {str(path)!r} as a Python file")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[mod_name] = module
         try:
-            loader_spec.loader.exec_module(module)
+            with _folder_on_path(module):
+                loader_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[mod_name]
             raise BatchfitError(
@@ -310,6 +395,24 @@ def import_target(spec: str) -> tuple[Any, Any]:
     return module, getattr(module, attr)
 
 
+@contextlib.contextmanager
+def _folder_on_path(module: Any) -> Iterator[None]:
+    """The folder of a model file first on ``sys.path``, as ``python file.py`` puts it, so that the
+    file can import its neighbours; taken off again afterwards (the modules it imported stay
+    imported). A module imported by name (``package.module:NAME``) is left alone."""
+    file = getattr(module, "__file__", None)
+    if not file or not str(getattr(module, "__name__", "")).startswith(_USER_MODULE):
+        yield
+        return
+    folder = str(Path(file).resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # the file may have taken it off itself
+            sys.path.remove(folder)
+
+
 def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
     module, target = import_target(spec)
     if not callable(target):
@@ -317,14 +420,26 @@ def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
             f"{spec!r} is not a class or function", hint="name an nn.Module class or a function returning one"
         )
 
-    def build(inputs: Sequence[InputSpec], num_classes: int, **kwargs: Any) -> nn.Module:
-        made = target(**kwargs)
+    def build(inputs: Sequence[InputSpec], num_classes: int | None, **kwargs: Any) -> nn.Module:
+        if num_classes is not None:
+            kwargs = {**kwargs, "num_classes": num_classes}
+        try:
+            with _folder_on_path(module):  # imports made while building, as at import time
+                made = target(**kwargs)
+        except TypeError as exc:
+            if num_classes is None or "num_classes" not in str(exc):
+                raise
+            raise BatchfitError(
+                f"--num-classes {num_classes} was given, but {spec!r} takes no num_classes argument ({exc})",
+                hint="drop --num-classes (your code builds the head), or give the class/function a num_classes parameter",
+            ) from exc
         if not isinstance(made, nn.Module):
             raise BatchfitError(f"{spec!r} returned {type(made).__name__}, not an nn.Module")
         return made
 
     example = getattr(module, "example_inputs", None)
-    return ModelEntry(build, description="user model"), example if callable(example) else None
+    entry = ModelEntry(build, description="user model", default_classes=None, has_head=False)
+    return entry, example if callable(example) else None
 
 
 def model_names() -> list[str]:
@@ -356,23 +471,111 @@ def load_workload(
     dataset: str | DatasetInfo | None = None,
     num_classes: int | None = None,
     example_inputs: ExampleInputs | None = None,
+    seq_len: int | None = None,
+    task: str | None = None,
+    attn: str | None = None,
+    gradient_checkpointing: bool = False,
+    lora: int | LoraSpec | None = None,
     **model_kwargs: Any,
 ) -> Workload:
     """Resolve a model (a registry name or an ``nn.Module``) and its inputs into a :class:`Workload`.
 
     ``input_size`` is one sample's shape without the batch dimension (``(1, 28, 28)``), or a list of
     such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
+    ``hf:ID_OR_PATH`` models (see :mod:`batchfit.hf`) take ``seq_len``, ``task``, ``attn`` and
+    ``gradient_checkpointing``; ``lora`` (a rank or a :class:`~batchfit.lora.LoraSpec`) adds peft's
+    LoRA adapters to any model (a model of yours is copied first, never changed).
     """
     if isinstance(model, Workload):  # already resolved (the verbs accept both)
         return model
+    if isinstance(model, str) and model.startswith("hf:"):
+        workload = _hf_workload(model, input_size, dataset, num_classes, seq_len, task, attn, gradient_checkpointing)
+    else:
+        hf_only = {"seq_len": seq_len, "task": task, "attn": attn, "gradient_checkpointing": gradient_checkpointing}
+        given = [name for name, value in hf_only.items() if value]
+        if given:
+            raise BatchfitError(
+                f"{', '.join(given)} apply to Hugging Face models only (hf:ID_OR_PATH)",
+                hint="name the model as hf:ID or hf:path/to/config.json, or drop the option",
+            )
+        workload = _load_workload(model, input_size, dataset, num_classes, example_inputs, **model_kwargs)
+    if lora is not None:
+        workload = _with_lora(workload, lora)
+    return workload
+
+
+def _hf_workload(
+    ref: str,
+    input_size: Any,
+    dataset: Any,
+    num_classes: int | None,
+    seq_len: int | None,
+    task: str | None,
+    attn: str | None,
+    gradient_checkpointing: bool,
+) -> Workload:
+    from .hf import build_hf_model
+
+    if input_size is not None or dataset is not None:
+        raise BatchfitError(
+            "hf: models take token ids: --input and --dataset do not apply",
+            hint="set the tokens per sample with --seq-len",
+        )
+    built = build_hf_model(
+        ref,
+        seq_len=seq_len,
+        task=task,
+        attn=attn,
+        num_classes=num_classes,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return Workload(
+        ref,
+        built.model,
+        (InputSpec((built.seq_len,), torch.int64),),
+        built.example_inputs(),
+        None,
+        [f"task {built.task}", *built.notes],
+    )
+
+
+def _with_lora(workload: Workload, lora: int | LoraSpec) -> Workload:
+    import copy
+
+    from .lora import LoraSpec, apply_lora
+
+    spec = LoraSpec.parse(lora)
+    model = workload.model
+    if any(not t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = copy.deepcopy(model)  # peft wraps the model in place: a model of yours stays as it was
+    wrapped = apply_lora(model, spec)
+    return Workload(
+        workload.name, wrapped, workload.inputs, workload.example_inputs, workload.dataset, [*workload.notes, str(spec)]
+    )
+
+
+def _load_workload(
+    model: str | nn.Module,
+    input_size: Any,
+    dataset: str | DatasetInfo | None,
+    num_classes: int | None,
+    example_inputs: ExampleInputs | None,
+    **model_kwargs: Any,
+) -> Workload:
     info = get_dataset(dataset) if isinstance(dataset, str) else dataset
     inputs = parse_inputs(input_size)
+    if inputs and example_inputs is not None:
+        raise BatchfitError(
+            "both input_size and example_inputs were given: batchfit would use only one of them",
+            hint="give one: input_size for inputs made from shapes, or example_inputs for your own",
+        )
     if isinstance(model, nn.Module):
         if not inputs and info is not None:
             inputs = (InputSpec(info.shape),)
         return Workload(type(model).__name__, model, inputs, example_inputs, info)
     entry, file_example = _resolve(model)
-    example_inputs = example_inputs or file_example
+    # --input on the command line wins over the file's example_inputs (as a flag overrides a default)
+    example_inputs = example_inputs or (None if inputs else file_example)
     if not inputs and example_inputs is None:
         if info is None and entry.default_dataset is not None and entry.default_input is None:
             info = get_dataset(entry.default_dataset)
@@ -380,9 +583,10 @@ def load_workload(
             inputs = (InputSpec(info.shape),)
         elif entry.default_input is not None:
             inputs = (InputSpec(entry.default_input),)
-    classes = num_classes or (
-        info.num_classes if info is not None else 1000 if entry.default_dataset == "imagenet" else 10
-    )
+    if entry.has_head:
+        classes = num_classes or (info.num_classes if info is not None else entry.default_classes)
+    else:
+        classes = num_classes
     try:
         with torch.device("meta"):
             built = entry.build(inputs, classes, **model_kwargs)
@@ -395,7 +599,10 @@ def load_workload(
             f"building model {model!r} failed: {type(exc).__name__}: {exc}",
             hint="rerun with --debug for the traceback",
         ) from exc
-    return Workload(model, built, inputs, example_inputs, info)
+    if entry.has_head and classes is None:
+        own = getattr(built, "num_classes", None)  # the model's own default (timm models keep it there)
+        classes = own if isinstance(own, int) else None
+    return Workload(model, built, inputs, example_inputs, info, num_classes=classes)
 
 
 def parse_inputs(

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import BatchfitError, ExitCode
 from ._render import Table
 from ._units import format_bytes, mib_cell
+from .datasets import get_dataset
 from .estimate import CUDA_CATEGORIES, Estimator, StepEstimate, make_spec, short_category
 from .fit import FitResult, fit, standard_batch_sizes
 from .models import load_workload
@@ -39,6 +40,8 @@ from .summary import ModelSummary, summary
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from .sweep import SweepResult
 
 SCHEMA_VERSION = 1
 GIB = 1024**3
@@ -90,6 +93,17 @@ def check_plot_path(path: str | Path) -> Path:
             hint=f"name the file {' or '.join('FILE' + e for e in PLOT_FORMATS)}, e.g. --plot memory.png",
             exit_code=ExitCode.USAGE,
         )
+    return out
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``FILE.png`` or ``FILE.svg`` (the folder is created); returns the path."""
+    out = check_plot_path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = PLOT_FORMATS[out.suffix.lower()]
+    # no date in SVG files, so that the same input writes the same file
+    metadata = {"Date": None} if fmt == "svg" else None
+    fig.savefig(out, format=fmt, dpi=dpi, metadata=metadata)
     return out
 
 
@@ -242,6 +256,8 @@ class Plan:
             ["one sample", shapes],
             ["mult-adds per sample", f"{s.total_mult_adds:,}"],
         ]
+        if s.num_classes is not None:
+            rows.append(["output classes", f"{s.num_classes:,} (--num-classes to change)"])
         return Table(f"{s.model}: the model", ["", ""], rows, right=[False, False])
 
     def breakdown_table(self) -> Table:
@@ -399,13 +415,13 @@ class Plan:
 
     def save_plot(self, path: str | Path) -> Path:
         """Write the plot to ``FILE.png`` or ``FILE.svg`` (the folder is created); returns the path."""
-        out = check_plot_path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fmt = PLOT_FORMATS[out.suffix.lower()]
-        # no date in SVG files, so that the same plan writes the same file
-        metadata = {"Date": None} if fmt == "svg" else None
-        self.plot().savefig(out, format=fmt, dpi=120, metadata=metadata)
-        return out
+        return save_figure(self.plot(), path)
+
+    def save_report(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (FILE.html): tables, inline SVG charts, assumptions."""
+        from ._html import write_report
+
+        return write_report(self, path)
 
     def _repr_png_(self) -> bytes:
         buf = io.BytesIO()
@@ -480,6 +496,18 @@ def plan(
         alloc_conf=alloc_conf,
         progress=progress,
     )
+    return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress)
+
+
+def plan_from_fit(
+    model_summary: ModelSummary,
+    result: FitResult,
+    *,
+    curve_points: int = 48,
+    progress: Callable[[str], None] | None = None,
+) -> Plan:
+    """The plan around an answer :func:`~batchfit.fit.fit` already found (``fit --report`` uses it)."""
+    say = progress or (lambda text: None)
     known: dict[int, StepEstimate] = {}
     for e in (result.estimate_at_max, result.estimate_at_recommended):
         if e is not None:
@@ -531,6 +559,21 @@ SEED_TABLE: tuple[SeedRow, ...] = (
 SEED_PARAM_BYTES = "~403 KB"  # "101,770 x 4 B ~ 403 KB" (parameters; the same again for gradients)
 SEED_MODEL_STATES = "~806 KB"  # parameters + gradients (and Adam's two states)
 SEED_MODEL, SEED_DATASET, SEED_OPTIMIZER, SEED_SAFETY = "mlp", "mnist", "sgd", 0.8
+# The training-effect half, run on data that ships (scikit-learn's 8x8 digits: no MNIST file ships with
+# batchfit, and the no-argument run downloads nothing). SGD as in the lesson; lr 0.05 at batch 16 is a
+# plain choice, not tuned; one thread, so that the numbers are the same on every run of this machine.
+SEED_SWEEP: dict[str, Any] = {
+    "dataset": "digits",
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "lr_scaling": "linear",
+    "epochs": 10,
+    "max_batch": 1024,
+    "seed": 0,
+    "threads": 1,
+    "memory": False,
+    "device": "cpu",
+}
 
 
 @dataclass(frozen=True)
@@ -572,10 +615,17 @@ class AnswerKey:
     cpu: list[StepEstimate]
     cuda: list[StepEstimate]
     fit: FitResult
+    training: SweepResult | None = None  # the training-effect half (digits); None: memory only
 
     @property
     def total_params(self) -> int:
         return sum(lin.params for lin in self.linears)
+
+    @property
+    def recommended_batch_size(self) -> int:
+        """The batch size to use: the memory rule's, lowered to where training stops keeping up."""
+        rec = self.fit.recommended_batch_size
+        return min(rec, self.training.recommended_batch_size) if self.training is not None else rec
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -592,6 +642,8 @@ class AnswerKey:
             "cpu": [e.to_dict() for e in self.cpu],
             "cuda": [e.to_dict() for e in self.cuda],
             "fit": self.fit.to_dict(),
+            "training": self.training.to_dict() if self.training is not None else None,
+            "recommended_batch_size": self.recommended_batch_size,
         }
 
     # -- sections --------------------------------------------------------------------------------
@@ -738,8 +790,78 @@ class AnswerKey:
         rec = f.estimate_at_recommended
         at = f" ({format_bytes(rec.total_bytes, 'GiB')} on the card, GiB = 1024^3 B)" if rec and rec.total_bytes else ""
         lines += [f"  note: {n}" for n in f.notes]
-        lines.append(f"  => use batch size {f.recommended_batch_size:,}{at}")
+        if self.training is None:
+            lines.append(f"  => use batch size {f.recommended_batch_size:,}{at}")
+        else:
+            lines.append(f"  => memory allows batch size {f.recommended_batch_size:,}{at}")
         return "\n".join(lines)
+
+    def training_table(self) -> Table:
+        t = self.training
+        assert t is not None
+        return t.runs_table(
+            f"Training by batch size: {t.samples:,} samples ({t.budget_text}) each, {t.optimizer}, lr {t.base_lr:g} "
+            f"at batch {t.base_batch} scaled {t.lr_scaling} with warm-up, seed {t.seed}, on this machine's {t.device}",
+            speed=False,
+        )
+
+    def _training_intro(self) -> str:
+        t = self.training
+        assert t is not None
+        f = self.fit
+        return "\n".join(
+            [
+                "The other half of the lesson's rule: raise the batch size until memory runs out OR until the "
+                "training effect drops, and check the choice by the training effect.",
+                f"  The memory rule alone gives {f.recommended_batch_size:,}"
+                + (
+                    " - the whole MNIST training set in one step, one update per epoch."
+                    if f.dataset_size and f.recommended_batch_size >= f.dataset_size
+                    else "."
+                ),
+                "  What was computed, and on what: real training runs on scikit-learn's bundled 8x8 digits "
+                f"({t.train_size:,} training and 360 validation images; no MNIST files ship with batchfit and "
+                "nothing is downloaded), with the lesson's MLP adapted to 8x8 inputs: Flatten -> Linear(64, 128) "
+                f"-> ReLU -> Linear(128, 10), {64 * 128 + 128 + 128 * 10 + 10:,} parameters. Each batch size "
+                "trains from the same initialisation on the same samples; the learning rate grows with the batch "
+                "(linear rule, Goyal et al. 2017).",
+            ]
+        )
+
+    def _training_answer(self) -> str:
+        t = self.training
+        assert t is not None
+        f = self.fit
+        lines = [
+            f"  gradient noise scale (McCandlish et al. 2018), {t.noise[0].samples:,} examples:" if t.noise else ""
+        ]
+        for n in t.noise:
+            value = f"{n.b_simple:,.0f}" if n.resolved else "not resolved"
+            lines.append(f"    B_simple = {value} {n.when}")
+        if t.noise:
+            lines.append(
+                "    (batches much larger than B_simple mostly average away noise that is already small: "
+                "more samples per step, little more progress per step)"
+            )
+        lines.append(f"  the sweep: {t.reason}")
+        final = self.recommended_batch_size
+        if final < f.recommended_batch_size:
+            why = (
+                f"memory allows {f.recommended_batch_size:,}, but with a fixed budget of samples a larger batch "
+                f"means fewer updates, and on the digits the validation accuracy holds up to {final:,} only"
+            )
+        else:
+            why = "memory, not the training effect, sets the limit here"
+        lines.append(f"  => use batch size {final:,}: {why}.")
+        mnist, digits = get_dataset(SEED_DATASET), get_dataset(t.dataset)
+        pixels = math.prod(mnist.shape) / math.prod(digits.shape)
+        lines.append(
+            f"  Limits: the digits stand in for MNIST (handwritten digits too, with {pixels:.0f} times fewer pixels "
+            f"and {mnist.train_size / t.train_size:.0f} times fewer training images); MNIST's own answer may differ "
+            "- check it with `batchfit sweep mlp --dataset mnist --root DIR`. The best size also moves with the "
+            "learning rate and the budget (see docs/sweep.md)."
+        )
+        return "\n".join(line for line in lines if line)
 
     def _title(self) -> str:
         return (
@@ -757,6 +879,11 @@ class AnswerKey:
             self.cuda_table(),
             self._misses(),
             self._batch_size(),
+            *(
+                [self._training_intro(), self.training_table(), self._training_answer()]
+                if self.training is not None
+                else []
+            ),
         ]
 
     def __str__(self) -> str:
@@ -772,13 +899,22 @@ class AnswerKey:
             parts.append(Text(""))
         return Group(*parts)
 
+    def _repr_html_(self) -> str:
+        from ._html import esc, fragment, table_html
 
-def answer_key(*, gpu: str | None = None, memory: str | int | None = None, free: bool = False) -> AnswerKey:
+        return fragment(*(table_html(s) if isinstance(s, Table) else f"<pre>{esc(s)}</pre>" for s in self.sections()))
+
+
+def answer_key(
+    *, gpu: str | None = None, memory: str | int | None = None, free: bool = False, training: bool = True
+) -> AnswerKey:
     """The seed lesson's scenario, computed: what ``batchfit`` with no arguments prints.
 
     The card is the local GPU, else the catalogue's default (``gpu``/``memory``/``free`` as in fit).
+    ``training``: also the training-effect half (a short sweep and the noise scale on the bundled
+    digits, :data:`SEED_SWEEP`; about a second of CPU here).
 
-    >>> key = answer_key(gpu="h100")
+    >>> key = answer_key(gpu="h100", training=False)
     >>> [e.peak_allocated_bytes for e in key.cpu]
     [1050712, 1760344, 5245528, 19745368]
     """
@@ -795,6 +931,11 @@ def answer_key(*, gpu: str | None = None, memory: str | int | None = None, free:
     sizes = [r.batch_size for r in SEED_TABLE]
     on_cpu = Estimator(workload, make_spec("cpu", SEED_OPTIMIZER))
     result = fit(workload, gpu=gpu, memory=memory, free=free, optimizer=SEED_OPTIMIZER, safety=SEED_SAFETY)
+    effect = None
+    if training:
+        from .sweep import sweep
+
+        effect = sweep(SEED_MODEL, **SEED_SWEEP)
     return AnswerKey(
         summary=classic,
         linears=linears,
@@ -805,11 +946,13 @@ def answer_key(*, gpu: str | None = None, memory: str | int | None = None, free:
         cpu=[on_cpu.at(b) for b in sizes],
         cuda=[result.estimate_at(b) for b in sizes],
         fit=result,
+        training=effect,
     )
 
 
 __all__ = [
     "PLOT_FORMATS",
+    "SEED_SWEEP",
     "SEED_TABLE",
     "STACK_CATEGORIES",
     "AnswerKey",
@@ -820,5 +963,6 @@ __all__ = [
     "answer_key",
     "check_plot_path",
     "plan",
+    "save_figure",
     "sweep_sizes",
 ]

@@ -24,7 +24,6 @@ Estimated Total Size (MB): 0.40
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +35,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
-from ._explain import layer_failure
+from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._units import format_bytes
-from .models import InputSpec, Workload, fake_state, load_workload
+from .models import InputSpec, ModelInputs, Workload, fake_state, load_workload
 
 SCHEMA_VERSION = 1
 
@@ -147,18 +146,6 @@ def _classic_info(module: nn.Module, output: Any, batch_size: int) -> _ClassicIn
     return _ClassicInfo(_classic_class_name(module), shape, nb_params, trainable, compatible)
 
 
-@contextlib.contextmanager
-def _quiet_fake_tensor_logs() -> Iterator[None]:
-    """FakeTensorMode logs a traceback when a meta kernel rejects a shape; we report it ourselves."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    was = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = was
-
-
 class _Recorder:
     """Forward hooks on every module of ``model`` that record each call, removed on exit."""
 
@@ -175,10 +162,29 @@ class _Recorder:
 
     def __enter__(self) -> _Recorder:
         try:
+            scripted = set()
             for module in self.model.modules():
+                if isinstance(module, torch.jit.ScriptModule):
+                    # a ScriptModule refuses hooks of its own; the global hooks below see its calls
+                    # (the modules inside it run in TorchScript, which calls no hooks)
+                    scripted.add(id(module))
+                    continue
                 # appended last, so like torchsummary we see the output after the user's own hooks
                 self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+            if scripted:
+                from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+                def pre(module: nn.Module, args: Any) -> None:
+                    if id(module) in scripted:
+                        self._pre(module, args, {})
+
+                def post(module: nn.Module, args: Any, output: Any) -> None:
+                    if id(module) in scripted:
+                        self._post(module, args, {}, output)
+
+                self._handles.append(register_module_forward_pre_hook(pre))
+                self._handles.append(register_module_forward_hook(post))
         except BaseException:
             self._remove()
             raise
@@ -240,21 +246,18 @@ def _model_mode(model: nn.Module, mode: ModeName) -> Iterator[None]:
                 p.grad = grad
 
 
-def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword inputs as fake tensors (call inside the FakeTensorMode)."""
+def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> ModelInputs:
+    """The inputs as fake tensors (call inside the FakeTensorMode); ``input_data`` in any form
+    :meth:`ModelInputs.of` reads."""
     if input_data is None:
-        return workload.make_inputs(batch_size, "cpu"), {}
+        return workload.make_inputs(batch_size, "cpu")
 
     def fake_like(t: Any) -> Any:
         if isinstance(t, torch.Tensor):
             return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
         return t
 
-    if isinstance(input_data, dict):
-        return (), tree_map(fake_like, input_data)
-    if isinstance(input_data, (tuple, list)):
-        return tuple(tree_map(fake_like, list(input_data))), {}
-    return (fake_like(input_data),), {}
+    return ModelInputs.of(input_data).map(fake_like)
 
 
 def _record(
@@ -275,13 +278,13 @@ def _record(
     inputs: list[tuple[tuple[int, ...], torch.dtype]] = []
     try:
         with (
-            _quiet_fake_tensor_logs(),
+            quiet_fake_tensor_logs(),
             _model_mode(model, mode),
             FakeTensorMode(allow_non_fake_inputs=True),
         ):
             state = fake_state(model, "cpu")
-            args, kwargs = _fake_inputs(workload, batch_size, input_data)
-            inputs = [(tuple(t.shape), t.dtype) for t in _leaf_tensors((args, kwargs))]
+            batch = _fake_inputs(workload, batch_size, input_data)
+            inputs = [(tuple(t.shape), t.dtype) for t in batch.tensors()]
             counter = (
                 FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
                 if count_flops
@@ -290,7 +293,7 @@ def _record(
             with recorder, counter:
                 if isinstance(counter, FlopCounterMode):
                     recorder.flops = counter.get_total_flops
-                torch.func.functional_call(model, state, args, kwargs)
+                torch.func.functional_call(model, state, batch.args, batch.kwargs)
     except BatchfitError:
         raise
     except Exception as exc:
@@ -641,6 +644,7 @@ class ModelSummary:
     buffer_bytes: int
     input_bytes: int
     classic: ClassicSummary | None = None
+    num_classes: int | None = None  # the head batchfit built (--num-classes); None: the model's own code chose it
 
     @property
     def non_trainable_params(self) -> int:
@@ -673,7 +677,8 @@ class ModelSummary:
         else:
             param_text = f"{params:,}" if params else "--"
         if not row.called:
-            shape_text = "(not called)"
+            # the modules inside a torch.jit.script module run in TorchScript, which calls no hooks
+            shape_text = "(in TorchScript)" if row.type == "RecursiveScriptModule" else "(not called)"
         else:
             shape_text = ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in row.output_shapes) or "--"
         train_text = (
@@ -716,7 +721,10 @@ class ModelSummary:
 
     def _header_line(self) -> str:
         shapes = ", ".join(f"{_fmt_shape(s)} {d}" for s, d in self.inputs)
-        return f"{self.model}: input {shapes}, batch size {self.batch_size}, {self.mode} mode, depth {self.depth}"
+        classes = f", {self.num_classes:,} classes" if self.num_classes is not None else ""
+        return (
+            f"{self.model}: input {shapes}{classes}, batch size {self.batch_size}, {self.mode} mode, depth {self.depth}"
+        )
 
     def _totals_lines(self) -> list[str]:
         def sized(n: int) -> str:
@@ -759,6 +767,11 @@ class ModelSummary:
     def __str__(self) -> str:
         return self.to_text()
 
+    def _repr_html_(self) -> str:
+        from ._html import fragment, summary_html
+
+        return fragment(summary_html(self))
+
     def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
         from rich.table import Table
         from rich.text import Text
@@ -787,6 +800,7 @@ class ModelSummary:
             "batch_size": self.batch_size,
             "mode": self.mode,
             "inputs": [{"shape": list(s), "dtype": d} for s, d in self.inputs],
+            "num_classes": self.num_classes,
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "non_trainable_params": self.non_trainable_params,
@@ -879,6 +893,7 @@ def summary(
         param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers.values()),
         input_bytes=input_bytes,
+        num_classes=workload.num_classes,
     )
     if style == "classic":
         result.classic = _classic(workload, mode, batch_size, input_data)

@@ -68,7 +68,19 @@ def _init_params(cls: type) -> set[str]:
     return set(inspect.signature(cls).parameters)
 
 
+def _adafactor(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """transformers' Adafactor as its Trainer builds it for ``optim="adafactor"``
+    (transformers/trainer_optimizer.py ``_get_adafactor``: ``scale_parameter=False,
+    relative_step=False``; the Trainer's default learning rate, 5e-5)."""
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError as exc:
+        raise BatchfitError("the adafactor optimizer needs transformers", hint="pip install transformers") from exc
+    return Adafactor(params, lr=5e-5, scale_parameter=False, relative_step=False)  # type: ignore[no-any-return]
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adafactor": OptimizerSpec("adafactor", factory=_adafactor),
     "sgd": OptimizerSpec("sgd", torch.optim.SGD, {"lr": 0.01}),
     "sgd-momentum": OptimizerSpec("sgd-momentum", torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
     "adam": OptimizerSpec("adam", torch.optim.Adam, {"lr": 1e-3}),

@@ -21,15 +21,14 @@ from . import plan as _plan  # noqa: F401
 from . import probe as _probe  # noqa: F401
 from . import show as _show  # noqa: F401
 from . import summary as _summary_cmd  # noqa: F401
-from ._app import app, set_debug
+from . import sweep as _sweep_cmd  # noqa: F401
+from ._app import DEBUG_HELP, app, set_debug
 
 
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show full tracebacks instead of short error messages.")
-    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     set_debug(debug)
     if ctx.invoked_subcommand is None:

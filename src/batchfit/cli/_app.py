@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperOption
 
 from .._errors import BatchfitError, ExitCode
 
@@ -43,7 +44,34 @@ def debug_enabled() -> bool:
 
 
 def set_debug(value: bool) -> None:
+    from .._explain import show_torch_logs
+
     _state["debug"] = value
+    show_torch_logs(value)  # --debug keeps PyTorch's own logs (a failed fake kernel logs its traceback)
+
+
+DEBUG_HELP = "Show full tracebacks (and PyTorch's own logs) instead of short error messages."
+
+
+class _Command(TyperCommand):
+    """A command that takes ``--debug`` after its name too (``batchfit estimate mlp --debug``).
+
+    Every hint says "rerun with --debug", and users put it at the end; the root's ``--debug``
+    (``batchfit --debug estimate ...``) keeps working.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            TyperOption(
+                param_decls=["--debug"],
+                is_flag=True,
+                default=False,
+                expose_value=False,
+                callback=lambda ctx, param, value: set_debug(True) if value else None,
+                help=DEBUG_HELP,
+            )
+        )
 
 
 def handle_errors(fn: F) -> F:
@@ -84,7 +112,7 @@ def command(name: str, **kwargs: Any) -> Callable[[F], F]:
     """``@command("summary")``: register a command with the error policy applied."""
 
     def decorator(fn: F) -> F:
-        app.command(name, **kwargs)(handle_errors(fn))
+        app.command(name, cls=_Command, **kwargs)(handle_errors(fn))
         return fn
 
     return decorator

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Optional
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 
+from .._errors import BatchfitError
 from ..models import Workload, load_workload
 
 if TYPE_CHECKING:
@@ -15,7 +21,8 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         help="A model: mlp, cnn, any torchvision classification model (resnet18, vit_b_16, ...), "
-        "timm:NAME, path/to/file.py:NAME or package.module:NAME.",
+        "timm:NAME, hf:ID_OR_PATH (a Hugging Face config: built-in, a path, or the local cache), "
+        "path/to/file.py:NAME or package.module:NAME.",
         show_default=False,
     ),
 ]
@@ -25,7 +32,7 @@ InputOpt = Annotated[
         "--input",
         "-i",
         help="One sample's shape WITHOUT the batch dimension, e.g. 1,28,28; repeat for several inputs; "
-        "a dtype suffix such as 128:int64 gives integer (zero) inputs.",
+        "a dtype suffix such as 128:int64 gives integer (zero) inputs. Replaces a model file's example_inputs.",
         show_default=False,
     ),
 ]
@@ -40,16 +47,127 @@ DatasetOpt = Annotated[
 ClassesOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--num-classes", help="Number of output classes (default: the dataset's, else 10; 1000 for torchvision models)."
+        "--num-classes",
+        help="Size of the classifier head (default: the dataset's, else the model's own: 1000 for torchvision, "
+        "timm's pretrained cfg for timm:NAME, 10 for mlp/cnn); passed as num_classes= to your own model.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
+@dataclass(frozen=True)
+class ModelExtras:
+    """The options that reshape a model: Hugging Face ones (``hf:`` models) and LoRA (any model)."""
+
+    seq_len: int | None = None
+    task: str | None = None
+    attn: str | None = None
+    gradient_checkpointing: bool = False
+    lora: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_targets: str | None = None
+
+    def lora_spec(self) -> Any:
+        from ..lora import LoraSpec
+
+        given = {
+            "--lora-alpha": self.lora_alpha,
+            "--lora-dropout": self.lora_dropout,
+            "--lora-targets": self.lora_targets,
+        }
+        if self.lora is None:
+            extra = [flag for flag, value in given.items() if value is not None]
+            if extra:
+                raise BatchfitError(f"{', '.join(extra)} need --lora R", hint="e.g. --lora 16")
+            return None
+        return LoraSpec.parse(self.lora, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+
+_EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "seq_len": (
+        Optional[int],  # noqa: UP045
+        typer.Option("--seq-len", help="hf: models: tokens per sample (the batch size counts sequences). Default 512."),
+    ),
+    "task": (
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--task", help="hf: models: causal-lm, masked-lm or seq-cls (default: the config's architecture)."
+        ),
+    ),
+    "attn": (
+        Optional[str],  # noqa: UP045
+        typer.Option("--attn", help="hf: models: eager, sdpa or flash_attention_2 (default: transformers' choice)."),
+    ),
+    "gradient_checkpointing": (
+        bool,
+        typer.Option("--gradient-checkpointing", help="hf: models: the model's own gradient checkpointing."),
+    ),
+    "lora": (
+        Optional[int],  # noqa: UP045
+        typer.Option("--lora", help="Add LoRA adapters of this rank (peft); the base is frozen.", show_default=False),
+    ),
+    "lora_alpha": (Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (peft's default: 8).")),  # noqa: UP045
+    "lora_dropout": (Optional[float], typer.Option("--lora-dropout", help="LoRA dropout (peft's default: 0).")),  # noqa: UP045
+    "lora_targets": (
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--lora-targets", help="all-linear (default), or module names separated by commas, e.g. q_proj,v_proj."
+        ),
+    ),
+}
+NO_EXTRAS = _DEFAULTS = ModelExtras()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def model_options(fn: F) -> F:
+    """Give a command the options of :class:`ModelExtras`; it receives them as ``extras``.
+
+    One definition for every command that builds a model, instead of eight parameters each.
+    """
+    signature = inspect.signature(fn)
+    # evaluated annotations: typer reads the options (Annotated metadata) from the signature
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "extras"]
+    added = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=getattr(_DEFAULTS, name), annotation=Annotated[kind, option]
+        )
+        for name, (kind, option) in _EXTRA_OPTIONS.items()
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        extras = ModelExtras(**{name: kwargs.pop(name, getattr(_DEFAULTS, name)) for name in _EXTRA_OPTIONS})
+        return fn(*args, **kwargs, extras=extras)
+
+    wrapper.__signature__ = signature.replace(parameters=[*params, *added])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*params, *added]}
+    return wrapper  # type: ignore[return-value]
+
+
 def workload_from_options(
-    model: str, inputs: list[str] | None, dataset: str | None, num_classes: int | None
+    model: str,
+    inputs: list[str] | None,
+    dataset: str | None,
+    num_classes: int | None,
+    extras: ModelExtras | None = None,
 ) -> Workload:
-    return load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    extras = extras or _DEFAULTS
+    if model.startswith("hf:"):
+        _quiet_transformers()
+    return load_workload(
+        model,
+        inputs or None,
+        dataset=dataset,
+        num_classes=num_classes,
+        seq_len=extras.seq_len,
+        task=extras.task,
+        attn=extras.attn,
+        gradient_checkpointing=extras.gradient_checkpointing,
+        lora=extras.lora_spec(),
+    )
 
 
 def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
@@ -77,7 +195,7 @@ OptimizerOpt = Annotated[
     typer.Option(
         "--optimizer",
         "-o",
-        help='sgd, sgd-momentum, adam, adamw, rmsprop, adagrad, or any torch.optim class with keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)".',
+        help='sgd, sgd-momentum, adam, adamw, rmsprop, adagrad, adafactor (transformers, as its Trainer sets it), or any torch.optim class with keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)".',
     ),
 ]
 PrecisionOpt = Annotated[
@@ -170,3 +288,16 @@ def budget_from_options(gpu: str | None, memory: str | None, free: bool) -> Budg
     from ..gpus import resolve_card
 
     return resolve_card(gpu, memory, free)
+
+
+def _quiet_transformers() -> None:
+    """On the command line, transformers' deprecation warnings and info logs are noise around the answer."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\b")
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+

@@ -13,6 +13,7 @@ from .._units import format_bytes
 from ..estimate import EstimateReport, Estimator, make_spec
 from ._app import command
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     BatchSizesOpt,
     ClassesOpt,
@@ -28,16 +29,20 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     ModeOpt,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
     parse_int_list,
     workload_from_options,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
 
 @command("estimate")
+@model_options
 def estimate_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -63,9 +68,13 @@ def estimate_cmd(
     ] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: include the event timeline.")] = False,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
-    workload = workload_from_options(model, inputs, dataset, num_classes)
+    check_paths(snapshot_path, report_path, device)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     spec = make_spec(
         device,
         optimizer,
@@ -86,8 +95,11 @@ def estimate_cmd(
         if comparison is not None:
             out["measured"] = comparison[1]
         print(json.dumps(out, indent=2))
-        return
-    show(report, *([comparison[0]] if comparison else []))
+    else:
+        show(report, *([comparison[0]] if comparison else []))
+    # the files after the answer: a file that cannot be made does not hide the answer
+    write_snapshots(snapshot_path, report.results)
+    write_report(report_path, report, workload=workload, budget=est.budget)
 
 
 def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]:  # type: ignore[no-untyped-def]
@@ -112,6 +124,7 @@ def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]
 
 
 @command("measure")
+@model_options
 def measure_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -131,6 +144,7 @@ def measure_cmd(
     eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
     as_json: JsonOpt = False,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Run the reference step for real on this machine's device and measure its peak memory."""
     import torch
@@ -144,7 +158,7 @@ def measure_cmd(
             hint="use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run",
             exit_code=ExitCode.NO_DEVICE,
         )
-    workload = workload_from_options(model, inputs, dataset, num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     spec = make_spec(
         dev, optimizer, precision, loss, step, mode, loop=loop, last_batch=last_batch, eval_batch_size=eval_batch_size
     )

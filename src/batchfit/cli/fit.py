@@ -8,9 +8,9 @@ import typer
 
 from .._render import show
 from ..fit import fit
-from ..models import load_workload
 from ._app import command, err_console
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     ClassesOpt,
     DatasetOpt,
@@ -24,10 +24,14 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
+    workload_from_options,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
 SafetyOpt = Annotated[
     float, typer.Option("--safety", help="Use this fraction of the largest batch that fits (the seed's rule: 0.8).")
@@ -35,6 +39,7 @@ SafetyOpt = Annotated[
 
 
 @command("fit")
+@model_options
 def fit_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -53,12 +58,17 @@ def fit_cmd(
     eval_batch_size: EvalBatchOpt = None,
     alloc_conf: AllocConfOpt = None,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Find the largest batch size whose training step fits the GPU, and recommend safety x that.
 
     Exit code 4 when even batch size 1 does not fit (the message says what would help).
+    --snapshot writes the step at the recommended batch size.
     """
-    workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    check_paths(snapshot_path, report_path)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     with err_console.status("estimating...") as status:
         result = fit(
             workload,
@@ -78,5 +88,8 @@ def fit_cmd(
         )
     if as_json:
         print(result.to_json())
-        return
-    show(result)
+    else:
+        show(result)
+    if result.estimate_at_recommended is not None:
+        write_snapshots(snapshot_path, [result.estimate_at_recommended])
+    write_report(report_path, result)

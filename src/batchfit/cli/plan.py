@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from .._render import show
-from ..models import load_workload
 from ..plan import check_plot_path, plan
 from ._app import command, err_console
 from ._common import (
+    NO_EXTRAS,
     AllocConfOpt,
     ClassesOpt,
     DatasetOpt,
@@ -22,10 +22,14 @@ from ._common import (
     LossOpt,
     MemoryOpt,
     ModelArg,
+    ModelExtras,
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    model_options,
+    workload_from_options,
 )
+from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 from .fit import SafetyOpt
 
 PlotOpt = Annotated[
@@ -39,6 +43,7 @@ PlotOpt = Annotated[
 
 
 @command("plan")
+@model_options
 def plan_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -55,15 +60,20 @@ def plan_cmd(
     alloc_conf: AllocConfOpt = None,
     plot: PlotOpt = None,
     as_json: JsonOpt = False,
+    snapshot_path: SnapshotOpt = None,
+    report_path: ReportOpt = None,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """The one-screen answer: model totals, the largest and the recommended batch size, the memory
     breakdown, a table at standard batch sizes, and (with --plot) a plot of memory by batch size.
 
     Exit code 4 when even batch size 1 does not fit (the message says what would help).
+    --snapshot writes the step at the recommended batch size.
     """
+    check_paths(snapshot_path, report_path)
     if plot is not None:
         check_plot_path(plot)  # before minutes of work, not after
-    workload = load_workload(model, inputs or None, dataset=dataset, num_classes=num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     with err_console.status("planning...") as status:
         result = plan(
             workload,
@@ -85,5 +95,8 @@ def plan_cmd(
         print(result.to_json())
     else:
         show(result)
+    if result.fit.estimate_at_recommended is not None:
+        write_snapshots(snapshot_path, [result.fit.estimate_at_recommended])
+    write_report(report_path, result)
     if plot is not None:
         err_console.print(f"plot written to {written}", soft_wrap=True)

@@ -10,10 +10,21 @@ from rich.console import Console
 
 from ..summary import check_options, summary
 from ._app import command, is_terminal
-from ._common import ClassesOpt, DatasetOpt, InputOpt, JsonOpt, ModelArg, workload_from_options
+from ._common import (
+    NO_EXTRAS,
+    ClassesOpt,
+    DatasetOpt,
+    InputOpt,
+    JsonOpt,
+    ModelArg,
+    ModelExtras,
+    model_options,
+    workload_from_options,
+)
 
 
 @command("summary")
+@model_options
 def summary_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -46,10 +57,11 @@ def summary_cmd(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Layers, output shapes, parameters and multiply-adds of MODEL (no GPU, no memory: fake tensors)."""
     check_options(style, mode, depth, batch_size)  # before building a model that may take seconds
-    workload = workload_from_options(model, inputs, dataset, num_classes)
+    workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     result = summary(
         workload,
         batch_size=batch_size,

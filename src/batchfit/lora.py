@@ -1,0 +1,81 @@
+"""LoRA adapters through the real peft library: a frozen base and small trainable matrices.
+
+peft's ``get_peft_model`` runs on the meta-device model as on a real one, so the adapters, the
+frozen base (no gradients, no optimizer state) and the forward's extra activations are exactly
+those of a real run.
+
+>>> spec = LoraSpec.parse(16)
+>>> spec.r, spec.alpha, spec.dropout, spec.targets
+(16, 8.0, 0.0, 'all-linear')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ._errors import BatchfitError
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """``--lora R --lora-alpha A --lora-dropout P --lora-targets all-linear|name,name``.
+
+    The defaults are peft's own (``peft.LoraConfig``: ``lora_alpha=8``, ``lora_dropout=0.0``).
+    """
+
+    r: int
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "all-linear"
+
+    @classmethod
+    def parse(
+        cls,
+        r: int | LoraSpec,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        targets: str | tuple[str, ...] | list[str] | None = None,
+    ) -> LoraSpec:
+        if isinstance(r, LoraSpec):
+            return r
+        if r < 1:
+            raise BatchfitError(f"LoRA rank must be at least 1, got {r}", hint="e.g. --lora 16")
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            raise BatchfitError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        elif isinstance(targets, list):
+            targets = tuple(targets)
+        return cls(
+            r,
+            cls.alpha if alpha is None else float(alpha),
+            cls.dropout if dropout is None else float(dropout),
+            cls.targets if targets is None else targets,
+        )
+
+    def __str__(self) -> str:
+        targets = self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+        return f"LoRA r={self.r} alpha={self.alpha:g} dropout={self.dropout:g} targets={targets}"
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """``peft.get_peft_model(model, LoraConfig(...))`` on ``model`` (built on meta; it is wrapped, not copied)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise BatchfitError("--lora needs the peft package, which is not installed", hint="pip install peft") from exc
+    # "all-linear": peft's own rule, every Linear/Conv1D but a transformers model's output layer
+    # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
+    targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    try:
+        return get_peft_model(model, config)  # type: ignore[no-any-return]
+    except ValueError as exc:
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise BatchfitError(
+            f"peft could not add LoRA adapters: {exc}",
+            hint=f"name target modules with --lora-targets (this model's Linear layers: {', '.join(names[:12])})",
+        ) from exc
