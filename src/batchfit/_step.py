@@ -29,7 +29,18 @@ import torch
 from torch import nn
 
 from .models import ModelInputs
-from .training import LossSpec, OptimizerSpec, Precision, StepFn, logits_of, output_is_loss
+from .training import (
+    AUTO_LOSS,
+    LOSSES,
+    LossChoice,
+    LossSpec,
+    OptimizerSpec,
+    Precision,
+    StepFn,
+    choose_loss,
+    first_tensor,
+    output_is_loss,
+)
 
 if TYPE_CHECKING:
     from .models import Workload
@@ -46,6 +57,7 @@ class StepSpec:
     mode: str = "train"  # or "inference"
     step: StepFn | None = None
     iterations: int = 2
+    threads: int | None = None  # CPU: torch's intra-op threads for the step (kernel scratch depends on it)
     loop: str = "pytorch"  # a key of LOOPS
     # a training run's tail after the steady iterations (see tail_sizes): the epoch's last batch
     # (a size, or "auto": the dataset's size modulo the batch size) and an evaluation pass
@@ -92,6 +104,24 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(threads)`` and give the previous count back (None: as it is).
+
+    CPU kernels size their scratch by the thread count (oneDNN's convolutions keep a buffer per
+    thread), so a CPU step is simulated and measured at the count the user's run will have.
+    """
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
     """Set train/eval for the step and give every submodule its own mode back afterwards."""
     modes = [(m, m.training) for m in model.modules()]
@@ -120,11 +150,20 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def output_logits(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> torch.Tensor | None:
-    """The tensor labels are shaped after (None when the model returns its loss), from a no-grad forward."""
+def label_choice(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> LossChoice:
+    """The loss the step will use, from a no-grad forward (labels are made from it before the window).
+
+    A user's ``--step`` computes its own loss: its labels follow the output's first tensor.
+    """
     with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
         out = inputs.call(model)
-    return None if output_is_loss(out) is not None else logits_of(out).detach()
+    if spec.step is None:
+        return choose_loss(out, spec.loss)
+    if output_is_loss(out) is not None:
+        return LossChoice("computed by your --step")
+    target, _ = first_tensor(out)
+    labels_like = LOSSES["token-cross-entropy"] if spec.loss is AUTO_LOSS else spec.loss
+    return LossChoice("computed by your --step", labels_like, target)
 
 
 @dataclass
@@ -143,20 +182,26 @@ LabelsLike = tuple[tuple[int, ...], torch.dtype, torch.device]
 
 
 def batch_inputs(
-    workload: Workload, batch_size: int, device: torch.device | str, param_dtype: torch.dtype | None
+    workload: Workload,
+    batch_size: int,
+    device: torch.device | str,
+    param_dtype: torch.dtype | None,
+    *,
+    values: bool = False,
 ) -> ModelInputs:
-    """The workload's inputs at ``batch_size``, floating ones in the parameters' dtype (pure bf16/fp16)."""
-    inputs = workload.make_inputs(batch_size, device)
+    """The workload's inputs at ``batch_size``, floating ones in the parameters' dtype (pure bf16/fp16);
+    ``values``: the example inputs' own values (a real run), see ``Workload.make_inputs``."""
+    inputs = workload.make_inputs(batch_size, device, values=values)
     return inputs.floating_to(param_dtype) if param_dtype is not None else inputs
 
 
 def batch_maker(
-    workload: Workload, device: torch.device | str, param_dtype: torch.dtype | None
+    workload: Workload, device: torch.device | str, param_dtype: torch.dtype | None, *, values: bool = False
 ) -> Callable[[int, LabelsLike | None], Batch]:
     """``new_batch(size, labels_like)`` for :func:`run_step`: inputs, and zero labels shaped like the first ones."""
 
     def make(size: int, like: LabelsLike | None) -> Batch:
-        inputs = batch_inputs(workload, size, device, param_dtype)
+        inputs = batch_inputs(workload, size, device, param_dtype, values=values)
         labels = None
         if like is not None:
             shape, dtype, on = like
@@ -214,7 +259,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     batch: Batch | None
     backward_fn: Callable[[torch.Tensor], None]
-    make_labels: Callable[[torch.Tensor], Any] | None
+    make_labels: Callable[[LossChoice], Any] | None
     new_batch: Callable[[int, LabelsLike | None], Batch] | None
     scaler: Scaler | None
     on_phase: Callable[[str, int], None]
@@ -222,6 +267,7 @@ class _Run:
     window_only: bool
     state: dict[str, Any]  # what a loop keeps across epochs (the Trainer's running loss)
     labels_like: LabelsLike | None = None
+    described: str | None = None  # which loss ran, in words
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.spec.device, self.spec.precision.autocast_dtype)
@@ -232,15 +278,14 @@ class _Run:
 
     def criterion(self, outputs: Any) -> torch.Tensor:
         """The model's own loss, else ``loss_fn(outputs, labels)`` (labels made on first use)."""
-        loss = output_is_loss(outputs)
-        if loss is not None:
-            return loss
         assert self.batch is not None
-        if self.batch.labels is None and self.make_labels is not None:
-            logits = logits_of(outputs)
-            self.batch.labels = self.make_labels(logits)
-            del logits
-        return self.spec.loss.fn(outputs, self.batch.labels)
+        choice = choose_loss(outputs, self.spec.loss)
+        if self.batch.labels is None and self.make_labels is not None and choice.target is not None:
+            self.batch.labels = self.make_labels(choice)
+        self.described = choice.description
+        loss = choice.loss(outputs, self.batch.labels)
+        del choice  # the choice holds the logits: they go when the output goes
+        return loss
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, or ``scaler.scale(loss).backward()`` (the scaled loss dies after it)."""
@@ -465,23 +510,24 @@ def run_step(
     optimizer: torch.optim.Optimizer | None,
     *,
     backward: Callable[[torch.Tensor], None],
-    make_labels: Callable[[torch.Tensor], Any] | None = None,
+    make_labels: Callable[[LossChoice], Any] | None = None,
     new_batch: Callable[[int, LabelsLike | None], Batch] | None = None,
     tail: Tail | None = None,
     scaler: Scaler | None = None,
     on_phase: Callable[[str, int], None] = lambda phase, iteration: None,
     after_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
     window_only: bool = False,
-) -> None:
-    """Run the reference loop's window on ``batch`` (which the loop owns from here on).
+) -> str | None:
+    """Run the reference loop's window on ``batch`` (which the loop owns from here on); returns
+    which loss ran, in words (None in inference).
 
-    Labels missing from ``batch`` are made on first use by ``make_labels(logits)`` (which must
+    Labels missing from ``batch`` are made on first use by ``make_labels(choice)`` (which must
     file them as existing before the window). ``window_only``: stop after the first iteration's
     backward. ``tail`` (from :func:`tail_sizes`), when it holds a size: after the steady
     iterations, the epoch's last batch, an evaluation pass of two batches under ``no_grad`` in eval
     mode (``test()`` in the same tutorial), and the next epoch's first step; ``new_batch`` (from
-    :func:`batch_maker`) makes their batches. ``on_phase(phase, iteration)`` is called as each phase begins, and with ``"end"``
-    as the step ends.
+    :func:`batch_maker`) makes their batches. ``on_phase(phase, iteration)`` is called as each
+    phase begins, and with ``"end"`` as the step ends.
     """
     if spec.mode == "inference":
         on_phase("forward", 1)
@@ -489,17 +535,19 @@ def run_step(
             out = batch.inputs.call(model)
         del out
         on_phase("end", 1)
-        return
+        return None
     assert optimizer is not None
     r = _Run(
         model, spec, optimizer, batch, backward, make_labels, new_batch, scaler, on_phase, after_step, window_only, {}
     )
     del batch
+    if spec.step is not None:
+        r.described = "computed by your --step"
     loop = LOOPS[spec.loop].run
     steady: _Plan = [(it, None) for it in range(1, spec.iterations + 1)]
     if window_only or not tail:
         loop(r, steady, True)
-        return
+        return r.described
     assert tail is not None
     # the epoch: steady steps, then its last batch; each pass is a call, so its variables die with it
     n = spec.iterations
@@ -508,6 +556,7 @@ def run_step(
     if tail.eval_batch_size is not None:
         _evaluate(r, [(n + 2, tail.eval_batch_size), (n + 3, tail.eval_batch_size)])
     loop(r, [(n + 4, tail.batch_size)], True)  # the next epoch's first step, on what the tail left behind
+    return r.described
 
 
 def _evaluate(r: _Run, plan: _Plan) -> None:

@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 from ._cpu_scalars import cast_bytes, saved_for_backward, wrapped_numbers
 from ._cpu_scratch import ScratchMeter, is_scratch_op
 from ._cuda_kernels import cuda_kernel_choices
+from ._cuda_scratch import KernelCall, describe, kernel_scratch
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
@@ -47,14 +53,17 @@ from ._step import (
     StepSpec,
     batch_inputs,
     batch_maker,
-    output_logits,
+    cpu_threads,
+    label_choice,
     run_step,
     state_tensors,
     tail_sizes,
     train_mode,
     unique_trainable,
 )
+from ._values import Values, real_tensor_paths
 from .models import Workload, fake_state
+from .training import LossChoice
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
 _CUBLAS_OPS = frozenset(
@@ -100,6 +109,11 @@ class Trace:
     # closes the step (what follows is the teardown's frees)
     marks: list[tuple[str, int, int]] = field(default_factory=list)
     window_only: bool = False  # only the first iteration's forward and backward were run
+    # CUDA kernels' own buffers, one entry per op call (_cuda_scratch), so that fit can size them
+    # at another batch size; and the card's compute capability the rules were run for
+    kernel_calls: list[KernelCall] = field(default_factory=list)
+    compute_capability: tuple[int, int] | None = None
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
         """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
@@ -130,9 +144,13 @@ class _Recorder(TorchDispatchMode):
             first = args[0]
             if func is _PRIM_DEVICE and not first.fake_mode.in_kernel_invocation:
                 return first.fake_device
-            if func is _ITEM and first.constant is not None:
-                with no_dispatch():
-                    return first.constant.item()
+            if func is _ITEM:
+                if first.constant is not None:
+                    with no_dispatch():
+                        return first.constant.item()
+                value = self.tracer.values.item(first)
+                if value is not None:
+                    return value
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
@@ -140,7 +158,13 @@ class _Recorder(TorchDispatchMode):
         held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
         if out is None:
-            out = func(*args, **kwargs)
+            try:
+                out = func(*args, **kwargs)
+            except (DataDependentOutputException, DynamicOutputShapeException):
+                out = tracer.values.answer(func, args, kwargs)  # computed for real from known values
+                if out is None:
+                    raise
+        tracer.values.follow(func, args, kwargs, out)
         if isinstance(out, torch.Tensor):
             tracer.track(out)
         else:
@@ -151,6 +175,7 @@ class _Recorder(TorchDispatchMode):
             tracer.release(held)
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
+            tracer.kernel_scratch(func, args, kwargs)
         if tracer.scratch is not None and is_scratch_op(func):
             extra, extrapolated = tracer.scratch.measure(func, args, kwargs, out)
             for fake, nbytes in tracer.scratch.resized:
@@ -182,8 +207,11 @@ class _Tracer:
         self.device_type = "cpu"
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
+        self.compute_capability: tuple[int, int] = (8, 0)  # the card's, for kernel choices (_cuda_scratch)
+        self.kernel_calls: list[KernelCall] = []
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
+        self.values = Values(self.track)  # real values of the batch's ids and masks, for models that read them
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
         self.saved_scalars: dict[int, _Storage] = {}  # CPU: wrapped numbers autograd keeps, by node sequence number
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
@@ -268,6 +296,26 @@ class _Tracer:
             )
             self.raw.append(("alloc", rec))
             self.raw.append(("free", rec))
+
+    def kernel_scratch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Buffers the op's CUDA kernel takes through the caching allocator and frees before it
+        returns (``_cuda_scratch``): born and dead after the op's outputs, in the kernel's order."""
+        program = kernel_scratch(func, args, kwargs, self.compute_capability)
+        if not program:
+            return
+        held: dict[str, _Storage] = {}
+        sids = []
+        for step in program:
+            if step[0] == "alloc":
+                rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], "workspaces", self.iteration)
+                held[step[1]] = rec
+                sids.append(rec.sid)
+                self.raw.append(("alloc", rec))
+            else:
+                self.raw.append(("free", held.pop(step[1])))
+        for rec in reversed(held.values()):
+            self.raw.append(("free", rec))
+        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
 
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """The real kernel makes this output another size than the meta kernel says (its birth record is fixed)."""
@@ -949,20 +997,28 @@ def trace_step(
     *,
     cuda_workspaces: tuple[int, int] | None = None,
     window_only: bool = False,
+    compute_capability: tuple[int, int] | None = None,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
 
     ``cuda_workspaces`` = (cuBLAS workspace per handle, cuDNN workspace per convolution call) in
-    bytes adds the library workspaces a CUDA run takes through the caching allocator.
+    bytes adds the library workspaces a CUDA run takes through the caching allocator, and the
+    buffers CUDA kernels take inside an op (``_cuda_scratch``; ``compute_capability`` picks the
+    kernels, sm80 when not given).
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
-    with frozen_heap(), quiet_fake_tensor_logs():
-        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only)
+    with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
+        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability)
 
 
 def _trace_step(
-    workload: Workload, batch_size: int, spec: StepSpec, cuda_workspaces: tuple[int, int] | None, window_only: bool
+    workload: Workload,
+    batch_size: int,
+    spec: StepSpec,
+    cuda_workspaces: tuple[int, int] | None,
+    window_only: bool,
+    compute_capability: tuple[int, int] | None = None,
 ) -> Trace:
     if window_only and (spec.mode != "train" or spec.step is not None):
         raise ValueError("window_only traces need the reference training step (no custom step)")
@@ -973,13 +1029,14 @@ def _trace_step(
     tracer.device_type = device.type
     if device.type == "cuda":
         tracer.cuda_workspaces = cuda_workspaces
+        tracer.compute_capability = compute_capability or tracer.compute_capability
     param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     setup_end = 0
 
-    def make_labels(logits: torch.Tensor) -> Any:
+    def make_labels(choice: LossChoice) -> Any:
         nonlocal setup_end
-        labels, setup_end = _file_under_setup(tracer, lambda: spec.loss.make_labels(logits.detach()), setup_end)
+        labels, setup_end = _file_under_setup(tracer, choice.labels, setup_end)
         return labels
 
     def on_phase(phase: str, iteration: int) -> None:
@@ -992,6 +1049,7 @@ def _trace_step(
             stack.enter_context(warnings.catch_warnings())
             # nn.RNNBase asks its (fake) weights for data pointers; harmless here
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+            stack.enter_context(real_tensor_paths())
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_Recorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
@@ -1018,10 +1076,10 @@ def _trace_step(
                 del params
             labels = None
             if spec.step is not None:
-                logits = output_logits(model, inputs, spec)  # not recorded: tracked storages only
-                if logits is not None:
-                    labels = make_labels(logits)
-                del logits
+                choice = label_choice(model, inputs, spec)  # not recorded: tracked storages only
+                if choice.target is not None:
+                    labels = make_labels(choice)
+                del choice
             setup_end = len(tracer.raw)
             stack.enter_context(_module_hooks(tracer))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
@@ -1045,7 +1103,7 @@ def _trace_step(
                 return made
 
             dataset_size = workload.dataset.train_size if workload.dataset is not None else None
-            run_step(
+            loss = run_step(
                 model,
                 batch,
                 spec,
@@ -1069,6 +1127,13 @@ def _trace_step(
             + ", ".join(sorted(set(tracer.scratch.skipped)))
             + " (its forward's workspace was not measured)"
         )
+    if tracer.values.answered:
+        tracer.notes.append(
+            "values read by the model ("
+            + ", ".join(tracer.values.answered)
+            + ") computed for real on the CPU from the batch's integer inputs and constants"
+            " (memory is counted on the fake tensors as for every op)"
+        )
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     return Trace(
@@ -1081,6 +1146,9 @@ def _trace_step(
         types,
         list(tracer.marks),
         window_only,
+        tracer.kernel_calls,
+        tracer.compute_capability if tracer.cuda_workspaces is not None else None,
+        loss,
     )
 
 
@@ -1105,11 +1173,7 @@ def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, 
 
 def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Tracer) -> BatchfitError:
     """Turn a failure inside the model into a message that names the layer and the fix."""
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        UnsupportedOperatorException,
-    )
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     fake_limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)

@@ -71,6 +71,8 @@ class StepEstimate:
     oom: bool = False  # the replay on the card ran out of memory
     # where each phase of each iteration begins in ``events``, and the step's end (Trace.marks)
     marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
+    threads: int | None = None  # CPU: torch's intra-op threads simulated (kernel scratch depends on it)
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     @property
     def peak_where(self) -> str:
@@ -104,8 +106,11 @@ class StepEstimate:
             "breakdown": dict(self.breakdown),
             "activation_bytes_by_module": dict(self.activation_bytes_by_module),
             "method": self.method,
+            "loss": self.loss,
             "notes": list(self.notes),
         }
+        if self.device == "cpu":
+            out["threads"] = self.threads
         if self.device == "cuda":
             out["card"] = self.card
             out["peak_reserved_bytes"] = self.peak_reserved_bytes
@@ -170,7 +175,7 @@ class EstimateReport(Sequence[StepEstimate]):
 
     def to_dict(self, *, events: bool = False) -> dict[str, Any]:
         first = self.results[0] if self.results else None
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "model": first.model if first else None,
             "device": first.device if first else None,
@@ -181,6 +186,9 @@ class EstimateReport(Sequence[StepEstimate]):
             "budget": self.budget_description,
             "results": [r.to_dict(events=events) for r in self.results],
         }
+        if first is not None and first.device == "cpu":
+            out["threads"] = first.threads
+        return out
 
     def to_json(self, *, events: bool = False) -> str:
         return json.dumps(self.to_dict(events=events), indent=2)
@@ -210,7 +218,7 @@ class EstimateReport(Sequence[StepEstimate]):
                 ]
             rows.append(row)
         where = "; ".join(f"batch {r.batch_size:,}: {r.peak_where}" for r in self.results)
-        device = f"CUDA, simulating {first.card}" if cuda else "CPU (host memory)"
+        device = f"CUDA, simulating {first.card}" if cuda else f"CPU (host memory, {threads_text(first.threads)})"
         title = (
             f"{first.model}: one training step ({first.mode}), {first.optimizer}, {first.precision}, {device} "
             f"- MiB (1 MiB = 1024^2 bytes), breakdown at the peak"
@@ -218,6 +226,7 @@ class EstimateReport(Sequence[StepEstimate]):
             else f"{first.model}: one forward under no_grad, {first.precision}, {device} - MiB (1024^2 bytes)"
         )
         footer = [f"peak: {where}"]
+        footer += [f"loss: {text}" for text in dict.fromkeys(r.loss for r in self.results) if text]
         if cuda and self.budget_description:
             footer.append(f"card: {self.budget_description}")
         notes = sorted({n for r in self.results for n in r.notes})
@@ -251,7 +260,9 @@ class EstimateReport(Sequence[StepEstimate]):
 
         return tables_fragment(self.tables())
 
-    def save_report(self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None) -> Path:
+    def save_report(
+        self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None
+    ) -> Path:
         """Write a self-contained HTML report (FILE.html); ``summary`` adds the model's layer tree."""
         from ._html import write_report
 
@@ -274,6 +285,11 @@ def short_category(category: str) -> str:
     return _SHORT.get(category, category)
 
 
+def threads_text(n: int | None) -> str:
+    """``2 threads`` (beside CPU results)."""
+    return "threads unknown" if n is None else f"{n} thread{'s' if n != 1 else ''}"
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -284,6 +300,7 @@ def make_spec(
     loss: str | LossSpec | Callable[..., Any] | None = None,
     step: Any = None,
     mode: str = "train",
+    threads: int | None = None,
     *,
     loop: str = "pytorch",
     last_batch: int | str | None = None,
@@ -291,12 +308,18 @@ def make_spec(
 ) -> StepSpec:
     """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
 
+    ``threads``: CPU only, torch's intra-op thread count of the run (default: this process's,
+    ``torch.get_num_threads()``); CPU kernels' scratch depends on it.
     ``loop``: pytorch (the default), hf-trainer or lightning (see ``batchfit._step.LOOPS``).
     ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
     ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
     """
     if device not in DEVICES:
         raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
+    if threads is not None and device != "cpu":
+        raise BatchfitError("--threads applies to --device cpu", hint="drop it, or use --device cpu")
+    if threads is not None and threads < 1:
+        raise BatchfitError(f"--threads must be at least 1, got {threads}", hint="e.g. --threads 4")
     if mode not in ("train", "inference"):
         raise BatchfitError(f"unknown mode {mode!r}", hint="use --mode train or --mode inference")
     prec = parse_precision(precision)
@@ -321,7 +344,7 @@ def make_spec(
     for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
         if isinstance(value, int) and value < 1:
             raise BatchfitError(f"{name} must be at least 1, got {value}", hint="e.g. 32")
-    return StepSpec(
+    spec = StepSpec(
         device,
         opt,
         prec,
@@ -332,6 +355,9 @@ def make_spec(
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
     )
+    if device == "cpu":
+        spec.threads = threads or torch.get_num_threads()
+    return spec
 
 
 def estimate_trace(
@@ -350,6 +376,8 @@ def estimate_trace(
         module_types=trace.module_types,
         events=events,
         notes=list(trace.notes),
+        threads=spec.threads,
+        loss=trace.loss,
         marks=list(trace.marks),
     )
     if spec.device == "cpu":
@@ -416,16 +444,18 @@ def raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
     return peak, at, snap
 
 
-def _resolve_budget(spec: StepSpec, gpu: str | None, memory: str | int | None, free: bool) -> Budget | None:
+def _resolve_budget(
+    spec: StepSpec, gpu: str | None, memory: str | int | None, free: bool, context: str | int | None = None
+) -> Budget | None:
     if spec.device != "cuda":
-        if gpu or memory or free:
+        if gpu or memory or free or context is not None:
             raise BatchfitError(
-                "--gpu, --memory and --free apply to --device cuda", hint="drop them, or use --device cuda"
+                "--gpu, --memory, --free and --context apply to --device cuda", hint="drop them, or use --device cuda"
             )
         return None
     from .gpus import resolve_card
 
-    return resolve_card(gpu, memory, free)
+    return resolve_card(gpu, memory, free, context=context)
 
 
 def _alloc_config(alloc_conf: str | None) -> AllocatorConfig:
@@ -446,6 +476,7 @@ class Estimator:
         memory: str | int | None = None,
         free: bool = False,
         alloc_conf: str | None = None,
+        context_bytes: str | int | None = None,
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
@@ -453,15 +484,21 @@ class Estimator:
             )
         self.workload = workload
         self.spec = spec
-        self.budget = _resolve_budget(spec, gpu, memory, free)
+        self.budget = _resolve_budget(spec, gpu, memory, free, context_bytes)
         self.alloc_config = _alloc_config(alloc_conf) if spec.device == "cuda" else None
         card = self.budget.card if self.budget is not None else None
         self.cuda_workspaces = (card.cublas_workspace_bytes, card.conv_workspace_bytes) if card is not None else None
+        self.compute_capability = card.compute_capability if card is not None else None
         self._cache: dict[int, StepEstimate] = {}
 
     def trace(self, batch_size: int, *, window_only: bool = False) -> Trace:
         return trace_step(
-            self.workload, batch_size, self.spec, cuda_workspaces=self.cuda_workspaces, window_only=window_only
+            self.workload,
+            batch_size,
+            self.spec,
+            cuda_workspaces=self.cuda_workspaces,
+            window_only=window_only,
+            compute_capability=self.compute_capability,
         )
 
     def at(self, batch_size: int) -> StepEstimate:
@@ -512,6 +549,8 @@ class Estimator:
             total_bytes=card.total_bytes(reserved) if card and reserved is not None else None,
             budget_bytes=self.budget.budget_bytes if self.budget else None,
             method="extrapolated",
+            threads=m1.threads,
+            loss=m1.loss,
         )
 
 
@@ -532,6 +571,8 @@ def estimate(
     memory: str | int | None = None,
     free: bool = False,
     alloc_conf: str | None = None,
+    context_bytes: str | int | None = None,
+    threads: int | None = None,
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
@@ -541,9 +582,12 @@ def estimate(
     ``model``: a registry name or an ``nn.Module`` (never modified); ``input_size``: one sample's
     shape without the batch dimension. ``batch_size`` an int gives a :class:`StepEstimate`, a list
     an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
-    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run. ``loop``: the
-    training loop (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and
-    ``eval_batch_size`` add a training run's tail (docs/estimate.md).
+    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run with ``threads``
+    intra-op threads (default ``torch.get_num_threads()``). ``context_bytes`` (bytes, or a size
+    such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA context,
+    libraries' modules and handles; ``--context`` on the command line). ``loop``: the training loop
+    (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and ``eval_batch_size``
+    add a training run's tail (docs/estimate.md).
     """
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(
@@ -553,11 +597,14 @@ def estimate(
         loss,
         step,
         mode,
+        threads,
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
     )
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    est = Estimator(
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+    )
     if isinstance(batch_size, int):
         return est.at(batch_size)
     sizes = list(batch_size)

@@ -59,6 +59,12 @@ class AffineTimeline:
         self.slopes: list[int] = []
         self.intercepts: list[int] = []
         self.ok = len(a.events) == len(b.events)
+        # CUDA kernels' own buffers are not lines in the batch size (thresholds, floors, minima):
+        # their sizes are worked out per size by re-running the rule on the arguments' shapes
+        # (which are), see _cuda_scratch
+        self.kernel_calls = self._kernel_calls(a, b) if self.ok else []
+        self.ok = self.ok and self.kernel_calls is not None
+        ruled = {sid for call in self.kernel_calls or () for sid in call[1]}
         if self.ok:
             for ea, eb in zip(a.events, b.events):
                 same = (ea.action, ea.storage, ea.category, ea.phase, ea.module, ea.iteration) == (
@@ -69,13 +75,39 @@ class AffineTimeline:
                     eb.module,
                     eb.iteration,
                 )
-                diff = eb.nbytes - ea.nbytes
+                diff = 0 if ea.storage in ruled else eb.nbytes - ea.nbytes
                 if not same or diff % db:
                     self.ok = False
                     break
                 slope = diff // db
                 self.slopes.append(slope)
                 self.intercepts.append(ea.nbytes - slope * a.batch_size)
+
+    @staticmethod
+    def _kernel_calls(a: Trace, b: Trace) -> list[tuple[str, tuple[int, ...], Any, Any, dict[str, Any]]] | None:
+        """Each kernel call's arguments at both sizes; ``None`` when the two steps' calls differ."""
+        if len(a.kernel_calls) != len(b.kernel_calls):
+            return None
+        calls = []
+        for ca, cb in zip(a.kernel_calls, b.kernel_calls):
+            if ca[0] != cb[0] or ca[1] != cb[1] or ca[3] != cb[3]:
+                return None
+            calls.append((ca[0], ca[1], ca[2], cb[2], ca[3]))
+        return calls
+
+    def _kernel_sizes(self, batch_size: int) -> dict[int, int]:
+        from ._cuda_scratch import at_batch, call_sizes
+
+        a, b = self.first, self.second
+        cc = a.compute_capability or (8, 0)
+        sizes: dict[int, int] = {}
+        for key, sids, da, db_, kwargs in self.kernel_calls or ():
+            desc = at_batch(da, db_, a.batch_size, b.batch_size, batch_size)
+            got = call_sizes(key, desc, kwargs, cc) if desc is not None else []
+            if len(got) != len(sids):  # cannot happen for affine shapes; keep the traced size's then
+                got = [e.nbytes for e in b.events if e.storage in sids and e.action == "alloc"]
+            sizes.update(zip(sids, got))
+        return sizes
 
     def trace_at(self, batch_size: int) -> Trace:
         """A trace at any batch size, without tracing (per-layer figures interpolated linearly)."""
@@ -86,7 +118,9 @@ class AffineTimeline:
 
         layers = {m: line(a.activation_bytes_by_module.get(m, 0), n) for m, n in b.activation_bytes_by_module.items()}
         numels = {sid: line(n, b.numels[sid]) for sid, n in a.numels.items() if sid in b.numels}
-        return Trace(batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), numels, a.module_types, list(a.marks))
+        events = self.events_at(batch_size)
+        marks = list(a.marks)
+        return Trace(batch_size, a.device, events, layers, list(a.notes), numels, a.module_types, marks, loss=a.loss)
 
     def events_at(self, batch_size: int) -> list[Event]:
         # the search calls this once per candidate: the fields that do not change are unpacked
@@ -96,12 +130,16 @@ class AffineTimeline:
                 (e.seq, e.action, e.storage, e.category, e.module, e.phase, e.iteration) for e in self.template
             ]
         make = tuple.__new__
-        return [
+        events = [
             make(Event, (seq, action, storage, max(0, i + s * batch_size), category, module, phase, iteration))
             for (seq, action, storage, category, module, phase, iteration), s, i in zip(
                 self._static, self.slopes, self.intercepts
             )
         ]
+        if self.kernel_calls:
+            sizes = self._kernel_sizes(batch_size)
+            events = [e._replace(nbytes=sizes[e.storage]) if e.storage in sizes else e for e in events]
+        return events
 
     def matches(self, trace: Trace) -> bool:
         return self.ok and trace.events == self.events_at(trace.batch_size)
@@ -321,16 +359,18 @@ def fit(
     step: Any = None,
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
+    context_bytes: str | int | None = None,
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
-    ``loop``, ``last_batch`` and ``eval_batch_size`` as in :func:`batchfit.estimate`: with a
-    training run's tail, the max and the recommendation are checked by tracing the whole run there
-    (and lowered until it fits). Raises :class:`DoesNotFit` (exit code 4 on the command line) when
-    even batch size 1 does not fit, with the fixed costs and what would help.
+    Raises :class:`DoesNotFit` (exit code 4 on the command line) when even batch size 1 does not
+    fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
+    outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
+    :func:`batchfit.estimate`: with a training run's tail, the max and the recommendation are
+    checked by tracing the whole run there (and lowered until it fits).
     """
     if not 0 < safety <= 1:
         raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
@@ -349,9 +389,13 @@ def fit(
     # the search runs on the steady step (its timeline is affine in the batch size); the tail's
     # batches are not (the last one is the dataset's size modulo the batch size): checked after
     spec = dataclasses.replace(run_spec, last_batch=None, eval_batch_size=None)
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    est = Estimator(
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+    )
     if run_spec.has_tail:
-        run_est = Estimator(workload, run_spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+        run_est = Estimator(
+            workload, run_spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+        )
         steady = _fit_steady(est, safety, progress)
         return _check_tail(run_est, steady, safety, progress or (lambda text: None))
     return _fit_steady(est, safety, progress)

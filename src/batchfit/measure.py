@@ -23,7 +23,8 @@ from ._step import (
     StepSpec,
     batch_inputs,
     batch_maker,
-    output_logits,
+    cpu_threads,
+    label_choice,
     run_step,
     tail_sizes,
     train_mode,
@@ -44,6 +45,8 @@ class Measurement:
     before_window_bytes: int = 0
     seconds: float = 0.0
     timeline: list[tuple[int, int]] = field(default_factory=list)  # (running bytes, delta), CPU only
+    threads: int | None = None  # CPU: torch's intra-op threads the step ran with
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     @property
     def samples_per_second(self) -> float:
@@ -67,8 +70,43 @@ def _storage_bytes(objects: list[Any]) -> int:
     return sum(seen.values())
 
 
-def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_timeline: bool = False) -> Measurement:
-    """Run the reference step for real on ``spec.device`` and measure its peak memory."""
+def measure_step(
+    workload: Workload,
+    batch_size: int,
+    spec: StepSpec,
+    *,
+    keep_timeline: bool = False,
+    explain_errors: bool = True,
+) -> Measurement:
+    """Run the reference step for real on ``spec.device`` and measure its peak memory.
+
+    The model runs on the values of the workload's ``example_inputs`` (a model may read them:
+    detection targets, sequence lengths). An exception raised while the step runs (the model's
+    own code, the loss, the optimizer) becomes a :class:`BatchfitError` (exit code 3) carrying its
+    message; ``explain_errors=False`` lets it through as raised (``probe`` tells out-of-memory from
+    other failures by the exception).
+    """
+    where = ["setting up"]  # the phase running, for the message when the step fails
+    try:
+        with cpu_threads(spec.threads if spec.device == "cpu" else None):
+            return _measure_step(workload, batch_size, spec, keep_timeline, where)
+    except BatchfitError:
+        raise
+    except Exception as exc:
+        if not explain_errors:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BatchfitError(
+            f"a real training step of {workload.name!r} failed ({where[0]}, batch size {batch_size}): "
+            f"{type(exc).__name__}{': ' + text if text else ''}",
+            hint="a real run uses your example_inputs' values (noise and zeros for --input shapes): check "
+            "them and the model; rerun with --debug for the traceback",
+        ) from exc
+
+
+def _measure_step(
+    workload: Workload, batch_size: int, spec: StepSpec, keep_timeline: bool, where: list[str]
+) -> Measurement:
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
@@ -86,7 +124,7 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         state = real_state(model, device, dtype=param_dtype)
         runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(_storage_bytes(list(state.values())))
         stack.enter_context(runner.recording())  # CPU: from here, so that the batch's death is seen too
-        inputs = batch_inputs(workload, batch_size, device, param_dtype)
+        inputs = batch_inputs(workload, batch_size, device, param_dtype, values=True)
         stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
         optimizer = None
         if spec.mode == "train":
@@ -96,9 +134,10 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":
-            logits = output_logits(model, inputs, spec)
-            labels = spec.loss.make_labels(logits) if logits is not None else None
-            del logits
+            where[0] = "in the forward that shapes the labels"
+            choice = label_choice(model, inputs, spec)
+            labels = choice.labels()
+            del choice
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
@@ -109,15 +148,16 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         gc.collect()
         start = time.perf_counter()
         with runner:
-            run_step(
+            loss = run_step(
                 model,
                 batch,
                 spec,
                 optimizer,
                 backward=lambda loss: loss.backward(),
-                new_batch=batch_maker(workload, device, param_dtype),
+                new_batch=batch_maker(workload, device, param_dtype, values=True),
                 tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=scaler,
+                on_phase=lambda phase, iteration: where.__setitem__(0, f"in {phase}, iteration {iteration}"),
             )
             del batch
         seconds = time.perf_counter() - start
@@ -125,6 +165,8 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         result = runner.result(batch_size, spec.device, seconds, keep_timeline)
         if result.before_window_bytes == 0:
             result.before_window_bytes = before
+        result.loss = loss
+        result.threads = torch.get_num_threads() if device.type == "cpu" else None
         del state, optimizer, scaler
     gc.collect()
     if device.type == "cuda":

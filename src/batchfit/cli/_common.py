@@ -216,7 +216,9 @@ LossOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
         "--loss",
-        help="cross-entropy (default, unless the model returns its loss), mse, or path/to/file.py:fn with fn(output, labels).",
+        help="Default: the model's own loss, or cross-entropy over the last dimension of (N, C) / (N, T, V) logits; "
+        "other outputs need one of: cross-entropy (classes on dim 1), token-cross-entropy (classes last), mse, "
+        "or path/to/file.py:fn with fn(output, labels).",
     ),
 ]
 StepOpt = Annotated[
@@ -280,6 +282,16 @@ MemoryOpt = Annotated[
 FreeOpt = Annotated[
     bool,
     typer.Option("--free", help="Use what the local GPU has free right now instead of its total memory."),
+]
+
+ContextOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--context",
+        help="The process's GPU memory outside PyTorch's allocator (CUDA context, libraries' kernels and handles), "
+        "e.g. 600MiB; default: the catalogue's figure, or the largest published one for the CUDA runtime's module loading.",
+        show_default=False,
+    ),
 ]
 
 
