@@ -50,6 +50,18 @@ def test_composed_trace_equals_the_full_trace(name: str, optimizer: str, precisi
         assert composed.batch_size == batch_size and not composed.window_only
 
 
+@pytest.mark.parametrize("loop", ["hf-trainer", "lightning"])
+@pytest.mark.parametrize(("name", "precision"), [("cnn", "fp32"), ("tied_lm", "amp-fp16")])
+def test_each_loop_composes(loop: str, name: str, precision: str) -> None:
+    """Lightning frees the last step's gradients inside the window (zero_grad before backward);
+    the Trainer keeps its detached loss and the gradient norm across steps."""
+    workload = zoo_workload(name) if name in ZOO else load_workload(name, dataset="mnist")
+    spec = make_spec("cuda", "adam", precision, loop=loop)
+    est = Estimator(workload, spec, gpu="a100-80gb")
+    composed = compose(est.trace(2), est.trace(5, window_only=True))
+    assert composed is not None and composed.events == est.trace(5).events
+
+
 class _OddAtOne(nn.Module):
     """Takes another path for a single sample: the two traces do not line up."""
 
@@ -74,8 +86,8 @@ def test_traces_that_do_not_line_up_are_not_composed() -> None:
 
 
 class _KeepsLast(nn.Module):
-    """Keeps its last activation across steps: iteration 2 frees what iteration 1 kept, so the
-    second window is not the first one repeated."""
+    """Keeps its last activation across steps: iteration 2 frees what iteration 1 kept, as the
+    loop's own ``outputs`` and ``loss`` are (carried over, dead once rebound)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,10 +100,37 @@ class _KeepsLast(nn.Module):
         return y
 
 
-def test_a_window_that_does_not_repeat_is_not_composed() -> None:
+def test_what_iteration_1_carries_into_iteration_2_is_composed() -> None:
     with torch.device("meta"):
         model = _KeepsLast()
     est = Estimator(Workload("keeps", model, (InputSpec((8,)),)), make_spec("cuda", "adam"), gpu="a100-80gb")
+    template = est.trace(2)
+    # the loop's outputs and the model's kept tensor are born in window 1 and die in window 2
+    f2 = template.mark_index("forward", 2)
+    born_1 = {e.storage for e in template.events[: template.mark_index("optimizer", 1)] if e.is_alloc}
+    assert sum(1 for e in template.events[f2:] if not e.is_alloc and e.storage in born_1) >= 2
+    composed = compose(template, est.trace(3, window_only=True))
+    assert composed is not None and composed.events == est.trace(3).events
+
+
+class _SecondCallDiffers(nn.Module):
+    """Makes one more temporary on every second call: the second window is not the first repeated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.fc(x)
+        return y * 1.0 if self.calls % 2 == 0 else y
+
+
+def test_a_window_that_does_not_repeat_is_not_composed() -> None:
+    with torch.device("meta"):
+        model = _SecondCallDiffers()
+    est = Estimator(Workload("differs", model, (InputSpec((8,)),)), make_spec("cuda", "adam"), gpu="a100-80gb")
     assert compose(est.trace(2), est.trace(3, window_only=True)) is None
 
 

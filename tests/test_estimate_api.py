@@ -63,7 +63,8 @@ def test_losses_steps_and_inference(tmp_path) -> None:
         "import torch\n"
         "def my_loss(output, labels):\n    return (output ** 2).mean()\n"
         "def clipped(model, inputs, labels, optimizer):\n"
-        "    loss = torch.nn.functional.cross_entropy(model(*inputs), labels)\n"
+        "    outputs = model(*inputs)\n"  # kept through backward, as the reference loop keeps them
+        "    loss = torch.nn.functional.cross_entropy(outputs, labels)\n"
         "    loss.backward()\n"
         "    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)\n"
         "    optimizer.step()\n"

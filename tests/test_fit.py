@@ -119,6 +119,35 @@ def test_fit_boundary_is_exact_on_a_small_card() -> None:
     assert r.estimate_at_recommended is not None and r.estimate_at_recommended.total_bytes <= r.budget_bytes
 
 
+def test_fit_checks_a_training_runs_tail() -> None:
+    """An evaluation pass at 4,096 after steps at the steady max leaves the training's blocks where
+    the evaluation cannot reuse them: that run does not fit, so the max comes down until it does."""
+    args = {"dataset": "cifar10", "memory": "2GiB", "optimizer": "adam"}
+    steady = fit("cnn", **args)
+    with_eval = fit("cnn", **args, eval_batch_size=4096)
+    run = Estimator(
+        load_workload("cnn", dataset="cifar10"), make_spec("cuda", "adam", eval_batch_size=4096), memory="2GiB"
+    )
+    assert not run.at(steady.max_batch_size).fits  # what fit would have answered without the tail
+    assert with_eval.max_batch_size < steady.max_batch_size
+    assert run.at(with_eval.max_batch_size).fits and run.at(with_eval.recommended_batch_size).fits
+    assert with_eval.estimate_at_max is not None and with_eval.estimate_at_max.fits
+    assert any("evaluation pass at batch 4,096 lowers the max" in n for n in with_eval.notes)
+
+
+def test_fit_with_a_tail_that_changes_nothing_says_it_was_checked() -> None:
+    steady = fit("mlp", dataset="mnist", memory="1GiB", optimizer="adam")
+    run = fit("mlp", dataset="mnist", memory="1GiB", optimizer="adam", last_batch="auto")
+    assert (run.max_batch_size, run.recommended_batch_size) == (steady.max_batch_size, steady.recommended_batch_size)
+    assert any("last batch" in n and "checked" in n for n in run.notes)
+
+
+def test_an_evaluation_batch_that_never_fits() -> None:
+    with pytest.raises(DoesNotFit) as info:
+        fit("mlp", dataset="mnist", memory="1GiB", eval_batch_size=400_000)
+    assert "eval" in info.value.message and "--eval-batch-size" in info.value.advice[0]
+
+
 def test_batch_size_one_that_cannot_train_is_skipped() -> None:
     r = fit("resnet18", input_size=(3, 32, 32), memory="4GiB")  # BatchNorm on a 1x1 map at batch 1
     assert r.max_batch_size >= 2

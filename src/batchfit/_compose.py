@@ -5,8 +5,10 @@ Of the reference step's two iterations, only the forward and backward depend on 
 * the optimizer's steps (its state, its temporaries, zero_grad) see parameters and gradients,
   whose shapes do not change with the batch; their events are taken from the full trace as is;
 * iteration 2's forward and backward repeat iteration 1's, less what iteration 1 made once for
-  good (a library workspace, the loss scaler's state). That is checked on the full trace itself:
-  when its second window is not the first one repeated, nothing is composed.
+  good (a library workspace, the loss scaler's state), plus the deaths of what the loop carried
+  over from iteration 1 (its ``outputs`` and ``loss``, alive until the names are rebound: their
+  sizes come from iteration 1's twins). That is checked on the full trace itself: when its second
+  window is not the first one repeated, nothing is composed.
 
 So ``fit`` traces the whole step once (batch size 1) and, at the other sizes it needs, only the
 first iteration's forward and backward (``window_only``), about half the work. :func:`compose`
@@ -64,9 +66,12 @@ def _repeats(full: Trace) -> dict[int, int] | None:
             alive.add(e.storage)
         else:
             alive.discard(e.storage)
-    kept_for_good = born_in_window & alive  # e.g. a cuBLAS workspace: made in iteration 1 only
+    # alive when iteration 2 begins: the loop's variables, which die in its window once rebound,
+    # and what is made once for good (e.g. a cuBLAS workspace, made in iteration 1 only)
+    carried = {e.storage for e in events[f2:o2] if e.action == "free" and e.storage in born_in_window & alive}
+    kept_for_good = (born_in_window & alive) - carried
     first = [e for e in events[f1:o1] if e.storage in born_in_window and e.storage not in kept_for_good]
-    second = events[f2:o2]
+    second = [e for e in events[f2:o2] if e.storage not in carried]
     if len(first) != len(second):
         return None
     twins: dict[int, int] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 Action = Literal["alloc", "free"]
-Phase = Literal["setup", "forward", "backward", "optimizer"]
+Phase = Literal["setup", "forward", "backward", "optimizer", "eval"]
 
 CATEGORIES: tuple[str, ...] = (
     "parameters",
@@ -24,7 +24,7 @@ CATEGORIES: tuple[str, ...] = (
     "activations",
     "temporaries",
 )
-PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer")
+PHASES: tuple[str, ...] = ("setup", "forward", "backward", "optimizer", "eval")
 
 
 class Event(NamedTuple):

@@ -48,7 +48,20 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
-from ._step import StepSpec, cpu_threads, label_choice, run_step, state_tensors, train_mode, unique_trainable
+from ._step import (
+    Batch,
+    LabelsLike,
+    StepSpec,
+    batch_inputs,
+    batch_maker,
+    cpu_threads,
+    label_choice,
+    run_step,
+    state_tensors,
+    tail_sizes,
+    train_mode,
+    unique_trainable,
+)
 from ._values import Values, real_tensor_paths
 from .models import Workload, fake_state
 from .training import LossChoice
@@ -1085,9 +1098,7 @@ def _trace_step(
                 if rec is not None and name in buffer_names:
                     rec.category = "buffers"
             tracer.setup_category = "inputs"
-            inputs = workload.make_inputs(batch_size, device)
-            if param_dtype is not None:
-                inputs = inputs.floating_to(param_dtype)
+            inputs = batch_inputs(workload, batch_size, device, param_dtype)
             stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
             del state
             optimizer = None
@@ -1117,19 +1128,32 @@ def _trace_step(
                 stack.enter_context(cuda_kernel_choices(tracer.notes))
             if spec.step is not None:
                 tracer.on_phase = lambda phase: on_phase(phase, tracer.iteration) if phase != tracer.phase else None
+            batch = Batch(inputs, labels)
+            del inputs, labels  # the loop owns the batch: a new one can replace it
+            make_batch = batch_maker(workload, device, param_dtype)
+
+            def new_batch(size: int, like: LabelsLike | None) -> Batch:
+                made = make_batch(size, like)
+                for t in [*made.inputs.tensors(), made.labels]:
+                    if isinstance(t, torch.Tensor):
+                        tracer.mark(t, "inputs")
+                return made
+
+            dataset_size = workload.dataset.train_size if workload.dataset is not None else None
             loss = run_step(
                 model,
-                inputs,
+                batch,
                 spec,
                 optimizer,
                 backward=replay.backward,
-                labels=labels,
                 make_labels=make_labels,
+                new_batch=new_batch,
+                tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=_GradScaler(spec.device) if spec.precision.grad_scaler and spec.mode == "train" else None,
                 on_phase=on_phase,
                 window_only=window_only,
             )
-            del inputs, labels, optimizer
+            del batch, optimizer
     except BatchfitError:
         raise
     except Exception as exc:

@@ -2,7 +2,7 @@
 
 >>> r = estimate("mlp", dataset="mnist", batch_size=64, device="cpu")
 >>> r.peak_allocated_bytes   # the seed's MNIST MLP, SGD, one real CPU step measures the same
-1048152
+1050712
 >>> r.breakdown["parameters"], r.peak_phase
 (407080, 'backward')
 """
@@ -21,7 +21,7 @@ from torch import nn
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
 from ._render import Table
-from ._step import StepSpec
+from ._step import StepSpec, parse_loop
 from ._trace import Trace, trace_step
 from ._units import mib_cell
 from .models import Workload, load_workload
@@ -260,7 +260,9 @@ class EstimateReport(Sequence[StepEstimate]):
 
         return tables_fragment(self.tables())
 
-    def save_report(self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None) -> Path:
+    def save_report(
+        self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None
+    ) -> Path:
         """Write a self-contained HTML report (FILE.html); ``summary`` adds the model's layer tree."""
         from ._html import write_report
 
@@ -299,11 +301,18 @@ def make_spec(
     step: Any = None,
     mode: str = "train",
     threads: int | None = None,
+    *,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
 ) -> StepSpec:
     """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
 
     ``threads``: CPU only, torch's intra-op thread count of the run (default: this process's,
     ``torch.get_num_threads()``); CPU kernels' scratch depends on it.
+    ``loop``: pytorch (the default), hf-trainer or lightning (see ``batchfit._step.LOOPS``).
+    ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
+    ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
     """
     if device not in DEVICES:
         raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
@@ -317,7 +326,35 @@ def make_spec(
     if device == "cpu" and prec.name == "amp-fp16":
         raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
     opt: OptimizerSpec = parse_optimizer(optimizer)
-    spec = StepSpec(device, opt, prec, parse_loss(loss), mode, parse_step(step))
+    loop = parse_loop(loop)
+    if step is not None and loop != "pytorch":
+        raise BatchfitError(
+            f"--step replaces the loop's iteration, so --loop {loop} does not apply",
+            hint="write that library's step into your --step function, or drop --step",
+        )
+    if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
+        try:
+            last_batch = int(last_batch)
+        except ValueError:
+            raise BatchfitError(
+                f"cannot read --last-batch {last_batch!r}", hint="give a batch size, or auto (needs --dataset)"
+            ) from None
+    if isinstance(last_batch, str):
+        last_batch = "auto"
+    for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
+        if isinstance(value, int) and value < 1:
+            raise BatchfitError(f"{name} must be at least 1, got {value}", hint="e.g. 32")
+    spec = StepSpec(
+        device,
+        opt,
+        prec,
+        parse_loss(loss),
+        mode,
+        parse_step(step),
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
     if device == "cpu":
         spec.threads = threads or torch.get_num_threads()
     return spec
@@ -441,6 +478,10 @@ class Estimator:
         alloc_conf: str | None = None,
         context_bytes: str | int | None = None,
     ) -> None:
+        if spec.last_batch == "auto" and workload.dataset is None:
+            raise BatchfitError(
+                "--last-batch auto needs the training set's size", hint="add --dataset NAME, or give --last-batch N"
+            )
         self.workload = workload
         self.spec = spec
         self.budget = _resolve_budget(spec, gpu, memory, free, context_bytes)
@@ -532,6 +573,9 @@ def estimate(
     alloc_conf: str | None = None,
     context_bytes: str | int | None = None,
     threads: int | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
@@ -541,10 +585,23 @@ def estimate(
     ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run with ``threads``
     intra-op threads (default ``torch.get_num_threads()``). ``context_bytes`` (bytes, or a size
     such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA context,
-    libraries' modules and handles; ``--context`` on the command line).
+    libraries' modules and handles; ``--context`` on the command line). ``loop``: the training loop
+    (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and ``eval_batch_size``
+    add a training run's tail (docs/estimate.md).
     """
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
+    spec = make_spec(
+        device,
+        optimizer,
+        precision,
+        loss,
+        step,
+        mode,
+        threads,
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
     est = Estimator(
         workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
     )

@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from ._compose import compose
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._render import Table
+from ._step import tail_sizes
 from ._trace import Trace, frozen_heap
 from ._units import format_bytes
 from .estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
@@ -358,20 +360,50 @@ def fit(
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
     Raises :class:`DoesNotFit` (exit code 4 on the command line) when even batch size 1 does not
     fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
-    outside the allocator (``--context``).
+    outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
+    :func:`batchfit.estimate`: with a training run's tail, the max and the recommendation are
+    checked by tracing the whole run there (and lowered until it fits).
     """
     if not 0 < safety <= 1:
         raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec("cuda", optimizer, precision, loss, step, "train")
+    run_spec = make_spec(
+        "cuda",
+        optimizer,
+        precision,
+        loss,
+        step,
+        "train",
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
+    # the search runs on the steady step (its timeline is affine in the batch size); the tail's
+    # batches are not (the last one is the dataset's size modulo the batch size): checked after
+    spec = dataclasses.replace(run_spec, last_batch=None, eval_batch_size=None)
     est = Estimator(
         workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
     )
+    if run_spec.has_tail:
+        run_est = Estimator(
+            workload, run_spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+        )
+        steady = _fit_steady(est, safety, progress)
+        return _check_tail(run_est, steady, safety, progress or (lambda text: None))
+    return _fit_steady(est, safety, progress)
+
+
+def _fit_steady(est: Estimator, safety: float, progress: Callable[[str], None] | None = None) -> FitResult:
+    """:func:`fit` for the steady step of ``est`` (no training-run tail)."""
+    spec = est.spec
     budget = est.budget
     assert budget is not None
     say = progress or (lambda text: None)
@@ -539,6 +571,74 @@ def _fit_from_traces(
         dataset_size=size,
         _estimator=est,
         _timeline=timeline if timeline.ok else None,
+    )
+
+
+def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Callable[[str], None]) -> FitResult:
+    """Lower the steady step's max and recommendation until the whole run (the tail too) fits.
+
+    Each size checked is one trace of the whole run, replayed on the card: the max and the
+    recommendation, and, where one fails, a bisection below it (the sizes between are not each
+    traced: the last batch, the dataset's size modulo the batch size, jumps from one size to the next).
+    """
+    budget = run_est.budget
+    assert budget is not None
+    traced: dict[int, StepEstimate] = {}
+
+    def at(b: int) -> StepEstimate:
+        if b not in traced:
+            traced[b] = estimate_trace(run_est.trace(b), run_est.workload, run_est.spec, budget, run_est.alloc_config)
+        return traced[b]
+
+    lowest = 2 if any("batch size 1 cannot train" in n for n in steady.notes) else 1
+
+    def largest_fitting(upper: int) -> int:
+        """``upper`` when its run fits, else the largest size below found by bisection."""
+        if at(upper).fits:
+            return upper
+        if not at(lowest).fits:
+            plain = _does_not_fit(run_est, at(lowest))
+            eval_size = run_est.spec.eval_batch_size
+            advice = [f"a smaller --eval-batch-size than {eval_size:,}"] if eval_size else []
+            raise DoesNotFit(
+                f"{plain.message} (with the training run's tail: {at(lowest).peak_where})", advice + plain.advice
+            )
+        lo, hi = lowest, upper
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if at(mid).fits else (lo, mid)
+        return lo
+
+    say("tracing the whole run (with its tail) at the max and at the recommended size")
+    # the recommended size is traced meanwhile in a forked child: it is usually still the answer
+    ahead = _fork_call(lambda: at(steady.recommended_batch_size)) if _can_fork() else None
+    try:
+        best = largest_fitting(steady.max_batch_size)
+        recommended = min(steady.recommended_batch_size, max(lowest, math.floor(safety * best)))
+        if recommended == steady.recommended_batch_size and ahead is not None:
+            early = ahead.result()
+            if early is not None:
+                traced[recommended] = early
+        recommended = largest_fitting(recommended)
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+    tail = tail_sizes(run_est.spec, best, steady.dataset_size)
+    parts = [f"the epoch's last batch ({tail.last_batch:,} at the max)"] if tail.last_batch else []
+    parts += [f"an evaluation pass at batch {tail.eval_batch_size:,}"] if tail.eval_batch_size else []
+    notes = list(steady.notes)
+    what = " and ".join(parts) or "the training run's tail"
+    if best < steady.max_batch_size:
+        notes.append(f"{what} lowers the max from {steady.max_batch_size:,} (one steady step) to {best:,}")
+    else:
+        notes.append(f"checked with {what} (traced at the max and at the recommended size)")
+    return dataclasses.replace(
+        steady,
+        max_batch_size=best,
+        recommended_batch_size=recommended,
+        estimate_at_max=at(best),
+        estimate_at_recommended=at(recommended),
+        notes=notes,
     )
 
 

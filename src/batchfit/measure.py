@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,18 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import BatchfitError, ExitCode
-from ._step import StepSpec, cpu_threads, label_choice, run_step, train_mode, unique_trainable
+from ._step import (
+    Batch,
+    StepSpec,
+    batch_inputs,
+    batch_maker,
+    cpu_threads,
+    label_choice,
+    run_step,
+    tail_sizes,
+    train_mode,
+    unique_trainable,
+)
 from .models import Workload, real_state
 
 
@@ -110,9 +122,9 @@ def _measure_step(
     with contextlib.ExitStack() as stack:
         stack.enter_context(train_mode(model, spec.mode == "train"))
         state = real_state(model, device, dtype=param_dtype)
-        inputs = workload.make_inputs(batch_size, device, values=True)
-        if param_dtype is not None:
-            inputs = inputs.floating_to(param_dtype)
+        runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(_storage_bytes(list(state.values())))
+        stack.enter_context(runner.recording())  # CPU: from here, so that the batch's death is seen too
+        inputs = batch_inputs(workload, batch_size, device, param_dtype, values=True)
         stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
         optimizer = None
         if spec.mode == "train":
@@ -130,26 +142,32 @@ def _measure_step(
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
         before = _storage_bytes([*state.values(), *inputs.tensors(), labels])
+        batch = Batch(inputs, labels)
+        del inputs, labels  # the loop owns the batch: a new one can replace it
+        dataset_size = workload.dataset.train_size if workload.dataset is not None else None
         gc.collect()
-        runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(before)
         start = time.perf_counter()
         with runner:
             loss = run_step(
                 model,
-                inputs,
+                batch,
                 spec,
                 optimizer,
                 backward=lambda loss: loss.backward(),
-                labels=labels,
+                new_batch=batch_maker(workload, device, param_dtype, values=True),
+                tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=scaler,
                 on_phase=lambda phase, iteration: where.__setitem__(0, f"in {phase}, iteration {iteration}"),
             )
+            del batch
         seconds = time.perf_counter() - start
+        stack.close()  # the profiler stops
         result = runner.result(batch_size, spec.device, seconds, keep_timeline)
-        result.before_window_bytes = before
+        if result.before_window_bytes == 0:
+            result.before_window_bytes = before
         result.loss = loss
         result.threads = torch.get_num_threads() if device.type == "cpu" else None
-        del state, inputs, labels, optimizer, scaler
+        del state, optimizer, scaler
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -157,34 +175,56 @@ def _measure_step(
 
 
 class _CpuWindow:
-    """Peak host memory of the window from the profiler's allocation events."""
+    """Peak host memory of the window from the profiler's allocation events.
 
-    def __init__(self, before: int) -> None:
-        self.before = before
+    The profiler runs from before the batch is made, so that the batch's death inside the window
+    (a training run's tail replaces it) is an event too: the profiler does not report freeing
+    memory allocated before it started. What is alive when the window opens is the parameters'
+    bytes plus the running sum of the events until then.
+    """
+
+    def __init__(self, state_bytes: int) -> None:
+        self.state_bytes = state_bytes
         self.prof: Any = None
+        self.mark: Any = None
 
-    def __enter__(self) -> None:
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
         from torch.profiler import ProfilerActivity, profile
 
-        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
-        self.prof.__enter__()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as self.prof:
+            yield
+
+    def __enter__(self) -> None:
+        self.mark = torch.profiler.record_function("batchfit::window")
+        self.mark.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self.prof.__exit__(*exc)
+        self.mark.__exit__(*exc)
 
     def result(self, batch_size: int, device: str, seconds: float, keep_timeline: bool) -> Measurement:
-        events = [e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda e: e.start_ns())
+        events = list(self.prof.profiler.kineto_results.events())
+        window = next(e for e in events if e.name() == "batchfit::window")
+        begin, end = window.start_ns(), window.start_ns() + window.duration_ns()
+        memory = sorted((e for e in events if e.name() == "[memory]" and _on_cpu(e)), key=lambda e: e.start_ns())
+        alive = sum(e.nbytes() for e in memory if e.start_ns() < begin)
         running = peak = 0
         timeline = []
-        for e in events:
-            if e.device_type() != torch.device("cpu").type and str(e.device_type()) != "DeviceType.CPU":
+        for e in memory:
+            if not begin <= e.start_ns() <= end:
                 continue
             running += e.nbytes()
             peak = max(peak, running)
             if keep_timeline:
                 timeline.append((running, e.nbytes()))
-        return Measurement(batch_size, device, self.before + peak, seconds=seconds, timeline=timeline)
+        before = self.state_bytes + alive
+        m = Measurement(batch_size, device, before + peak, seconds=seconds, timeline=timeline)
+        m.before_window_bytes = before
+        return m
+
+
+def _on_cpu(event: Any) -> bool:
+    return bool(event.device_type() == torch.device("cpu").type or str(event.device_type()) == "DeviceType.CPU")
 
 
 class _CudaWindow:
@@ -193,6 +233,9 @@ class _CudaWindow:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.used_peak = 0
+
+    def recording(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def __enter__(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -228,6 +228,25 @@ StepOpt = Annotated[
         help="Your own training step, path/to/file.py:fn with fn(model, inputs, labels, optimizer), instead of the reference step.",
     ),
 ]
+LoopOpt = Annotated[
+    str,
+    typer.Option(
+        "--loop",
+        help="The training loop: pytorch (PyTorch's tutorial loop: outputs and loss alive until rebound), "
+        "hf-trainer (transformers' Trainer), lightning (Lightning's automatic optimization). See docs/estimate.md.",
+    ),
+]
+LastBatchOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--last-batch",
+        help="Add the epoch's last, smaller batch: a size, or auto (the --dataset's size modulo the batch size).",
+    ),
+]
+EvalBatchOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--eval-batch-size", help="Add an evaluation pass under no_grad at this batch size (same process)."),
+]
 ModeOpt = Annotated[
     str, typer.Option("--mode", help="train (the reference step) or inference (one forward under no_grad).")
 ]

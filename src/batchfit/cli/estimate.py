@@ -21,10 +21,13 @@ from ._common import (
     ContextOpt,
     DatasetOpt,
     DeviceOpt,
+    EvalBatchOpt,
     FreeOpt,
     GpuOpt,
     InputOpt,
     JsonOpt,
+    LastBatchOpt,
+    LoopOpt,
     LossOpt,
     MemoryOpt,
     ModelArg,
@@ -63,6 +66,9 @@ def estimate_cmd(
     device: DeviceOpt = "cuda",
     loss: LossOpt = None,
     step: StepOpt = None,
+    loop: LoopOpt = "pytorch",
+    last_batch: LastBatchOpt = None,
+    eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
     gpu: GpuOpt = None,
     memory: MemoryOpt = None,
@@ -83,7 +89,18 @@ def estimate_cmd(
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     check_paths(snapshot_path, report_path, device)
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
-    spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
+    spec = make_spec(
+        device,
+        optimizer,
+        precision,
+        loss,
+        step,
+        mode,
+        threads,
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context)
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
@@ -137,6 +154,9 @@ def measure_cmd(
     ] = None,
     loss: LossOpt = None,
     step: StepOpt = None,
+    loop: LoopOpt = "pytorch",
+    last_batch: LastBatchOpt = None,
+    eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -155,7 +175,18 @@ def measure_cmd(
             exit_code=ExitCode.NO_DEVICE,
         )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
-    spec = make_spec(dev, optimizer, precision, loss, step, mode, threads)
+    spec = make_spec(
+        dev,
+        optimizer,
+        precision,
+        loss,
+        step,
+        mode,
+        threads,
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:
         print(

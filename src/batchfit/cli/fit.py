@@ -15,10 +15,13 @@ from ._common import (
     ClassesOpt,
     ContextOpt,
     DatasetOpt,
+    EvalBatchOpt,
     FreeOpt,
     GpuOpt,
     InputOpt,
     JsonOpt,
+    LastBatchOpt,
+    LoopOpt,
     LossOpt,
     MemoryOpt,
     ModelArg,
@@ -52,6 +55,9 @@ def fit_cmd(
     safety: SafetyOpt = 0.8,
     loss: LossOpt = None,
     step: StepOpt = None,
+    loop: LoopOpt = "pytorch",
+    last_batch: LastBatchOpt = None,
+    eval_batch_size: EvalBatchOpt = None,
     alloc_conf: AllocConfOpt = None,
     as_json: JsonOpt = False,
     snapshot_path: SnapshotOpt = None,
@@ -79,6 +85,9 @@ def fit_cmd(
             step=step,
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
+            loop=loop,
+            last_batch=last_batch,
+            eval_batch_size=eval_batch_size,
         )
     if as_json:
         print(result.to_json())
