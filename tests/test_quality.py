@@ -14,10 +14,47 @@ import batchfit
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The public surface, written out: a change to it is a change to this list, made on purpose.
+PUBLIC = [
+    "BatchfitError",
+    "DatasetInfo",
+    "DoesNotFit",
+    "EstimateReport",
+    "ExitCode",
+    "FitResult",
+    "InputSpec",
+    "LoraSpec",
+    "Measurement",
+    "ModelSummary",
+    "NoiseScale",
+    "Plan",
+    "ProbeError",
+    "ProbeResult",
+    "StepEstimate",
+    "SweepResult",
+    "Workload",
+    "estimate",
+    "fit",
+    "format_bytes",
+    "get_dataset",
+    "load_workload",
+    "measure_step",
+    "noise_scale",
+    "parse_size",
+    "plan",
+    "probe",
+    "summary",
+    "sweep",
+]
+
+
 def test_public_api_is_pinned() -> None:
-    assert batchfit.__all__ == sorted(batchfit.__all__)
-    for name in batchfit.__all__:
+    assert batchfit.__all__ == PUBLIC
+    for name in PUBLIC:
         assert getattr(batchfit, name) is not None
+    # the whole error hierarchy is public: every error batchfit raises derives from one exported class
+    for error in (batchfit.DoesNotFit, batchfit.ProbeError):
+        assert issubclass(error, batchfit.BatchfitError)
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(), reason="ruff")

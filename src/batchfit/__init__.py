@@ -16,26 +16,30 @@ from .datasets import DatasetInfo, get_dataset
 # The verbs share their names with the modules that define them (batchfit.estimate is both):
 # they are imported here, so that importing a submodule later never rebinds the name to it.
 from .estimate import EstimateReport, StepEstimate, estimate
-from .fit import FitResult, fit
+from .fit import DoesNotFit, FitResult, fit
+from .lora import LoraSpec
 from .measure import Measurement, measure_step
 from .models import InputSpec, Workload, load_workload
 from .noise import NoiseScale, noise_scale
 from .plan import Plan, plan
-from .probe import ProbeResult, probe
+from .probe import ProbeError, ProbeResult, probe
 from .summary import ModelSummary, summary
 from .sweep import SweepResult, sweep
 
 __all__ = [
     "BatchfitError",
     "DatasetInfo",
+    "DoesNotFit",
     "EstimateReport",
     "ExitCode",
     "FitResult",
     "InputSpec",
+    "LoraSpec",
     "Measurement",
     "ModelSummary",
     "NoiseScale",
     "Plan",
+    "ProbeError",
     "ProbeResult",
     "StepEstimate",
     "SweepResult",

@@ -373,7 +373,7 @@ def fit(
     checked by tracing the whole run there (and lowered until it fits).
     """
     if not 0 < safety <= 1:
-        raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
+        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
         "cuda",

@@ -301,7 +301,7 @@ class ModelEntry:
 
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
-    "mlp": ModelEntry(_build_mlp, "mnist", description="the seed's MLP: Flatten-Linear(784,128)-ReLU-Linear(128,10)"),
+    "mlp": ModelEntry(_build_mlp, "mnist", description="the lesson's MLP: Flatten-Linear(784,128)-ReLU-Linear(128,10)"),
     "cnn": ModelEntry(_build_cnn, "mnist", description="a small conv net with BatchNorm and dropout"),
 }
 

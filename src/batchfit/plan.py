@@ -6,7 +6,7 @@ breakdown at the recommended size, a table at standard batch sizes and a plot of
 against the batch size. The sweep costs one allocator replay per batch size (fit's affine
 timeline), not one trace.
 
-:func:`answer_key` is what ``batchfit`` prints with no arguments: the seed lesson's MNIST MLP,
+:func:`answer_key` is what ``batchfit`` prints with no arguments: the lesson's MNIST MLP,
 its hand-made memory table beside batchfit's exact figures, what the hand count misses, and the
 batch size to use by the lesson's 0.8 rule.
 
@@ -868,7 +868,7 @@ class AnswerKey:
 
     def _title(self) -> str:
         return (
-            "batchfit: the seed lesson's answer key - the MNIST MLP (Flatten -> Linear(784, 128) -> ReLU -> "
+            "batchfit: the lesson's answer key - the MNIST MLP (Flatten -> Linear(784, 128) -> ReLU -> "
             "Linear(128, 10)), one training step with SGD, fp32"
         )
 

@@ -189,7 +189,7 @@ STRATEGIES: dict[str, Strategy] = {
         "doubling",
         up=lambda lo, i: 2 * lo,
         down=lambda hi, i: hi // 2,
-        description="the seed's way: double the batch size until it fails, then bisect",
+        description="the lesson's way: double the batch size until it fails, then bisect",
     ),
 }
 
@@ -753,7 +753,7 @@ def probe(
     import torch
 
     if not 0 < safety <= 1:
-        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
+        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
     if runner is None and not torch.cuda.is_available():
         raise BatchfitError(
             "probe runs the training step on a CUDA GPU, and this machine has none",

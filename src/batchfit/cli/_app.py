@@ -25,7 +25,7 @@ app = typer.Typer(
     help=(
         "What a PyTorch model is, how much GPU memory one training step takes and where it goes, "
         "and which batch size to use - without needing the GPU.\n\n"
-        "Run with no command for the seed lesson's answer key (the MNIST MLP)."
+        "Run with no command for the lesson's answer key (the MNIST MLP)."
     ),
     no_args_is_help=False,
     add_completion=False,

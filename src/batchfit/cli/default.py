@@ -1,4 +1,4 @@
-"""``batchfit`` with no arguments: the seed lesson's answer key for the MNIST MLP."""
+"""``batchfit`` with no arguments: the lesson's answer key for the MNIST MLP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def run_default() -> None:
     from ._app import err_console, handle_errors
 
     def body() -> None:
-        with err_console.status("working out the seed's answer key..."):
+        with err_console.status("working out the lesson's answer key..."):
             key = answer_key()
         show(key)
 

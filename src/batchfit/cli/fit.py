@@ -35,7 +35,7 @@ from ._common import (
 from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
 SafetyOpt = Annotated[
-    float, typer.Option("--safety", help="Use this fraction of the largest batch that fits (the seed's rule: 0.8).")
+    float, typer.Option("--safety", help="Use this fraction of the largest batch that fits (the lesson's rule: 0.8).")
 ]
 
 

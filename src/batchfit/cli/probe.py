@@ -38,7 +38,7 @@ def probe_cmd(
     free: FreeOpt = False,
     alloc_conf: AllocConfOpt = None,
     safety: Annotated[
-        float, typer.Option("--safety", help="Recommend floor(SAFETY x the measured max) (the seed's 0.8).")
+        float, typer.Option("--safety", help="Recommend floor(SAFETY x the measured max) (the lesson's 0.8).")
     ] = 0.8,
     start: Annotated[
         Optional[int],  # noqa: UP045 - typer needs Optional on Python 3.10
@@ -48,7 +48,7 @@ def probe_cmd(
         Optional[int],  # noqa: UP045
         typer.Option(
             "--from",
-            help="The seed's method for comparison: start here (e.g. 16), double until out of memory, then bisect.",
+            help="The lesson's method for comparison: start here (e.g. 16), double until out of memory, then bisect.",
             min=1,
         ),
     ] = None,

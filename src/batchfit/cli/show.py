@@ -99,11 +99,11 @@ def show(
     optimizer: OptimizerOpt = "sgd",
     mean: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: the seed's)."),
+        typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: the lesson's)."),
     ] = None,
     std: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--std", help="Normalisation std per channel (default: the seed's)."),
+        typer.Option("--std", help="Normalisation std per channel (default: the lesson's)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
