@@ -71,6 +71,10 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
     targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    from .quantize import Linear4bitModel, peft_layers
+
+    if any(isinstance(m, Linear4bitModel) for m in model.modules()):
+        config._register_custom_module(peft_layers())  # QLoRA: peft's own layer for a 4-bit base
     try:
         return get_peft_model(model, config)  # type: ignore[no-any-return]
     except ValueError as exc:
