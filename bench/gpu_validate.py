@@ -17,13 +17,16 @@ How each number is obtained (see docs/probe.md):
 * the measurement: a fresh child process per (case, batch size) runs ``measure_step`` on cuda
   (``max_memory_allocated``, ``max_memory_reserved``, ``mem_get_info``) and asks NVML (pynvml)
   for this process's memory;
+* the kernels' own allocations (``batchfit._cuda_scratch``): for each op of ``KERNEL_CASES``, one
+  child measures how far ``max_memory_allocated`` rises inside the op beyond its outputs (after a
+  warm-up call) beside the rule's prediction; ops no rule models are measured too (predicted 0);
 * the peers: ``batchfit.probe`` (isolated attempts), Lightning's ``Tuner.scale_batch_size(mode=
   "binsearch")`` and accelerate's ``find_executable_batch_size``, each in its own child process with
   a time cap, all under the same ``torch.cuda.set_per_process_memory_fraction`` (a smaller card's
   worth of memory, so every trial is quick).
 
-Files written under ``--out`` (at most 8): environment.json, calibration.json, suite.json,
-peers.json; each a JSON list of records.
+Files written under ``--out`` (at most 8): environment.json, calibration.json, kernels.json,
+suite.json, peers.json; each a JSON list of records.
 """
 
 from __future__ import annotations
@@ -186,6 +189,212 @@ def child_calibrate(_: dict[str, Any]) -> dict[str, Any]:
     from batchfit.calibrate import calibrate
 
     return calibrate()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels' own allocations (batchfit._cuda_scratch): each rule's prediction beside what
+# max_memory_allocated shows inside the op, at a few shapes. One child, after a warm-up call per op
+# (lazy module loading and first-call allocations happen outside the measured call).
+
+# (id, kind, parameters); kinds: sdpa (backward of one attention call), embedding (backward),
+# foreach_norm, conv (cuDNN, the catalogue's per-call constant), and single ops that no rule
+# models (predicted 0), whose measured scratch says whether one is needed.
+KERNEL_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("flash-bwd-bf16-4x16x1024x64", "sdpa", {"backend": "flash", "shape": (4, 16, 1024, 64), "dtype": "bfloat16"}),
+    ("flash-bwd-bf16-2x8x2000x128", "sdpa", {"backend": "flash", "shape": (2, 8, 2000, 128), "dtype": "bfloat16"}),
+    ("flash-bwd-fp16-8x12x512x64", "sdpa", {"backend": "flash", "shape": (8, 12, 512, 64), "dtype": "float16"}),
+    (
+        "efficient-bwd-bf16-4x16x1024x64",
+        "sdpa",
+        {"backend": "efficient", "shape": (4, 16, 1024, 64), "dtype": "bfloat16"},
+    ),
+    (
+        "efficient-bwd-bf16-2x8x1000x128",
+        "sdpa",
+        {"backend": "efficient", "shape": (2, 8, 1000, 128), "dtype": "bfloat16"},
+    ),
+    ("efficient-bwd-fp32-4x8x512x64", "sdpa", {"backend": "efficient", "shape": (4, 8, 512, 64), "dtype": "float32"}),
+    (
+        "efficient-bwd-fp32-1x4x2048x128",
+        "sdpa",
+        {"backend": "efficient", "shape": (1, 4, 2048, 128), "dtype": "float32"},
+    ),
+    (
+        "efficient-fwd-bf16-2x8x1024x256",
+        "sdpa_forward",
+        {"backend": "efficient", "shape": (2, 8, 1024, 256), "dtype": "bfloat16"},
+    ),
+    (
+        "embedding-bwd-fp32-4096x50257x768",
+        "embedding",
+        {"tokens": 4096, "vocab": 50257, "dim": 768, "dtype": "float32"},
+    ),
+    (
+        "embedding-bwd-bf16-16384x32000x1024",
+        "embedding",
+        {"tokens": 16384, "vocab": 32000, "dim": 1024, "dtype": "bfloat16"},
+    ),
+    (
+        "embedding-bwd-fp32-2048x50257x768-direct",
+        "embedding",
+        {"tokens": 2048, "vocab": 50257, "dim": 768, "dtype": "float32"},
+    ),
+    (
+        "foreach-norm-fp32-gpt2",
+        "foreach_norm",
+        {"numels": (50257 * 768,) + (768 * 2304, 768 * 768, 768 * 3072, 3072 * 768) * 12},
+    ),
+    ("conv-fwd-fp32-64x256x56x56", "conv", {"shape": (64, 256, 56, 56), "out": 64, "kernel": 1, "dtype": "float32"}),
+    ("conv-fwd-bf16-64x64x56x56-3x3", "conv", {"shape": (64, 64, 56, 56), "out": 64, "kernel": 3, "dtype": "bfloat16"}),
+    (
+        "conv-bwd-fp32-64x64x56x56-3x3",
+        "conv",
+        {"shape": (64, 64, 56, 56), "out": 64, "kernel": 3, "dtype": "float32", "backward": True},
+    ),
+    ("sum-all-fp32-64M", "op", {"op": "sum_all", "shape": (64 * 1024 * 1024,), "dtype": "float32"}),
+    ("sum-dim0-fp32-65536x1024", "op", {"op": "sum_dim0", "shape": (65536, 1024), "dtype": "float32"}),
+    ("log-softmax-bf16-8192x50257", "op", {"op": "log_softmax", "shape": (8192, 50257), "dtype": "bfloat16"}),
+    ("nll-loss-fp32-8192x50257", "op", {"op": "nll_loss", "shape": (8192, 50257), "dtype": "float32"}),
+)
+
+
+def _kernel_setup(kind: str, p: dict[str, Any], device: str, cc: tuple[int, int], conv_bytes: int) -> tuple[Any, Any]:
+    """(run, program): ``run()`` performs the op once (CUDA only); ``program`` the rule's buffers
+    (``None`` when no rule models the op, so the estimate adds nothing)."""
+    import torch
+    import torch.nn.functional as F
+
+    from batchfit import _cuda_scratch as cs
+
+    dtype = getattr(torch, p.get("dtype", "float32"))
+    real = device == "cuda"
+    if kind == "sdpa":
+        b, h, s, d = p["shape"]
+        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=real) for _ in range(3))
+        g = torch.randn(b, s, h, d, device=device, dtype=dtype).transpose(1, 2)  # the fused kernels' layout
+        rule = cs.flash_backward_program if p["backend"] == "flash" else cs.efficient_backward_program
+        program = rule(g, q, k, v, cc)
+        if not real:
+            return None, program
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = SDPBackend.FLASH_ATTENTION if p["backend"] == "flash" else SDPBackend.EFFICIENT_ATTENTION
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return (lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True)), program
+    if kind == "sdpa_forward":
+        b, h, s, d = p["shape"]
+        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(3))
+        program = cs.efficient_forward_program(q, v)
+        return (lambda: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True)), program
+    if kind == "embedding":
+        n, vocab, dim = p["tokens"], p["vocab"], p["dim"]
+        w = torch.randn(vocab, dim, device=device, dtype=dtype, requires_grad=real)
+        idx = torch.randint(0, vocab, (n,), device=device) if real else torch.empty(n, dtype=torch.int64, device=device)
+        g = torch.randn(n, dim, device=device, dtype=dtype)
+        program = cs.embedding_backward_program(g, idx, vocab, False)
+        if not real:
+            return None, program
+        out = F.embedding(idx, w)
+        return (lambda: torch.autograd.grad(out, w, g, retain_graph=True)), program
+    if kind == "foreach_norm":
+        ts = [torch.randn(n, device=device) if real else torch.empty(n, device=device) for n in p["numels"]]
+        return (lambda: torch._foreach_norm(ts, 2)), cs.foreach_norm_program(ts)
+    if kind == "conv":
+        n, c, hh, ww = p["shape"]
+        kk = p["kernel"]
+        x = torch.randn(n, c, hh, ww, device=device, dtype=dtype) if real else None
+        wt = torch.randn(p["out"], c, kk, kk, device=device, dtype=dtype) if real else None
+        program = [("alloc", "cudnn_workspace", conv_bytes)]  # the catalogue's per-call constant
+        if not real:
+            return None, program
+        torch.backends.cudnn.benchmark = False
+        pad = [kk // 2, kk // 2]
+        if p.get("backward"):
+            y = torch.ops.aten.convolution(x, wt, None, [1, 1], pad, [1, 1], False, [0, 0], 1)
+            gy = torch.randn_like(y)
+            return (
+                lambda: torch.ops.aten.convolution_backward(
+                    gy, x, wt, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [True, True, False]
+                )
+            ), program
+        return (lambda: torch.ops.aten.convolution(x, wt, None, [1, 1], pad, [1, 1], False, [0, 0], 1)), program
+    # single ops no rule models
+    x = torch.randn(*p["shape"], device=device, dtype=dtype) if real else None
+    if not real:
+        return None, None
+    op = p["op"]
+    if op == "sum_all":
+        return (lambda: x.sum()), None
+    if op == "sum_dim0":
+        return (lambda: x.sum(0)), None
+    if op == "log_softmax":
+        return (lambda: torch.ops.aten._log_softmax(x, 1, False)), None
+    target = torch.randint(0, p["shape"][1], (p["shape"][0],), device=device)
+    logp = torch.log_softmax(x, 1)
+    return (lambda: torch.ops.aten.nll_loss_forward(logp, target, None, 1, -100)), None
+
+
+def _measure_op(run: Any, round_size: Any) -> dict[str, int]:
+    """Peak rise inside ``run()`` beyond its outputs (each output storage rounded as the allocator does)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    run()  # warm-up: modules load lazily, first-call allocations (cuBLAS/cuDNN handles) happen here
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    storages = {}
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    outputs = sum(round_size(n) for n in storages.values())
+    held_after = torch.cuda.memory_allocated() - base
+    del out
+    return {"peak_rise_bytes": peak, "outputs_bytes": outputs, "held_after_bytes": held_after}
+
+
+def child_kernels(payload: dict[str, Any]) -> dict[str, Any]:
+    """Each KERNEL_CASES op: the rule's prediction (peak of its buffers, allocator-rounded) and, on
+    CUDA, the measured rise of max_memory_allocated inside the op beyond its outputs."""
+    import torch
+
+    from batchfit import _cuda_scratch as cs
+    from batchfit.allocator import AllocatorConfig
+    from batchfit.gpus import card_for_local, get_gpu, probe_local_gpu
+
+    real = torch.cuda.is_available() and not payload.get("dry_run")
+    device = "cuda" if real else "meta"
+    local = probe_local_gpu() if real else None
+    card = card_for_local(local) if local is not None else get_gpu(DRY_RUN_CARD)
+    cc = local.compute_capability if local is not None else (card.compute_capability or (9, 0))
+    round_size = AllocatorConfig().round_size
+    records = []
+    for case_id, kind, params in KERNEL_CASES:
+        rec: dict[str, Any] = {"id": case_id, "kind": kind, "params": params, "compute_capability": list(cc)}
+        began = time.perf_counter()
+        try:
+            run, program = _kernel_setup(kind, params, device, cc, card.conv_workspace_bytes)
+            rec["modelled"] = program is not None
+            rec["buffers"] = [list(step) for step in program or []]
+            rec["predicted_bytes"] = cs.peak_bytes(program or [], round_size)
+            if real:
+                m = _measure_op(run, round_size)
+                rec.update(m)
+                rec["measured_bytes"] = m["peak_rise_bytes"] - m["outputs_bytes"]
+                rec["error_bytes"] = rec["predicted_bytes"] - rec["measured_bytes"]
+            del run
+        except Exception as exc:  # one op failing (a kernel this card lacks) must not lose the others
+            rec["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+        if real:
+            torch.cuda.empty_cache()
+        rec["seconds"] = round(time.perf_counter() - began, 3)
+        records.append(rec)
+    return {"records": records, "torch": str(torch.__version__), "card": card.name, "measured": real}
 
 
 def _workload(case: dict[str, Any]) -> Any:
@@ -484,6 +693,7 @@ def child_probe(payload: dict[str, Any]) -> dict[str, Any]:
 CHILDREN = {
     "env": child_env,
     "calibrate": child_calibrate,
+    "kernels": child_kernels,
     "estimate": child_estimate,
     "fit": child_fit,
     "measure": child_measure,
@@ -619,6 +829,21 @@ def main(argv: list[str] | None = None) -> int:
         for case in peer_cases:
             payload = {"case": _case_dict(case), "gpu": gpu_key, "memory": peer_memory}
             fit_jobs[case.id] = pool.submit(run_child, "fit", payload, timeout_s=300, hide_cuda=True)
+
+    # 3a'. CUDA kernels' own allocations, each rule beside a measurement (in a dry run the
+    #      predictions only, on meta tensors), while the estimate children run on the CPU
+    began = time.perf_counter()
+    kernels = run_child(
+        "kernels", {"dry_run": dry_run}, timeout_s=min(180, max(120, clock.left(0.6))), hide_cuda=dry_run
+    )
+    for r in kernels.get("records", []):
+        got = r.get("error") or (
+            f"predicted {r.get('predicted_bytes'):,} B, measured {r['measured_bytes']:,} B"
+            if "measured_bytes" in r
+            else f"predicted {r.get('predicted_bytes'):,} B"
+        )
+        print(f"  kernel {r['id']}: {got}", flush=True)
+    section("kernel allocations", began)
 
     # 3b. measurements: one fresh child per (case, batch size), round-robin so a budget cut
     #     still leaves every family measured
@@ -791,6 +1016,11 @@ def main(argv: list[str] | None = None) -> int:
     files = {
         "environment.json": environment,
         "calibration.json": [{**common, "schema_version": SCHEMA_VERSION, **calibration}],
+        "kernels.json": [
+            {**common, "schema_version": SCHEMA_VERSION, **r, "torch_kernels": kernels.get("torch")}
+            for r in kernels.get("records", [])
+        ]
+        or [{**common, "schema_version": SCHEMA_VERSION, "error": kernels.get("error")}],
         "suite.json": suite_records,
         "peers.json": peer_records,
     }

@@ -59,14 +59,15 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_dry_run_writes_the_files_marked_dry(dry_run: Path) -> None:
     names = sorted(p.name for p in dry_run.iterdir())
-    assert names == ["calibration.json", "environment.json", "peers.json", "suite.json"]
+    assert names == ["calibration.json", "environment.json", "kernels.json", "peers.json", "suite.json"]
     assert len(names) <= 8
     for name in names:
         data = json.loads((dry_run / name).read_text())
         assert isinstance(data, list) and (data or name == "peers.json")  # --only mlp-mnist: no peer case
         assert all(r["dry_run"] is True and r["schema_version"] == 1 for r in data)
     env = json.loads((dry_run / "environment.json").read_text())[0]
-    assert env["cases"] == ["mlp-mnist-sgd-fp32"] and set(env["sections_seconds"]) >= {"calibration", "peers"}
+    assert env["cases"] == ["mlp-mnist-sgd-fp32"]
+    assert set(env["sections_seconds"]) >= {"calibration", "kernel allocations", "peers"}
     assert json.loads((dry_run / "calibration.json").read_text())[0]["planned"]
 
 
@@ -86,6 +87,33 @@ def test_dry_run_suite_records_and_the_estimate_path(dry_run: Path) -> None:
         assert r["estimated_peak_reserved_bytes"] == e.peak_reserved_bytes
         assert r["estimated_total_bytes"] == e.total_bytes
         assert r["estimate_saw_cuda"] is False and r["torch_estimate"]
+
+
+def test_dry_run_predicts_every_kernel_case(dry_run: Path) -> None:
+    from batchfit import _cuda_scratch as cs
+
+    gv = _load("gpu_validate")
+    kernels = json.loads((dry_run / "kernels.json").read_text())
+    assert [r["id"] for r in kernels] == [case[0] for case in gv.KERNEL_CASES]
+    assert not [r for r in kernels if r.get("error")]
+    assert all("measured_bytes" not in r for r in kernels)  # no GPU: predictions only
+    by_id = {r["id"]: r for r in kernels}
+    # the flash case's prediction is its two fp32 buffers, each rounded to 512 B by the allocator
+    b, h, s, d = 4, 16, 1024, 64
+    assert by_id["flash-bwd-bf16-4x16x1024x64"]["predicted_bytes"] == 4 * b * h * s + 4 * b * s * h * d
+    assert by_id["embedding-bwd-fp32-2048x50257x768-direct"]["predicted_bytes"] == 0
+    assert {r["kind"] for r in kernels if r["modelled"]} == {
+        "sdpa",
+        "sdpa_forward",
+        "embedding",
+        "foreach_norm",
+        "conv",
+    }
+    assert not [r for r in kernels if r["kind"] == "op" and r["modelled"]]
+    assert set(cs.RULES) >= {
+        "aten._scaled_dot_product_flash_attention_backward.default",
+        "aten.embedding_dense_backward.default",
+    }
 
 
 def test_dry_run_plans_the_peers(dry_run: Path) -> None:

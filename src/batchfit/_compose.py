@@ -102,6 +102,15 @@ def compose(full: Trace, short: Trace) -> Trace | None:
     def counterpart(storage: int) -> int | None:
         return pairs.get(twins.get(storage, storage))
 
+    # the kernels' buffers (_cuda_scratch): each call of the full trace with its arguments at
+    # the short trace's size, found through its first buffer's counterpart
+    short_calls = {call[1][0]: call for call in short.kernel_calls if call[1]}
+    calls = []
+    for call in full.kernel_calls:
+        twin = counterpart(call[1][0]) if call[1] else None
+        match = short_calls.get(twin) if twin is not None else None
+        calls.append((call[0], call[1], match[2], match[3]) if match is not None else call)
+
     events = []
     numels = dict(full.numels)
     for e in full.events:
@@ -121,4 +130,6 @@ def compose(full: Trace, short: Trace) -> Trace | None:
         full.module_types,
         list(full.marks),
         False,
+        calls,
+        full.compute_capability,
     )

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 from ._cpu_scalars import cast_bytes, saved_for_backward, wrapped_numbers
 from ._cpu_scratch import ScratchMeter, is_scratch_op
 from ._cuda_kernels import cuda_kernel_choices
+from ._cuda_scratch import KernelCall, describe, kernel_scratch
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
@@ -89,6 +90,10 @@ class Trace:
     # closes the step (what follows is the teardown's frees)
     marks: list[tuple[str, int, int]] = field(default_factory=list)
     window_only: bool = False  # only the first iteration's forward and backward were run
+    # CUDA kernels' own buffers, one entry per op call (_cuda_scratch), so that fit can size them
+    # at another batch size; and the card's compute capability the rules were run for
+    kernel_calls: list[KernelCall] = field(default_factory=list)
+    compute_capability: tuple[int, int] | None = None
 
     def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
         """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
@@ -140,6 +145,7 @@ class _Recorder(TorchDispatchMode):
             tracer.release(held)
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
+            tracer.kernel_scratch(func, args, kwargs)
         if tracer.scratch is not None and is_scratch_op(func):
             extra, extrapolated = tracer.scratch.measure(func, args, kwargs, out)
             for fake, nbytes in tracer.scratch.resized:
@@ -171,6 +177,8 @@ class _Tracer:
         self.device_type = "cpu"
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
+        self.compute_capability: tuple[int, int] = (8, 0)  # the card's, for kernel choices (_cuda_scratch)
+        self.kernel_calls: list[KernelCall] = []
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
@@ -257,6 +265,26 @@ class _Tracer:
             )
             self.raw.append(("alloc", rec))
             self.raw.append(("free", rec))
+
+    def kernel_scratch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Buffers the op's CUDA kernel takes through the caching allocator and frees before it
+        returns (``_cuda_scratch``): born and dead after the op's outputs, in the kernel's order."""
+        program = kernel_scratch(func, args, kwargs, self.compute_capability)
+        if not program:
+            return
+        held: dict[str, _Storage] = {}
+        sids = []
+        for step in program:
+            if step[0] == "alloc":
+                rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], "workspaces", self.iteration)
+                held[step[1]] = rec
+                sids.append(rec.sid)
+                self.raw.append(("alloc", rec))
+            else:
+                self.raw.append(("free", held.pop(step[1])))
+        for rec in reversed(held.values()):
+            self.raw.append(("free", rec))
+        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
 
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """The real kernel makes this output another size than the meta kernel says (its birth record is fixed)."""
@@ -938,20 +966,28 @@ def trace_step(
     *,
     cuda_workspaces: tuple[int, int] | None = None,
     window_only: bool = False,
+    compute_capability: tuple[int, int] | None = None,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
 
     ``cuda_workspaces`` = (cuBLAS workspace per handle, cuDNN workspace per convolution call) in
-    bytes adds the library workspaces a CUDA run takes through the caching allocator.
+    bytes adds the library workspaces a CUDA run takes through the caching allocator, and the
+    buffers CUDA kernels take inside an op (``_cuda_scratch``; ``compute_capability`` picks the
+    kernels, sm80 when not given).
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
     with frozen_heap(), quiet_fake_tensor_logs():
-        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only)
+        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability)
 
 
 def _trace_step(
-    workload: Workload, batch_size: int, spec: StepSpec, cuda_workspaces: tuple[int, int] | None, window_only: bool
+    workload: Workload,
+    batch_size: int,
+    spec: StepSpec,
+    cuda_workspaces: tuple[int, int] | None,
+    window_only: bool,
+    compute_capability: tuple[int, int] | None = None,
 ) -> Trace:
     if window_only and (spec.mode != "train" or spec.step is not None):
         raise ValueError("window_only traces need the reference training step (no custom step)")
@@ -962,6 +998,7 @@ def _trace_step(
     tracer.device_type = device.type
     if device.type == "cuda":
         tracer.cuda_workspaces = cuda_workspaces
+        tracer.compute_capability = compute_capability or tracer.compute_capability
     param_dtype = spec.precision.param_dtype if spec.precision.param_dtype != torch.float32 else None
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     setup_end = 0
@@ -1064,6 +1101,8 @@ def _trace_step(
         types,
         list(tracer.marks),
         window_only,
+        tracer.kernel_calls,
+        tracer.compute_capability if tracer.cuda_workspaces is not None else None,
     )
 
 

@@ -379,16 +379,18 @@ def raw_peak(events: list[Event]) -> tuple[int, int | None, dict[str, int]]:
     return peak, at, snap
 
 
-def _resolve_budget(spec: StepSpec, gpu: str | None, memory: str | int | None, free: bool) -> Budget | None:
+def _resolve_budget(
+    spec: StepSpec, gpu: str | None, memory: str | int | None, free: bool, context: str | int | None = None
+) -> Budget | None:
     if spec.device != "cuda":
-        if gpu or memory or free:
+        if gpu or memory or free or context is not None:
             raise BatchfitError(
-                "--gpu, --memory and --free apply to --device cuda", hint="drop them, or use --device cuda"
+                "--gpu, --memory, --free and --context apply to --device cuda", hint="drop them, or use --device cuda"
             )
         return None
     from .gpus import resolve_card
 
-    return resolve_card(gpu, memory, free)
+    return resolve_card(gpu, memory, free, context=context)
 
 
 def _alloc_config(alloc_conf: str | None) -> AllocatorConfig:
@@ -409,18 +411,25 @@ class Estimator:
         memory: str | int | None = None,
         free: bool = False,
         alloc_conf: str | None = None,
+        context_bytes: str | int | None = None,
     ) -> None:
         self.workload = workload
         self.spec = spec
-        self.budget = _resolve_budget(spec, gpu, memory, free)
+        self.budget = _resolve_budget(spec, gpu, memory, free, context_bytes)
         self.alloc_config = _alloc_config(alloc_conf) if spec.device == "cuda" else None
         card = self.budget.card if self.budget is not None else None
         self.cuda_workspaces = (card.cublas_workspace_bytes, card.conv_workspace_bytes) if card is not None else None
+        self.compute_capability = card.compute_capability if card is not None else None
         self._cache: dict[int, StepEstimate] = {}
 
     def trace(self, batch_size: int, *, window_only: bool = False) -> Trace:
         return trace_step(
-            self.workload, batch_size, self.spec, cuda_workspaces=self.cuda_workspaces, window_only=window_only
+            self.workload,
+            batch_size,
+            self.spec,
+            cuda_workspaces=self.cuda_workspaces,
+            window_only=window_only,
+            compute_capability=self.compute_capability,
         )
 
     def at(self, batch_size: int) -> StepEstimate:
@@ -491,17 +500,22 @@ def estimate(
     memory: str | int | None = None,
     free: bool = False,
     alloc_conf: str | None = None,
+    context_bytes: str | int | None = None,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
     ``model``: a registry name or an ``nn.Module`` (never modified); ``input_size``: one sample's
     shape without the batch dimension. ``batch_size`` an int gives a :class:`StepEstimate`, a list
     an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
-    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run.
+    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run. ``context_bytes``
+    (bytes, or a size such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA
+    context, libraries' modules and handles; ``--context`` on the command line).
     """
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(device, optimizer, precision, loss, step, mode)
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    est = Estimator(
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+    )
     if isinstance(batch_size, int):
         return est.at(batch_size)
     sizes = list(batch_size)

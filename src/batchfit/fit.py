@@ -57,6 +57,12 @@ class AffineTimeline:
         self.slopes: list[int] = []
         self.intercepts: list[int] = []
         self.ok = len(a.events) == len(b.events)
+        # CUDA kernels' own buffers are not lines in the batch size (thresholds, floors, minima):
+        # their sizes are worked out per size by re-running the rule on the arguments' shapes
+        # (which are), see _cuda_scratch
+        self.kernel_calls = self._kernel_calls(a, b) if self.ok else []
+        self.ok = self.ok and self.kernel_calls is not None
+        ruled = {sid for call in self.kernel_calls or () for sid in call[1]}
         if self.ok:
             for ea, eb in zip(a.events, b.events):
                 same = (ea.action, ea.storage, ea.category, ea.phase, ea.module, ea.iteration) == (
@@ -67,13 +73,39 @@ class AffineTimeline:
                     eb.module,
                     eb.iteration,
                 )
-                diff = eb.nbytes - ea.nbytes
+                diff = 0 if ea.storage in ruled else eb.nbytes - ea.nbytes
                 if not same or diff % db:
                     self.ok = False
                     break
                 slope = diff // db
                 self.slopes.append(slope)
                 self.intercepts.append(ea.nbytes - slope * a.batch_size)
+
+    @staticmethod
+    def _kernel_calls(a: Trace, b: Trace) -> list[tuple[str, tuple[int, ...], Any, Any, dict[str, Any]]] | None:
+        """Each kernel call's arguments at both sizes; ``None`` when the two steps' calls differ."""
+        if len(a.kernel_calls) != len(b.kernel_calls):
+            return None
+        calls = []
+        for ca, cb in zip(a.kernel_calls, b.kernel_calls):
+            if ca[0] != cb[0] or ca[1] != cb[1] or ca[3] != cb[3]:
+                return None
+            calls.append((ca[0], ca[1], ca[2], cb[2], ca[3]))
+        return calls
+
+    def _kernel_sizes(self, batch_size: int) -> dict[int, int]:
+        from ._cuda_scratch import at_batch, call_sizes
+
+        a, b = self.first, self.second
+        cc = a.compute_capability or (8, 0)
+        sizes: dict[int, int] = {}
+        for key, sids, da, db_, kwargs in self.kernel_calls or ():
+            desc = at_batch(da, db_, a.batch_size, b.batch_size, batch_size)
+            got = call_sizes(key, desc, kwargs, cc) if desc is not None else []
+            if len(got) != len(sids):  # cannot happen for affine shapes; keep the traced size's then
+                got = [e.nbytes for e in b.events if e.storage in sids and e.action == "alloc"]
+            sizes.update(zip(sids, got))
+        return sizes
 
     def trace_at(self, batch_size: int) -> Trace:
         """A trace at any batch size, without tracing (per-layer figures interpolated linearly)."""
@@ -94,12 +126,16 @@ class AffineTimeline:
                 (e.seq, e.action, e.storage, e.category, e.module, e.phase, e.iteration) for e in self.template
             ]
         make = tuple.__new__
-        return [
+        events = [
             make(Event, (seq, action, storage, max(0, i + s * batch_size), category, module, phase, iteration))
             for (seq, action, storage, category, module, phase, iteration), s, i in zip(
                 self._static, self.slopes, self.intercepts
             )
         ]
+        if self.kernel_calls:
+            sizes = self._kernel_sizes(batch_size)
+            events = [e._replace(nbytes=sizes[e.storage]) if e.storage in sizes else e for e in events]
+        return events
 
     def matches(self, trace: Trace) -> bool:
         return self.ok and trace.events == self.events_at(trace.batch_size)
@@ -319,17 +355,21 @@ def fit(
     step: Any = None,
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
+    context_bytes: str | int | None = None,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
     Raises :class:`DoesNotFit` (exit code 4 on the command line) when even batch size 1 does not
-    fit, with the fixed costs and what would help.
+    fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
+    outside the allocator (``--context``).
     """
     if not 0 < safety <= 1:
         raise BatchfitError(f"--safety must be in (0, 1], got {safety}", hint="the seed's rule is 0.8")
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, "train")
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    est = Estimator(
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+    )
     budget = est.budget
     assert budget is not None
     say = progress or (lambda text: None)

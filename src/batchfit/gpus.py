@@ -84,6 +84,8 @@ class Provenance:
     def __str__(self) -> str:
         if self.status == "measured":
             return f"measured on {self.card} (driver {self.driver}, torch {self.torch}, {self.date})"
+        if self.source == "--context":
+            return "given with --context"
         return self.status
 
 
@@ -358,6 +360,134 @@ class Budget:
         return self.description
 
 
+# --------------------------------------------------------------------------------------------
+# Memory outside the allocator: the CUDA context, the libraries' modules and handles
+# --------------------------------------------------------------------------------------------
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ContextFigure:
+    """A published measurement of a process's GPU memory outside PyTorch's caching allocator."""
+
+    nbytes: int
+    lazy: bool  # CUDA_MODULE_LOADING=LAZY (kernels loaded when first used) or eager
+    cuda: str  # the CUDA runtime
+    card: str | None
+    source: str
+
+
+# Bare contexts (a CUDA context and PyTorch's first kernels, before a training step loads more).
+PUBLISHED_CONTEXTS: tuple[ContextFigure, ...] = (
+    ContextFigure(
+        1343 * _MIB,
+        False,
+        "11.2",
+        "Tesla V100",
+        "a bare context of 1,343 MiB on a V100 with CUDA 11.2, before lazy loading (cited in batchfit issue 11)",
+    ),
+    ContextFigure(
+        666_632_192,
+        False,
+        "11.7",
+        None,
+        "pytorch/pytorch PR #86509: CUDA_MODULE_LOADING=DEFAULT, total - free (cudaMemGetInfo) after "
+        "torch.randn(20, 16, 50, 100).cuda()",
+    ),
+    ContextFigure(
+        287_047_680,
+        True,
+        "11.7",
+        None,
+        "pytorch/pytorch PR #86509: the same with CUDA_MODULE_LOADING=LAZY (PyTorch's default since 1.13)",
+    ),
+    ContextFigure(
+        426 * _MIB,
+        True,
+        "13.0",
+        "NVIDIA RTX 6000 Ada Generation",
+        "unslothai/unsloth-zoo PR #1053: nvidia-smi after torch.cuda.mem_get_info(0), torch 2.10.0+cu130",
+    ),
+)
+
+
+def lazy_module_loading(cuda_version: str | None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether CUDA loads kernels lazily: CUDA 11.7 or newer, and ``CUDA_MODULE_LOADING`` not set to
+    anything but ``LAZY`` (PyTorch sets ``LAZY`` when it is unset, pytorch/pytorch PR #86509).
+
+    >>> lazy_module_loading("12.4"), lazy_module_loading("11.2"), lazy_module_loading("12.4", {"CUDA_MODULE_LOADING": "EAGER"})
+    (True, False, False)
+    """
+    mode = (environ or {}).get("CUDA_MODULE_LOADING", "LAZY").upper()
+    if cuda_version is None:
+        return mode == "LAZY"
+    parts = tuple(int(x) for x in re.findall(r"[0-9]+", cuda_version)[:2])
+    return mode == "LAZY" and parts >= (11, 7)
+
+
+def context_bytes_for(
+    card: GpuCard, cuda_version: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[int, Provenance]:
+    """The card's memory outside the allocator under a CUDA runtime and module-loading mode.
+
+    A figure measured on the card wins. Otherwise the larger of the catalogue's figure and the
+    largest published bare context for the loading mode (an underestimate is an out-of-memory,
+    so the larger one; published contexts were measured before a training step loaded its kernels).
+
+    >>> card = get_gpu("v100")
+    >>> context_bytes_for(card, "11.2")[0] // 2**20, context_bytes_for(card, "12.4")[0] // 2**20
+    (1343, 512)
+    """
+    figure = card.non_allocator_bytes
+    prov = card.provenance.get("non_allocator", Provenance("assumed", "catalogue"))
+    if prov.status == "measured":
+        return figure, prov
+    lazy = lazy_module_loading(cuda_version, environ)
+    same_mode = [f for f in PUBLISHED_CONTEXTS if f.lazy == lazy]
+    names = {_norm(n) for n in (card.name, *card.torch_names)}
+    same_card = [f for f in same_mode if f.card is not None and _norm(f.card) in names]
+    best = max(same_card or same_mode, key=lambda f: f.nbytes)
+    if best.nbytes <= figure:
+        return figure, prov
+    mode = "lazy" if lazy else "eager"
+    return best.nbytes, Provenance(
+        "reported", f"the largest published bare CUDA context with {mode} module loading: {best.source}"
+    )
+
+
+def _with_context(budget: Budget, context: str | int | None) -> Budget:
+    """The budget's card with its memory outside the allocator: ``--context`` or the context model."""
+    card = budget.card
+    if context is not None:
+        try:
+            size = parse_size(context) if isinstance(context, str) else int(context)
+        except (BatchfitError, ValueError):
+            raise BatchfitError(
+                f"--context must be a size, not {context!r}", hint="e.g. --context 600MiB (2^20 B each), or bytes"
+            ) from None
+        if size < 0:
+            raise BatchfitError(f"--context must not be negative, not {context!r}", hint="e.g. --context 600MiB")
+        nbytes, prov = size, Provenance("nominal", "--context")
+    else:
+        import os
+
+        nbytes, prov = context_bytes_for(card, _torch_cuda_version(), os.environ)
+    if nbytes == card.non_allocator_bytes and context is None:
+        return budget
+    card = replace(card, non_allocator_bytes=nbytes, provenance={**card.provenance, "non_allocator": prov})
+    return replace(budget, card=card)
+
+
+def _torch_cuda_version() -> str | None:
+    try:
+        import torch
+
+        return torch.version.cuda
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+
+
 _PROBE: Any = object()  # sentinel: "probe the local GPU" (tests pass a LocalGpu or None instead)
 
 
@@ -367,6 +497,27 @@ def resolve_card(
     free: bool,
     *,
     local: Any = _PROBE,  # a LocalGpu, or None for "no CUDA here"; default: probe the machine
+    context: str | int | None = None,
+) -> Budget:
+    """Turn ``--gpu NAME`` / ``--memory SIZE`` / ``--free`` into a :class:`Budget` (the one place that does).
+
+    Neither given: the local GPU if CUDA is available, else the catalogue's default card (H100 80GB
+    SXM), and the description says so. ``local`` replaces probing the machine (for tests).
+    ``context`` (``--context SIZE``) sets the memory outside the allocator; without it the context
+    model (:func:`context_bytes_for`) gives it from the card, the CUDA runtime and module loading.
+
+    >>> resolve_card("a100", None, False, local=None, context="1GiB").card.non_allocator_bytes
+    1073741824
+    """
+    return _with_context(_resolve_card(gpu, memory, free, local=local), context)
+
+
+def _resolve_card(
+    gpu: str | None,
+    memory: str | int | None,
+    free: bool,
+    *,
+    local: Any = _PROBE,
 ) -> Budget:
     """Turn ``--gpu NAME`` / ``--memory SIZE`` / ``--free`` into a :class:`Budget` (the one place that does).
 
@@ -472,16 +623,20 @@ def _custom_card(size: int, catalogue: Catalogue) -> GpuCard:
 __all__ = [
     "CUBLAS_WORKSPACE_DEFAULT_BYTES",
     "CUBLAS_WORKSPACE_LARGE_BYTES",
+    "PUBLISHED_CONTEXTS",
     "Budget",
     "Catalogue",
+    "ContextFigure",
     "GpuCard",
     "LocalGpu",
     "Provenance",
     "card_for_local",
     "card_from_entry",
+    "context_bytes_for",
     "conv_workspace_bytes",
     "cublas_workspace_bytes_for",
     "get_gpu",
+    "lazy_module_loading",
     "list_gpus",
     "load_catalogue",
     "probe_local_gpu",

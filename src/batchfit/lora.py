@@ -70,7 +70,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     # "all-linear": peft's own rule, every Linear/Conv1D but a transformers model's output layer
     # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
     targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    # peft types lora_alpha as int and uses it as a number (scaling = alpha / r): a float passes as is
+    alpha: Any = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
+    config = LoraConfig(r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout, target_modules=targets)
     from .quantize import Linear4bitModel, peft_layers
 
     if any(isinstance(m, Linear4bitModel) for m in model.modules()):

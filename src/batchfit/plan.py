@@ -472,11 +472,13 @@ def plan(
     alloc_conf: str | None = None,
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,
+    context_bytes: str | int | None = None,
 ) -> Plan:
     """The one-screen answer: the model, the largest and recommended batch size, memory by batch size.
 
     Options as :func:`batchfit.fit.fit`; ``curve_points`` is the number of batch sizes the plot
-    sweeps (each one allocator replay when the step's timeline is affine in the batch size).
+    sweeps (each one allocator replay when the step's timeline is affine in the batch size);
+    ``context_bytes`` overrides the card's memory outside the allocator (``--context``).
     Raises :class:`~batchfit.fit.DoesNotFit` when even batch size 1 does not fit.
     """
     say = progress or (lambda text: None)
@@ -495,6 +497,7 @@ def plan(
         step=step,
         alloc_conf=alloc_conf,
         progress=progress,
+        context_bytes=context_bytes,
     )
     return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress)
 

@@ -273,6 +273,16 @@ FreeOpt = Annotated[
     typer.Option("--free", help="Use what the local GPU has free right now instead of its total memory."),
 ]
 
+ContextOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--context",
+        help="The process's GPU memory outside PyTorch's allocator (CUDA context, libraries' kernels and handles), "
+        "e.g. 600MiB; default: the catalogue's figure, or the largest published one for the CUDA runtime's module loading.",
+        show_default=False,
+    ),
+]
+
 
 def budget_from_options(gpu: str | None, memory: str | None, free: bool) -> Budget:
     """The budget the three options describe (see :func:`batchfit.gpus.resolve_card`)."""

@@ -17,6 +17,7 @@ from ._common import (
     AllocConfOpt,
     BatchSizesOpt,
     ClassesOpt,
+    ContextOpt,
     DatasetOpt,
     DeviceOpt,
     FreeOpt,
@@ -55,6 +56,7 @@ def estimate_cmd(
     gpu: GpuOpt = None,
     memory: MemoryOpt = None,
     free: FreeOpt = False,
+    context: ContextOpt = None,
     alloc_conf: AllocConfOpt = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also show each module's saved activations.")] = False,
     compare: Annotated[
@@ -70,7 +72,7 @@ def estimate_cmd(
     check_paths(snapshot_path, report_path, device)
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     spec = make_spec(device, optimizer, precision, loss, step, mode)
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf)
+    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context)
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
     comparison = _compare(report, workload, spec) if compare else None
