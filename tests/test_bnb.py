@@ -168,3 +168,18 @@ def test_quantize_errors() -> None:
         QuantSpec.parse("8bit")
     with pytest.raises(BatchfitError, match="unknown quantisation"):
         QuantSpec.parse("3bit")
+
+
+def test_cli_quantize_and_8bit_optimizer(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from typer.testing import CliRunner
+
+    from batchfit.cli import app
+
+    runner = CliRunner()
+    args = ["estimate", _tiny_llama(tmp_path), "--seq-len", "16", "-b", "1", "--lora", "4", "--device", "cuda"]
+    result = runner.invoke(app, [*args, "--quantize", "4bit", "--optimizer", "paged-adamw8bit"])
+    assert result.exit_code == 0, result.output
+    assert "modelled" in result.output
+    result = runner.invoke(app, [*args, "--quantize", "8bit"])
+    assert result.exit_code != 0 and "not modelled yet" in result.output
