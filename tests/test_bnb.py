@@ -139,13 +139,17 @@ def test_qlora_base_as_transformers_quantises_it(tmp_path: Path) -> None:
     assert any("modelled" in n for n in est.notes)
 
 
-def test_qlora_step_equals_a_real_cpu_run_of_the_model(tmp_path: Path) -> None:
+# adamw8bit: the real run's count includes the maps its constructor allocates (measure.py counted
+# only parameters, inputs and labels before the window: 2 KiB short)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_qlora_step_equals_a_real_cpu_run_of_the_model(tmp_path: Path, optimizer: str) -> None:
     pytest.importorskip("peft")
     w = load_workload(_tiny_llama(tmp_path), seq_len=16, quantize="4bit", lora=4)
     wrappers = {type(m).__module__ for n, m in w.model.named_modules() if n.endswith("q_proj")}
     assert wrappers == {"peft.tuners.lora.bnb"}  # peft's own QLoRA layer wraps the 4-bit base
-    est = estimate(w, batch_size=2, optimizer="adamw", device="cpu")
-    real = measure_step(w, 2, make_spec("cpu", "adamw"))
+    est = estimate(w, batch_size=2, optimizer=optimizer, device="cpu")
+    real = measure_step(w, 2, make_spec("cpu", optimizer))
+    assert est.peak_phase != "optimizer"  # bitsandbytes' CPU optimizer temporaries are not modelled
     assert est.peak_allocated_bytes == real.peak_allocated_bytes
     assert all("lora_" in n for n, p in w.model.named_parameters() if p.requires_grad)  # the base is frozen
 

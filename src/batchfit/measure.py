@@ -91,7 +91,9 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
-        before = _storage_bytes([*state.values(), *inputs.tensors(), labels])
+        # and what the optimizer's constructor allocated (bitsandbytes' quantisation maps)
+        held = [v for v in vars(optimizer).values() if isinstance(v, dict)] if optimizer is not None else []
+        before = _storage_bytes([*state.values(), *inputs.tensors(), labels, *held])
         gc.collect()
         runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(before)
         start = time.perf_counter()
