@@ -1,8 +1,9 @@
 """QLoRA's frozen base as bitsandbytes stores it: 4-bit (NF4/FP4) weights and their temporaries.
 
-bitsandbytes' ``Linear4bit`` cannot run on batchfit's fake tensors (its weight is a
-``Params4bit`` carrying a ``QuantState`` of further tensors, which the fake re-parametrisation of a
-model does not carry), so each ``nn.Linear`` of the base is replaced, on the meta model and before
+bitsandbytes' ``Linear4bit`` does not run on batchfit's fake tensors (its weight is a
+``Params4bit`` carrying a ``QuantState`` of further tensors; with bitsandbytes 0.50.2 the fake
+re-parametrisation fails: "Creating a new Tensor subclass Params4bit but the raw Tensor object is
+already associated to a python object of type FakeTensor"), so each ``nn.Linear`` of the base is replaced, on the meta model and before
 LoRA, by :class:`Linear4bitModel`: a stand-in with the same storage and the same temporaries as
 bitsandbytes 0.50's code, cited below. The figure is modelled, and the output says so.
 
