@@ -85,9 +85,10 @@ def _est_and_real(w: Workload, batch_size: int, optimizer: str = "adamw") -> tup
     return est.peak_allocated_bytes, real.peak_allocated_bytes
 
 
-# transformers builds an explicit causal mask when it sees fake tensors (its is_tracing() treats
-# them as tracing), which a real run skips; with checkpointing the mask is alive at the peak
-_MASK_ON_FAKE = pytest.mark.xfail(strict=True, reason="transformers' mask on fake tensors (issue 12, item 4)")
+# GPT-2 with checkpointing is 96 B above the real step (measured: 2,822,576 vs 2,822,480 B). Not
+# the fake-tensor mask of issue 12 item 4 (fixed by _values.real_tensor_paths: that gap was
+# 2,144 B here, and 26,624 B for Gemma, now exact); not explained yet
+_MASK_ON_FAKE = pytest.mark.xfail(strict=True, reason="GPT-2 + checkpointing: 96 B unexplained")
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
@@ -102,7 +103,7 @@ _MASK_ON_FAKE = pytest.mark.xfail(strict=True, reason="transformers' mask on fak
 def test_small_configs_equal_a_real_cpu_step(
     tmp_path: Path, family: str, variant: str, request: pytest.FixtureRequest
 ) -> None:
-    if variant == "checkpointing" and family in ("gemma", "gpt2"):
+    if variant == "checkpointing" and family == "gpt2":
         request.applymarker(_MASK_ON_FAKE)
     kwargs: dict = {"lora": 4} if variant == "lora" else {}
     if variant == "checkpointing":

@@ -132,4 +132,5 @@ def compose(full: Trace, short: Trace) -> Trace | None:
         False,
         calls,
         full.compute_capability,
+        full.loss,
     )

@@ -4,7 +4,8 @@ No dispatch mode sees the buffers a kernel allocates and frees before it returns
 convolutions reorder their inputs and weights, batch-norm backward and the oneDNN LSTM keep
 workspaces. For ``--device cpu`` the tracer asks this module, for each such op, how far memory
 rises inside the op beyond what it returns, by running that one op for real at the same shapes
-under the profiler (milliseconds), cached by op and shapes. When the real op would be too large
+under the profiler (milliseconds), cached by op, shapes and thread count (the tracer sets torch's
+thread count to the one the user's run will have, ``--threads``). When the real op would be too large
 to run here, it is measured at batch sizes 1 and 2 and extrapolated linearly in the batch.
 
 Most ops are pure arithmetic, so random data of the right shapes gives the same allocations. The
@@ -109,7 +110,11 @@ def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
             return tuple(one(x) for x in a)
         return a
 
-    return (str(func), one(args), tuple(sorted((k, one(v)) for k, v in kwargs.items())))
+    # kernels size their scratch by the thread count: oneDNN's convolution backward books a private
+    # weights buffer for each thread beyond the first that splits the batch (key_conv_wei_reduction,
+    # e.g. jit_avx512_common_conv_bwd_weights_kernel_f32::init_scratchpad), plus per-thread buffers
+    threads = torch.get_num_threads()
+    return (str(func), threads, one(args), tuple(sorted((k, one(v)) for k, v in kwargs.items())))
 
 
 def _bytes(args: Any) -> int:

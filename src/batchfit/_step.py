@@ -23,7 +23,18 @@ import torch
 from torch import nn
 
 from .models import ModelInputs
-from .training import LossSpec, OptimizerSpec, Precision, StepFn, logits_of, output_is_loss
+from .training import (
+    AUTO_LOSS,
+    LOSSES,
+    LossChoice,
+    LossSpec,
+    OptimizerSpec,
+    Precision,
+    StepFn,
+    choose_loss,
+    first_tensor,
+    output_is_loss,
+)
 
 
 @dataclass
@@ -37,6 +48,7 @@ class StepSpec:
     mode: str = "train"  # or "inference"
     step: StepFn | None = None
     iterations: int = 2
+    threads: int | None = None  # CPU: torch's intra-op threads for the step (kernel scratch depends on it)
 
 
 class Scaler(Protocol):
@@ -74,6 +86,24 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(threads)`` and give the previous count back (None: as it is).
+
+    CPU kernels size their scratch by the thread count (oneDNN's convolutions keep a buffer per
+    thread), so a CPU step is simulated and measured at the count the user's run will have.
+    """
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
     """Set train/eval for the step and give every submodule its own mode back afterwards."""
     modes = [(m, m.training) for m in model.modules()]
@@ -102,11 +132,20 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def output_logits(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> torch.Tensor | None:
-    """The tensor labels are shaped after (None when the model returns its loss), from a no-grad forward."""
+def label_choice(model: nn.Module, inputs: ModelInputs, spec: StepSpec) -> LossChoice:
+    """The loss the step will use, from a no-grad forward (labels are made from it before the window).
+
+    A user's ``--step`` computes its own loss: its labels follow the output's first tensor.
+    """
     with torch.no_grad(), autocast(spec.device, spec.precision.autocast_dtype):
         out = inputs.call(model)
-    return None if output_is_loss(out) is not None else logits_of(out).detach()
+    if spec.step is None:
+        return choose_loss(out, spec.loss)
+    if output_is_loss(out) is not None:
+        return LossChoice("computed by your --step")
+    target, _ = first_tensor(out)
+    labels_like = LOSSES["token-cross-entropy"] if spec.loss is AUTO_LOSS else spec.loss
+    return LossChoice("computed by your --step", labels_like, target)
 
 
 def run_step(
@@ -117,16 +156,16 @@ def run_step(
     *,
     backward: Callable[[torch.Tensor], None],
     labels: Any = None,
-    make_labels: Callable[[torch.Tensor], Any] | None = None,
+    make_labels: Callable[[LossChoice], Any] | None = None,
     scaler: Scaler | None = None,
     on_phase: Callable[[str, int], None] = lambda phase, iteration: None,
     after_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
     window_only: bool = False,
-) -> None:
-    """Run the reference step's window.
+) -> str | None:
+    """Run the reference step's window; returns which loss ran, in words (None in inference).
 
-        ``labels`` may be given, or made on first use by ``make_labels(logits)`` (which must file them
-        as existing before the window). ``window_only``: stop after the first iteration's backward.
+    ``labels`` may be given, or made on first use by ``make_labels(choice)`` (which must file them
+    as existing before the window). ``window_only``: stop after the first iteration's backward.
     ``on_phase(phase, iteration)`` is called as each phase begins, and with ``"end"`` as the step ends.
     """
     if spec.mode == "inference":
@@ -135,9 +174,10 @@ def run_step(
             out = inputs.call(model)
         del out
         on_phase("end", 1)
-        return
+        return None
     assert optimizer is not None
     it = 0
+    described = "computed by your --step" if spec.step is not None else None
     for it in range(1, spec.iterations + 1):
         on_phase("forward", it)
         if spec.step is not None:
@@ -145,14 +185,12 @@ def run_step(
             continue
         with autocast(spec.device, spec.precision.autocast_dtype):
             out = inputs.call(model)
-            loss = output_is_loss(out)
-            if loss is None:
-                logits = logits_of(out)
-                if labels is None and make_labels is not None:
-                    labels = make_labels(logits)
-                del logits
-                loss = spec.loss.fn(out, labels)
-            del out
+            choice = choose_loss(out, spec.loss)
+            if labels is None and make_labels is not None and choice.target is not None:
+                labels = make_labels(choice)
+            loss = choice.loss(out, labels)
+            described = choice.description
+            del out, choice  # the choice holds the logits: they go when the output goes
         if scaler is not None:
             loss = scaler.scale(loss)
         on_phase("backward", it)
@@ -169,3 +207,4 @@ def run_step(
         after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
     on_phase("end", it)  # while this frame's locals (the labels it made) are still alive
+    return described

@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,9 +47,11 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
-from ._step import StepSpec, output_logits, run_step, state_tensors, train_mode, unique_trainable
+from ._step import StepSpec, cpu_threads, label_choice, run_step, state_tensors, train_mode, unique_trainable
+from ._values import Values, real_tensor_paths
 from .models import Workload, fake_state
 from .quantize import quantized_note
+from .training import LossChoice
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
 _CUBLAS_OPS = frozenset(
@@ -94,6 +101,7 @@ class Trace:
     # at another batch size; and the card's compute capability the rules were run for
     kernel_calls: list[KernelCall] = field(default_factory=list)
     compute_capability: tuple[int, int] | None = None
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     def mark_index(self, phase: str, iteration: int | None = None) -> int | None:
         """Where ``phase`` (of ``iteration``; None: any) begins in ``events``."""
@@ -124,9 +132,13 @@ class _Recorder(TorchDispatchMode):
             first = args[0]
             if func is _PRIM_DEVICE and not first.fake_mode.in_kernel_invocation:
                 return first.fake_device
-            if func is _ITEM and first.constant is not None:
-                with no_dispatch():
-                    return first.constant.item()
+            if func is _ITEM:
+                if first.constant is not None:
+                    with no_dispatch():
+                        return first.constant.item()
+                value = self.tracer.values.item(first)
+                if value is not None:
+                    return value
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
@@ -134,7 +146,13 @@ class _Recorder(TorchDispatchMode):
         held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
         if out is None:
-            out = func(*args, **kwargs)
+            try:
+                out = func(*args, **kwargs)
+            except (DataDependentOutputException, DynamicOutputShapeException):
+                out = tracer.values.answer(func, args, kwargs)  # computed for real from known values
+                if out is None:
+                    raise
+        tracer.values.follow(func, args, kwargs, out)
         if isinstance(out, torch.Tensor):
             tracer.track(out)
         else:
@@ -181,6 +199,7 @@ class _Tracer:
         self.kernel_calls: list[KernelCall] = []
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
+        self.values = Values(self.track)  # real values of the batch's ids and masks, for models that read them
         self.marks: list[tuple[str, int, int]] = []  # (phase, iteration, index in raw) where a phase begins
         self.saved_scalars: dict[int, _Storage] = {}  # CPU: wrapped numbers autograd keeps, by node sequence number
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
@@ -977,7 +996,7 @@ def trace_step(
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
-    with frozen_heap(), quiet_fake_tensor_logs():
+    with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
         return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability)
 
 
@@ -1003,9 +1022,9 @@ def _trace_step(
     buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     setup_end = 0
 
-    def make_labels(logits: torch.Tensor) -> Any:
+    def make_labels(choice: LossChoice) -> Any:
         nonlocal setup_end
-        labels, setup_end = _file_under_setup(tracer, lambda: spec.loss.make_labels(logits.detach()), setup_end)
+        labels, setup_end = _file_under_setup(tracer, choice.labels, setup_end)
         return labels
 
     def on_phase(phase: str, iteration: int) -> None:
@@ -1018,6 +1037,7 @@ def _trace_step(
             stack.enter_context(warnings.catch_warnings())
             # nn.RNNBase asks its (fake) weights for data pointers; harmless here
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+            stack.enter_context(real_tensor_paths())
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_Recorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
@@ -1048,10 +1068,10 @@ def _trace_step(
                 del params
             labels = None
             if spec.step is not None:
-                logits = output_logits(model, inputs, spec)  # not recorded: tracked storages only
-                if logits is not None:
-                    labels = make_labels(logits)
-                del logits
+                choice = label_choice(model, inputs, spec)  # not recorded: tracked storages only
+                if choice.target is not None:
+                    labels = make_labels(choice)
+                del choice
             setup_end = len(tracer.raw)
             stack.enter_context(_module_hooks(tracer))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
@@ -1063,7 +1083,7 @@ def _trace_step(
                 stack.enter_context(cuda_kernel_choices(tracer.notes))
             if spec.step is not None:
                 tracer.on_phase = lambda phase: on_phase(phase, tracer.iteration) if phase != tracer.phase else None
-            run_step(
+            loss = run_step(
                 model,
                 inputs,
                 spec,
@@ -1089,6 +1109,13 @@ def _trace_step(
             + ", ".join(sorted(set(tracer.scratch.skipped)))
             + " (its forward's workspace was not measured)"
         )
+    if tracer.values.answered:
+        tracer.notes.append(
+            "values read by the model ("
+            + ", ".join(tracer.values.answered)
+            + ") computed for real on the CPU from the batch's integer inputs and constants"
+            " (memory is counted on the fake tensors as for every op)"
+        )
     activation_bytes = {m: sum(v.values()) for m, v in tracer.saved_bytes.items()}
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     return Trace(
@@ -1103,6 +1130,7 @@ def _trace_step(
         window_only,
         tracer.kernel_calls,
         tracer.compute_capability if tracer.cuda_workspaces is not None else None,
+        loss,
     )
 
 
@@ -1150,11 +1178,7 @@ def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, 
 
 def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Tracer) -> BatchfitError:
     """Turn a failure inside the model into a message that names the layer and the fix."""
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        UnsupportedOperatorException,
-    )
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     fake_limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)

@@ -71,6 +71,8 @@ class StepEstimate:
     oom: bool = False  # the replay on the card ran out of memory
     # where each phase of each iteration begins in ``events``, and the step's end (Trace.marks)
     marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
+    threads: int | None = None  # CPU: torch's intra-op threads simulated (kernel scratch depends on it)
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     @property
     def peak_where(self) -> str:
@@ -104,8 +106,11 @@ class StepEstimate:
             "breakdown": dict(self.breakdown),
             "activation_bytes_by_module": dict(self.activation_bytes_by_module),
             "method": self.method,
+            "loss": self.loss,
             "notes": list(self.notes),
         }
+        if self.device == "cpu":
+            out["threads"] = self.threads
         if self.device == "cuda":
             out["card"] = self.card
             out["peak_reserved_bytes"] = self.peak_reserved_bytes
@@ -170,7 +175,7 @@ class EstimateReport(Sequence[StepEstimate]):
 
     def to_dict(self, *, events: bool = False) -> dict[str, Any]:
         first = self.results[0] if self.results else None
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "model": first.model if first else None,
             "device": first.device if first else None,
@@ -181,6 +186,9 @@ class EstimateReport(Sequence[StepEstimate]):
             "budget": self.budget_description,
             "results": [r.to_dict(events=events) for r in self.results],
         }
+        if first is not None and first.device == "cpu":
+            out["threads"] = first.threads
+        return out
 
     def to_json(self, *, events: bool = False) -> str:
         return json.dumps(self.to_dict(events=events), indent=2)
@@ -210,7 +218,7 @@ class EstimateReport(Sequence[StepEstimate]):
                 ]
             rows.append(row)
         where = "; ".join(f"batch {r.batch_size:,}: {r.peak_where}" for r in self.results)
-        device = f"CUDA, simulating {first.card}" if cuda else "CPU (host memory)"
+        device = f"CUDA, simulating {first.card}" if cuda else f"CPU (host memory, {threads_text(first.threads)})"
         title = (
             f"{first.model}: one training step ({first.mode}), {first.optimizer}, {first.precision}, {device} "
             f"- MiB (1 MiB = 1024^2 bytes), breakdown at the peak"
@@ -218,6 +226,7 @@ class EstimateReport(Sequence[StepEstimate]):
             else f"{first.model}: one forward under no_grad, {first.precision}, {device} - MiB (1024^2 bytes)"
         )
         footer = [f"peak: {where}"]
+        footer += [f"loss: {text}" for text in dict.fromkeys(r.loss for r in self.results) if text]
         if cuda and self.budget_description:
             footer.append(f"card: {self.budget_description}")
         notes = sorted({n for r in self.results for n in r.notes})
@@ -274,6 +283,11 @@ def short_category(category: str) -> str:
     return _SHORT.get(category, category)
 
 
+def threads_text(n: int | None) -> str:
+    """``2 threads`` (beside CPU results)."""
+    return "threads unknown" if n is None else f"{n} thread{'s' if n != 1 else ''}"
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -284,17 +298,29 @@ def make_spec(
     loss: str | LossSpec | Callable[..., Any] | None = None,
     step: Any = None,
     mode: str = "train",
+    threads: int | None = None,
 ) -> StepSpec:
-    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs)."""
+    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
+
+    ``threads``: CPU only, torch's intra-op thread count of the run (default: this process's,
+    ``torch.get_num_threads()``); CPU kernels' scratch depends on it.
+    """
     if device not in DEVICES:
         raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
+    if threads is not None and device != "cpu":
+        raise BatchfitError("--threads applies to --device cpu", hint="drop it, or use --device cpu")
+    if threads is not None and threads < 1:
+        raise BatchfitError(f"--threads must be at least 1, got {threads}", hint="e.g. --threads 4")
     if mode not in ("train", "inference"):
         raise BatchfitError(f"unknown mode {mode!r}", hint="use --mode train or --mode inference")
     prec = parse_precision(precision)
     if device == "cpu" and prec.name == "amp-fp16":
         raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
     opt: OptimizerSpec = parse_optimizer(optimizer)
-    return StepSpec(device, opt, prec, parse_loss(loss), mode, parse_step(step))
+    spec = StepSpec(device, opt, prec, parse_loss(loss), mode, parse_step(step))
+    if device == "cpu":
+        spec.threads = threads or torch.get_num_threads()
+    return spec
 
 
 def estimate_trace(
@@ -313,6 +339,8 @@ def estimate_trace(
         module_types=trace.module_types,
         events=events,
         notes=list(trace.notes),
+        threads=spec.threads,
+        loss=trace.loss,
         marks=list(trace.marks),
     )
     if spec.device == "cpu":
@@ -480,6 +508,8 @@ class Estimator:
             total_bytes=card.total_bytes(reserved) if card and reserved is not None else None,
             budget_bytes=self.budget.budget_bytes if self.budget else None,
             method="extrapolated",
+            threads=m1.threads,
+            loss=m1.loss,
         )
 
 
@@ -501,18 +531,20 @@ def estimate(
     free: bool = False,
     alloc_conf: str | None = None,
     context_bytes: str | int | None = None,
+    threads: int | None = None,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
     ``model``: a registry name or an ``nn.Module`` (never modified); ``input_size``: one sample's
     shape without the batch dimension. ``batch_size`` an int gives a :class:`StepEstimate`, a list
     an :class:`EstimateReport`. ``device="cuda"`` simulates a CUDA GPU (the local one, ``gpu=``,
-    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run. ``context_bytes``
-    (bytes, or a size such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA
-    context, libraries' modules and handles; ``--context`` on the command line).
+    ``memory=``, or an H100 80GB) on any machine; ``device="cpu"`` a CPU run with ``threads``
+    intra-op threads (default ``torch.get_num_threads()``). ``context_bytes`` (bytes, or a size
+    such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA context,
+    libraries' modules and handles; ``--context`` on the command line).
     """
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
     est = Estimator(
         workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
     )

@@ -116,7 +116,9 @@ class AffineTimeline:
 
         layers = {m: line(a.activation_bytes_by_module.get(m, 0), n) for m, n in b.activation_bytes_by_module.items()}
         numels = {sid: line(n, b.numels[sid]) for sid, n in a.numels.items() if sid in b.numels}
-        return Trace(batch_size, a.device, self.events_at(batch_size), layers, list(a.notes), numels, a.module_types, list(a.marks))
+        events = self.events_at(batch_size)
+        marks = list(a.marks)
+        return Trace(batch_size, a.device, events, layers, list(a.notes), numels, a.module_types, marks, loss=a.loss)
 
     def events_at(self, batch_size: int) -> list[Event]:
         # the search calls this once per candidate: the fields that do not change are unpacked

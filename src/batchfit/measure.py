@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import BatchfitError, ExitCode
-from ._step import StepSpec, output_logits, run_step, train_mode, unique_trainable
+from ._step import StepSpec, cpu_threads, label_choice, run_step, train_mode, unique_trainable
 from .models import Workload, real_state
 
 
@@ -33,6 +33,8 @@ class Measurement:
     before_window_bytes: int = 0
     seconds: float = 0.0
     timeline: list[tuple[int, int]] = field(default_factory=list)  # (running bytes, delta), CPU only
+    threads: int | None = None  # CPU: torch's intra-op threads the step ran with
+    loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     @property
     def samples_per_second(self) -> float:
@@ -56,8 +58,43 @@ def _storage_bytes(objects: list[Any]) -> int:
     return sum(seen.values())
 
 
-def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_timeline: bool = False) -> Measurement:
-    """Run the reference step for real on ``spec.device`` and measure its peak memory."""
+def measure_step(
+    workload: Workload,
+    batch_size: int,
+    spec: StepSpec,
+    *,
+    keep_timeline: bool = False,
+    explain_errors: bool = True,
+) -> Measurement:
+    """Run the reference step for real on ``spec.device`` and measure its peak memory.
+
+    The model runs on the values of the workload's ``example_inputs`` (a model may read them:
+    detection targets, sequence lengths). An exception raised while the step runs (the model's
+    own code, the loss, the optimizer) becomes a :class:`BatchfitError` (exit code 3) carrying its
+    message; ``explain_errors=False`` lets it through as raised (``probe`` tells out-of-memory from
+    other failures by the exception).
+    """
+    where = ["setting up"]  # the phase running, for the message when the step fails
+    try:
+        with cpu_threads(spec.threads if spec.device == "cpu" else None):
+            return _measure_step(workload, batch_size, spec, keep_timeline, where)
+    except BatchfitError:
+        raise
+    except Exception as exc:
+        if not explain_errors:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BatchfitError(
+            f"a real training step of {workload.name!r} failed ({where[0]}, batch size {batch_size}): "
+            f"{type(exc).__name__}{': ' + text if text else ''}",
+            hint="a real run uses your example_inputs' values (noise and zeros for --input shapes): check "
+            "them and the model; rerun with --debug for the traceback",
+        ) from exc
+
+
+def _measure_step(
+    workload: Workload, batch_size: int, spec: StepSpec, keep_timeline: bool, where: list[str]
+) -> Measurement:
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
@@ -73,7 +110,7 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
     with contextlib.ExitStack() as stack:
         stack.enter_context(train_mode(model, spec.mode == "train"))
         state = real_state(model, device, dtype=param_dtype)
-        inputs = workload.make_inputs(batch_size, device)
+        inputs = workload.make_inputs(batch_size, device, values=True)
         if param_dtype is not None:
             inputs = inputs.floating_to(param_dtype)
         stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
@@ -85,9 +122,10 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":
-            logits = output_logits(model, inputs, spec)
-            labels = spec.loss.make_labels(logits) if logits is not None else None
-            del logits
+            where[0] = "in the forward that shapes the labels"
+            choice = label_choice(model, inputs, spec)
+            labels = choice.labels()
+            del choice
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
@@ -98,12 +136,21 @@ def measure_step(workload: Workload, batch_size: int, spec: StepSpec, *, keep_ti
         runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(before)
         start = time.perf_counter()
         with runner:
-            run_step(
-                model, inputs, spec, optimizer, backward=lambda loss: loss.backward(), labels=labels, scaler=scaler
+            loss = run_step(
+                model,
+                inputs,
+                spec,
+                optimizer,
+                backward=lambda loss: loss.backward(),
+                labels=labels,
+                scaler=scaler,
+                on_phase=lambda phase, iteration: where.__setitem__(0, f"in {phase}, iteration {iteration}"),
             )
         seconds = time.perf_counter() - start
         result = runner.result(batch_size, spec.device, seconds, keep_timeline)
         result.before_window_bytes = before
+        result.loss = loss
+        result.threads = torch.get_num_threads() if device.type == "cpu" else None
         del state, inputs, labels, optimizer, scaler
     gc.collect()
     if device.type == "cuda":

@@ -182,21 +182,31 @@ class Workload:
     notes: list[str] = field(default_factory=list)
     num_classes: int | None = None  # the head batchfit built (None: the user's code chose it)
 
-    def make_inputs(self, batch_size: int, device: torch.device | str) -> ModelInputs:
+    def make_inputs(self, batch_size: int, device: torch.device | str, *, values: bool = False) -> ModelInputs:
         """The model's inputs at ``batch_size`` on ``device``; call inside a fake mode to spend no memory.
 
         Float inputs are uniform noise, integer inputs are zeros (valid for any embedding).
+        ``values``: for a real run, tensors from ``example_inputs`` keep their values (detection
+        targets, sequence lengths: a model may read them, and noise or zeros can be invalid there).
         """
         if batch_size < 1:
             raise BatchfitError(f"batch size must be at least 1, got {batch_size}")
         if self.example_inputs is not None:
-            with torch.device("meta"):
+            if values:
                 made: Any = self.example_inputs(batch_size)
+            else:
+                with torch.device("meta"):
+                    made = self.example_inputs(batch_size)
 
             def fresh(t: Any) -> Any:
                 if not isinstance(t, torch.Tensor):
                     return t
+                if values and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+                    return t.to(device)  # expanded: a copy into its layout would write elements twice
+                # the same layout as the fake run's tensor, so a real run holds the same bytes
                 out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                if values:
+                    return out.copy_(t)
                 return out.uniform_() if out.is_floating_point() else out.zero_()
 
             return ModelInputs.of(made).map(fresh)

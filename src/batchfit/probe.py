@@ -419,7 +419,7 @@ def measure_runner(workload: Workload, spec: StepSpec) -> Runner:
     from .measure import measure_step
 
     def step(batch_size: int) -> Attempt:
-        m = measure_step(workload, batch_size, spec)
+        m = measure_step(workload, batch_size, spec, explain_errors=False)  # the guard tells OOM apart
         return Attempt(
             batch_size,
             "ok",

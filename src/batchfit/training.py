@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ._errors import BatchfitError
 
@@ -195,60 +196,179 @@ def parse_precision(name: str | Precision) -> Precision:
 
 # ---------------------------------------------------------------------------------------------
 # Losses
+#
+# Without --loss, batchfit trains on the model's own loss where it has one, and otherwise picks a
+# loss only where the output's shape says what it is; anything else is refused with the fix
+# (docs/estimate.md, "The loss"): a wrong loss is a wrong answer that nothing would point out.
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+_QUESTION = (
+    "give it: --loss cross-entropy (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
+    "segmentation logits), --loss token-cross-entropy (classes on the last dimension), --loss mse, "
+    "--loss path/to/file.py:fn (your fn(output, labels)) or --step path/to/file.py:fn (your whole step)"
+)
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
+def _entry(output: Any, name: str) -> torch.Tensor | None:
+    """``output[name]`` of a mapping (a dict, transformers' ``ModelOutput``) or ``output.name`` of
+    another object (a dataclass, a named tuple), when it is a tensor."""
     if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        for v in output.values():
-            found = _first_tensor(v)
-            if found is not None:
-                return found
+        return None
+    value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def output_is_loss(output: Any) -> tuple[torch.Tensor, str] | None:
+    """The loss when the model computes it, and where it was found.
+
+    >>> output_is_loss({"loss": torch.tensor(0.5), "logits": torch.zeros(2, 3)})[1]
+    "the model's own loss (its 'loss' entry)"
+    """
+    if isinstance(output, torch.Tensor):
+        return (output, "the model's output (a scalar)") if output.dim() == 0 else None
+    own = _entry(output, "loss")
+    if own is not None:
+        return own, "the model's own loss (its 'loss' entry)"
     if isinstance(output, (tuple, list)):
-        for v in output:
-            found = _first_tensor(v)
-            if found is not None:
-                return found
+        first = output[0] if output else None
+        if isinstance(first, torch.Tensor) and first.dim() == 0:
+            # transformers' models without return_dict return ``(loss,) + outputs`` when given labels
+            return first, "the model's own loss (the first element of its output)"
+        return None
+    if (
+        isinstance(output, Mapping)
+        and output
+        and all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point() for v in output.values())
+    ):
+        # torchvision's detection models in train mode return their losses by name, and its
+        # references/detection/engine.py (train_one_epoch) trains on their sum, as here
+        total: torch.Tensor = sum(output.values())  # type: ignore[assignment]
+        return total, f"the sum of the model's {len(output)} losses ({', '.join(map(str, output))})"
     return None
 
 
-def output_is_loss(output: Any) -> torch.Tensor | None:
-    """The loss when the model computes it: a scalar output, or a dict's ``"loss"`` entry."""
-    if isinstance(output, torch.Tensor) and output.dim() == 0:
-        return output
-    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
-        return output["loss"]
+def _located(output: Any) -> tuple[torch.Tensor, str] | None:
+    """The tensor a loss applies to where the output's structure names it: the output itself, its
+    ``logits`` entry (transformers' convention), or a tuple's first element."""
+    if isinstance(output, torch.Tensor):
+        return output, "output"
+    logits = _entry(output, "logits")
+    if logits is not None:
+        return logits, "output's 'logits' entry"
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0], "output's first element"
     return None
+
+
+def _shape(t: torch.Tensor) -> str:
+    """A shape with the batch dimension as N: ``(N, 12, 50)``."""
+    return "(" + ", ".join(["N", *(str(d) for d in t.shape[1:])]) + (",)" if t.dim() == 1 else ")")
+
+
+def _what(output: Any) -> str:
+    """The model's output in words, for messages."""
+    if isinstance(output, torch.Tensor):
+        return "a scalar" if output.dim() == 0 else f"a {_shape(output)} tensor"
+    if isinstance(output, Mapping):
+        keys = ", ".join(repr(k) for k in output) or "no entries"
+        return f"a {type(output).__name__} ({keys}) without a 'loss' or 'logits' entry"
+    if isinstance(output, (tuple, list)):
+        first = _what(output[0]) if output else "nothing"
+        return f"a {type(output).__name__} whose first element is {first}"
+    return f"a {type(output).__name__}"
+
+
+def _named_target(output: Any) -> tuple[torch.Tensor, str]:
+    """The tensor a named loss (``--loss cross-entropy``, ``mse``, ...) applies to: the output, its
+    ``logits`` entry or a tuple's first element; anything else is refused (which tensor is meant?)."""
+    found = _located(output)
+    if found is None or found[0].dim() == 0:
+        raise BatchfitError(
+            f"--loss needs the model's logits, and its output is {_what(output)}",
+            hint="give --loss path/to/file.py:fn (it gets the whole output) or --step path/to/file.py:fn",
+        )
+    return found
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The tensor a default loss applies to: the output, a tuple's first tensor, a dict's first tensor."""
-    found = _first_tensor(output)
-    if found is None:
-        raise BatchfitError(
-            "the model's output holds no tensor to compute a loss from",
-            hint="return a tensor, or pass --loss / --step",
-        )
-    return found
+    """The tensor a named loss applies to (see :func:`_named_target`)."""
+    return _named_target(output)[0]
+
+
+def _certain_logits(output: Any) -> tuple[torch.Tensor, str]:
+    """Logits whose class dimension is certain: (N, C) class logits, or (N, T, V) token logits
+    (language models flatten them to (N*T, V): transformers' ``ForCausalLMLoss``)."""
+    found = _located(output)
+    if found is not None and found[0].dim() in (2, 3):
+        return found
+    raise BatchfitError(
+        f"batchfit cannot tell which loss trains this model: its output is {_what(output)} "
+        "(it chooses one only for a scalar, a 'loss' entry, or (N, C) / (N, T, V) logits)",
+        hint=_QUESTION,
+    )
+
+
+def first_tensor(output: Any) -> tuple[torch.Tensor, str]:
+    """Any tensor of the output, to shape labels for a user's own loss or step."""
+    found = _located(output)
+    if found is not None:
+        return found
+    for leaf in tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf, "output's first tensor"
+    raise BatchfitError(
+        "the model's output holds no tensor to compute a loss from", hint="return a tensor, or pass --loss / --step"
+    )
 
 
 @dataclass(frozen=True)
 class LossSpec:
     """How the reference step turns the model's output into a loss.
 
-    ``labels(logits)`` makes the labels once (before the measured window, as a DataLoader would);
-    ``fn(output, labels)`` computes the loss.
+    ``target(output)`` finds the tensor the loss applies to (and says where it is);
+    ``make_labels(target)`` makes the labels once (before the measured window, as a DataLoader
+    would); ``fn(output, labels)`` computes the loss.
     """
 
     name: str
     fn: LossFn
     make_labels: Callable[[torch.Tensor], torch.Tensor | None]
+    target: Callable[[Any], tuple[torch.Tensor, str]] = _named_target
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    """The loss of one output: the model's own (``own``), or ``spec.fn`` with labels shaped after ``target``."""
+
+    description: str
+    spec: LossSpec | None = None
+    target: torch.Tensor | None = None
+    own: torch.Tensor | None = None
+
+    def labels(self) -> Any:
+        """Integer (zero) class labels, or float targets for mse; made outside autograd."""
+        if self.spec is None or self.target is None:
+            return None
+        return self.spec.make_labels(self.target.detach())
+
+    def loss(self, output: Any, labels: Any) -> torch.Tensor:
+        if self.own is not None:
+            return self.own
+        assert self.spec is not None
+        return self.spec.fn(output, labels)
 
 
 def _cross_entropy(output: Any, labels: Any) -> torch.Tensor:
+    # PyTorch's convention: classes on dim 1 of (N, C) or (N, C, d1, ..., dK) (nn.CrossEntropyLoss)
+    return nn.functional.cross_entropy(logits_of(output), labels)
+
+
+def _class_labels(logits: torch.Tensor) -> torch.Tensor:
+    shape = (*logits.shape[:1], *logits.shape[2:]) if logits.dim() >= 2 else ()
+    return torch.zeros(shape, dtype=torch.int64, device=logits.device)
+
+
+def _token_cross_entropy(output: Any, labels: Any) -> torch.Tensor:
     logits = logits_of(output)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
@@ -266,20 +386,52 @@ def _mse_labels(logits: torch.Tensor) -> torch.Tensor:
 
 
 LOSSES: dict[str, LossSpec] = {
-    "cross-entropy": LossSpec("cross-entropy", _cross_entropy, _ce_labels),
+    "cross-entropy": LossSpec("cross-entropy", _cross_entropy, _class_labels),
+    "token-cross-entropy": LossSpec("token-cross-entropy", _token_cross_entropy, _ce_labels),
     "mse": LossSpec("mse", _mse, _mse_labels),
 }
 
 
+def choose_loss(output: Any, spec: LossSpec) -> LossChoice:
+    """The loss ``spec`` gives this output, and what it is in words (the estimate's ``loss``).
+
+    >>> choose_loss(torch.zeros(4, 10), AUTO_LOSS).description
+    'cross-entropy over the last dimension of the output, (N, 10) class logits'
+    """
+    if spec is not AUTO_LOSS:
+        target, where = spec.target(output)
+        return LossChoice(f"{spec.name} (--loss) on the {where}, {_shape(target)}", spec, target)
+    own = output_is_loss(output)
+    if own is not None:
+        return LossChoice(own[1], own=own[0])
+    target, where = _certain_logits(output)
+    kind = "class" if target.dim() == 2 else "token"
+    chosen = LOSSES["cross-entropy" if target.dim() == 2 else "token-cross-entropy"]
+    return LossChoice(
+        f"{chosen.name} over the last dimension of the {where}, {_shape(target)} {kind} logits", chosen, target
+    )
+
+
+def _auto(output: Any, labels: Any) -> torch.Tensor:
+    return choose_loss(output, AUTO_LOSS).loss(output, labels)
+
+
+# The default (no --loss): the model's own loss, else cross-entropy where the logits are certain
+AUTO_LOSS = LossSpec("auto", _auto, _ce_labels, _certain_logits)
+
+
 def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
-    """``None``/``"cross-entropy"``, ``"mse"``, ``"file.py:fn"``, or a callable ``fn(output, labels)``."""
+    """``None``/``"auto"``, ``"cross-entropy"``, ``"token-cross-entropy"``, ``"mse"``, ``"file.py:fn"``,
+    or a callable ``fn(output, labels)``."""
     if spec is None:
-        return LOSSES["cross-entropy"]
+        return AUTO_LOSS
     if isinstance(spec, LossSpec):
         return spec
     if callable(spec):
-        return LossSpec(getattr(spec, "__name__", "custom"), spec, _ce_labels)
+        return LossSpec(getattr(spec, "__name__", "custom"), spec, _ce_labels, first_tensor)
     key = spec.strip().lower().replace("_", "-")
+    if key == "auto":
+        return AUTO_LOSS
     if key in LOSSES:
         return LOSSES[key]
     if ":" in spec:
@@ -288,8 +440,8 @@ def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
         _, fn = import_target(spec)
         if not callable(fn):
             raise BatchfitError(f"{spec!r} is not a function", hint="name a function fn(output, labels) -> loss")
-        return LossSpec(spec, fn, _ce_labels)
-    raise BatchfitError(f"unknown loss {spec!r}", hint=f"use {', '.join(LOSSES)} or path/to/file.py:fn")
+        return LossSpec(spec, fn, _ce_labels, first_tensor)
+    raise BatchfitError(f"unknown loss {spec!r}", hint=f"use auto, {', '.join(LOSSES)} or path/to/file.py:fn")
 
 
 StepFn = Callable[[nn.Module, tuple[torch.Tensor, ...], Any, torch.optim.Optimizer], Any]

@@ -226,7 +226,9 @@ LossOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
         "--loss",
-        help="cross-entropy (default, unless the model returns its loss), mse, or path/to/file.py:fn with fn(output, labels).",
+        help="Default: the model's own loss, or cross-entropy over the last dimension of (N, C) / (N, T, V) logits; "
+        "other outputs need one of: cross-entropy (classes on dim 1), token-cross-entropy (classes last), mse, "
+        "or path/to/file.py:fn with fn(output, labels).",
     ),
 ]
 StepOpt = Annotated[

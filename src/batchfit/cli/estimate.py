@@ -9,8 +9,9 @@ import typer
 
 from .._errors import BatchfitError, ExitCode
 from .._render import Table, show
+from .._step import StepSpec
 from .._units import format_bytes
-from ..estimate import EstimateReport, Estimator, make_spec
+from ..estimate import EstimateReport, Estimator, make_spec, threads_text
 from ._app import command
 from ._common import (
     NO_EXTRAS,
@@ -38,6 +39,16 @@ from ._common import (
 )
 from ._outputs import ReportOpt, SnapshotOpt, check_paths, write_report, write_snapshots
 
+ThreadsOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--threads",
+        help="CPU: torch's intra-op threads of the run to simulate or measure (default: torch.get_num_threads()); "
+        "CPU kernels' scratch memory depends on it.",
+        show_default=False,
+    ),
+]
+
 
 @command("estimate")
 @model_options
@@ -58,6 +69,7 @@ def estimate_cmd(
     free: FreeOpt = False,
     context: ContextOpt = None,
     alloc_conf: AllocConfOpt = None,
+    threads: ThreadsOpt = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also show each module's saved activations.")] = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Also run the step for real on this machine's device and show the error.")
@@ -71,7 +83,7 @@ def estimate_cmd(
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     check_paths(snapshot_path, report_path, device)
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
-    spec = make_spec(device, optimizer, precision, loss, step, mode)
+    spec = make_spec(device, optimizer, precision, loss, step, mode, threads)
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context)
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
@@ -106,7 +118,7 @@ def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]
     columns = ["batch", "estimated peak (B)", "measured peak (B)", "error"]
     if any(len(r) > 4 for r in rows):
         columns += ["est. reserved (B)", "meas. reserved (B)"]
-    return Table(f"estimate vs a real step on this machine ({spec.device})", columns, rows), data
+    return Table(f"estimate vs a real step on this machine ({_device_text(spec)})", columns, rows), data
 
 
 @command("measure")
@@ -126,6 +138,7 @@ def measure_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     mode: ModeOpt = "train",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
     extras: ModelExtras = NO_EXTRAS,
 ) -> None:
@@ -142,7 +155,7 @@ def measure_cmd(
             exit_code=ExitCode.NO_DEVICE,
         )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
-    spec = make_spec(dev, optimizer, precision, loss, step, mode)
+    spec = make_spec(dev, optimizer, precision, loss, step, mode, threads)
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:
         print(
@@ -153,6 +166,8 @@ def measure_cmd(
                     "device": dev,
                     "optimizer": str(spec.optimizer),
                     "precision": spec.precision.name,
+                    "threads": spec.threads,
+                    "loss": results[0].loss if results else None,
                     "results": [
                         {
                             "batch_size": m.batch_size,
@@ -179,5 +194,11 @@ def measure_cmd(
         ]
         for m in results
     ]
-    title = f"{workload.name}: a real training step on {dev} ({spec.optimizer}, {spec.precision.name}), measured"
-    show(Table(title, ["batch", "peak allocated", "peak reserved", "device in use", "samples/s"], rows))
+    title = f"{workload.name}: a real training step on {_device_text(spec)} ({spec.optimizer}, {spec.precision.name}), measured"
+    footer = [f"loss: {text}" for text in dict.fromkeys(m.loss for m in results) if text]
+    show(Table(title, ["batch", "peak allocated", "peak reserved", "device in use", "samples/s"], rows, footer=footer))
+
+
+def _device_text(spec: StepSpec) -> str:
+    """``cpu, 2 threads`` or ``cuda``: where a real step ran."""
+    return f"cpu, {threads_text(spec.threads)}" if spec.device == "cpu" else spec.device
