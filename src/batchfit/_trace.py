@@ -64,6 +64,7 @@ from ._step import (
 )
 from ._values import Values, real_tensor_paths
 from .models import Workload, fake_state
+from .quantize import quantized_note
 from .training import LossChoice
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
@@ -1109,7 +1110,9 @@ def _trace_step(
                         "the model has no trainable parameters",
                         hint="unfreeze some parameters, or use --mode inference",
                     )
+                tracer.setup_category = "optimizer_state"  # what a constructor allocates (bitsandbytes' maps)
                 optimizer = spec.optimizer.build(params, device_type=device.type)
+                tracer.setup_category = "inputs"
                 del params
             labels = None
             if spec.step is not None:
@@ -1153,6 +1156,9 @@ def _trace_step(
                 on_phase=on_phase,
                 window_only=window_only,
             )
+            if optimizer is not None:
+                _note_bitsandbytes(optimizer, device.type, tracer.notes)
+            tracer.notes.extend(quantized_note(model))
             del batch, optimizer
     except BatchfitError:
         raise
@@ -1187,6 +1193,29 @@ def _trace_step(
         tracer.compute_capability if tracer.cuda_workspaces is not None else None,
         loss,
     )
+
+
+def _note_bitsandbytes(optimizer: torch.optim.Optimizer, device_type: str, notes: list[str]) -> None:
+    """Say where a paged optimizer's state is (CUDA managed memory, outside PyTorch's allocator), and
+    what a CPU estimate of bitsandbytes' optimizer leaves out."""
+    from ._bnb import is_bitsandbytes_optimizer, paged_bytes
+    from ._units import format_bytes
+
+    if not is_bitsandbytes_optimizer(optimizer):
+        return
+    if device_type == "cpu":
+        notes.append(
+            "bitsandbytes' CPU optimizer kernels (torch.compile'd, bitsandbytes/backends/default/ops.py) make "
+            "temporaries not modelled here; the optimizer state is exact, and the GPU kernels update in place"
+        )
+    paged = paged_bytes(optimizer)
+    if paged:
+        notes.append(
+            f"{format_bytes(paged)} of paged optimizer state is in CUDA managed memory (bitsandbytes "
+            "functional.get_paged: cudaMallocManaged), outside PyTorch's allocator: not in this peak nor in "
+            "max_memory_allocated; nvidia-smi counts its pages while they are on the GPU (prefetched there "
+            "for each optimizer step), and the driver moves them to host memory when the GPU is full"
+        )
 
 
 def _file_under_setup(tracer: _Tracer, make: Any, setup_end: int) -> tuple[Any, int]:

@@ -554,6 +554,8 @@ def _fit_from_traces(
     else:
         rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
         at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
+    # bitsandbytes' notes change what the figure means (modelled; memory outside PyTorch's allocator)
+    notes += [n for n in at_max.notes if "bitsandbytes" in n]
     return FitResult(
         model=workload.name,
         card=budget.card.name,

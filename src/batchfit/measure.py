@@ -141,7 +141,9 @@ def _measure_step(
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
             scaler = torch.amp.GradScaler(device.type)
-        before = _storage_bytes([*state.values(), *inputs.tensors(), labels])
+        # and what the optimizer's constructor allocated (bitsandbytes' quantisation maps)
+        held = [v for v in vars(optimizer).values() if isinstance(v, dict)] if optimizer is not None else []
+        before = _storage_bytes([*state.values(), *inputs.tensors(), labels, *held])
         batch = Batch(inputs, labels)
         del inputs, labels  # the loop owns the batch: a new one can replace it
         dataset_size = workload.dataset.train_size if workload.dataset is not None else None

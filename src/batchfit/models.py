@@ -33,6 +33,7 @@ from .datasets import DatasetInfo, get_dataset
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
+    from .quantize import QuantSpec
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -486,6 +487,7 @@ def load_workload(
     attn: str | None = None,
     gradient_checkpointing: bool = False,
     lora: int | LoraSpec | None = None,
+    quantize: str | QuantSpec | None = None,
     **model_kwargs: Any,
 ) -> Workload:
     """Resolve a model (a registry name or an ``nn.Module``) and its inputs into a :class:`Workload`.
@@ -494,7 +496,8 @@ def load_workload(
     such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
     ``hf:ID_OR_PATH`` models (see :mod:`batchfit.hf`) take ``seq_len``, ``task``, ``attn`` and
     ``gradient_checkpointing``; ``lora`` (a rank or a :class:`~batchfit.lora.LoraSpec`) adds peft's
-    LoRA adapters to any model (a model of yours is copied first, never changed).
+    LoRA adapters to any model (a model of yours is copied first, never changed); ``quantize``
+    (``"4bit"``, see :mod:`batchfit.quantize`) stores the frozen base as bitsandbytes' QLoRA does.
     """
     if isinstance(model, Workload):  # already resolved (the verbs accept both)
         return model
@@ -509,8 +512,10 @@ def load_workload(
                 hint="name the model as hf:ID or hf:path/to/config.json, or drop the option",
             )
         workload = _load_workload(model, input_size, dataset, num_classes, example_inputs, **model_kwargs)
+    if quantize is not None:
+        workload = _quantized(workload, quantize)
     if lora is not None:
-        workload = _with_lora(workload, lora)
+        workload = _with_lora(workload, lora, quantized=quantize is not None)
     return workload
 
 
@@ -549,15 +554,35 @@ def _hf_workload(
     )
 
 
-def _with_lora(workload: Workload, lora: int | LoraSpec) -> Workload:
+def _own_copy(model: nn.Module) -> nn.Module:
+    """The model to change in place: a copy of a model of yours (it stays as it was), a meta model as is."""
     import copy
 
+    if any(not t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return copy.deepcopy(model)
+    return model
+
+
+def _quantized(workload: Workload, quantize: str | QuantSpec) -> Workload:
+    from .quantize import QuantSpec, quantize_model
+
+    spec = QuantSpec.parse(quantize)
+    model, layers = quantize_model(_own_copy(workload.model), spec)
+    return Workload(
+        workload.name,
+        model,
+        workload.inputs,
+        workload.example_inputs,
+        workload.dataset,
+        [*workload.notes, f"{spec} ({layers} layers)"],
+    )
+
+
+def _with_lora(workload: Workload, lora: int | LoraSpec, *, quantized: bool = False) -> Workload:
     from .lora import LoraSpec, apply_lora
 
     spec = LoraSpec.parse(lora)
-    model = workload.model
-    if any(not t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model = copy.deepcopy(model)  # peft wraps the model in place: a model of yours stays as it was
+    model = workload.model if quantized else _own_copy(workload.model)
     wrapped = apply_lora(model, spec)
     return Workload(
         workload.name, wrapped, workload.inputs, workload.example_inputs, workload.dataset, [*workload.notes, str(spec)]
@@ -705,7 +730,9 @@ def _new_state(
     ]
     for name, t in named:
         if id(t) not in made:
-            new = make(t, dtype if dtype is not None and t.dtype.is_floating_point else t.dtype)
+            # keep_dtype: tensors whose dtype does not follow the model's (bitsandbytes' quantisation state)
+            convert = dtype is not None and t.dtype.is_floating_point and not getattr(t, "keep_dtype", False)
+            new = make(t, dtype if dtype is not None and convert else t.dtype)
             if isinstance(t, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=t.requires_grad)
             made[id(t)] = new

@@ -80,8 +80,27 @@ def _adafactor(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     return Adafactor(params, lr=5e-5, scale_parameter=False, relative_step=False)  # type: ignore[no-any-return]
 
 
+def _adamw8bit(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """bitsandbytes' ``AdamW8bit`` with its defaults: uint8 first and second moments with a float32
+    absmax per block of 256 for every parameter of at least ``min_8bit_size`` (4096) elements,
+    float32 moments for smaller ones (bitsandbytes/optim/optimizer.py ``Optimizer2State.init_state``)."""
+    from ._bnb import optimizer_8bit
+
+    return optimizer_8bit("AdamW8bit", params)
+
+
+def _paged_adamw8bit(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """bitsandbytes' ``PagedAdamW8bit``: ``AdamW8bit`` whose moments of parameters of at least 1e5
+    elements live in CUDA managed memory (``Optimizer8bit.get_state_buffer``, ``functional.get_paged``)."""
+    from ._bnb import optimizer_8bit
+
+    return optimizer_8bit("PagedAdamW8bit", params)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adafactor": OptimizerSpec("adafactor", factory=_adafactor),
+    "adamw8bit": OptimizerSpec("adamw8bit", factory=_adamw8bit),
+    "paged-adamw8bit": OptimizerSpec("paged-adamw8bit", factory=_paged_adamw8bit),
     "sgd": OptimizerSpec("sgd", torch.optim.SGD, {"lr": 0.01}),
     "sgd-momentum": OptimizerSpec("sgd-momentum", torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
     "adam": OptimizerSpec("adam", torch.optim.Adam, {"lr": 1e-3}),

@@ -67,6 +67,7 @@ class ModelExtras:
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     lora_targets: str | None = None
+    quantize: str | None = None
 
     def lora_spec(self) -> Any:
         from ..lora import LoraSpec
@@ -113,6 +114,14 @@ _EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
         Optional[str],  # noqa: UP045
         typer.Option(
             "--lora-targets", help="all-linear (default), or module names separated by commas, e.g. q_proj,v_proj."
+        ),
+    ),
+    "quantize": (
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--quantize",
+            help="QLoRA: store the frozen base as bitsandbytes does, 4bit (NF4, double quantisation) or fp4 "
+            "(modelled from bitsandbytes' source).",
         ),
     ),
 }
@@ -167,6 +176,7 @@ def workload_from_options(
         attn=extras.attn,
         gradient_checkpointing=extras.gradient_checkpointing,
         lora=extras.lora_spec(),
+        quantize=extras.quantize,
     )
 
 
@@ -195,7 +205,7 @@ OptimizerOpt = Annotated[
     typer.Option(
         "--optimizer",
         "-o",
-        help='sgd, sgd-momentum, adam, adamw, rmsprop, adagrad, adafactor (transformers, as its Trainer sets it), or any torch.optim class with keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)".',
+        help='sgd, sgd-momentum, adam, adamw, rmsprop, adagrad, adafactor (transformers, as its Trainer sets it), adamw8bit, paged-adamw8bit (bitsandbytes), or any torch.optim class with keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)".',
     ),
 ]
 PrecisionOpt = Annotated[
