@@ -38,7 +38,13 @@ import torch
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._step import cpu_threads
+
 _ATTR = "_batchfit_value"
+# The largest tensor given a real value: 2^24 elements (128 MiB as int64), far above the masks,
+# ids and lengths models read (batch x tokens), far below a batch of activations. A read of a
+# larger tensor's value stops the trace as before (exit 6, or real runs where the device exists).
+MAX_VALUE_ELEMENTS = 1 << 24
 _OVERWRITES = frozenset(("aten.fill_", "aten.zero_", "aten.copy_"))
 # ops that take a list of indices, where a boolean mask stands for its nonzero() positions
 _INDEXING = frozenset(
@@ -175,17 +181,26 @@ class Values:
         if any(self.value(t) is None for t in tensors) and not (writes and self._seed(func, args, tensors)):
             self._forget(writes, args, kwargs)
             return
+        fakes = [out] if isinstance(out, torch.Tensor) else tree_leaves(out)
+        if torch.Tag.nondeterministic_seeded in func.tags or any(
+            isinstance(f, torch.Tensor) and f.numel() > MAX_VALUE_ELEMENTS for f in fakes
+        ):
+            # noise (rand, uniform_, dropout's mask) is never a value a model decides on; and a
+            # value as large as a whole batch of activations would cost its real memory
+            self._forget(writes, args, kwargs)
+            return
         real = self._real(args, kwargs)
         if real is None:
             self._forget(writes, args, kwargs)
             return
         try:
-            with no_dispatch(), torch.no_grad():
+            # one thread: values are small, and a forked tracer (fit) must not enter the OpenMP
+            # pool its parent started (a forked child's parallel region waits forever)
+            with no_dispatch(), torch.no_grad(), cpu_threads(1):
                 real_out = func(*real[0], **real[1])
         except Exception:  # a value we cannot compute is a value we do not know
             self._forget(writes, args, kwargs)
             return
-        fakes = [out] if isinstance(out, torch.Tensor) else tree_leaves(out)
         reals = [real_out] if isinstance(real_out, torch.Tensor) else tree_leaves(real_out)
         if len(fakes) != len(reals):
             return
@@ -198,7 +213,7 @@ class Values:
         target = args[0] if args else None
         if str(func.overloadpacket) not in _OVERWRITES or not isinstance(target, torch.Tensor):
             return False
-        if target.is_floating_point() or target.is_complex():
+        if target.is_floating_point() or target.is_complex() or target.numel() > MAX_VALUE_ELEMENTS:
             return False
         if any(self.value(t) is None for t in tensors if t is not target):
             return False
