@@ -16,8 +16,8 @@ import argparse
 import random
 import time
 
+from batchfit._allocator import AllocatorConfig, simulate
 from batchfit._events import Event
-from batchfit.allocator import AllocatorConfig, simulate
 
 
 def synthetic_step(n_events: int, seed: int = 0) -> list[Event]:
@@ -87,6 +87,7 @@ def _time(events: list[Event], name: str, config: AllocatorConfig, history: bool
         f"{name:<32} {len(events):>7,} events  best {best * 1e3:7.1f} ms  "
         f"{len(events) / best:>12,.0f} events/s  peak reserved {result.peak_reserved_bytes:,} B"
     )
+
 
 if __name__ == "__main__":
     main()

@@ -14,8 +14,8 @@ import time
 
 import torchvision
 
-from batchfit.estimate import Estimator, make_spec
-from batchfit.models import load_workload
+from batchfit._estimate import Estimator, make_spec
+from batchfit._models import load_workload
 from memtracker_peer import memtracker_peak
 
 
@@ -38,7 +38,7 @@ def main() -> None:
             start = time.perf_counter()
             trace = est.trace(args.batch_size)
             best = min(best, time.perf_counter() - start)
-        from batchfit.estimate import estimate_trace
+        from batchfit._estimate import estimate_trace
 
         result = estimate_trace(trace, workload, est.spec, est.budget, est.alloc_config)
         rows.append((f"batchfit ({device} semantics)", best, result.peak_allocated_bytes))

@@ -28,7 +28,7 @@ COMMANDS = {
 }
 IMPORT = (
     "import os, torch, transformers, peft\n"
-    "from batchfit.hf import build_hf_model\n"
+    "from batchfit._hf import build_hf_model\n"
     f"build_hf_model({MODEL!r}, seq_len=4096)\n"
     "os._exit(0)"
 )

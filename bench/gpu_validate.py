@@ -20,7 +20,7 @@ How each number is obtained (see docs/probe.md):
 * the kernels' own allocations (``batchfit._cuda_scratch``): for each op of ``KERNEL_CASES``, one
   child measures how far ``max_memory_allocated`` rises inside the op beyond its outputs (after a
   warm-up call) beside the rule's prediction; ops no rule models are measured too (predicted 0);
-* the peers: ``batchfit.probe`` (isolated attempts), Lightning's ``Tuner.scale_batch_size(mode=
+* the peers: ``batchfit._probe`` (isolated attempts), Lightning's ``Tuner.scale_batch_size(mode=
   "binsearch")`` and accelerate's ``find_executable_batch_size``, each in its own child process with
   a time cap, all under the same ``torch.cuda.set_per_process_memory_fraction`` (a smaller card's
   worth of memory, so every trial is quick).
@@ -171,7 +171,7 @@ def child_env(_: dict[str, Any]) -> dict[str, Any]:
             compute_capability=[int(props.major), int(props.minor)],
             cudnn=torch.backends.cudnn.version(),
         )
-        from batchfit.calibrate import _driver_version
+        from batchfit._calibrate import _driver_version
 
         out["driver"] = _driver_version()
     versions = {}
@@ -186,7 +186,7 @@ def child_env(_: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_calibrate(_: dict[str, Any]) -> dict[str, Any]:
-    from batchfit.calibrate import calibrate
+    from batchfit._calibrate import calibrate
 
     return calibrate()
 
@@ -364,8 +364,8 @@ def child_kernels(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from batchfit import _cuda_scratch as cs
-    from batchfit.allocator import AllocatorConfig
-    from batchfit.gpus import card_for_local, get_gpu, probe_local_gpu
+    from batchfit._allocator import AllocatorConfig
+    from batchfit._gpus import card_for_local, get_gpu, probe_local_gpu
 
     real = torch.cuda.is_available() and not payload.get("dry_run")
     device = "cuda" if real else "meta"
@@ -398,7 +398,7 @@ def child_kernels(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _workload(case: dict[str, Any]) -> Any:
-    from batchfit.models import load_workload
+    from batchfit._models import load_workload
 
     return load_workload(case["model"], dataset=case.get("dataset"))
 
@@ -407,7 +407,7 @@ def child_estimate(payload: dict[str, Any]) -> dict[str, Any]:
     """The estimate as a user without a GPU gets it (the parent hides CUDA from this process)."""
     import torch
 
-    from batchfit.estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator, make_spec
 
     case = payload["case"]
     out: dict[str, Any] = {"torch": str(torch.__version__), "cuda_visible": bool(torch.cuda.is_available())}
@@ -441,7 +441,7 @@ def child_fit(payload: dict[str, Any]) -> dict[str, Any]:
     """fit()'s max and recommendation without a GPU, for the card and memory named."""
     import torch
 
-    from batchfit.fit import fit
+    from batchfit._fit import fit
 
     case = payload["case"]
     start = time.perf_counter()
@@ -465,10 +465,10 @@ def child_measure(payload: dict[str, Any]) -> dict[str, Any]:
     """One reference step on cuda in this fresh process, measured."""
     import torch
 
-    from batchfit.calibrate import _nvml_process_bytes
-    from batchfit.estimate import make_spec
-    from batchfit.measure import measure_step
-    from batchfit.probe import is_oom
+    from batchfit._calibrate import _nvml_process_bytes
+    from batchfit._estimate import make_spec
+    from batchfit._measure import measure_step
+    from batchfit._probe import is_oom
 
     case = payload["case"]
     b = int(payload["batch_size"])
@@ -669,7 +669,7 @@ def child_accelerate(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_probe(payload: dict[str, Any]) -> dict[str, Any]:
-    from batchfit.probe import probe
+    from batchfit._probe import probe
 
     case = payload["case"]
     start = time.perf_counter()
@@ -729,7 +729,7 @@ def _card_key(env: dict[str, Any], dry_run: bool) -> tuple[str | None, str | Non
     """The catalogue card the estimates plan for: (gpu key, memory) - memory only for unknown cards."""
     if dry_run:
         return DRY_RUN_CARD, None
-    from batchfit.gpus import load_catalogue
+    from batchfit._gpus import load_catalogue
 
     known = load_catalogue().by_torch_name(env.get("card", ""))
     if known is not None:
@@ -819,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     total_memory = env.get("total_memory_bytes")
     peer_memory = None
     if not dry_run and total_memory and peer_cases:
-        from batchfit.gpus import get_gpu, load_catalogue
+        from batchfit._gpus import get_gpu, load_catalogue
 
         card = get_gpu(gpu_key) if gpu_key else None
         non_alloc = card.non_allocator_bytes if card else load_catalogue().defaults["non_allocator"]["bytes"]

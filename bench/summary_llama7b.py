@@ -1,4 +1,4 @@
-"""Benchmark: ``batchfit.summary`` of a 7-billion-parameter LLaMA-shaped decoder (not a test).
+"""Benchmark: ``batchfit._summary`` of a 7-billion-parameter LLaMA-shaped decoder (not a test).
 
 The model (tests/zoo.py: 32 layers, d_model 4096, 32 heads, SwiGLU 11008, vocab 32000, RMSNorm)
 is built on the meta device and run on fake tensors, so it needs no weight memory. Prints the

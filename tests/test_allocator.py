@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from batchfit._allocator import AllocatorConfig, AllocatorResult, simulate
 from batchfit._errors import BatchfitError, ExitCode
 from batchfit._events import Event
-from batchfit.allocator import AllocatorConfig, AllocatorResult, simulate
 
 MiB = 1024 * 1024
 

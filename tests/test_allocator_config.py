@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from batchfit._allocator import AllocatorConfig, with_settings
 from batchfit._errors import BatchfitError
-from batchfit.allocator import AllocatorConfig, with_settings
 
 MiB = 1024 * 1024
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchfit._allocator import AllocatorConfig, simulate
 from batchfit._events import Event
-from batchfit.allocator import AllocatorConfig, simulate
 
 CONFIGS = [
     AllocatorConfig(),

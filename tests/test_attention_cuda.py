@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchfit import estimate
 from batchfit._cuda_kernels import cuda_kernel_choices, sdp_backend
-from batchfit.models import InputSpec, Workload
+from batchfit._models import InputSpec, Workload
 
 FLASH = "aten._scaled_dot_product_flash_attention.default"
 EFFICIENT = "aten._scaled_dot_product_efficient_attention.default"

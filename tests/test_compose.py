@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from batchfit._compose import compose
-from batchfit.estimate import Estimator, make_spec
-from batchfit.fit import fit
-from batchfit.models import InputSpec, Workload, load_workload
+from batchfit._estimate import Estimator, make_spec
+from batchfit._fit import fit
+from batchfit._models import InputSpec, Workload, load_workload
 from zoo import ZOO, zoo_workload
 
 CASES = [
@@ -136,7 +136,7 @@ def test_a_window_that_does_not_repeat_is_not_composed() -> None:
 
 def test_fit_answers_the_same_with_and_without_composition(monkeypatch: pytest.MonkeyPatch) -> None:
     args = {"gpu": "rtx4090", "optimizer": "adam"}
-    fit_module = importlib.import_module("batchfit.fit")  # (the package's `fit` is the function)
+    fit_module = importlib.import_module("batchfit._fit")  # (the package's `fit` is the function)
     made: list[bool] = []
 
     def spy(template, short):

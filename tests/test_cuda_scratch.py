@@ -16,10 +16,10 @@ from torch import nn
 
 from batchfit import _cuda_scratch as cs
 from batchfit._errors import BatchfitError
+from batchfit._estimate import estimate, make_spec
+from batchfit._gpus import PUBLISHED_CONTEXTS, context_bytes_for, get_gpu, lazy_module_loading, resolve_card
+from batchfit._models import load_workload
 from batchfit._trace import trace_step
-from batchfit.estimate import estimate, make_spec
-from batchfit.gpus import PUBLISHED_CONTEXTS, context_bytes_for, get_gpu, lazy_module_loading, resolve_card
-from batchfit.models import load_workload
 
 MiB = 1 << 20
 
@@ -245,7 +245,7 @@ def test_traced_fp32_step_has_efficient_attention_workspace() -> None:
 def test_fit_sizes_kernel_buffers_per_batch_size() -> None:
     """fit's affine timeline re-runs the rules: the embedding backward switches to its sort path
     above 3,072 indices (not a line in the batch size), yet the timeline equals a trace there."""
-    from batchfit.fit import AffineTimeline
+    from batchfit._fit import AffineTimeline
 
     with torch.device("meta"):
         model = TinyLM(vocab=1000)

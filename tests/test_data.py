@@ -1,4 +1,4 @@
-"""batchfit.data on small files written in the real on-disk formats (no downloads).
+"""batchfit._data on small files written in the real on-disk formats (no downloads).
 
 MNIST: IDX files (big-endian magic 2051/2049, dims, uint8) under ROOT/MNIST/raw; CIFAR-10: pickled
 python batches under ROOT/cifar-10-batches-py; folders: PNGs written with PIL. Every dataset goes
@@ -20,9 +20,9 @@ import pytest
 import torch
 import torchvision.datasets
 
-from batchfit import data as bdata
+from batchfit import _data as bdata
+from batchfit._datasets import get_dataset
 from batchfit._errors import BatchfitError
-from batchfit.datasets import get_dataset
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

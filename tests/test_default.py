@@ -7,14 +7,14 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-import batchfit.gpus
+import batchfit._gpus
+from batchfit._estimate import estimate, make_spec
+from batchfit._fit import fit
+from batchfit._gpus import LocalGpu, get_gpu
+from batchfit._measure import measure_step
+from batchfit._models import MLP, load_workload
+from batchfit._plan import SEED_TABLE, AnswerKey, answer_key
 from batchfit.cli import app
-from batchfit.estimate import estimate, make_spec
-from batchfit.fit import fit
-from batchfit.gpus import LocalGpu, get_gpu
-from batchfit.measure import measure_step
-from batchfit.models import MLP, load_workload
-from batchfit.plan import SEED_TABLE, AnswerKey, answer_key
 
 SEED_SIZES = [64, 256, 1024, 4096]
 
@@ -23,7 +23,7 @@ SEED_SIZES = [64, 256, 1024, 4096]
 def no_local_gpu() -> object:
     """The default card is then the catalogue's H100, whatever machine runs the tests."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(batchfit.gpus, "probe_local_gpu", lambda: None)
+    patch.setattr(batchfit._gpus, "probe_local_gpu", lambda: None)
     yield
     patch.undo()
 
@@ -134,8 +134,8 @@ def test_the_training_effect_half(key: AnswerKey) -> None:
 
 def test_noise_scale_at_initialisation_is_recomputable(key: AnswerKey) -> None:
     """The answer key's first noise figure: the same seeded model and examples give the same B_simple."""
-    from batchfit.noise import noise_scale
-    from batchfit.sweep import fresh_model, load_train_data, sample_order
+    from batchfit._noise import noise_scale
+    from batchfit._sweep import fresh_model, load_train_data, sample_order
 
     t = key.training
     assert t is not None and len(t.noise) == 2
@@ -151,7 +151,7 @@ def test_noise_scale_at_initialisation_is_recomputable(key: AnswerKey) -> None:
 def test_uses_the_local_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     a100 = get_gpu("a100-40gb")
     local = LocalGpu(a100.torch_names[0], a100.memory_bytes, a100.memory_bytes, (8, 0))
-    monkeypatch.setattr(batchfit.gpus, "probe_local_gpu", lambda: local)
+    monkeypatch.setattr(batchfit._gpus, "probe_local_gpu", lambda: local)
     key = answer_key()
     assert key.fit.card == a100.name
     assert "the local GPU" in str(key)

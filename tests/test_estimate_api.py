@@ -10,9 +10,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate, load_workload
+from batchfit._estimate import EstimateReport, StepEstimate
+from batchfit._models import count_parameters
 from batchfit.cli import app
-from batchfit.estimate import EstimateReport, StepEstimate
-from batchfit.models import count_parameters
 
 runner = CliRunner()
 
@@ -48,7 +48,7 @@ def test_user_model_is_left_as_it_was() -> None:
 
 
 def test_wrong_input_shape_names_the_layer_and_shapes() -> None:
-    from batchfit.models import MLP
+    from batchfit._models import MLP
 
     with pytest.raises(BatchfitError) as info:
         estimate(MLP(), input_size=(3, 32, 32), batch_size=4, device="cpu")  # an MNIST MLP given CIFAR images
@@ -159,9 +159,9 @@ def test_a_model_that_reads_values_falls_back_to_real_runs() -> None:
                 x = x * 2
             return self.fc(x)
 
-    from batchfit.estimate import make_spec
-    from batchfit.measure import measure_step
-    from batchfit.models import InputSpec, Workload
+    from batchfit._estimate import make_spec
+    from batchfit._measure import measure_step
+    from batchfit._models import InputSpec, Workload
 
     r = estimate(ReadsValues(), input_size=(16,), batch_size=9, device="cpu")
     assert r.method == "extrapolated" and "extrapolated" in r.notes[0]
@@ -178,7 +178,7 @@ def test_a_model_that_reads_values_falls_back_to_real_runs() -> None:
 def test_memtracker_peer_agrees_on_live_tensor_bytes() -> None:
     """PyTorch's MemTracker on the same step (fake CPU tensors) counts the same live tensors;
     batchfit also counts the oneDNN scratch a real CPU step allocates, so it is never below."""
-    from batchfit.models import CNN
+    from batchfit._models import CNN
     from memtracker_peer import memtracker_peak
 
     peer, _ = memtracker_peak(lambda: CNN(1, 28, 10), (1, 28, 28), 32, "adam")

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchfit import estimate, load_workload
-from batchfit.gpus import get_gpu
-from batchfit.models import InputSpec, Workload
+from batchfit._gpus import get_gpu
+from batchfit._models import InputSpec, Workload
 from zoo import zoo_workload
 
 H100 = get_gpu("h100")
@@ -177,7 +177,7 @@ def test_allocated_le_reserved_le_total(name: str) -> None:
 
 
 def test_json_schema_keys() -> None:
-    from batchfit.estimate import EstimateReport
+    from batchfit._estimate import EstimateReport
 
     rep = estimate("mlp", dataset="mnist", batch_size=[64, 256])
     assert isinstance(rep, EstimateReport)

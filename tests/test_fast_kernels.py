@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from batchfit._estimate import Estimator, make_spec
 from batchfit._fast_kernels import FAST_KERNELS, run_fast
-from batchfit.estimate import Estimator, make_spec
-from batchfit.models import load_workload
+from batchfit._models import load_workload
 
 aten = torch.ops.aten
 

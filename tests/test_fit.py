@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, ExitCode
+from batchfit._estimate import Estimator, make_spec
+from batchfit._fit import AffineTimeline, DoesNotFit, fit, search_max, standard_batch_sizes
+from batchfit._models import load_workload
 from batchfit.cli import app
-from batchfit.estimate import Estimator, make_spec
-from batchfit.fit import AffineTimeline, DoesNotFit, fit, search_max, standard_batch_sizes
-from batchfit.models import load_workload
 
 runner = CliRunner()
 
@@ -68,7 +68,7 @@ def test_search_property(boundary: int, start: int, first: int) -> None:
 @pytest.mark.parametrize("bad", [None, 95, 64, 7])
 def test_search_with_sizes_checked_side_by_side_gives_the_same_answer(bad: int | None) -> None:
     """The window below the boundary checked in a forked child and here agrees with one by one."""
-    from batchfit.fit import _side_by_side
+    from batchfit._fit import _side_by_side
 
     def fits(b: int) -> bool:
         return b <= 100 and b != bad
@@ -192,7 +192,7 @@ def test_batch_size_one_shaped_differently_still_uses_the_affine_timeline() -> N
     timeline is built from batch 2 and 3, batch 1 keeps its own trace, and the answer is exact."""
     import torch
 
-    from batchfit.models import InputSpec, Workload
+    from batchfit._models import InputSpec, Workload
     from zoo import ZOO
 
     with torch.device("meta"):

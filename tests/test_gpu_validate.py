@@ -72,8 +72,8 @@ def test_dry_run_writes_the_files_marked_dry(dry_run: Path) -> None:
 
 
 def test_dry_run_suite_records_and_the_estimate_path(dry_run: Path) -> None:
-    from batchfit.estimate import Estimator, make_spec
-    from batchfit.models import load_workload
+    from batchfit._estimate import Estimator, make_spec
+    from batchfit._models import load_workload
 
     suite = json.loads((dry_run / "suite.json").read_text())
     assert [r["batch_size"] for r in suite] == [64, 1024, 4096]
@@ -129,7 +129,7 @@ def test_dry_run_plans_the_peers(dry_run: Path) -> None:
 def test_gpt2_model_file_loads_through_the_registry() -> None:
     import torch
 
-    from batchfit.models import count_parameters, load_workload
+    from batchfit._models import count_parameters, load_workload
 
     w = load_workload("bench/peers/gpt2_small.py:GPT2Small")
     # GPT-2 small has 124,439,808 parameters (head tied to the embedding) with 1024 positions; 512 here

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchfit._errors import BatchfitError, ExitCode
-from batchfit.gpus import (
+from batchfit._gpus import (
     Catalogue,
     LocalGpu,
     conv_workspace_bytes,
@@ -119,7 +119,7 @@ def test_unknown_cards_get_suggestions() -> None:
 
 
 def test_no_two_cards_share_a_name() -> None:
-    from batchfit.gpus import _norm
+    from batchfit._gpus import _norm
 
     seen: dict[str, str] = {}
     for card in list_gpus():

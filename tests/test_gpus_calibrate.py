@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from batchfit._calibrate import DEFAULT_CONV_SHAPES, calibrate, make_catalogue_update
 from batchfit._errors import BatchfitError, ExitCode
-from batchfit.calibrate import DEFAULT_CONV_SHAPES, calibrate, make_catalogue_update
-from batchfit.gpus import card_from_entry, load_catalogue
+from batchfit._gpus import card_from_entry, load_catalogue
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 

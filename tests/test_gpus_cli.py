@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
+from batchfit._gpus import list_gpus
 from batchfit.cli import app
 from batchfit.cli._common import FreeOpt, GpuOpt, MemoryOpt, budget_from_options
 from batchfit.cli.gpus import catalogue_table
-from batchfit.gpus import list_gpus
 
 runner = CliRunner()
 

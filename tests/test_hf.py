@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate, load_workload
+from batchfit._estimate import make_spec
+from batchfit._hf import BUILTIN_CONFIGS, resolve_config
+from batchfit._measure import measure_step
+from batchfit._models import Workload, count_parameters
 from batchfit.cli import app
-from batchfit.estimate import make_spec
-from batchfit.hf import BUILTIN_CONFIGS, resolve_config
-from batchfit.measure import measure_step
-from batchfit.models import Workload, count_parameters
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

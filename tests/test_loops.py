@@ -14,12 +14,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import load_workload
+from batchfit._estimate import Estimator, make_spec
+from batchfit._measure import measure_step
+from batchfit._models import Workload
 from batchfit._step import LOOPS, tail_sizes
 from batchfit._trace import Trace
 from batchfit.cli import app
-from batchfit.estimate import Estimator, make_spec
-from batchfit.measure import measure_step
-from batchfit.models import Workload
 from zoo import zoo_workload
 
 

@@ -12,10 +12,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate
+from batchfit._estimate import make_spec
+from batchfit._measure import measure_step
+from batchfit._models import InputSpec, Workload
 from batchfit.cli import app
-from batchfit.estimate import make_spec
-from batchfit.measure import measure_step
-from batchfit.models import InputSpec, Workload
 from zoo import zoo_workload
 
 runner = CliRunner()

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from batchfit import BatchfitError, estimate, load_workload, summary
-from batchfit.estimate import make_spec
-from batchfit.measure import measure_step
-from batchfit.models import count_parameters
+from batchfit._estimate import make_spec
+from batchfit._measure import measure_step
+from batchfit._models import count_parameters
 
 # -- inputs by keyword (issue 12, item 10) ---------------------------------------------------------
 
@@ -35,7 +35,7 @@ x, m = torch.zeros(2, 3), torch.ones(2, 3)
     ],
 )
 def test_the_forms_example_inputs_may_take(made: object, n_args: int, keys: list[str]) -> None:
-    from batchfit.models import ModelInputs
+    from batchfit._models import ModelInputs
 
     got = ModelInputs.of(made)
     assert len(got.args) == n_args and list(got.kwargs) == keys

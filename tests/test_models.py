@@ -6,7 +6,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from batchfit import BatchfitError, InputSpec, load_workload
-from batchfit.models import count_parameters, fake_state
+from batchfit._models import count_parameters, fake_state
 
 
 @pytest.mark.parametrize(("dataset", "params"), [("mnist", 101_770), ("cifar10", 394_634)])
@@ -110,7 +110,7 @@ def test_package_module_target_and_function_returning_a_module() -> None:
 def test_every_torchvision_classifier_is_registered() -> None:
     import torchvision
 
-    from batchfit.models import model_names
+    from batchfit._models import model_names
 
     names = set(model_names())
     assert set(torchvision.models.list_models(module=torchvision.models)) <= names

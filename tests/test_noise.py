@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from batchfit._errors import BatchfitError
-from batchfit.models import MLP
-from batchfit.noise import noise_scale, per_example_grad_stats
+from batchfit._models import MLP
+from batchfit._noise import noise_scale, per_example_grad_stats
 
 DIM, N, NOISE_STD = 8, 20_000, 0.5
 

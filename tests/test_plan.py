@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError
+from batchfit._estimate import estimate
+from batchfit._fit import fit
+from batchfit._gpus import get_gpu
+from batchfit._models import MLP
+from batchfit._plan import STACK_CATEGORIES, Plan, check_plot_path, plan, sweep_sizes
 from batchfit.cli import app
-from batchfit.estimate import estimate
-from batchfit.fit import fit
-from batchfit.gpus import get_gpu
-from batchfit.models import MLP
-from batchfit.plan import STACK_CATEGORIES, Plan, check_plot_path, plan, sweep_sizes
 
 GIB = 1024**3
 runner = CliRunner()
@@ -156,7 +156,7 @@ def test_bad_plot_extension(path: str) -> None:
 
 def test_traced_path_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the affine timeline every size is traced: the same numbers, a coarser curve."""
-    plan_module = importlib.import_module("batchfit.plan")  # the module: batchfit.plan is the function
+    plan_module = importlib.import_module("batchfit._plan")  # the module: batchfit._plan is the function
 
     def fit_without_timeline(*args: object, **kwargs: object):
         result = fit(*args, **kwargs)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import torch
 
 from batchfit import ExitCode
 from batchfit._errors import BatchfitError
-from batchfit.probe import (
+from batchfit._probe import (
     Attempt,
     AttemptConfig,
     ProbeError,
@@ -308,7 +308,7 @@ def test_probe_starts_at_fits_max(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.update(kwargs)
         return types.SimpleNamespace(max_batch_size=123)
 
-    monkeypatch.setitem(sys.modules, "batchfit.fit", types.SimpleNamespace(fit=fake_fit))
+    monkeypatch.setitem(sys.modules, "batchfit._fit", types.SimpleNamespace(fit=fake_fit))
     r = probe("mlp", dataset="mnist", optimizer="adam", runner=device_with_max(123).runner(), estimates=False)
     assert r.start == 123 and r.estimated_max_batch_size == 123 and r.start_source == "estimate"
     assert len(r.attempts) == 2 and r.estimate_error == 0
@@ -316,8 +316,8 @@ def test_probe_starts_at_fits_max(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_probe_puts_the_estimate_beside_each_attempt() -> None:
-    from batchfit.estimate import Estimator, make_spec
-    from batchfit.models import load_workload
+    from batchfit._estimate import Estimator, make_spec
+    from batchfit._models import load_workload
 
     r = probe("mlp", dataset="mnist", start=64, runner=device_with_max(64).runner())
     est = Estimator(load_workload("mlp", dataset="mnist"), make_spec("cuda"))
@@ -371,9 +371,9 @@ def test_cudnn_note_when_allocated_at_the_max_is_below_the_estimate() -> None:
 
 
 def test_isolated_attempt_in_a_child_process_measures_like_in_process() -> None:
-    from batchfit.estimate import make_spec
-    from batchfit.measure import measure_step
-    from batchfit.models import load_workload
+    from batchfit._estimate import make_spec
+    from batchfit._measure import measure_step
+    from batchfit._models import load_workload
 
     config = AttemptConfig(model="mlp", dataset="mnist", device="cpu")
     a = isolated_runner(config, timeout_s=120)(64)

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate, load_workload
+from batchfit._estimate import make_spec
+from batchfit._measure import measure_step
 from batchfit.cli import app
-from batchfit.estimate import make_spec
-from batchfit.measure import measure_step
 
 runner = CliRunner()
 

@@ -19,8 +19,8 @@ from torch.cuda import _memory_viz as mv
 
 from batchfit import estimate
 from batchfit._errors import BatchfitError, ExitCode
+from batchfit._estimate import StepEstimate
 from batchfit._snapshot import snapshot, write_snapshot
-from batchfit.estimate import StepEstimate
 
 
 @pytest.fixture(scope="module", params=["default", "expandable_segments:True"])
@@ -193,7 +193,18 @@ def test_errors(tmp_path: Any, step: StepEstimate) -> None:
 
     from batchfit.cli import app
 
-    args = ["estimate", "mlp", "--dataset", "mnist", "-b", "8", "--device", "cpu", "--snapshot", str(tmp_path / "s.pickle")]
+    args = [
+        "estimate",
+        "mlp",
+        "--dataset",
+        "mnist",
+        "-b",
+        "8",
+        "--device",
+        "cpu",
+        "--snapshot",
+        str(tmp_path / "s.pickle"),
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == ExitCode.USAGE and "--device cuda" in res.output
     res = CliRunner().invoke(app, [*args[:-2], "--snapshot", str(tmp_path / "s.json")])

@@ -14,8 +14,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from batchfit import BatchfitError
-from batchfit.models import MLP, ModelInputs
-from batchfit.summary import SCHEMA_VERSION, LayerRow, ModelSummary, summary
+from batchfit._models import MLP, ModelInputs
+from batchfit._summary import SCHEMA_VERSION, LayerRow, ModelSummary, summary
 from zoo import LLAMA_7B, LLAMA_TINY, ZOO, Llama
 
 

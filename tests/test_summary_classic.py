@@ -14,8 +14,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from batchfit.models import CNN, MLP
-from batchfit.summary import summary
+from batchfit._models import CNN, MLP
+from batchfit._summary import summary
 from zoo import ZOO
 
 torchsummary = pytest.importorskip("torchsummary")

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from batchfit._models import MLP
+from batchfit._summary import summary
 from batchfit.cli import app
-from batchfit.models import MLP
-from batchfit.summary import summary
 from zoo import ZOO
 
 runner = CliRunner()

@@ -12,11 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from batchfit._datasets import get_dataset
 from batchfit._errors import BatchfitError
-from batchfit.cli import app
-from batchfit.datasets import get_dataset
-from batchfit.models import load_workload
-from batchfit.sweep import (
+from batchfit._models import load_workload
+from batchfit._sweep import (
     RunResult,
     choose,
     digits_arrays,
@@ -27,6 +26,7 @@ from batchfit.sweep import (
     scaled_lr,
     sweep,
 )
+from batchfit.cli import app
 from test_data import random_mnist, skip_cifar_md5, write_cifar  # noqa: F401 - skip_cifar_md5 is a fixture
 
 TINY = {"memory": False, "noise_samples": 0, "threads": 1}
@@ -89,7 +89,7 @@ def test_cifar_files_in_the_real_format(tmp_path: Path) -> None:
 
 
 def test_show_points_digits_to_sweep() -> None:
-    from batchfit.data import load_dataset
+    from batchfit._data import load_dataset
 
     with pytest.raises(BatchfitError) as info:
         load_dataset("digits")
@@ -178,7 +178,7 @@ def test_memory_measured_beside_the_estimate() -> None:
 
 
 def test_memory_max_from_fit_caps_the_sizes_at_the_training_set() -> None:
-    from batchfit.fit import fit
+    from batchfit._fit import fit
 
     r = sweep("mlp", samples=1024, **TINY)
     assert r.max_batch_size == fit(load_workload("mlp", (1, 8, 8), dataset="digits")).max_batch_size

@@ -13,10 +13,10 @@ from torch import nn
 
 from batchfit import estimate
 from batchfit._errors import BatchfitError, ExitCode
+from batchfit._estimate import make_spec
+from batchfit._measure import measure_step
+from batchfit._models import InputSpec, Workload
 from batchfit._trace import trace_step
-from batchfit.estimate import make_spec
-from batchfit.measure import measure_step
-from batchfit.models import InputSpec, Workload
 
 
 class _ReadsValues(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchfit.models import InputSpec, Workload
+from batchfit._models import InputSpec, Workload
 
 # ---------------------------------------------------------------------------------------------
 # The awkward models
@@ -280,7 +280,7 @@ class ZooModel:
 
     def inputs(self, batch_size: int) -> Any:
         """The inputs at ``batch_size`` (CPU tensors): a tuple of positional inputs, or any form
-        :meth:`batchfit.models.ModelInputs.of` reads (a dict of keyword inputs, an (args, kwargs) pair)."""
+        :meth:`batchfit._models.ModelInputs.of` reads (a dict of keyword inputs, an (args, kwargs) pair)."""
         if self.make_inputs is not None:
             return self.make_inputs(batch_size)
         sizes = [self.input_size] if isinstance(self.input_size, tuple) else list(self.input_size or [])

@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from batchfit import estimate
-from batchfit.models import InputSpec, Workload
-from batchfit.training import LossSpec
+from batchfit._models import InputSpec, Workload
+from batchfit._training import LossSpec
 
 
 class KeepOutputs:

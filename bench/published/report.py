@@ -1,6 +1,6 @@
 """The published cases' table for docs/accuracy.md, from the JSON rows the bench files write.
 
-    python3 bench/published/report.py bench/published/results/*.json
+python3 bench/published/report.py bench/published/results/*.json
 """
 
 from __future__ import annotations

@@ -9,30 +9,36 @@ The API mirrors the command line.
 
 from __future__ import annotations
 
+# One public surface (httpx's pattern): the implementation modules are private (``_estimate``,
+# ``_fit``, ...); what users may rely on is exported here and pinned by tests/test_quality.py.
+from ._allocator import AllocatorConfig, AllocatorResult
+from ._allocator import simulate as simulate_allocator
+from ._calibrate import calibrate
+from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError, ExitCode
+from ._estimate import EstimateReport, StepEstimate, estimate
+from ._fit import DoesNotFit, FitResult, fit
+from ._gpus import GpuCard, get_gpu, list_gpus
+from ._lora import LoraSpec
+from ._measure import Measurement, measure_step
+from ._models import InputSpec, Workload, load_workload
+from ._noise import NoiseScale, noise_scale
+from ._plan import Plan, plan
+from ._probe import ProbeError, ProbeResult, probe
+from ._summary import ModelSummary, summary
+from ._sweep import SweepResult, sweep
 from ._units import format_bytes, parse_size
-from .datasets import DatasetInfo, get_dataset
-
-# The verbs share their names with the modules that define them (batchfit.estimate is both):
-# they are imported here, so that importing a submodule later never rebinds the name to it.
-from .estimate import EstimateReport, StepEstimate, estimate
-from .fit import DoesNotFit, FitResult, fit
-from .lora import LoraSpec
-from .measure import Measurement, measure_step
-from .models import InputSpec, Workload, load_workload
-from .noise import NoiseScale, noise_scale
-from .plan import Plan, plan
-from .probe import ProbeError, ProbeResult, probe
-from .summary import ModelSummary, summary
-from .sweep import SweepResult, sweep
 
 __all__ = [
+    "AllocatorConfig",
+    "AllocatorResult",
     "BatchfitError",
     "DatasetInfo",
     "DoesNotFit",
     "EstimateReport",
     "ExitCode",
     "FitResult",
+    "GpuCard",
     "InputSpec",
     "LoraSpec",
     "Measurement",
@@ -44,16 +50,20 @@ __all__ = [
     "StepEstimate",
     "SweepResult",
     "Workload",
+    "calibrate",
     "estimate",
     "fit",
     "format_bytes",
     "get_dataset",
+    "get_gpu",
+    "list_gpus",
     "load_workload",
     "measure_step",
     "noise_scale",
     "parse_size",
     "plan",
     "probe",
+    "simulate_allocator",
     "summary",
     "sweep",
 ]

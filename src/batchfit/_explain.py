@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from ._datasets import DATASETS
 from ._errors import BatchfitError, ExitCode
-from .datasets import DATASETS
-from .models import Workload
+from ._models import Workload
 
 _torch_logs = {"shown": False}
 

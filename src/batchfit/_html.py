@@ -25,11 +25,11 @@ from ._units import format_bytes
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .estimate import EstimateReport, StepEstimate
-    from .gpus import Budget
-    from .measure import Measurement
-    from .plan import Plan, PlanPoint
-    from .summary import ModelSummary
+    from ._estimate import EstimateReport, StepEstimate
+    from ._gpus import Budget
+    from ._measure import Measurement
+    from ._plan import Plan, PlanPoint
+    from ._summary import ModelSummary
 
 # Scoped to .bf so that a notebook's own styles are left alone.
 CSS = """
@@ -84,7 +84,7 @@ def tables_fragment(tables: Iterable[Table]) -> str:
 
 
 def summary_html(s: ModelSummary) -> str:
-    """The layer tree of :class:`~batchfit.summary.ModelSummary` and its totals."""
+    """The layer tree of :class:`~batchfit._summary.ModelSummary` and its totals."""
     if s.style == "classic" and s.classic is not None:
         return f"<pre>{esc(s.classic)}</pre>"
     headers = s._HEADERS
@@ -150,7 +150,7 @@ def timeline_figure(e: StepEstimate) -> Figure:
     (the allocator model's replay), on the CPU the live tensors' bytes."""
     from matplotlib.figure import Figure
 
-    from .allocator import simulate
+    from ._allocator import simulate
 
     end = next((i for phase, _it, i in e.marks if phase == "end"), len(e.events))
     events = e.events[:end]
@@ -213,7 +213,7 @@ def timeline_figure(e: StepEstimate) -> Figure:
 
 def breakdown_table(e: StepEstimate) -> Table:
     """What stacks up to the card's total at the step's peak, category by category."""
-    from .plan import _LABELS, STACK_CATEGORIES, PlanPoint
+    from ._plan import _LABELS, STACK_CATEGORIES, PlanPoint
 
     point = PlanPoint.from_estimate(e)
     total = point.total_bytes or 1
@@ -240,7 +240,7 @@ def breakdown_figure(points: Sequence[PlanPoint], budget_bytes: int | None, titl
     """Stacked bars, one per batch size, with the card's memory as a line (estimate's sizes)."""
     from matplotlib.figure import Figure
 
-    from .plan import _COLORS, _LABELS, STACK_CATEGORIES
+    from ._plan import _COLORS, _LABELS, STACK_CATEGORIES
 
     unit, name = _scale(max([p.total_bytes for p in points] + [budget_bytes or 0]))
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -379,7 +379,7 @@ def plan_report(p: Plan) -> str:
 
 
 def estimate_report(r: EstimateReport, summary: ModelSummary | None, budget: Budget | None) -> str:
-    from .plan import PlanPoint
+    from ._plan import PlanPoint
 
     first = r.results[0]
     title = f"{first.model}: memory of one training step"
@@ -406,16 +406,16 @@ def estimate_report(r: EstimateReport, summary: ModelSummary | None, budget: Bud
 
 def report_html(result: Any, *, summary: ModelSummary | None = None, budget: Budget | None = None) -> str:
     """The self-contained report page of a :class:`Plan`, :class:`FitResult` or estimate."""
-    from .estimate import EstimateReport, StepEstimate
-    from .fit import FitResult
-    from .plan import Plan, plan_from_fit
+    from ._estimate import EstimateReport, StepEstimate
+    from ._fit import FitResult
+    from ._plan import Plan, plan_from_fit
 
     if isinstance(result, Plan):
         return plan_report(result)
     if isinstance(result, FitResult):
         est = result._estimator
         if summary is None and est is not None:
-            from .summary import summary as summarise
+            from ._summary import summary as summarise
 
             summary = summarise(est.workload)
         if summary is None:

@@ -31,8 +31,8 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 
 if TYPE_CHECKING:
-    from .allocator import AllocatorHistory
-    from .estimate import StepEstimate
+    from ._allocator import AllocatorHistory
+    from ._estimate import StepEstimate
 
 SCHEMA_VERSION = 1
 At = Literal["end", "peak"]
@@ -69,7 +69,7 @@ def snapshot(estimate: StepEstimate, *, at: At = "end") -> dict[str, Any]:
             exit_code=ExitCode.UNSUPPORTED,
         )
     events = _window(estimate, at)
-    from .allocator import simulate
+    from ._allocator import simulate
 
     alloc = estimate.allocator
     assert alloc is not None  # every traced CUDA estimate is replayed on its card
@@ -130,7 +130,9 @@ def _to_pytorch(
         blocks: list[dict[str, Any]] = []
         for b in seg.blocks:
             if b.storage is None:
-                blocks.append({"address": b.address, "size": b.size, "requested_size": 0, "state": "inactive", "frames": []})
+                blocks.append(
+                    {"address": b.address, "size": b.size, "requested_size": 0, "state": "inactive", "frames": []}
+                )
             else:
                 i = born[b.storage]
                 blocks.append(

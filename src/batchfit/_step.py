@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from .models import ModelInputs
-from .training import (
+from ._models import ModelInputs
+from ._training import (
     AUTO_LOSS,
     LOSSES,
     LossChoice,
@@ -43,7 +43,7 @@ from .training import (
 )
 
 if TYPE_CHECKING:
-    from .models import Workload
+    from ._models import Workload
 
 
 @dataclass
@@ -235,7 +235,7 @@ def tail_sizes(spec: StepSpec, batch_size: int, dataset_size: int | None) -> Tai
     The last batch is ``--last-batch N``, or with ``auto`` the training set's size modulo the batch
     size (``DataLoader(drop_last=False)``); None when the epoch divides evenly or it is not smaller.
 
-    >>> from batchfit.estimate import make_spec
+    >>> from batchfit._estimate import make_spec
     >>> tail_sizes(make_spec("cpu", last_batch="auto", eval_batch_size=256), 64, 60000)
     Tail(batch_size=64, last_batch=32, eval_batch_size=256)
     """

@@ -48,6 +48,8 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
+from ._models import Workload, fake_state
+from ._quantize import quantized_note
 from ._step import (
     Batch,
     LabelsLike,
@@ -62,10 +64,8 @@ from ._step import (
     train_mode,
     unique_trainable,
 )
+from ._training import LossChoice
 from ._values import Values, real_tensor_paths
-from .models import Workload, fake_state
-from .quantize import quantized_note
-from .training import LossChoice
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
 _CUBLAS_OPS = frozenset(

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 import typer
 
 from .._errors import BatchfitError
-from ..models import Workload, load_workload
+from .._models import Workload, load_workload
 
 if TYPE_CHECKING:
-    from ..gpus import Budget
+    from .._gpus import Budget
 
 ModelArg = Annotated[
     str,
@@ -70,7 +70,7 @@ class ModelExtras:
     quantize: str | None = None
 
     def lora_spec(self) -> Any:
-        from ..lora import LoraSpec
+        from .._lora import LoraSpec
 
         given = {
             "--lora-alpha": self.lora_alpha,
@@ -306,8 +306,8 @@ ContextOpt = Annotated[
 
 
 def budget_from_options(gpu: str | None, memory: str | None, free: bool) -> Budget:
-    """The budget the three options describe (see :func:`batchfit.gpus.resolve_card`)."""
-    from ..gpus import resolve_card
+    """The budget the three options describe (see :func:`batchfit._gpus.resolve_card`)."""
+    from .._gpus import resolve_card
 
     return resolve_card(gpu, memory, free)
 

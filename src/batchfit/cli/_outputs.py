@@ -13,9 +13,9 @@ import typer
 from ._app import err_console
 
 if TYPE_CHECKING:
-    from ..estimate import StepEstimate
-    from ..gpus import Budget
-    from ..models import Workload
+    from .._estimate import StepEstimate
+    from .._gpus import Budget
+    from .._models import Workload
 
 SnapshotOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
@@ -74,7 +74,7 @@ def write_report(
     if path is None:
         return
     from .._html import write_report as write
-    from ..summary import summary
+    from .._summary import summary
 
     written = write(result, path, summary=summary(workload) if workload is not None else None, budget=budget)
     err_console.print(f"report written to {written}", soft_wrap=True)

@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from .._errors import BatchfitError, ExitCode
+from .._estimate import EstimateReport, Estimator, make_spec, threads_text
 from .._render import Table, show
 from .._step import StepSpec
 from .._units import format_bytes
-from ..estimate import EstimateReport, Estimator, make_spec, threads_text
 from ._app import command
 from ._common import (
     NO_EXTRAS,
@@ -118,7 +118,7 @@ def estimate_cmd(
 
 
 def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]:  # type: ignore[no-untyped-def]
-    from ..measure import measure_step
+    from .._measure import measure_step
 
     rows = []
     data = []
@@ -165,7 +165,7 @@ def measure_cmd(
     """Run the reference step for real on this machine's device and measure its peak memory."""
     import torch
 
-    from ..measure import measure_step
+    from .._measure import measure_step
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
+from .._fit import fit
 from .._render import show
-from ..fit import fit
 from ._app import command, err_console
 from ._common import (
     NO_EXTRAS,

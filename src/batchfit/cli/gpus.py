@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._gpus import GpuCard, get_gpu, list_gpus, load_catalogue
 from .._render import Table, show
 from .._units import format_bytes
-from ..gpus import GpuCard, get_gpu, list_gpus, load_catalogue
 from ._app import command
 from ._common import JsonOpt
 

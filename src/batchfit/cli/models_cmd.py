@@ -6,8 +6,8 @@ import json
 
 from rich.console import Console
 
-from ..hf import BUILTIN_CONFIGS, builtin_names
-from ..models import BUILTIN_MODELS, torchvision_model_names
+from .._hf import BUILTIN_CONFIGS, builtin_names
+from .._models import BUILTIN_MODELS, torchvision_model_names
 from ._app import command
 from ._common import JsonOpt
 
@@ -27,7 +27,9 @@ def models(as_json: JsonOpt = False) -> None:
     for name, entry in BUILTIN_MODELS.items():
         console.print(f"[bold]{name}[/]  {entry.description}")
     console.print("[bold]torchvision:[/] " + ", ".join(names["torchvision"]), soft_wrap=False)
-    console.print("[bold]Hugging Face configs built in[/] (no download; any other as hf:ID from the local cache or hf:PATH):")
+    console.print(
+        "[bold]Hugging Face configs built in[/] (no download; any other as hf:ID from the local cache or hf:PATH):"
+    )
     for name in builtin_names():
         arch = BUILTIN_CONFIGS[name]["architectures"][0]
         console.print(f"  hf:{name}  {arch}")

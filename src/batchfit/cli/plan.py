@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._plan import check_plot_path, plan
 from .._render import show
-from ..plan import check_plot_path, plan
 from ._app import command, err_console
 from ._common import (
     NO_EXTRAS,

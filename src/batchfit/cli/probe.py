@@ -73,7 +73,7 @@ def probe_cmd(
     Starts at batchfit's estimated max, gallops with a growing step, then bisects: 2 attempts when
     the estimate is exact.
     """
-    from ..probe import probe
+    from .._probe import probe
 
     with err_console.status("probing", spinner="dots") as status:
         result = probe(

@@ -9,12 +9,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .._data import DatasetReport
 from .._errors import BatchfitError
+from .._estimate import EstimateReport
 from .._render import Table
 from .._render import show as show_table
 from .._units import format_bytes
-from ..data import DatasetReport
-from ..estimate import EstimateReport
 from ._app import command, err_console
 from ._common import GpuOpt, JsonOpt, OptimizerOpt, parse_int_list
 
@@ -109,7 +109,7 @@ def show(
 ) -> None:
     """Sample shapes (C, H, W) and batches (N, C, H, W), value ranges, classes, bytes per sample and
     per batch, DataLoader host RAM, a grid of denormalised samples, and (--stats) mean/std."""
-    from .. import data as bdata
+    from .. import _data as bdata
 
     sizes = parse_int_list(batch_size)
     if grid < 0:
@@ -168,7 +168,7 @@ def _gpu_beside_host(
     report: DatasetReport, model: str, gpu: str | None, optimizer: str
 ) -> tuple[Table, EstimateReport]:
     """One training step of ``model`` on these batches, estimated for a GPU, beside the host RAM."""
-    from ..estimate import estimate
+    from .._estimate import estimate
 
     rows_in = report.rows
     sizes = [r.batch_shape[0] for r in rows_in]

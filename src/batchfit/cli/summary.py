@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..summary import check_options, summary
+from .._summary import check_options, summary
 from ._app import command, is_terminal
 from ._common import (
     NO_EXTRAS,

@@ -118,8 +118,8 @@ def sweep_cmd(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..plan import check_plot_path
-    from ..sweep import sweep
+    from .._plan import check_plot_path
+    from .._sweep import sweep
 
     if plot is not None:
         check_plot_path(plot)  # before the runs, not after

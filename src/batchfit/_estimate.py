@@ -20,17 +20,17 @@ from torch import nn
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
+from ._models import Workload, load_workload
 from ._render import Table
 from ._step import StepSpec, parse_loop
 from ._trace import Trace, trace_step
+from ._training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
 from ._units import mib_cell
-from .models import Workload, load_workload
-from .training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
 
 if TYPE_CHECKING:
-    from .allocator import AllocatorConfig, AllocatorResult
-    from .gpus import Budget
-    from .summary import ModelSummary
+    from ._allocator import AllocatorConfig, AllocatorResult
+    from ._gpus import Budget
+    from ._summary import ModelSummary
 
 SCHEMA_VERSION = 1
 DEVICES = ("cuda", "cpu")
@@ -422,7 +422,7 @@ def replay_on_card(
     does not fit, the numbers come from an unlimited replay (what it would need), unless
     ``numbers`` is false.
     """
-    from .allocator import simulate
+    from ._allocator import simulate
 
     limited = simulate(events, config, budget.device_limit_bytes, record_series=False, breakdown=numbers)
     if not limited.oom or not numbers:  # numbers=False: only whether it fits matters
@@ -453,13 +453,13 @@ def _resolve_budget(
                 "--gpu, --memory, --free and --context apply to --device cuda", hint="drop them, or use --device cuda"
             )
         return None
-    from .gpus import resolve_card
+    from ._gpus import resolve_card
 
     return resolve_card(gpu, memory, free, context=context)
 
 
 def _alloc_config(alloc_conf: str | None) -> AllocatorConfig:
-    from .allocator import AllocatorConfig, with_settings
+    from ._allocator import AllocatorConfig, with_settings
 
     return with_settings(AllocatorConfig.from_env(), alloc_conf)
 
@@ -514,7 +514,7 @@ class Estimator:
 
     def _fallback(self, batch_size: int, exc: BatchfitError) -> StepEstimate:
         """Models that cannot run on fake tensors: real runs at batch 1 and 2, extrapolated."""
-        from .measure import measure_step
+        from ._measure import measure_step
 
         device = self.spec.device
         if device == "cuda" and not torch.cuda.is_available():

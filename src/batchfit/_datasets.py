@@ -1,6 +1,6 @@
 """The dataset registry: static facts about each preset (no files needed).
 
-Loading real files lives in :mod:`batchfit.data`; this module only knows shapes, sizes and the
+Loading real files lives in :mod:`batchfit._data`; this module only knows shapes, sizes and the
 seed's normalisation, so that ``--dataset mnist`` works for summaries and estimates anywhere.
 
 >>> get_dataset("MNIST").shape, get_dataset("cifar10").train_size
@@ -26,7 +26,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     stored_dtype: str = "uint8"  # how one sample is stored on disk / in the torchvision dataset
-    # Loading facts (used by batchfit.data): the torchvision class that reads the files (None: no
+    # Loading facts (used by batchfit._data): the torchvision class that reads the files (None: no
     # automatic loader), and whether that class keeps every image in RAM as one uint8 array
     # (MNIST, CIFAR-10) rather than reading files per item (ImageFolder-style datasets).
     torchvision_class: str | None = None
@@ -86,7 +86,7 @@ DATASETS: dict[str, DatasetInfo] = {
             torchvision_class="CIFAR10",
             images_in_ram=True,
         ),
-        # scikit-learn's bundled 8x8 digits (1,797 images, values 0..16; batchfit.sweep reads them,
+        # scikit-learn's bundled 8x8 digits (1,797 images, values 0..16; batchfit._sweep reads them,
         # no download): the first 1,437 images train, the last 360 validate. mean/std: of the training
         # images scaled to [0, 1] (tests/test_sweep.py recomputes them from the file).
         DatasetInfo(

@@ -435,7 +435,7 @@ def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
     if key in LOSSES:
         return LOSSES[key]
     if ":" in spec:
-        from .models import import_target
+        from ._models import import_target
 
         _, fn = import_target(spec)
         if not callable(fn):
@@ -451,7 +451,7 @@ def parse_step(spec: str | StepFn | None) -> StepFn | None:
     """A user's own training step ``fn(model, inputs, labels, optimizer)`` from ``file.py:fn``."""
     if spec is None or callable(spec):
         return spec
-    from .models import import_target
+    from ._models import import_target
 
     _, fn = import_target(spec)
     if not callable(fn):

@@ -1,7 +1,7 @@
 """``batchfit.plan()``: the one-screen answer (model, memory, batch size, plot), and the seed's answer key.
 
-:func:`plan` puts together what the other verbs find: the model's totals (:func:`~batchfit.summary`),
-the largest batch that fits the card and the one to use (:func:`~batchfit.fit.fit`), the memory
+:func:`plan` puts together what the other verbs find: the model's totals (:func:`~batchfit._summary`),
+the largest batch that fits the card and the one to use (:func:`~batchfit._fit.fit`), the memory
 breakdown at the recommended size, a table at standard batch sizes and a plot of every category
 against the batch size. The sweep costs one allocator replay per batch size (fit's affine
 timeline), not one trace.
@@ -29,19 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._datasets import get_dataset
 from ._errors import BatchfitError, ExitCode
+from ._estimate import CUDA_CATEGORIES, Estimator, StepEstimate, make_spec, short_category
+from ._fit import FitResult, fit, standard_batch_sizes
+from ._models import load_workload
 from ._render import Table
+from ._summary import ModelSummary, summary
 from ._units import format_bytes, mib_cell
-from .datasets import get_dataset
-from .estimate import CUDA_CATEGORIES, Estimator, StepEstimate, make_spec, short_category
-from .fit import FitResult, fit, standard_batch_sizes
-from .models import load_workload
-from .summary import ModelSummary, summary
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .sweep import SweepResult
+    from ._sweep import SweepResult
 
 SCHEMA_VERSION = 1
 GIB = 1024**3
@@ -476,10 +476,10 @@ def plan(
 ) -> Plan:
     """The one-screen answer: the model, the largest and recommended batch size, memory by batch size.
 
-    Options as :func:`batchfit.fit.fit`; ``curve_points`` is the number of batch sizes the plot
+    Options as :func:`batchfit._fit.fit`; ``curve_points`` is the number of batch sizes the plot
     sweeps (each one allocator replay when the step's timeline is affine in the batch size);
     ``context_bytes`` overrides the card's memory outside the allocator (``--context``).
-    Raises :class:`~batchfit.fit.DoesNotFit` when even batch size 1 does not fit.
+    Raises :class:`~batchfit._fit.DoesNotFit` when even batch size 1 does not fit.
     """
     say = progress or (lambda text: None)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
@@ -509,7 +509,7 @@ def plan_from_fit(
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,
 ) -> Plan:
-    """The plan around an answer :func:`~batchfit.fit.fit` already found (``fit --report`` uses it)."""
+    """The plan around an answer :func:`~batchfit._fit.fit` already found (``fit --report`` uses it)."""
     say = progress or (lambda text: None)
     known: dict[int, StepEstimate] = {}
     for e in (result.estimate_at_max, result.estimate_at_recommended):
@@ -936,7 +936,7 @@ def answer_key(
     result = fit(workload, gpu=gpu, memory=memory, free=free, optimizer=SEED_OPTIMIZER, safety=SEED_SAFETY)
     effect = None
     if training:
-        from .sweep import sweep
+        from ._sweep import sweep
 
         effect = sweep(SEED_MODEL, **SEED_SWEEP)
     return AnswerKey(

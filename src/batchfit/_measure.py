@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import BatchfitError, ExitCode
+from ._models import Workload, real_state
 from ._step import (
     Batch,
     StepSpec,
@@ -30,7 +31,6 @@ from ._step import (
     train_mode,
     unique_trainable,
 )
-from .models import Workload, real_state
 
 
 @dataclass

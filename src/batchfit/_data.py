@@ -33,9 +33,9 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from ._datasets import DATASETS, DatasetInfo, get_dataset
 from ._errors import BatchfitError
 from ._units import format_bytes
-from .datasets import DATASETS, DatasetInfo, get_dataset
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

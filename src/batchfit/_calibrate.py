@@ -5,7 +5,7 @@ convolution workspace for a few shapes, and the memory the caching allocator nev
 warm training step; it returns them as a catalogue entry whose provenance names the card, driver,
 torch version and date. Without CUDA it is a dry run that lists what it would measure.
 
-    PYTHONPATH=src python -m batchfit.calibrate          # JSON on stdout
+    PYTHONPATH=src python -m batchfit._calibrate          # JSON on stdout
 
 >>> plan = calibrate(dry_run=True)
 >>> plan["dry_run"], [m["name"] for m in plan["planned"]][:2]
@@ -21,8 +21,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._allocator import AllocatorConfig
 from ._errors import BatchfitError, ExitCode
-from .allocator import AllocatorConfig
 
 SCHEMA_VERSION = 1
 
@@ -233,7 +233,7 @@ def make_catalogue_update(
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """A catalogue entry (the form of ``_resources/gpus.json``'s cards) whose figures are all measured."""
-    from .gpus import load_catalogue
+    from ._gpus import load_catalogue
 
     known = load_catalogue().by_torch_name(name)
     sources = {

@@ -2,15 +2,15 @@
 
 The lesson's rule has two halves: raise the batch size from 16 until memory runs out *or until the
 training effect drops*, take about 0.8 x the largest that fits, and check the choice by the training
-effect. :func:`batchfit.fit.fit` answers the memory half; this module answers the other one. For
+effect. :func:`batchfit._fit.fit` answers the memory half; this module answers the other one. For
 each batch size 16, 32, 64, ... up to the memory max it trains the model from the same seeded
 initialisation on the same stream of samples (the same budget of samples for every size), with the
 learning rate scaled by a stated rule, and measures throughput, the training loss against samples
 seen, and the validation loss and accuracy at the end. Beside it, the gradient noise scale
-(:mod:`batchfit.noise`) at initialisation and after a short warm-up.
+(:mod:`batchfit._noise`) at initialisation and after a short warm-up.
 
 The data are tensors held on the device (``digits`` ships with scikit-learn; ``mnist`` and
-``cifar10`` are read from their real files through :func:`batchfit.data.load_dataset`).
+``cifar10`` are read from their real files through :func:`batchfit._data.load_dataset`).
 
 >>> r = sweep("mlp", dataset="digits", max_batch=32, samples=256, memory=False, noise_samples=64)
 >>> [run.batch_size for run in r.runs], r.runs[0].samples, r.runs[1].samples
@@ -32,16 +32,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError, ExitCode
+from ._noise import NoiseScale, noise_scale
 from ._render import Table
 from ._units import format_bytes
-from .datasets import DatasetInfo, get_dataset
-from .noise import NoiseScale, noise_scale
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .models import Workload
+    from ._models import Workload
 
 SCHEMA_VERSION = 1
 MIN_BATCH = 16  # the lesson: "start at 16"
@@ -168,7 +168,7 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
 def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> TrainData:
     """The training and validation tensors of ``digits`` (bundled) or a preset read from ``root``.
 
-    MNIST, Fashion-MNIST and CIFAR-10 go through :func:`batchfit.data.load_dataset` (torchvision's
+    MNIST, Fashion-MNIST and CIFAR-10 go through :func:`batchfit._data.load_dataset` (torchvision's
     own classes, the lesson's ``ToTensor()`` + ``Normalize``): their train split trains, the test
     split validates. Nothing is downloaded.
     """
@@ -188,7 +188,7 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
         )
     from torch.utils.data import DataLoader
 
-    from .data import load_dataset
+    from ._data import load_dataset
 
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     source = ""
@@ -725,7 +725,7 @@ class SweepResult:
 
     def save_plot(self, path: str | Path) -> Path:
         """Write the plot to ``FILE.png`` or ``FILE.svg``; returns the path."""
-        from .plan import save_figure
+        from ._plan import save_figure
 
         return save_figure(self.plot(), path)
 
@@ -780,8 +780,8 @@ def sweep(
     ``warmup`` fraction of each run's steps; ``device`` defaults to CUDA when there is a GPU. ``memory``
     measures one reference step per size beside batchfit's estimate of it.
     """
-    from .estimate import make_spec
-    from .models import load_workload
+    from ._estimate import make_spec
+    from ._models import load_workload
 
     if lr_scaling not in LR_SCALING:
         raise BatchfitError(f"unknown --lr-scaling {lr_scaling!r}", hint=f"use one of {', '.join(LR_SCALING)}")
@@ -821,7 +821,7 @@ def sweep(
         max_fit: int | None = None
         source = ""
         if max_batch is None:
-            from .fit import fit
+            from ._fit import fit
 
             say("the memory max (fit)", 0, 1)
             result = fit(workload, gpu=gpu, memory=memory_budget, free=free, optimizer=spec.optimizer)
@@ -883,7 +883,7 @@ def sweep(
         runs: list[RunResult] = []
         estimator = None
         if memory:
-            from .estimate import Estimator
+            from ._estimate import Estimator
 
             estimator = Estimator(workload, spec, gpu=gpu, memory=memory_budget, free=free)
         for b in sizes:
@@ -910,7 +910,7 @@ def sweep(
             del m
             measured = estimated = None
             if estimator is not None:
-                from .measure import measure_step
+                from ._measure import measure_step
 
                 measured = measure_step(workload, b, spec).peak_allocated_bytes
                 estimated = estimator.at(b).peak_allocated_bytes

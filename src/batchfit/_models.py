@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError
-from .datasets import DatasetInfo, get_dataset
 
 if TYPE_CHECKING:
-    from .lora import LoraSpec
-    from .quantize import QuantSpec
+    from ._lora import LoraSpec
+    from ._quantize import QuantSpec
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -494,10 +494,10 @@ def load_workload(
 
     ``input_size`` is one sample's shape without the batch dimension (``(1, 28, 28)``), or a list of
     such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
-    ``hf:ID_OR_PATH`` models (see :mod:`batchfit.hf`) take ``seq_len``, ``task``, ``attn`` and
-    ``gradient_checkpointing``; ``lora`` (a rank or a :class:`~batchfit.lora.LoraSpec`) adds peft's
+    ``hf:ID_OR_PATH`` models (see :mod:`batchfit._hf`) take ``seq_len``, ``task``, ``attn`` and
+    ``gradient_checkpointing``; ``lora`` (a rank or a :class:`~batchfit._lora.LoraSpec`) adds peft's
     LoRA adapters to any model (a model of yours is copied first, never changed); ``quantize``
-    (``"4bit"``, see :mod:`batchfit.quantize`) stores the frozen base as bitsandbytes' QLoRA does.
+    (``"4bit"``, see :mod:`batchfit._quantize`) stores the frozen base as bitsandbytes' QLoRA does.
     """
     if isinstance(model, Workload):  # already resolved (the verbs accept both)
         return model
@@ -529,7 +529,7 @@ def _hf_workload(
     attn: str | None,
     gradient_checkpointing: bool,
 ) -> Workload:
-    from .hf import build_hf_model
+    from ._hf import build_hf_model
 
     if input_size is not None or dataset is not None:
         raise BatchfitError(
@@ -564,7 +564,7 @@ def _own_copy(model: nn.Module) -> nn.Module:
 
 
 def _quantized(workload: Workload, quantize: str | QuantSpec) -> Workload:
-    from .quantize import QuantSpec, quantize_model
+    from ._quantize import QuantSpec, quantize_model
 
     spec = QuantSpec.parse(quantize)
     model, layers = quantize_model(_own_copy(workload.model), spec)
@@ -579,7 +579,7 @@ def _quantized(workload: Workload, quantize: str | QuantSpec) -> Workload:
 
 
 def _with_lora(workload: Workload, lora: int | LoraSpec, *, quantized: bool = False) -> Workload:
-    from .lora import LoraSpec, apply_lora
+    from ._lora import LoraSpec, apply_lora
 
     spec = LoraSpec.parse(lora)
     model = workload.model if quantized else _own_copy(workload.model)

@@ -38,8 +38,8 @@ from ._units import format_bytes, mib_cell
 if TYPE_CHECKING:
     from torch import nn
 
+    from ._models import Workload
     from ._step import StepSpec
-    from .models import Workload
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "oom", "error"]
@@ -400,23 +400,23 @@ class AttemptConfig:
         return cls(**data)
 
     def workload(self) -> Workload:
-        from .models import load_workload
+        from ._models import load_workload
 
         return load_workload(
             self.model, list(self.inputs) if self.inputs else None, dataset=self.dataset, num_classes=self.num_classes
         )
 
     def spec(self) -> StepSpec:
-        from .estimate import make_spec
+        from ._estimate import make_spec
 
         return make_spec(self.device, self.optimizer, self.precision, self.loss, self.step, self.mode)
 
 
 def measure_runner(workload: Workload, spec: StepSpec) -> Runner:
-    """Attempts in this process: :func:`batchfit.measure.measure_step` on ``spec.device``, guarded."""
+    """Attempts in this process: :func:`batchfit._measure.measure_step` on ``spec.device``, guarded."""
     import torch
 
-    from .measure import measure_step
+    from ._measure import measure_step
 
     def step(batch_size: int) -> Attempt:
         m = measure_step(workload, batch_size, spec, explain_errors=False)  # the guard tells OOM apart
@@ -453,7 +453,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def isolated_runner(config: AttemptConfig, *, timeout_s: float = 600.0) -> Runner:
-    """Attempts in a fresh child process each (``python -m batchfit.probe``): nothing an attempt
+    """Attempts in a fresh child process each (``python -m batchfit._probe``): nothing an attempt
     leaves behind (a broken CUDA context, cached blocks, cuDNN's chosen algorithms) reaches the next."""
 
     def run(batch_size: int) -> Attempt:
@@ -461,7 +461,7 @@ def isolated_runner(config: AttemptConfig, *, timeout_s: float = 600.0) -> Runne
         payload = json.dumps({"config": json.loads(config.to_json()), "batch_size": batch_size})
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "batchfit.probe"],
+                [sys.executable, "-m", "batchfit._probe"],
                 input=payload,
                 capture_output=True,
                 text=True,
@@ -741,7 +741,7 @@ def probe(
 ) -> ProbeResult:
     """Find the exact largest batch size on this machine's CUDA GPU, starting from the estimate.
 
-    ``start`` skips the estimate (default: :func:`batchfit.fit.fit`'s max for the local card);
+    ``start`` skips the estimate (default: :func:`batchfit._fit.fit`'s max for the local card);
     ``from_batch=16`` follows the seed's method instead (double from 16, then bisect).
     ``isolate`` runs each attempt in a fresh child process (the model must then be given by name or
     file); ``memory_fraction`` (isolated only) caps each child with
@@ -786,8 +786,8 @@ def probe(
         )
     say = progress or (lambda text: None)
     began = time.perf_counter()
-    from .estimate import make_spec
-    from .models import load_workload
+    from ._estimate import make_spec
+    from ._models import load_workload
 
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, mode)
@@ -881,7 +881,7 @@ def _plain(value: Any, what: str) -> str | None:
 
 
 def _input_strings(input_size: Any) -> tuple[str, ...] | None:
-    from .models import parse_inputs
+    from ._models import parse_inputs
 
     specs = parse_inputs(input_size)
     return tuple(str(s) for s in specs) if specs else None
@@ -898,7 +898,7 @@ def _estimated_max(
     alloc_conf: str | None,
     notes: list[str],
 ) -> int:
-    from .fit import fit
+    from ._fit import fit
 
     try:
         result = fit(
@@ -930,7 +930,7 @@ def _child_fit(
         "alloc_conf": alloc_conf,
     }
     done = subprocess.run(
-        [sys.executable, "-m", "batchfit.probe"],
+        [sys.executable, "-m", "batchfit._probe"],
         input=json.dumps(payload),
         capture_output=True,
         text=True,
@@ -961,7 +961,7 @@ def _attach_estimates(
     say: Progress,
 ) -> None:
     """The estimate at each attempted size, beside the measurement (the local card's figures)."""
-    from .estimate import Estimator
+    from ._estimate import Estimator
 
     try:
         est = Estimator(workload, spec, free=free, alloc_conf=alloc_conf)
@@ -982,7 +982,7 @@ def _attach_estimates(
 
 def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
     try:
-        from .gpus import resolve_card
+        from ._gpus import resolve_card
 
         return resolve_card(None, None, free).card.conv_workspace_bytes
     except Exception:  # informational only

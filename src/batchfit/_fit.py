@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from ._compose import compose
 from ._errors import BatchfitError, ExitCode
+from ._estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
 from ._events import Event
+from ._models import load_workload
 from ._render import Table
 from ._step import tail_sizes
 from ._trace import Trace, frozen_heap
 from ._units import format_bytes
-from .estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
-from .models import load_workload
 
 if TYPE_CHECKING:
-    from .allocator import AllocatorConfig
-    from .gpus import Budget
+    from ._allocator import AllocatorConfig
+    from ._gpus import Budget
 
 SCHEMA_VERSION = 1
 INT32_ELEMENTS = 2**31
@@ -369,7 +369,7 @@ def fit(
     Raises :class:`DoesNotFit` (exit code 4 on the command line) when even batch size 1 does not
     fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
     outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
-    :func:`batchfit.estimate`: with a training run's tail, the max and the recommendation are
+    :func:`batchfit._estimate`: with a training run's tail, the max and the recommendation are
     checked by tracing the whole run there (and lowered until it fits).
     """
     if not 0 < safety <= 1:
@@ -654,7 +654,7 @@ def _allocated_guess(
     peak, not the unlimited reserved one; the live-bytes guess can be 2x off. Two replays put the
     search's start within a few sizes of the answer for most models.
     """
-    from .allocator import simulate
+    from ._allocator import simulate
 
     a = max(a, far // 2)  # small batches carry the fixed costs' rounding: fit the line higher up
     if far - a < 2:
@@ -722,8 +722,8 @@ def _early_guess(est: Estimator) -> int | None:
     import torch
     from torch import nn
 
+    from ._models import unique_parameters
     from ._step import train_mode
-    from .models import unique_parameters
 
     budget = est.budget
     workload = est.workload
@@ -872,7 +872,7 @@ def _numel_limit(a: Trace, b: Trace) -> int:
 
 def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     """Say what the fixed costs are and, quantified, what would help."""
-    from .gpus import list_gpus
+    from ._gpus import list_gpus
 
     budget = est.budget
     assert budget is not None

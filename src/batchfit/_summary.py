@@ -36,8 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
+from ._models import InputSpec, ModelInputs, Workload, fake_state, load_workload
 from ._units import format_bytes
-from .models import InputSpec, ModelInputs, Workload, fake_state, load_workload
 
 SCHEMA_VERSION = 1
 
