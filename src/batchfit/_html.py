@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import BatchfitError, ExitCode
+from ._errors import BatchfitError, check_suffix
 from ._render import Table
 from ._units import format_bytes
 
@@ -57,7 +57,7 @@ def table_html(table: Table, *, wrap: bool = False) -> str:
     """
     align = ["right" if r else "left" for r in table._right()]
 
-    def cells(tag: str, values: Sequence[str]) -> str:
+    def cells(tag: str, values: Sequence[object]) -> str:
         return "".join(f'<{tag} style="text-align:{a}">{esc(v)}</{tag}>' for v, a in zip(values, align))
 
     parts = [f'<table class="{"bf wrap" if wrap else "bf"}">']
@@ -329,14 +329,12 @@ def assumptions_table(
 
 
 def check_report_path(path: str | Path) -> Path:
-    out = Path(path)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise BatchfitError(
-            f"cannot write the report to {str(out)!r}: it is one HTML page",
-            hint="name the file FILE.html, e.g. --report report.html",
-            exit_code=ExitCode.USAGE,
-        )
-    return out
+    return check_suffix(
+        path,
+        (".html", ".htm"),
+        "cannot write the report to {path}: it is one HTML page",
+        "name the file FILE.html, e.g. --report report.html",
+    )
 
 
 def _page(title: str, body: Sequence[str]) -> str:
