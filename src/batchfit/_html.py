@@ -10,6 +10,7 @@ paths): no script, no font, no stylesheet or image is fetched when the page is v
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import math
@@ -87,11 +88,9 @@ def summary_html(s: ModelSummary) -> str:
     """The layer tree of :class:`~batchfit._summary.ModelSummary` and its totals."""
     if s.style == "classic" and s.classic is not None:
         return f"<pre>{esc(s.classic)}</pre>"
-    headers = s._HEADERS
-    rows = [[name, *s._cells(r)] for name, r in zip(s._names(), s.visible_rows(), strict=True)]
-    table = Table(s._header_line(), headers, rows, right=[i not in (0, 1, 6) for i in range(len(headers))])
-    totals = "".join(f"<li>{esc(line)}</li>" for line in s._totals_lines())
-    return table_html(table) + f'<ul class="muted">{totals}</ul>'
+    table = s.table()
+    totals = "".join(f"<li>{esc(line)}</li>" for line in table.footer)
+    return table_html(dataclasses.replace(table, footer=[])) + f'<ul class="muted">{totals}</ul>'
 
 
 def measurement_html(m: Measurement) -> str:
