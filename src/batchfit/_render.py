@@ -167,7 +167,7 @@ class Rendered:
         for s in self.sections():
             parts += [RichText("")] if parts else []
             parts.append(as_rich(s))
-        return parts[0] if len(parts) == 1 else Group(*parts)
+        return parts[0] if len(parts) == 1 else Group(*parts)  # (an empty Group prints nothing)
 
     def _repr_html_(self) -> str:
         from ._html import fragment
