@@ -9,6 +9,8 @@ timelines at 1 and 2 have the same structure (same storages, same order) every s
 is an exact affine function of the batch size, checked against the trace at the guess. Any
 batch size's timeline then follows without tracing, and each candidate costs one allocator
 replay (milliseconds). The three traces run side by side in forked children where fork exists.
+The code follows that order: :func:`_fit_from_traces` builds the timeline, searches it, confirms
+it by the third trace and assembles the answer, each step handing the next one small record.
 
 >>> r = fit("mlp", dataset="mnist", gpu="h100")
 >>> r.recommended_batch_size == 60000   # capped at MNIST's 60,000 training images
