@@ -213,3 +213,16 @@ def test_peaks_round_trip_through_the_catalogue_entry() -> None:
     )
     assert rebuilt.peaks == card.peaks
     assert "TFLOP/s dense" in str(card)
+
+
+def test_a_step_that_cannot_be_costed_leaves_the_estimate_out_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import batchfit._roofline as rl
+
+    def fails(*args: object, **kwargs: object) -> StepCost:
+        raise RuntimeError("no formula for this op")
+
+    monkeypatch.setattr(rl, "step_cost", fails)
+    r = roofline(load_workload("mlp", dataset="mnist"), make_spec("cuda"), get_gpu("h100"), [64])
+    assert r.points == [] and r.unavailable == "the step could not be costed (RuntimeError: no formula for this op)"

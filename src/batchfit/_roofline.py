@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ._errors import BatchfitError
 from ._render import Table
 from ._units import format_bytes
 
@@ -446,17 +447,20 @@ def roofline(
     peaks = card.peaks
     say(f"counting the step's FLOPs and bytes at batch sizes {', '.join(map(str, PROBE_SIZES))} ({LABEL})")
     cc = card.compute_capability
-    probes = [step_cost(workload, spec, b, compute_capability=cc) for b in PROBE_SIZES]
-    affine = AffineCost(probes)
     notes: list[str] = []
-    if affine.ok:
-        costs = [affine.at(b) for b in batch_sizes]
-        method = "affine"
-    else:
-        say(f"the step's costs are not lines in the batch size: tracing {len(batch_sizes)} sizes")
-        costs = [step_cost(workload, spec, b, compute_capability=cc) for b in batch_sizes]
-        method = "traced"
-        notes.append("the step's FLOPs or bytes are not lines in the batch size: each size was traced")
+    method = "affine"
+    try:
+        affine = AffineCost([step_cost(workload, spec, b, compute_capability=cc) for b in PROBE_SIZES])
+        if affine.ok:
+            costs = [affine.at(b) for b in batch_sizes]
+        else:
+            say(f"the step's costs are not lines in the batch size: tracing {len(batch_sizes)} sizes")
+            costs = [step_cost(workload, spec, b, compute_capability=cc) for b in batch_sizes]
+            method = "traced"
+            notes.append("the step's FLOPs or bytes are not lines in the batch size: each size was traced")
+    except Exception as exc:  # an optional estimate: say why it is missing, never fail the plan for it
+        reason = exc.message if isinstance(exc, BatchfitError) else f"{type(exc).__name__}: {exc}"
+        return Roofline(name, card.name, precision, [], method, unavailable=f"the step could not be costed ({reason})")
     try:
         points = [
             RooflinePoint(c.batch_size, c.flops, c.nbytes, c.seconds(peaks), c.memory_bound_seconds(peaks))
