@@ -69,6 +69,15 @@ def test_flops_equal_torchs_counter_on_a_real_cpu_step() -> None:
     assert step_cost(load_workload(model, (3, 8, 8)), make_spec("cuda"), M).flops == expected
 
 
+def test_autocast_matmuls_run_at_the_bf16_peak_and_the_casts_move_bytes() -> None:
+    model = nn.Sequential(nn.Linear(K, H), nn.ReLU(), nn.Linear(H, C))
+    cost = step_cost(load_workload(model, (K,)), make_spec("cuda", precision="amp-bf16"), M)
+    assert {op.kind for op in flop_ops(cost)} == {"bf16"}
+    casts = [op for op in cost.ops if op.op == "aten._to_copy"]
+    # each iteration casts the FP32 weights for the BF16 matmuls: read 4 B, write 2 B per element
+    assert any(op.nbytes == (F32 + 2) * K * H for op in casts)
+
+
 # -- bytes -----------------------------------------------------------------------------------------
 
 
