@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from batchfit._roofline import (
     step_cost,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 M, K, H, C = 8, 20, 16, 4  # batch, inputs, hidden units, classes
 F32 = 4  # bytes per float32 element
 
@@ -235,3 +239,15 @@ def test_a_step_that_cannot_be_costed_leaves_the_estimate_out_with_the_reason(
     monkeypatch.setattr(rl, "step_cost", fails)
     r = roofline(load_workload("mlp", dataset="mnist"), make_spec("cuda"), get_gpu("h100"), [64])
     assert r.points == [] and r.unavailable == "the step could not be costed (RuntimeError: no formula for this op)"
+
+
+def test_the_gpu_throughput_check_dry_runs_here(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput_validate.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records = bench.run(tmp_path, dry_run=True, max_batch=16, repeats=1)
+    assert [(r["model"], r["batch_size"], r["dry_run"]) for r in records] == [("mlp", 8, True), ("mlp", 16, True)]
+    assert all(r["measured_samples_per_second"] > 0 and r["roofline_samples_per_second"] > 0 for r in records)
+    assert json.loads((tmp_path / "throughput.json").read_text()) == records
+    assert "the numbers compare nothing" in bench.table(records)
