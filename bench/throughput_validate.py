@@ -13,8 +13,8 @@ peaks), and the smallest batch within 5% of the best of each (measured, estimate
 runs out of memory ends that case. Writes ``throughput.json`` (a list of records) under ``--out``
 and prints a table.
 
-Without CUDA (or with ``--dry-run``) it measures the MLP on the CPU at two small sizes against the
-default card's estimate, and marks every record ``"dry_run": true``: the path works, the numbers
+Without CUDA (or with ``--dry-run``) it measures the MLP on the CPU against the
+default card's estimate (one size, one run), and marks every record ``"dry_run": true``: the path works, the numbers
 compare nothing.
 """
 
@@ -42,7 +42,9 @@ CASES = (  # (model, dataset, precision)
 )
 
 
-def measured_samples_per_second(workload: Any, spec: Any, batch_size: int, repeats: int) -> float | None:
+def measured_samples_per_second(
+    workload: Any, spec: Any, batch_size: int, repeats: int, *, warm_up: bool = True
+) -> float | None:
     """Median samples/s of the steady iteration over ``repeats`` runs (None: out of memory)."""
     import torch
 
@@ -50,7 +52,7 @@ def measured_samples_per_second(workload: Any, spec: Any, batch_size: int, repea
     from batchfit._probe import is_oom
 
     rates = []
-    for i in range(repeats + 1):
+    for i in range(repeats + warm_up):
         try:
             m = measure_step(workload, batch_size, spec, explain_errors=False)
         except Exception as exc:
@@ -59,7 +61,7 @@ def measured_samples_per_second(workload: Any, spec: Any, batch_size: int, repea
                     torch.cuda.empty_cache()
                 return None
             raise
-        if i and m.steady_seconds:  # the first run warms up (cuBLAS handles, cuDNN's choices)
+        if (i or not warm_up) and m.steady_seconds:  # a first run warms up (cuBLAS handles, cuDNN's choices)
             rates.append(batch_size / m.steady_seconds)
     return statistics.median(rates) if rates else None
 
@@ -77,13 +79,14 @@ def run(out: Path, *, dry_run: bool, max_batch: int, repeats: int) -> list[dict[
     card = get_gpu(DRY_RUN_CARD) if local is None else card_for_local(local)
     device = "cpu" if dry_run else "cuda"
     cases = CASES[:1] if dry_run else CASES
-    sizes = [8, 16] if dry_run else [2**k for k in range(0, max_batch.bit_length()) if 2**k <= max_batch]
+    sizes = [8] if dry_run else [2**k for k in range(0, max_batch.bit_length()) if 2**k <= max_batch]
     records: list[dict[str, Any]] = []
     for model, dataset, precision in cases:
         workload = load_workload(model, dataset=dataset)
         measured: list[tuple[int, float]] = []
         for b in sizes:
-            sps = measured_samples_per_second(workload, make_spec(device, precision=precision), b, repeats)
+            spec = make_spec(device, precision=precision)
+            sps = measured_samples_per_second(workload, spec, b, repeats, warm_up=not dry_run)
             if sps is None:
                 break
             measured.append((b, sps))

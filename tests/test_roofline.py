@@ -247,7 +247,7 @@ def test_the_gpu_throughput_check_dry_runs_here(tmp_path: Path) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     records = bench.run(tmp_path, dry_run=True, max_batch=16, repeats=1)
-    assert [(r["model"], r["batch_size"], r["dry_run"]) for r in records] == [("mlp", 8, True), ("mlp", 16, True)]
+    assert [(r["model"], r["batch_size"], r["dry_run"]) for r in records] == [("mlp", 8, True)]
     assert all(r["measured_samples_per_second"] > 0 and r["roofline_samples_per_second"] > 0 for r in records)
     assert json.loads((tmp_path / "throughput.json").read_text()) == records
     assert "the numbers compare nothing" in bench.table(records)
