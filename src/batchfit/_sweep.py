@@ -714,6 +714,11 @@ class SweepResult:
         right.axvline(
             self.recommended_batch_size, color="#006400", linestyle="-.", label=f"use {self.recommended_batch_size:,}"
         )
+        sat = self.saturation_batch_size
+        if sat is not None:
+            right.axvline(
+                sat, color="#777777", linestyle=":", label=f"saturates: {sat:,} (within {SATURATION:.0%} of the best)"
+            )
         right.set_title(f"throughput on {self.device}", fontsize=10)
         right.grid(True, alpha=0.3)
         right.legend(fontsize=8)
