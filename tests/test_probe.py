@@ -325,6 +325,10 @@ def test_a_real_cpu_attempt_times_its_steady_iteration() -> None:
     assert a.ok and a.step_seconds and a.steady_seconds
     assert 0 < a.steady_seconds < a.step_seconds
     assert a.samples_per_second == pytest.approx(32 / a.steady_seconds)
+    from batchfit._measure import measure_step
+
+    m = measure_step(load_workload("mlp", dataset="mnist"), 32, make_spec("cpu"))
+    assert m.steady_seconds and m.samples_per_second == pytest.approx(32 / m.steady_seconds)
 
 
 def test_probe_from_16_is_the_seed_method() -> None:

@@ -53,6 +53,9 @@ class Measurement:
 
     @property
     def samples_per_second(self) -> float:
+        """Of the steady iteration when it was timed, else of the whole two-iteration window."""
+        if self.steady_seconds:
+            return self.batch_size / self.steady_seconds
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
     def _repr_html_(self) -> str:
