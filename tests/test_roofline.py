@@ -251,3 +251,13 @@ def test_the_gpu_throughput_check_dry_runs_here(tmp_path: Path) -> None:
     assert all(r["measured_samples_per_second"] > 0 and r["roofline_samples_per_second"] > 0 for r in records)
     assert json.loads((tmp_path / "throughput.json").read_text()) == records
     assert "the numbers compare nothing" in bench.table(records)
+
+
+def test_the_ceiling_is_above_a_published_measurement() -> None:
+    """NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README, "Training performance: NVIDIA DGX-1
+    16GB (8x V100 16GB)", 1 GPU: 367 img/s in FP32 (the tightest of its four single-GPU figures)."""
+    workload = load_workload("resnet50", dataset="imagenet")
+    r = roofline(workload, make_spec("cuda", optimizer="sgd-momentum"), get_gpu("v100-16gb"), [256])
+    (point,) = r.points
+    assert point.flops / 256 == pytest.approx(24.3e9, rel=0.01)  # ~3 x resnet50's 8.2 GFLOP forward
+    assert 367 < point.samples_per_second < 367 / 0.5  # a ceiling, and not a loose one
