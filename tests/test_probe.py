@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import types
 from collections.abc import Iterable
 
@@ -337,15 +336,21 @@ def test_probe_from_16_is_the_seed_method() -> None:
     assert [a.batch_size for a in r.attempts][:4] == [16, 32, 64, 128] and r.max_batch_size == 100
 
 
-def test_probe_starts_at_fits_max(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_starts_at_fits_max() -> None:
     seen = {}
 
     def fake_fit(workload, **kwargs):  # type: ignore[no-untyped-def]
         seen.update(kwargs)
         return types.SimpleNamespace(max_batch_size=123)
 
-    monkeypatch.setitem(sys.modules, "batchfit._fit", types.SimpleNamespace(fit=fake_fit))
-    r = probe("mlp", dataset="mnist", optimizer="adam", runner=device_with_max(123).runner(), estimates=False)
+    r = probe(
+        "mlp",
+        dataset="mnist",
+        optimizer="adam",
+        runner=device_with_max(123).runner(),
+        estimates=False,
+        fit_with=fake_fit,
+    )
     assert r.start == 123 and r.estimated_max_batch_size == 123 and r.start_source == "estimate"
     assert len(r.attempts) == 2 and r.estimate_error == 0
     assert seen["optimizer"] == "adam" and seen["safety"] == 0.8

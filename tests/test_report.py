@@ -221,7 +221,7 @@ def test_repr_html_of_every_result(mlp_plan: Plan) -> None:
 
 
 def test_answer_key_displays_itself() -> None:
-    from batchfit._plan import answer_key
+    from batchfit._answer_key import answer_key
 
     key = answer_key(gpu="T4")
     page = key._repr_html_()

@@ -23,18 +23,15 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rich import box
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from ._datasets import DATASETS, DatasetInfo, get_dataset
 from ._errors import BatchfitError
+from ._render import Facts, Rendered, Section, Table, Text
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -738,8 +735,8 @@ class GridInfo:
 
 
 @dataclass(frozen=True)
-class DatasetReport:
-    """What the lesson teaches about a dataset; renders itself (rich) and has :meth:`to_dict`."""
+class DatasetReport(Rendered):
+    """What the lesson teaches about a dataset; renders itself (text, rich) and has :meth:`to_dict`."""
 
     name: str
     source: str
@@ -803,12 +800,11 @@ class DatasetReport:
             "grid": self.grid.to_dict() if self.grid is not None else None,
         }
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+    def sections(self) -> list[Section]:
+        """A heading, the facts, the table by batch size, and what its columns mean."""
         where = f"{self.split} split" if self.split else "folder"
-        yield Text.from_markup(f"[bold]{self.name}[/] - {where}, {self.source}, from {self.root}")
-        facts = Table.grid(padding=(0, 2))
-        facts.add_column(style="bold", no_wrap=True)
-        facts.add_column()
+        heading = Text(f"{self.name} - {where}, {self.source}, from {self.root}", style="bold")
+        facts: list[tuple[str, str]] = []
         resize = f"Resize({self.size}) + CenterCrop({self.size}) + " if self.size else ""
         n = self.probe_batch_shape[0]
         bounds = ", ".join(f"[{lo:.4f}, {hi:.4f}]" for lo, hi in self.range_after_bounds)
@@ -837,29 +833,22 @@ class DatasetReport:
                 f"{format_bytes(self.tensor_bytes_per_sample, 'B')} as a {self.sample_dtype} tensor",
             ),
         ):
-            facts.add_row(key, value)
+            facts.append((key, value))
         if self.stats is not None:
-            facts.add_row(
-                "pixel stats",
-                f"{self.stats} over {self.stats.num_samples:,} samples "
-                f"({self.stats.pixels_per_channel:,} values per channel, before Normalize)",
+            facts.append(
+                (
+                    "pixel stats",
+                    f"{self.stats} over {self.stats.num_samples:,} samples "
+                    f"({self.stats.pixels_per_channel:,} values per channel, before Normalize)",
+                )
             )
         if self.grid is not None and self.grid.path:
-            facts.add_row("grid", f"{len(self.grid.indices)} samples (seed {self.grid.seed}) saved to {self.grid.path}")
-        yield facts
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
-        for header, justify in (
-            ("batch", "right"),
-            ("(N, C, H, W)", "left"),
-            ("per epoch", "right"),
-            ("stored", "right"),
-            ("on device", "right"),
-            ("labels", "right"),
-            ("host RAM", "right"),
-        ):
-            table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-        for row in self.rows:
-            table.add_row(
+            facts.append(
+                ("grid", f"{len(self.grid.indices)} samples (seed {self.grid.seed}) saved to {self.grid.path}")
+            )
+        columns = ["batch", "(N, C, H, W)", "per epoch", "stored", "on device", "labels", "host RAM"]
+        rows = [
+            [
                 str(row.batch_size),
                 _shape(row.batch_shape),
                 f"{row.batches_per_epoch:,}",
@@ -867,8 +856,10 @@ class DatasetReport:
                 format_bytes(row.input_bytes),
                 format_bytes(row.label_bytes),
                 format_bytes(row.host.total_bytes),
-            )
-        yield table
+            ]
+            for row in self.rows
+        ]
+        right = [i != 1 for i in range(len(columns))]
         notes = [
             f"per epoch: batches; stored: N samples as {self.stored_dtype}; on device: the input batch the GPU holds "
             f"(N x {format_bytes(self.tensor_bytes_per_sample, 'B')}, {self.sample_dtype}); labels: {self.label_dtype}"
@@ -887,14 +878,7 @@ class DatasetReport:
                 f"{format_bytes(host.dataset_label_bytes)} labels) + {host.batches_in_flight} batch{plural} "
                 f"in flight ({workers}){pinned}"
             )
-        for note in notes:
-            yield Text(note, style="dim")
-
-    def __str__(self) -> str:
-        console = Console(file=StringIO(), width=120, color_system=None, highlight=False)
-        console.print(self)
-        text: str = console.file.getvalue()  # type: ignore[attr-defined]
-        return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+        return [heading, Facts(facts), Table("", columns, rows, right=right, footer=notes)]
 
 
 def describe(

@@ -21,7 +21,7 @@ from torch import nn
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
 from ._models import Workload, load_workload
-from ._render import Table
+from ._render import Rendered, Table
 from ._step import StepSpec, parse_loop
 from ._trace import Trace, trace_step
 from ._training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
@@ -38,7 +38,7 @@ CUDA_CATEGORIES = (*CATEGORIES, "workspaces")
 
 
 @dataclass
-class StepEstimate:
+class StepEstimate(Rendered):
     """The memory of one reference step at one batch size. Bytes are ints.
 
     On CUDA, ``peak_allocated_bytes`` is what ``torch.cuda.max_memory_allocated()`` would report,
@@ -123,17 +123,14 @@ class StepEstimate:
             ]
         return out
 
-    def __str__(self) -> str:
-        return str(EstimateReport([self]))
-
-    def __rich__(self) -> Any:
-        return EstimateReport([self]).__rich__()
+    def sections(self) -> list[Table]:
+        return EstimateReport([self]).tables()
 
     def _repr_html_(self) -> str:
         """The table and the step's timeline (on CUDA allocated and reserved over the events)."""
         from ._html import figure_svg, fragment, table_html, timeline_figure
 
-        parts = [table_html(t) for t in EstimateReport([self]).tables()]
+        parts = [table_html(t) for t in self.sections()]
         if self.events:
             parts.append(figure_svg(timeline_figure(self)))
         return fragment(*parts)
@@ -153,7 +150,7 @@ class StepEstimate:
 
 
 @dataclass
-class EstimateReport(Sequence[StepEstimate]):
+class EstimateReport(Rendered, Sequence[StepEstimate]):
     """Estimates of one workload at several batch sizes (renders as the seed's table)."""
 
     results: list[StepEstimate]
@@ -247,18 +244,8 @@ class EstimateReport(Sequence[StepEstimate]):
             )
         return out
 
-    def __str__(self) -> str:
-        return "\n\n".join(str(t) for t in self.tables())
-
-    def __rich__(self) -> Any:
-        from rich.console import Group
-
-        return Group(*(t.__rich__() for t in self.tables()))
-
-    def _repr_html_(self) -> str:
-        from ._html import tables_fragment
-
-        return tables_fragment(self.tables())
+    def sections(self) -> list[Table]:
+        return self.tables()
 
     def save_report(
         self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None

@@ -22,22 +22,20 @@ import dataclasses
 import gc
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._child import ChildFailed, run_module, serve
 from ._errors import BatchfitError, ExitCode
-from ._render import Table
+from ._render import Rendered, Table
 from ._units import format_bytes, mib_cell
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ._fit import FitResult
     from ._models import Workload
     from ._step import StepSpec
 
@@ -446,98 +444,48 @@ def measure_runner(workload: Workload, spec: StepSpec) -> Runner:
     return guarded(step, cleanup)
 
 
-def src_root() -> Path:
-    """The directory holding the ``batchfit`` package (put on a child's ``PYTHONPATH``)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with batchfit importable, for ``subprocess`` children."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src_root()), path) if p)
-    env.update(extra or {})
-    return env
-
-
 def isolated_runner(config: AttemptConfig, *, timeout_s: float = 600.0) -> Runner:
     """Attempts in a fresh child process each (``python -m batchfit._probe``): nothing an attempt
     leaves behind (a broken CUDA context, cached blocks, cuDNN's chosen algorithms) reaches the next."""
 
     def run(batch_size: int) -> Attempt:
         start = time.perf_counter()
-        payload = json.dumps({"config": json.loads(config.to_json()), "batch_size": batch_size})
+        payload = {"config": dataclasses.asdict(config), "batch_size": batch_size}
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "batchfit._probe"],
-                input=payload,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env=child_env(),
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return Attempt(
-                batch_size, "error", seconds=time.perf_counter() - start, message=f"timed out after {timeout_s:g} s"
-            )
-        seconds = time.perf_counter() - start
-        result = _last_json_line(done.stdout)
-        if result is None or "status" not in result:
-            tail = _first_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "", 500)
-            return Attempt(
-                batch_size,
-                "error",
-                seconds=seconds,
-                message=f"the child process exited with code {done.returncode}: {tail or 'no output'}",
-            )
-        if result["status"] == "batchfit_error":
-            raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))
+            result = run_module("batchfit._probe", payload, timeout_s=timeout_s)
+        except ChildFailed as exc:
+            return Attempt(batch_size, "error", seconds=time.perf_counter() - start, message=str(exc))
         attempt = Attempt.from_dict(result)
-        attempt.seconds = seconds
+        attempt.seconds = time.perf_counter() - start
         return attempt
 
     return run
 
 
-def _last_json_line(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
-
-
 def run_child(payload: dict[str, Any]) -> dict[str, Any]:
     """One attempt (or, with ``"task": "fit"``, the estimated max), in a child process: the JSON
-    line :func:`isolated_runner` reads back."""
+    line :func:`isolated_runner` reads back (through :func:`batchfit._child.serve`)."""
     config = AttemptConfig.from_json(json.dumps(payload["config"]))
-    try:
-        if payload.get("task") == "fit":
-            notes: list[str] = []
-            best = _estimated_max(
-                config.workload(),
-                config.optimizer,
-                config.precision,
-                config.loss,
-                config.step,
-                payload["safety"],
-                payload["free"],
-                payload["alloc_conf"],
-                notes,
-            )
-            return {"status": "fit", "max_batch_size": best, "notes": notes}
-        if config.memory_fraction is not None:
-            import torch
+    if payload.get("task") == "fit":
+        notes: list[str] = []
+        best = _estimated_max(
+            config.workload(),
+            config.optimizer,
+            config.precision,
+            config.loss,
+            config.step,
+            payload["safety"],
+            payload["free"],
+            payload["alloc_conf"],
+            notes,
+        )
+        return {"status": "fit", "max_batch_size": best, "notes": notes}
+    if config.memory_fraction is not None:
+        import torch
 
-            torch.cuda.set_per_process_memory_fraction(config.memory_fraction)
-        runner = measure_runner(config.workload(), config.spec())
-        return runner(int(payload["batch_size"])).to_dict()
-    except BatchfitError as exc:
-        return {"status": "batchfit_error", "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
+        torch.cuda.set_per_process_memory_fraction(config.memory_fraction)
+    runner = measure_runner(config.workload(), config.spec())
+    return runner(int(payload["batch_size"])).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +493,7 @@ def run_child(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(Rendered):
     """What a probe measured: the exact boundary, every attempt beside its estimate, and the time."""
 
     model: str
@@ -683,18 +631,8 @@ class ProbeResult:
             "measured (the steady iteration when timed)"
         ]
 
-    def __str__(self) -> str:
-        return "\n\n".join(str(t) for t in self.tables())
-
-    def __rich__(self) -> Any:
-        from rich.console import Group
-
-        return Group(*(t.__rich__() for t in self.tables()))
-
-    def _repr_html_(self) -> str:
-        from ._html import tables_fragment
-
-        return tables_fragment(self.tables())
+    def sections(self) -> list[Table]:
+        return self.tables()
 
 
 def cudnn_notes(attempts: list[Attempt], max_batch_size: int, workspace_bytes: int | None = None) -> list[str]:
@@ -766,6 +704,7 @@ def probe(
     attempt_timeout_s: float = 600.0,
     progress: Progress | None = None,
     runner: Runner | None = None,
+    fit_with: Callable[..., FitResult] | None = None,
 ) -> ProbeResult:
     """Find the exact largest batch size on this machine's CUDA GPU, starting from the estimate.
 
@@ -776,7 +715,8 @@ def probe(
     ``torch.cuda.set_per_process_memory_fraction``, to probe a smaller card's worth of memory.
     ``confirm`` also runs the recommended size (one more attempt; on a device that is not
     monotone it lowers the recommendation until a size runs). ``runner`` replaces the device
-    (tests: a stand-in); the CUDA check is then skipped.
+    (tests: a stand-in); the CUDA check is then skipped. ``fit_with`` replaces :func:`batchfit.fit`
+    for the start (tests: a stand-in; it runs in this process, also with ``isolate``).
     """
     import torch
 
@@ -828,10 +768,12 @@ def probe(
         method, start_at, source = "estimate", start, "given"
     else:
         say("estimating the largest batch size (no GPU needed for this part)")
-        if config is not None:  # keep this process free of a CUDA context while children measure
+        if config is not None and fit_with is None:  # keep this process free of a CUDA context while children measure
             estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
         else:
-            estimated_max = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
+            estimated_max = _estimated_max(
+                workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes, fit_with
+            )
         method, start_at, source = "estimate", max(1, estimated_max), "estimate"
     if start_at < 1:
         raise BatchfitError(f"the probe must start at batch size >= 1, not {start_at}")
@@ -925,11 +867,12 @@ def _estimated_max(
     free: bool,
     alloc_conf: str | None,
     notes: list[str],
+    fit_with: Callable[..., FitResult] | None = None,
 ) -> int:
     from ._fit import fit
 
     try:
-        result = fit(
+        result = (fit_with or fit)(
             workload,
             free=free,
             optimizer=optimizer,
@@ -952,29 +895,18 @@ def _child_fit(
 ) -> int:
     payload = {
         "task": "fit",
-        "config": json.loads(config.to_json()),
+        "config": dataclasses.asdict(config),
         "safety": safety,
         "free": free,
         "alloc_conf": alloc_conf,
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "batchfit._probe"],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=child_env(),
-        check=False,
-    )
-    result = _last_json_line(done.stdout)
-    if result is None or result.get("status") not in ("fit", "batchfit_error"):
-        tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+    try:
+        result = run_module("batchfit._probe", payload, timeout_s=timeout_s)
+    except ChildFailed as exc:
         raise BatchfitError(
-            f"estimating the start in a child process failed (exit code {done.returncode}): {tail}",
+            f"estimating the start in a child process failed: {exc}",
             hint="pass start=N (--start N) or from_batch=16 (--from 16)",
-        )
-    if result["status"] == "batchfit_error":
-        raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))
+        ) from None
     notes.extend(result["notes"])
     return int(result["max_batch_size"])
 
@@ -1017,14 +949,8 @@ def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
         return None
 
 
-def _main() -> None:
-    """Child entry point of :func:`isolated_runner`: JSON payload on stdin, one JSON line out."""
-    payload = json.loads(sys.stdin.read())
-    print(json.dumps(run_child(payload)), flush=True)
-
-
-if __name__ == "__main__":
-    _main()
+if __name__ == "__main__":  # the child of isolated_runner and _child_fit: JSON payload on stdin, one JSON line out
+    serve(run_child)
 
 
 __all__ = [

@@ -39,7 +39,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ._errors import BatchfitError
-from ._render import Table
+from ._render import Rendered, Table
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ class RooflinePoint:
 
 
 @dataclass
-class Roofline:
+class Roofline(Rendered):
     """Roofline-estimated throughput by batch size on one card (an optimistic ceiling, not a measurement)."""
 
     model: str
@@ -389,8 +389,8 @@ class Roofline:
         columns = ["batch", "GFLOP/step", "moved/step", "time/step", "samples/s (est.)", "of best", "memory-bound"]
         return Table(title, columns, rows, footer=footer)
 
-    def __str__(self) -> str:
-        return str(self.table())
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
 
 def _duration(seconds: float) -> str:

@@ -37,6 +37,7 @@ from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._models import InputSpec, ModelInputs, Workload, fake_state, load_workload
+from ._render import Cell, Rendered, Section, Styled, Table, Text
 from ._units import format_bytes
 
 SCHEMA_VERSION = 1
@@ -623,7 +624,7 @@ _UNITS_NOTE = "KiB = 1024 B, MiB = 1024^2 B, GiB = 1024^3 B; MB = 10^6 B"
 
 
 @dataclass
-class ModelSummary:
+class ModelSummary(Rendered):
     """What ``batchfit summary`` prints: rows, totals, and (for ``style="classic"``) torchsummary's table.
 
     ``str()`` is plain text in the chosen style; in a rich console the default style is a table.
@@ -743,53 +744,40 @@ class ModelSummary:
             f"Units: {_UNITS_NOTE}",
         ]
 
-    def to_text(self) -> str:
-        """The default layout as plain, fixed-width text (no terminal needed)."""
+    def table(self) -> Table:
+        """The default layout: the call tree's rows, framed (``=`` rules) with the totals below."""
+        rows: list[list[Cell]] = []
+        styles: list[str | None] = []
+        for name, row in zip(self._names(), self.visible_rows(), strict=True):
+            cells: list[Cell] = [name, *self._cells(row)]
+            if cells[-1] == "frozen":
+                cells[-1] = Styled("frozen", "cyan")
+            rows.append(cells)
+            styles.append("dim" if not row.called or row.call > 1 else None)
+        return Table(
+            self._header_line(),
+            self._HEADERS,
+            rows,
+            right=[i not in (0, 1, 6) for i in range(len(self._HEADERS))],
+            footer=self._totals_lines(),
+            styles=styles,
+            no_wrap=(0,),
+            rule="=",
+        )
+
+    def sections(self) -> list[Section]:
         if self.style == "classic" and self.classic is not None:
-            return str(self.classic)
-        names = self._names()
-        cells = [[name, *self._cells(r)] for name, r in zip(names, self.visible_rows(), strict=True)]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(self._HEADERS)]
-        left = {0, 1, 6}
+            return [Text(str(self.classic))]
+        return [self.table()]
 
-        def line(values: Sequence[str]) -> str:
-            parts = [
-                v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
-            ]
-            return "  ".join(parts).rstrip()
-
-        total_width = sum(widths) + 2 * (len(widths) - 1)
-        out = [self._header_line(), "=" * total_width, line(self._HEADERS), "=" * total_width]
-        out += [line(c) for c in cells]
-        out += ["=" * total_width, *self._totals_lines(), "=" * total_width]
-        return "\n".join(out)
-
-    def __str__(self) -> str:
-        return self.to_text()
+    def to_text(self) -> str:
+        """The chosen layout as plain, fixed-width text (no terminal needed)."""
+        return str(self)
 
     def _repr_html_(self) -> str:
         from ._html import fragment, summary_html
 
         return fragment(summary_html(self))
-
-    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
-        from rich.table import Table
-        from rich.text import Text
-
-        if self.style == "classic" and self.classic is not None:
-            yield Text(str(self.classic))
-            return
-        table = Table(title=self._header_line(), title_justify="left", show_lines=False)
-        for i, header in enumerate(self._HEADERS):
-            table.add_column(header, justify="left" if i in (0, 1, 6) else "right", no_wrap=i == 0)
-        for name, row in zip(self._names(), self.visible_rows(), strict=True):
-            cells = self._cells(row)
-            style = "dim" if not row.called or row.call > 1 else None
-            if cells[-1] == "frozen":
-                cells[-1] = "[cyan]frozen[/]"
-            table.add_row(name, *cells, style=style)
-        yield table
-        yield Text("\n".join(self._totals_lines()))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (see docs/summary.md for the schema)."""

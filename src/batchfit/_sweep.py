@@ -35,7 +35,7 @@ from torch import nn
 from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError, ExitCode
 from ._noise import NoiseScale, noise_scale
-from ._render import Table
+from ._render import Rendered, Table
 from ._roofline import SATURATION, smallest_within
 from ._units import format_bytes
 
@@ -520,7 +520,7 @@ def choose(
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Rendered):
     """Every run, the noise scale and the answer; renders as a table, JSON and a plot."""
 
     model: str
@@ -667,11 +667,8 @@ class SweepResult:
             footer=["train loss: the mean over the run's last steps; val: the validation set after training"],
         )
 
-    def __str__(self) -> str:
-        return str(self.table())
-
-    def __rich__(self) -> Any:
-        return self.table().__rich__()
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
     # -- the plot --------------------------------------------------------------------------------
 
