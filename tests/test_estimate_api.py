@@ -133,6 +133,19 @@ def test_cli_json_and_table() -> None:
     assert "1.00" in table.output  # 1,048,152 B = 1.00 MiB
 
 
+def test_measure_json_is_the_measurements_to_dict() -> None:
+    """``batchfit measure --json`` lists each :class:`Measurement` as its ``to_dict()``, and the
+    dict carries the measurement's own figures (one real CPU step, so the peak equals the estimate)."""
+    out = runner.invoke(app, ["measure", "mlp", "--dataset", "mnist", "--device", "cpu", "-b", "8", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    (row,) = data["results"]
+    assert set(row) == {"batch_size", "peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "device", "seconds"}
+    assert row["batch_size"] == 8 and row["device"] == "cpu" and row["peak_reserved_bytes"] is None
+    assert row["seconds"] > 0
+    assert row["peak_allocated_bytes"] == estimate("mlp", dataset="mnist", batch_size=8, device="cpu").peak_allocated_bytes
+
+
 def test_cli_errors_are_messages_with_exit_codes(tmp_path) -> None:
     bad = runner.invoke(app, ["estimate", "resnet17"])
     assert bad.exit_code == 3 and "resnet18" in bad.output and "Traceback" not in bad.output

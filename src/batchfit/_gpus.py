@@ -104,10 +104,6 @@ class GpuCard:
     torch_names: tuple[str, ...] = ()
     provenance: dict[str, Provenance] = field(default_factory=dict, compare=False)
 
-    @property
-    def is_hopper_or_newer(self) -> bool:
-        return self.compute_capability is not None and self.compute_capability[0] >= 9
-
     def total_bytes(self, peak_reserved_bytes: int) -> int:
         """What nvidia-smi would show for the process: reserved segments + memory the allocator never sees."""
         return peak_reserved_bytes + self.non_allocator_bytes

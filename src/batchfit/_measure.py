@@ -52,6 +52,17 @@ class Measurement:
     def samples_per_second(self) -> float:
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready values (``batchfit measure --json``'s results)."""
+        return {
+            "batch_size": self.batch_size,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_used_bytes": self.device_used_bytes,
+            "device": self.device,
+            "seconds": self.seconds,
+        }
+
     def _repr_html_(self) -> str:
         from ._html import fragment, measurement_html
 

@@ -841,7 +841,7 @@ def probe(
     notes.extend(outcome.notes)
     if estimates:
         _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
-    workspace = _conv_workspace_bytes(free, alloc_conf)
+    workspace = _conv_workspace_bytes(free)
     notes.extend(cudnn_notes(outcome.attempts, best, workspace))
     return ProbeResult(
         model=workload.name,
@@ -980,7 +980,7 @@ def _attach_estimates(
         a.estimated_total_bytes = e.total_bytes
 
 
-def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
+def _conv_workspace_bytes(free: bool) -> int | None:
     try:
         from ._gpus import resolve_card
 

@@ -122,11 +122,13 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Set train/eval for the step and give every submodule its own mode back afterwards."""
+def train_mode(model: nn.Module, train: bool | None) -> Iterator[None]:
+    """Set train/eval (``None``: leave each module as it is) for the step or forward, and give every
+    submodule its own mode back afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    model.train(train)
     try:
+        if train is not None:
+            model.train(train)  # through train() so that models overriding it behave as they would
         yield
     finally:
         for m, was_training in modes:

@@ -37,6 +37,7 @@ from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._models import InputSpec, ModelInputs, Workload, fake_state, load_workload
+from ._step import train_mode
 from ._units import format_bytes
 
 SCHEMA_VERSION = 1
@@ -146,7 +147,7 @@ def _classic_info(module: nn.Module, output: Any, batch_size: int) -> _ClassicIn
     return _ClassicInfo(_classic_class_name(module), shape, nb_params, trainable, compatible)
 
 
-class _Recorder:
+class _ModuleCallRecorder:
     """Forward hooks on every module of ``model`` that record each call, removed on exit."""
 
     def __init__(self, model: nn.Module, *, classic_batch: int | None = None) -> None:
@@ -160,7 +161,7 @@ class _Recorder:
         self.flops: Callable[[], int] = lambda: 0
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _Recorder:
+    def __enter__(self) -> _ModuleCallRecorder:
         try:
             scripted = set()
             for module in self.model.modules():
@@ -228,24 +229,6 @@ class _Recorder:
             call.classic = _classic_info(module, output, self.classic_batch)
 
 
-@contextlib.contextmanager
-def _model_mode(model: nn.Module, mode: ModeName) -> Iterator[None]:
-    """Put ``model`` in train/eval mode for the forward, and give every module its own flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        training = _MODES[mode]
-        if training is not None:
-            model.train(training)  # through train() so that models overriding it behave as they would
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        for p, grad in grads:
-            if p.grad is not grad:
-                p.grad = grad
-
-
 def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> ModelInputs:
     """The inputs as fake tensors (call inside the FakeTensorMode); ``input_data`` in any form
     :meth:`ModelInputs.of` reads."""
@@ -268,18 +251,18 @@ def _record(
     count_flops: bool,
     classic_batch: int | None = None,
     input_data: Any = None,
-) -> tuple[_Recorder, list[tuple[tuple[int, ...], torch.dtype]]]:
+) -> tuple[_ModuleCallRecorder, list[tuple[tuple[int, ...], torch.dtype]]]:
     """Run one forward of ``workload`` on fake tensors with every module call recorded."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     model = workload.model
-    recorder = _Recorder(model, classic_batch=classic_batch)
+    recorder = _ModuleCallRecorder(model, classic_batch=classic_batch)
     inputs: list[tuple[tuple[int, ...], torch.dtype]] = []
     try:
         with (
             quiet_fake_tensor_logs(),
-            _model_mode(model, mode),
+            train_mode(model, _MODES[mode]),
             FakeTensorMode(allow_non_fake_inputs=True),
         ):
             state = fake_state(model, "cpu")
@@ -305,7 +288,7 @@ def _record(
 # Explaining a failed forward
 
 
-def _explain_failure(workload: Workload, recorder: _Recorder, exc: Exception) -> BatchfitError:
+def _explain_failure(workload: Workload, recorder: _ModuleCallRecorder, exc: Exception) -> BatchfitError:
     """Name the layer whose forward failed, what it got, what it expected, and the likely fix."""
     if not recorder.stack:
         return layer_failure(workload, None, None, None, exc)
@@ -386,7 +369,7 @@ class _Node:
     children: list[_Node] = field(default_factory=list)
 
 
-def _build_rows(recorder: _Recorder) -> list[LayerRow]:
+def _build_rows(recorder: _ModuleCallRecorder) -> list[LayerRow]:
     calls = recorder.calls
     if not calls:
         return []

@@ -131,7 +131,7 @@ class _Holder:
         self.tensor: torch.Tensor | None = tensor
 
 
-class _Recorder(TorchDispatchMode):
+class _StorageBirthRecorder(TorchDispatchMode):
     """Sees every aten op's outputs and registers storages it has not seen yet."""
 
     def __init__(self, tracer: _Tracer) -> None:
@@ -1089,7 +1089,7 @@ def _trace_step(
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             stack.enter_context(real_tensor_paths())
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
-            stack.enter_context(_Recorder(tracer))
+            stack.enter_context(_StorageBirthRecorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
             # before the window: parameters, buffers, the batch, the optimizer (no state yet)
             tracer.setup_category = "parameters"

@@ -199,17 +199,7 @@ def measure_cmd(
                     "precision": spec.precision.name,
                     "threads": spec.threads,
                     "loss": results[0].loss if results else None,
-                    "results": [
-                        {
-                            "batch_size": m.batch_size,
-                            "peak_allocated_bytes": m.peak_allocated_bytes,
-                            "peak_reserved_bytes": m.peak_reserved_bytes,
-                            "device_used_bytes": m.device_used_bytes,
-                            "device": dev,
-                            "seconds": m.seconds,
-                        }
-                        for m in results
-                    ],
+                    "results": [m.to_dict() for m in results],
                 },
                 indent=2,
             )
