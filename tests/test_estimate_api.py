@@ -172,9 +172,9 @@ def test_a_model_that_reads_values_falls_back_to_real_runs() -> None:
                 x = x * 2
             return self.fc(x)
 
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._models import InputSpec, Workload
+    from batchfit._step import make_spec
 
     r = estimate(ReadsValues(), input_size=(16,), batch_size=9, device="cpu")
     assert r.method == "extrapolated" and "extrapolated" in r.notes[0]

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, ExitCode
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator
 from batchfit._fit import AffineTimeline, DoesNotFit, fit, search_max, standard_batch_sizes
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 runner = CliRunner()

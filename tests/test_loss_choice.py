@@ -12,9 +12,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 from zoo import zoo_workload
 

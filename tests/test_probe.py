@@ -316,8 +316,9 @@ def test_probe_starts_at_fits_max(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_probe_puts_the_estimate_beside_each_attempt() -> None:
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     r = probe("mlp", dataset="mnist", start=64, runner=device_with_max(64).runner())
     est = Estimator(load_workload("mlp", dataset="mnist"), make_spec("cuda"))
@@ -371,9 +372,9 @@ def test_cudnn_note_when_allocated_at_the_max_is_below_the_estimate() -> None:
 
 
 def test_isolated_attempt_in_a_child_process_measures_like_in_process() -> None:
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     config = AttemptConfig(model="mlp", dataset="mnist", device="cpu")
     a = isolated_runner(config, timeout_s=120)(64)

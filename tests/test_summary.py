@@ -223,7 +223,7 @@ def test_model_is_not_changed(style: str) -> None:
     model.head.weight.grad = torch.ones_like(model.head.weight)
     model.head.register_forward_hook(lambda *a: None)
     before = _snapshot(model)
-    summary(model, input_size=(3, 16, 16), style=style, mode="train" if style == "default" else None)
+    summary(model, input_size=(3, 16, 16), style=style, module_mode="train" if style == "default" else None)
     _assert_same(model, before)
 
 
@@ -282,9 +282,10 @@ def test_a_sample_with_the_wrong_rank_for_a_conv_says_so(sample: tuple[int, ...]
     ("kwargs", "match"),
     [
         ({"style": "fancy"}, "unknown style"),
-        ({"mode": "sideways"}, "unknown mode"),
+        ({"module_mode": "sideways"}, "unknown module mode"),
+        ({"mode": "eval"}, "module_mode"),  # the old name, which would reach the model's constructor
         ({"depth": -1}, "depth"),
-        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 0}, "batch_size"),
     ],
 )
 def test_bad_options(kwargs: dict[str, Any], match: str) -> None:

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._compose import compose
 from ._errors import BatchfitError, ExitCode
-from ._estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
+from ._estimate import Estimator, StepEstimate, estimate_trace, raw_peak, replay_on_card
 from ._events import Event
 from ._models import load_workload
 from ._render import Table
-from ._step import tail_sizes
+from ._step import make_spec, tail_sizes
 from ._trace import Trace, frozen_heap
 from ._units import format_bytes
 

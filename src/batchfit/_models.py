@@ -104,6 +104,8 @@ class InputSpec:
 
 
 ExampleInputs = Callable[[int], Any]  # returns a batch of inputs in one of the forms ModelInputs.of reads
+# one sample's shape without the batch dimension, several inputs' shapes, or their text (``"3,32,32"``)
+InputSize = Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None
 
 
 @dataclass(frozen=True)
@@ -477,7 +479,7 @@ def _resolve(name: str) -> tuple[ModelEntry, ExampleInputs | None]:
 
 def load_workload(
     model: str | nn.Module | Workload,
-    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
+    input_size: InputSize = None,
     *,
     dataset: str | DatasetInfo | None = None,
     num_classes: int | None = None,

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._datasets import get_dataset
 from ._errors import BatchfitError, ExitCode
-from ._estimate import CUDA_CATEGORIES, Estimator, StepEstimate, make_spec, short_category
+from ._estimate import CUDA_CATEGORIES, Estimator, StepEstimate, short_category
 from ._fit import FitResult, fit, standard_batch_sizes
 from ._models import load_workload
 from ._render import Table
+from ._step import make_spec
 from ._summary import ModelSummary, summary
 from ._units import format_bytes, mib_cell
 

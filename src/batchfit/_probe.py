@@ -407,7 +407,7 @@ class AttemptConfig:
         )
 
     def spec(self) -> StepSpec:
-        from ._estimate import make_spec
+        from ._step import make_spec
 
         return make_spec(self.device, self.optimizer, self.precision, self.loss, self.step, self.mode)
 
@@ -786,8 +786,8 @@ def probe(
         )
     say = progress or (lambda text: None)
     began = time.perf_counter()
-    from ._estimate import make_spec
     from ._models import load_workload
+    from ._step import make_spec
 
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, mode)

@@ -36,22 +36,22 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
-from ._models import InputSpec, ModelInputs, Workload, fake_state, load_workload
+from ._models import InputSize, ModelInputs, Workload, fake_state, load_workload
 from ._step import train_mode
 from ._units import format_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "mode" became "module_mode" (estimate's "mode" is train/inference)
 
 Style = Literal["default", "classic"]
-ModeName = Literal["eval", "train", "same"]
+ModuleMode = Literal["eval", "train", "same"]  # the modules' train/eval mode in the forward
 
 #: torchsummary runs its forward at batch 2 (so that BatchNorm works in train mode).
 CLASSIC_FORWARD_BATCH = 2
 
 # style -> the mode the forward runs in when none is asked for. The classic layout leaves the
 # model's own mode alone, as torchsummary does; the default describes inference, as torchinfo does.
-_DEFAULT_MODE: dict[str, ModeName] = {"default": "eval", "classic": "same"}
-_MODES: dict[str, bool | None] = {"eval": False, "train": True, "same": None}
+_DEFAULT_MODULE_MODE: dict[str, ModuleMode] = {"default": "eval", "classic": "same"}
+_MODULE_MODES: dict[str, bool | None] = {"eval": False, "train": True, "same": None}
 
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel that scaled_dot_product_attention
@@ -246,7 +246,7 @@ def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> ModelI
 def _record(
     workload: Workload,
     batch_size: int,
-    mode: ModeName,
+    module_mode: ModuleMode,
     *,
     count_flops: bool,
     classic_batch: int | None = None,
@@ -262,7 +262,7 @@ def _record(
     try:
         with (
             quiet_fake_tensor_logs(),
-            train_mode(model, _MODES[mode]),
+            train_mode(model, _MODULE_MODES[module_mode]),
             FakeTensorMode(allow_non_fake_inputs=True),
         ):
             state = fake_state(model, "cpu")
@@ -573,12 +573,12 @@ def _flat_ints(shape: list[Any]) -> list[int]:
     return out
 
 
-def _classic(workload: Workload, mode: ModeName, batch_size: int | None, input_data: Any) -> ClassicSummary:
+def _classic(workload: Workload, module_mode: ModuleMode, batch_size: int | None, input_data: Any) -> ClassicSummary:
     display_batch = -1 if batch_size is None else batch_size
     recorder, inputs = _record(
         workload,
         CLASSIC_FORWARD_BATCH,
-        mode,
+        module_mode,
         count_flops=False,
         classic_batch=display_batch,
         input_data=input_data,
@@ -616,7 +616,7 @@ class ModelSummary:
     model: str
     style: Style
     batch_size: int
-    mode: ModeName
+    module_mode: ModuleMode
     depth: int
     inputs: list[tuple[tuple[int, ...], str]]
     rows: list[LayerRow]
@@ -706,7 +706,7 @@ class ModelSummary:
         shapes = ", ".join(f"{_fmt_shape(s)} {d}" for s, d in self.inputs)
         classes = f", {self.num_classes:,} classes" if self.num_classes is not None else ""
         return (
-            f"{self.model}: input {shapes}{classes}, batch size {self.batch_size}, {self.mode} mode, depth {self.depth}"
+            f"{self.model}: input {shapes}{classes}, batch size {self.batch_size}, {self.module_mode} mode, depth {self.depth}"
         )
 
     def _totals_lines(self) -> list[str]:
@@ -781,7 +781,7 @@ class ModelSummary:
             "model": self.model,
             "style": self.style,
             "batch_size": self.batch_size,
-            "mode": self.mode,
+            "module_mode": self.module_mode,
             "inputs": [{"shape": list(s), "dtype": d} for s, d in self.inputs],
             "num_classes": self.num_classes,
             "total_params": self.total_params,
@@ -804,33 +804,40 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_options(style: str, mode: str | None, depth: int = 0, batch_size: int | None = None) -> ModeName:
-    """Validate the options before any model is built; returns the mode the forward will run in.
+def check_options(
+    style: str, module_mode: str | None, depth: int = 0, batch_size: int | None = None
+) -> ModuleMode:
+    """Validate the options before any model is built; returns the module mode the forward runs in.
 
     >>> check_options("classic", None)
     'same'
     """
-    if style not in _DEFAULT_MODE:
-        raise BatchfitError(f"unknown style {style!r}", hint=f"use --style {' or --style '.join(_DEFAULT_MODE)}")
-    mode = mode or _DEFAULT_MODE[style]
-    if mode not in _MODES:
-        raise BatchfitError(f"unknown mode {mode!r}", hint=f"use one of {', '.join(_MODES)}")
+    if style not in _DEFAULT_MODULE_MODE:
+        raise BatchfitError(
+            f"unknown style {style!r}", hint=f"use {' or '.join(f'`style={s!r}`' for s in _DEFAULT_MODULE_MODE)}"
+        )
+    module_mode = module_mode or _DEFAULT_MODULE_MODE[style]
+    if module_mode not in _MODULE_MODES:
+        raise BatchfitError(
+            f"unknown module mode {module_mode!r}",
+            hint=f"use {', '.join(f'`module_mode={m!r}`' for m in _MODULE_MODES)}",
+        )
     if depth < 0:
-        raise BatchfitError(f"depth must be 0 or more, got {depth}", hint="e.g. --depth 3")
+        raise BatchfitError(f"`depth` must be 0 or more, got {depth}", hint="e.g. `depth=3`")
     if batch_size is not None and batch_size < 1:
-        raise BatchfitError(f"batch size must be at least 1, got {batch_size}", hint="e.g. --batch-size 64")
-    return mode  # type: ignore[return-value]
+        raise BatchfitError(f"`batch_size` must be at least 1, got {batch_size}", hint="e.g. `batch_size=64`")
+    return module_mode  # type: ignore[return-value]
 
 
 def summary(
     model: str | nn.Module | Workload,
-    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
+    input_size: InputSize = None,
     *,
     dataset: str | None = None,
     batch_size: int | None = None,
     depth: int = 3,
     style: Style = "default",
-    mode: ModeName | None = None,
+    module_mode: ModuleMode | None = None,
     num_classes: int | None = None,
     input_data: Any = None,
     **model_kwargs: Any,
@@ -841,15 +848,20 @@ def summary(
     inputs); ``dataset`` a preset that gives it. ``input_data`` instead passes example inputs
     (a tensor, a tuple of positional inputs, or a dict of keyword inputs; only shapes and dtypes
     are used). ``batch_size`` is the batch the default style shows (default 1); in the classic
-    style it is what torchsummary's own ``batch_size`` argument does (default -1). ``mode`` is the
-    mode the forward runs in: ``eval`` (default style), ``train``, or ``same`` (the model's own,
-    the classic default). Your model is never changed.
+    style it is what torchsummary's own ``batch_size`` argument does (default -1). ``module_mode``
+    is the train/eval mode the modules run the forward in: ``eval`` (default style), ``train``, or
+    ``same`` (the model's own, the classic default). Your model is never changed.
 
     >>> s = summary(nn.Sequential(nn.Linear(4, 3)), input_size=(4,), batch_size=8)
     >>> s.rows[1].output_shapes, s.total_mult_adds
     ([(8, 3)], 96)
     """
-    mode = check_options(style, mode, depth, batch_size)
+    if "mode" in model_kwargs:  # else it would reach the model's constructor, or be ignored
+        raise BatchfitError(
+            "summary() calls the modules' train/eval mode `module_mode` (`mode` is estimate's train/inference)",
+            hint="use `module_mode='eval'`, 'train' or 'same'",
+        )
+    module_mode = check_options(style, module_mode, depth, batch_size)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
     if input_data is None and not workload.inputs and workload.example_inputs is None:
         raise BatchfitError(
@@ -857,7 +869,7 @@ def summary(
             hint="give one sample's shape (input_size=(3, 224, 224), --input 3,224,224) or a --dataset",
         )
     shown_batch = batch_size or 1
-    recorder, inputs = _record(workload, shown_batch, mode, count_flops=True, input_data=input_data)
+    recorder, inputs = _record(workload, shown_batch, module_mode, count_flops=True, input_data=input_data)
     rows = _build_rows(recorder)
     params = dict(workload.model.named_parameters())
     buffers = dict(workload.model.named_buffers())
@@ -866,7 +878,7 @@ def summary(
         model=workload.name,
         style=style,
         batch_size=inputs[0][0][0] if input_data is not None and inputs and inputs[0][0] else shown_batch,
-        mode=mode,
+        module_mode=module_mode,
         depth=depth,
         inputs=[(s, _dtype_name(d)) for s, d in inputs],
         rows=rows,
@@ -879,7 +891,7 @@ def summary(
         num_classes=workload.num_classes,
     )
     if style == "classic":
-        result.classic = _classic(workload, mode, batch_size, input_data)
+        result.classic = _classic(workload, module_mode, batch_size, input_data)
     return result
 
 

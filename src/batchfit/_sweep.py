@@ -780,8 +780,8 @@ def sweep(
     ``warmup`` fraction of each run's steps; ``device`` defaults to CUDA when there is a GPU. ``memory``
     measures one reference step per size beside batchfit's estimate of it.
     """
-    from ._estimate import make_spec
     from ._models import load_workload
+    from ._step import make_spec
 
     if lr_scaling not in LR_SCALING:
         raise BatchfitError(f"unknown --lr-scaling {lr_scaling!r}", hint=f"use one of {', '.join(LR_SCALING)}")

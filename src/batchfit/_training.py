@@ -118,7 +118,7 @@ def _optim_classes() -> dict[str, type[torch.optim.Optimizer]]:
     }
 
 
-def parse_optimizer(spec: str | OptimizerSpec | type | Callable[..., Any]) -> OptimizerSpec:
+def parse_optimizer(spec: OptimizerLike) -> OptimizerSpec:
     """A registry name (``adam``), ``"SGD(lr=0.1, momentum=0.9)"``, a ``torch.optim`` class or a factory."""
     if isinstance(spec, OptimizerSpec):
         return spec
@@ -420,7 +420,7 @@ def _auto(output: Any, labels: Any) -> torch.Tensor:
 AUTO_LOSS = LossSpec("auto", _auto, _ce_labels, _certain_logits)
 
 
-def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
+def parse_loss(spec: LossLike) -> LossSpec:
     """``None``/``"auto"``, ``"cross-entropy"``, ``"token-cross-entropy"``, ``"mse"``, ``"file.py:fn"``,
     or a callable ``fn(output, labels)``."""
     if spec is None:
@@ -445,9 +445,13 @@ def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
 
 
 StepFn = Callable[[nn.Module, tuple[torch.Tensor, ...], Any, torch.optim.Optimizer], Any]
+# what the verbs' ``optimizer=``, ``loss=`` and ``step=`` accept (parse_optimizer, parse_loss, parse_step)
+OptimizerLike = str | OptimizerSpec | type | Callable[..., Any]
+LossLike = str | LossSpec | Callable[..., Any] | None
+StepLike = str | StepFn | None
 
 
-def parse_step(spec: str | StepFn | None) -> StepFn | None:
+def parse_step(spec: StepLike) -> StepFn | None:
     """A user's own training step ``fn(model, inputs, labels, optimizer)`` from ``file.py:fn``."""
     if spec is None or callable(spec):
         return spec
