@@ -54,7 +54,7 @@ def test_wrong_input_shape_names_the_layer_and_shapes() -> None:
         estimate(MLP(), input_size=(3, 32, 32), batch_size=4, device="cpu")  # an MNIST MLP given CIFAR images
     err = info.value
     assert "layer 1 (Linear)" in err.message and "784" in err.message and "(4, 3072)" in err.message
-    assert err.hint is not None and "--dataset mnist" in err.hint
+    assert err.hint is not None and "`dataset='mnist'`" in err.hint
 
 
 def test_losses_steps_and_inference(tmp_path) -> None:

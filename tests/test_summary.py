@@ -245,7 +245,7 @@ def test_wrong_input_names_layer_shape_and_fix() -> None:
         summary(MLP(784), input_size=(3, 32, 32))
     err = info.value
     assert err.message == "layer 1 (Linear) expected last dim 784, got input of shape (1, 3072)"
-    assert err.hint is not None and "--input 1,28,28" in err.hint and "--dataset mnist" in err.hint
+    assert err.hint is not None and "`input_size=(1, 28, 28)`" in err.hint and "`dataset='mnist'`" in err.hint
 
 
 def test_wrong_channels_suggests_the_channel_count() -> None:
@@ -259,12 +259,16 @@ def test_wrong_channels_suggests_the_channel_count() -> None:
         info.value.message
         == "layer conv1 (Conv2d) expected 3 input channels (dim 1), got input of shape (1, 1, 28, 28)"
     )
-    assert info.value.hint is not None and "--input 3,28,28" in info.value.hint
+    assert info.value.hint is not None and "`input_size=(3, 28, 28)`" in info.value.hint
 
 
 @pytest.mark.parametrize(
     ("sample", "proposal"),
-    [((3, 28), "--input 3,28,28"), ((28, 28), "--input 3,28,28"), ((3, 28, 28, 2), "--input 3,32,32")],
+    [
+        ((3, 28), "`input_size=(3, 28, 28)`"),
+        ((28, 28), "`input_size=(3, 28, 28)`"),
+        ((3, 28, 28, 2), "`input_size=(3, 32, 32)`"),
+    ],
 )
 def test_a_sample_with_the_wrong_rank_for_a_conv_says_so(sample: tuple[int, ...], proposal: str) -> None:
     import torchvision

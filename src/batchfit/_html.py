@@ -333,7 +333,7 @@ def check_report_path(path: str | Path) -> Path:
     if out.suffix.lower() not in (".html", ".htm"):
         raise BatchfitError(
             f"cannot write the report to {str(out)!r}: it is one HTML page",
-            hint="name the file FILE.html, e.g. --report report.html",
+            hint="name the file FILE.html, e.g. report.html",
             exit_code=ExitCode.USAGE,
         )
     return out

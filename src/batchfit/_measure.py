@@ -110,7 +110,7 @@ def measure_step(
         raise BatchfitError(
             f"a real training step of {workload.name!r} failed ({where[0]}, batch size {batch_size}): "
             f"{type(exc).__name__}{': ' + text if text else ''}",
-            hint="a real run uses your example_inputs' values (noise and zeros for --input shapes): check "
+            hint="a real run uses your example_inputs' values (noise and zeros for `input_size` shapes): check "
             "them and the model; rerun with --debug for the traceback",
         ) from exc
 
@@ -122,7 +122,7 @@ def _measure_step(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             "measuring on CUDA needs a GPU, and this machine has none",
-            hint="use `batchfit estimate` (no GPU needed), or `--device cpu` to measure a CPU run",
+            hint="use `batchfit estimate` (no GPU needed), or `device='cpu'` to measure a CPU run",
             exit_code=ExitCode.NO_DEVICE,
         )
     model = workload.model
@@ -141,7 +141,7 @@ def _measure_step(
         if spec.mode == "train":
             params = unique_trainable(model)
             if not params:
-                raise BatchfitError("the model has no trainable parameters", hint="use --mode inference")
+                raise BatchfitError("the model has no trainable parameters", hint="use `mode='inference'`")
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":

@@ -37,7 +37,7 @@ from ._models import load_workload
 from ._render import Table
 from ._step import make_spec
 from ._summary import ModelSummary, summary
-from ._units import format_bytes, mib_cell
+from ._units import format_bytes, gib, mib_cell
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -91,7 +91,7 @@ def check_plot_path(path: str | Path) -> Path:
     if out.suffix.lower() not in PLOT_FORMATS:
         raise BatchfitError(
             f"cannot write the plot to {str(out)!r}: unknown image type {out.suffix or '(no extension)'!r}",
-            hint=f"name the file {' or '.join('FILE' + e for e in PLOT_FORMATS)}, e.g. --plot memory.png",
+            hint=f"name the file {' or '.join('FILE' + e for e in PLOT_FORMATS)}, e.g. memory.png",
             exit_code=ExitCode.USAGE,
         )
     return out
@@ -373,18 +373,17 @@ class Plan:
         budget = self.budget_bytes / GIB
         ax.axhline(budget, color="black", linewidth=1.8, label=f"the card: {format_bytes(self.budget_bytes, 'GiB')}")
         f = self.fit
-        gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
         capped = f.recommended_batch_size != math.floor(f.safety * f.max_batch_size)
         rec_label = (
             f"recommended: {f.recommended_batch_size:,} "
-            f"({'capped, see notes' if capped else f'{f.safety:g} x max'}), {gib(self.at_recommended.total_bytes)}"
+            f"({'capped, see notes' if capped else f'{f.safety:g} x max'}), {gib(self.at_recommended.total_bytes or 0)}"
         )
         ax.axvline(
             f.max_batch_size,
             color="#b00000",
             linestyle="--",
             linewidth=1.5,
-            label=f"largest that fits: {f.max_batch_size:,}, {gib(self.at_max.total_bytes)}",
+            label=f"largest that fits: {f.max_batch_size:,}, {gib(self.at_max.total_bytes or 0)}",
         )
         ax.axvline(f.recommended_batch_size, color="#006400", linestyle="-.", linewidth=1.5, label=rec_label)
         if xs[-1] > f.max_batch_size:

@@ -752,8 +752,9 @@ def probe(
     """
     import torch
 
-    if not 0 < safety <= 1:
-        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
+    from ._fit import check_safety
+
+    check_safety(safety)
     if runner is None and not torch.cuda.is_available():
         raise BatchfitError(
             "probe runs the training step on a CUDA GPU, and this machine has none",
@@ -835,7 +836,7 @@ def probe(
         if recommended == 0:
             raise BatchfitError(
                 f"{workload.name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
-                hint="the device is not behaving consistently (other processes on the GPU?); rerun with --isolate",
+                hint="the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`",
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
@@ -943,7 +944,7 @@ def _child_fit(
         tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
         raise BatchfitError(
             f"estimating the start in a child process failed (exit code {done.returncode}): {tail}",
-            hint="pass start=N (--start N) or from_batch=16 (--from 16)",
+            hint="pass `start=N` or `from_batch=16`",
         )
     if result["status"] == "batchfit_error":
         raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))

@@ -866,7 +866,7 @@ def summary(
     if input_data is None and not workload.inputs and workload.example_inputs is None:
         raise BatchfitError(
             f"no input shape for model {workload.name!r}",
-            hint="give one sample's shape (input_size=(3, 224, 224), --input 3,224,224) or a --dataset",
+            hint="give one sample's shape (`input_size=(3, 224, 224)`) or a `dataset`",
         )
     shown_batch = batch_size or 1
     recorder, inputs = _record(workload, shown_batch, module_mode, count_flops=True, input_data=input_data)

@@ -203,9 +203,9 @@ def parse_precision(name: str | Precision) -> Precision:
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 _QUESTION = (
-    "give it: --loss cross-entropy (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
-    "segmentation logits), --loss token-cross-entropy (classes on the last dimension), --loss mse, "
-    "--loss path/to/file.py:fn (your fn(output, labels)) or --step path/to/file.py:fn (your whole step)"
+    "give it: `loss='cross-entropy'` (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
+    "segmentation logits), `loss='token-cross-entropy'` (classes on the last dimension), `loss='mse'`, "
+    "`loss='path/to/file.py:fn'` (your fn(output, labels)) or `step='path/to/file.py:fn'` (your whole step)"
 )
 
 
@@ -284,8 +284,8 @@ def _named_target(output: Any) -> tuple[torch.Tensor, str]:
     found = _located(output)
     if found is None or found[0].dim() == 0:
         raise BatchfitError(
-            f"--loss needs the model's logits, and its output is {_what(output)}",
-            hint="give --loss path/to/file.py:fn (it gets the whole output) or --step path/to/file.py:fn",
+            f"`loss` needs the model's logits, and its output is {_what(output)}",
+            hint="give `loss='path/to/file.py:fn'` (it gets the whole output) or `step='path/to/file.py:fn'`",
         )
     return found
 
@@ -317,7 +317,7 @@ def first_tensor(output: Any) -> tuple[torch.Tensor, str]:
         if isinstance(leaf, torch.Tensor):
             return leaf, "output's first tensor"
     raise BatchfitError(
-        "the model's output holds no tensor to compute a loss from", hint="return a tensor, or pass --loss / --step"
+        "the model's output holds no tensor to compute a loss from", hint="return a tensor, or pass `loss` / `step`"
     )
 
 

@@ -83,7 +83,7 @@ class _Command(TyperCommand):
 # the command stays as the library wrote it.
 _PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
 # where a command's option is called otherwise than the library's parameter it fills
-_CLI_NAMES = {"input_size": "inputs", "context_bytes": "context"}
+_CLI_NAMES = {"input_size": "inputs", "context_bytes": "context", "max_batch_size": "max_batch"}
 
 
 def command_flags(fn: Callable[..., Any]) -> dict[str, str]:
