@@ -38,8 +38,12 @@ from ._trace import Trace, frozen_heap
 from ._units import format_bytes, gib
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ._allocator import AllocatorConfig
     from ._gpus import Budget
+    from ._models import InputSize, Workload
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 INT32_ELEMENTS = 2**31
@@ -350,19 +354,19 @@ def check_safety(safety: float) -> None:
 
 
 def fit(
-    model: str | Any,
-    input_size: Any = None,
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
     *,
     gpu: str | None = None,
     memory: str | int | None = None,
     free: bool = False,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     safety: float = 0.8,
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,

@@ -41,8 +41,11 @@ from ._units import format_bytes, gib, mib_cell
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch import nn
 
+    from ._models import InputSize, Workload
     from ._sweep import SweepResult
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 GIB = 1024**3
@@ -456,19 +459,19 @@ def sweep_sizes(max_batch_size: int, points: int, *, past: float = 1.25) -> list
 
 
 def plan(
-    model: str | Any,
-    input_size: Any = None,
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
     *,
     gpu: str | None = None,
     memory: str | int | None = None,
     free: bool = False,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     safety: float = 0.8,
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     alloc_conf: str | None = None,
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,

@@ -38,8 +38,9 @@ from ._units import format_bytes, mib_cell
 if TYPE_CHECKING:
     from torch import nn
 
-    from ._models import Workload
+    from ._models import InputSize, Workload
     from ._step import StepSpec
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "oom", "error"]
@@ -716,14 +717,14 @@ def _torch_version() -> str:
 
 def probe(
     model: str | nn.Module | Workload,
-    input_size: Any = None,
+    input_size: InputSize = None,
     *,
     dataset: str | None = None,
     num_classes: int | None = None,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     mode: str = "train",
     safety: float = 0.8,
     start: int | None = None,

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ._models import Workload
+    from ._training import OptimizerLike
 
 SCHEMA_VERSION = 1
 MIN_BATCH = 16  # the lesson: "start at 16"
@@ -752,7 +753,7 @@ def sweep(
     root: str | Path | None = None,
     data: TrainData | None = None,
     num_classes: int | None = None,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     lr: float | None = None,
     lr_scaling: str = "linear",
     warmup: float = 0.1,

@@ -118,7 +118,7 @@ def as_flags(text: str, flags: dict[str, str]) -> str:
         if value is None or value == "True":
             return option
         value = value.strip()
-        if value[:1] in "([" and value[-1:] in ")]":
+        if value[:1] in ("(", "[") and value[-1:] in (")", "]"):
             value = ",".join(v.strip() for v in value[1:-1].split(",") if v.strip())
         elif len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
