@@ -146,7 +146,7 @@ def test_fit_with_a_tail_that_changes_nothing_says_it_was_checked() -> None:
 def test_an_evaluation_batch_that_never_fits() -> None:
     with pytest.raises(DoesNotFit) as info:
         fit("mlp", dataset="mnist", memory="1GiB", eval_batch_size=400_000)
-    assert "eval" in info.value.message and "--eval-batch-size" in info.value.advice[0]
+    assert "eval" in info.value.message and "`eval_batch_size`" in info.value.advice[0]
 
 
 def test_batch_size_one_that_cannot_train_is_skipped() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, ExitCode
+from ._fit import check_safety
 from ._render import Table
 from ._units import format_bytes, mib_cell
 
@@ -752,8 +753,6 @@ def probe(
     (tests: a stand-in); the CUDA check is then skipped.
     """
     import torch
-
-    from ._fit import check_safety
 
     check_safety(safety)
     if runner is None and not torch.cuda.is_available():
