@@ -146,6 +146,21 @@ def test_measure_json_is_the_measurements_to_dict() -> None:
     assert row["peak_allocated_bytes"] == estimate("mlp", dataset="mnist", batch_size=8, device="cpu").peak_allocated_bytes
 
 
+def test_a_report_keeps_its_card_and_step_and_the_cli_compares_with_it() -> None:
+    """``batchfit estimate`` is estimate() plus output: --compare measures the report's own step."""
+    on_t4 = estimate("mlp", dataset="mnist", batch_size=[8], gpu="T4")
+    assert on_t4.budget is not None and on_t4.budget.card.key == "t4"
+    assert on_t4.budget_description == str(on_t4.budget)
+    assert on_t4.spec is not None and on_t4.spec.device == "cuda" and str(on_t4.spec.optimizer) == "sgd"
+    on_cpu = estimate("mlp", dataset="mnist", batch_size=[8], device="cpu", threads=1)
+    assert on_cpu.budget is None and on_cpu.spec is not None and on_cpu.spec.threads == 1
+    out = runner.invoke(app, ["estimate", "mlp", "--dataset", "mnist", "--device", "cpu", "-b", "8", "--compare", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    # a CPU estimate equals the real step to the byte (README), so the comparison shows no error
+    assert data["measured"] == [{"batch_size": 8, "measured_peak_allocated_bytes": data["results"][0]["peak_allocated_bytes"]}]
+
+
 def test_cli_errors_are_messages_with_exit_codes(tmp_path) -> None:
     bad = runner.invoke(app, ["estimate", "resnet17"])
     assert bad.exit_code == 3 and "resnet18" in bad.output and "Traceback" not in bad.output
