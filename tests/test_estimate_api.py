@@ -140,7 +140,16 @@ def test_measure_json_is_the_measurements_to_dict() -> None:
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     (row,) = data["results"]
-    assert set(row) == {"batch_size", "peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "device", "seconds"}
+    assert set(row) == {
+        "batch_size",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_used_bytes",
+        "device",
+        "seconds",
+        "steady_seconds",
+        "samples_per_second",
+    }
     assert row["batch_size"] == 8 and row["device"] == "cpu" and row["peak_reserved_bytes"] is None
     assert row["seconds"] > 0
     assert row["peak_allocated_bytes"] == estimate("mlp", dataset="mnist", batch_size=8, device="cpu").peak_allocated_bytes
