@@ -407,7 +407,8 @@ def child_estimate(payload: dict[str, Any]) -> dict[str, Any]:
     """The estimate as a user without a GPU gets it (the parent hides CUDA from this process)."""
     import torch
 
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
+    from batchfit._step import make_spec
 
     case = payload["case"]
     out: dict[str, Any] = {"torch": str(torch.__version__), "cuda_visible": bool(torch.cuda.is_available())}
@@ -466,9 +467,9 @@ def child_measure(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from batchfit._calibrate import _nvml_process_bytes
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._probe import is_oom
+    from batchfit._step import make_spec
 
     case = payload["case"]
     b = int(payload["batch_size"])

@@ -16,9 +16,10 @@ from torch import nn
 
 from batchfit import _cuda_scratch as cs
 from batchfit._errors import BatchfitError
-from batchfit._estimate import estimate, make_spec
+from batchfit._estimate import estimate
 from batchfit._gpus import PUBLISHED_CONTEXTS, context_bytes_for, get_gpu, lazy_module_loading, resolve_card
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 from batchfit._trace import trace_step
 
 MiB = 1 << 20

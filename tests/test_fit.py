@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, ExitCode
-from batchfit._estimate import Estimator, estimate, make_spec
+from batchfit._estimate import Estimator, estimate
 from batchfit._fit import AffineTimeline, DoesNotFit, fit, search_max, standard_batch_sizes
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 runner = CliRunner()
@@ -145,7 +146,7 @@ def test_fit_with_a_tail_that_changes_nothing_says_it_was_checked() -> None:
 def test_an_evaluation_batch_that_never_fits() -> None:
     with pytest.raises(DoesNotFit) as info:
         fit("mlp", dataset="mnist", memory="1GiB", eval_batch_size=400_000)
-    assert "eval" in info.value.message and "--eval-batch-size" in info.value.advice[0]
+    assert "eval" in info.value.message and "`eval_batch_size`" in info.value.advice[0]
 
 
 def test_batch_size_one_that_cannot_train_is_skipped() -> None:

@@ -72,8 +72,9 @@ def test_dry_run_writes_the_files_marked_dry(dry_run: Path) -> None:
 
 
 def test_dry_run_suite_records_and_the_estimate_path(dry_run: Path) -> None:
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     suite = json.loads((dry_run / "suite.json").read_text())
     assert [r["batch_size"] for r in suite] == [64, 1024, 4096]

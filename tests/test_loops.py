@@ -14,10 +14,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import load_workload
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator
 from batchfit._measure import measure_step
 from batchfit._models import Workload
-from batchfit._step import LOOPS, tail_sizes
+from batchfit._step import LOOPS, make_spec, tail_sizes
 from batchfit._trace import Trace
 from batchfit.cli import app
 from zoo import zoo_workload

@@ -316,9 +316,9 @@ def test_probe_records_samples_per_second_and_where_throughput_saturates() -> No
 
 
 def test_a_real_cpu_attempt_times_its_steady_iteration() -> None:
-    from batchfit._estimate import make_spec
     from batchfit._models import load_workload
     from batchfit._probe import measure_runner
+    from batchfit._step import make_spec
 
     a = measure_runner(load_workload("mlp", dataset="mnist"), make_spec("cpu"))(32)
     assert a.ok and a.step_seconds and a.steady_seconds
@@ -357,8 +357,9 @@ def test_probe_starts_at_fits_max() -> None:
 
 
 def test_probe_puts_the_estimate_beside_each_attempt() -> None:
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     r = probe("mlp", dataset="mnist", start=64, runner=device_with_max(64).runner())
     est = Estimator(load_workload("mlp", dataset="mnist"), make_spec("cuda"))
@@ -412,9 +413,9 @@ def test_cudnn_note_when_allocated_at_the_max_is_below_the_estimate() -> None:
 
 
 def test_isolated_attempt_in_a_child_process_measures_like_in_process() -> None:
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     config = AttemptConfig(model="mlp", dataset="mnist", device="cpu")
     a = isolated_runner(config, timeout_s=120)(64)

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from batchfit import EstimateReport, Plan, StepEstimate, estimate, format_bytes, measure_step, plan, probe, summary
 from batchfit._errors import ExitCode
-from batchfit._estimate import make_spec
 from batchfit._html import report_html, write_report
 from batchfit._models import load_workload
 from batchfit._probe import Attempt
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 VOID = {"meta", "br", "img", "input", "hr", "link", "col", "wbr", "source"}

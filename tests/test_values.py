@@ -13,9 +13,9 @@ from torch import nn
 
 from batchfit import estimate
 from batchfit._errors import BatchfitError, ExitCode
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 from batchfit._trace import trace_step
 
 

@@ -997,11 +997,6 @@ class AllocatorResult(Rendered):
     series: AllocatorSeries | None = None
     history: AllocatorHistory | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def overhead_bytes(self) -> int:
-        """Reserved but unallocated at the reserved peak's level: ``peak_reserved - peak_allocated``."""
-        return self.peak_reserved_bytes - self.peak_allocated_bytes
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._datasets import get_dataset
-from ._estimate import Estimator, StepEstimate, make_spec
+from ._estimate import Estimator, StepEstimate
 from ._fit import FitResult, fit
 from ._models import load_workload
 from ._render import Rendered, Table
+from ._step import make_spec
 from ._summary import ModelSummary, summary
 from ._units import format_bytes
 

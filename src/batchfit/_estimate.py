@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -20,11 +20,11 @@ from torch import nn
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
-from ._models import Workload, load_workload
+from ._models import InputSize, Workload, load_workload
 from ._render import Rendered, Table
-from ._step import StepSpec, parse_loop
+from ._step import StepSpec, make_spec
 from ._trace import Trace, trace_step
-from ._training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
+from ._training import LossLike, OptimizerLike, StepLike
 from ._units import mib_cell
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from ._summary import ModelSummary
 
 SCHEMA_VERSION = 1
-DEVICES = ("cuda", "cpu")
 CUDA_CATEGORIES = (*CATEGORIES, "workspaces")
 
 
@@ -156,6 +155,9 @@ class EstimateReport(Rendered, Sequence[StepEstimate]):
     results: list[StepEstimate]
     budget_description: str | None = None
     per_layer: bool = False
+    # what the estimates were made with: the card's budget (CUDA) and the step's settings
+    budget: Budget | None = field(default=None, repr=False, compare=False)
+    spec: StepSpec | None = field(default=None, repr=False, compare=False)
 
     @overload
     def __getitem__(self, i: int) -> StepEstimate: ...
@@ -253,7 +255,7 @@ class EstimateReport(Rendered, Sequence[StepEstimate]):
         """Write a self-contained HTML report (FILE.html); ``summary`` adds the model's layer tree."""
         from ._html import write_report
 
-        return write_report(self, path, summary=summary, budget=budget)
+        return write_report(self, path, summary=summary, budget=budget or self.budget)
 
 
 _SHORT = {
@@ -278,73 +280,6 @@ def threads_text(n: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def make_spec(
-    device: str = "cuda",
-    optimizer: Any = "sgd",
-    precision: str | Precision = "fp32",
-    loss: str | LossSpec | Callable[..., Any] | None = None,
-    step: Any = None,
-    mode: str = "train",
-    threads: int | None = None,
-    *,
-    loop: str = "pytorch",
-    last_batch: int | str | None = None,
-    eval_batch_size: int | None = None,
-) -> StepSpec:
-    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
-
-    ``threads``: CPU only, torch's intra-op thread count of the run (default: this process's,
-    ``torch.get_num_threads()``); CPU kernels' scratch depends on it.
-    ``loop``: pytorch (the default), hf-trainer or lightning (see ``batchfit._step.LOOPS``).
-    ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
-    ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
-    """
-    if device not in DEVICES:
-        raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
-    if threads is not None and device != "cpu":
-        raise BatchfitError("--threads applies to --device cpu", hint="drop it, or use --device cpu")
-    if threads is not None and threads < 1:
-        raise BatchfitError(f"--threads must be at least 1, got {threads}", hint="e.g. --threads 4")
-    if mode not in ("train", "inference"):
-        raise BatchfitError(f"unknown mode {mode!r}", hint="use --mode train or --mode inference")
-    prec = parse_precision(precision)
-    if device == "cpu" and prec.name == "amp-fp16":
-        raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
-    opt: OptimizerSpec = parse_optimizer(optimizer)
-    loop = parse_loop(loop)
-    if step is not None and loop != "pytorch":
-        raise BatchfitError(
-            f"--step replaces the loop's iteration, so --loop {loop} does not apply",
-            hint="write that library's step into your --step function, or drop --step",
-        )
-    if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
-        try:
-            last_batch = int(last_batch)
-        except ValueError:
-            raise BatchfitError(
-                f"cannot read --last-batch {last_batch!r}", hint="give a batch size, or auto (needs --dataset)"
-            ) from None
-    if isinstance(last_batch, str):
-        last_batch = "auto"
-    for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
-        if isinstance(value, int) and value < 1:
-            raise BatchfitError(f"{name} must be at least 1, got {value}", hint="e.g. 32")
-    spec = StepSpec(
-        device,
-        opt,
-        prec,
-        parse_loss(loss),
-        mode,
-        parse_step(step),
-        loop=loop,
-        last_batch=last_batch,
-        eval_batch_size=eval_batch_size,
-    )
-    if device == "cpu":
-        spec.threads = threads or torch.get_num_threads()
-    return spec
 
 
 def estimate_trace(
@@ -437,7 +372,8 @@ def _resolve_budget(
     if spec.device != "cuda":
         if gpu or memory or free or context is not None:
             raise BatchfitError(
-                "--gpu, --memory, --free and --context apply to --device cuda", hint="drop them, or use --device cuda"
+                "`gpu`, `memory`, `free` and `context_bytes` apply to `device='cuda'`",
+                hint="drop them, or use `device='cuda'`",
             )
         return None
     from ._gpus import resolve_card
@@ -467,7 +403,8 @@ class Estimator:
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
-                "--last-batch auto needs the training set's size", hint="add --dataset NAME, or give --last-batch N"
+                "`last_batch='auto'` needs the training set's size",
+                hint="add `dataset=NAME`, or give `last_batch=N`",
             )
         self.workload = workload
         self.spec = spec
@@ -541,18 +478,66 @@ class Estimator:
         )
 
 
+@overload
 def estimate(
     model: str | nn.Module | Workload,
-    input_size: Any = None,
+    input_size: InputSize = None,
     *,
-    batch_size: int | Sequence[int] = 64,
-    optimizer: Any = "sgd",
+    batch_size: int = 64,
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     device: str = "cuda",
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
+    mode: str = "train",
+    gpu: str | None = None,
+    memory: str | int | None = None,
+    free: bool = False,
+    alloc_conf: str | None = None,
+    context_bytes: str | int | None = None,
+    threads: int | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
+) -> StepEstimate: ...
+@overload
+def estimate(
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
+    *,
+    batch_size: Sequence[int],
+    optimizer: OptimizerLike = "sgd",
+    precision: str = "fp32",
+    device: str = "cuda",
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    loss: LossLike = None,
+    step: StepLike = None,
+    mode: str = "train",
+    gpu: str | None = None,
+    memory: str | int | None = None,
+    free: bool = False,
+    alloc_conf: str | None = None,
+    context_bytes: str | int | None = None,
+    threads: int | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
+) -> EstimateReport: ...
+def estimate(
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
+    *,
+    batch_size: int | Sequence[int] = 64,
+    optimizer: OptimizerLike = "sgd",
+    precision: str = "fp32",
+    device: str = "cuda",
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     mode: str = "train",
     gpu: str | None = None,
     memory: str | int | None = None,
@@ -597,4 +582,6 @@ def estimate(
     sizes = list(batch_size)
     if not sizes:
         raise BatchfitError("no batch size given", hint="e.g. batch_size=[64, 256]")
-    return EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None)
+    return EstimateReport(
+        [est.at(b) for b in sizes], str(est.budget) if est.budget else None, budget=est.budget, spec=spec
+    )

@@ -30,17 +30,21 @@ from typing import TYPE_CHECKING, Any
 from ._child import Child, can_fork, fork_call
 from ._compose import compose
 from ._errors import BatchfitError, ExitCode
-from ._estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
+from ._estimate import Estimator, StepEstimate, estimate_trace, raw_peak, replay_on_card
 from ._events import Event
 from ._models import load_workload
 from ._render import Rendered, Table
-from ._step import tail_sizes
+from ._step import make_spec, tail_sizes
 from ._trace import Trace, frozen_heap
-from ._units import format_bytes
+from ._units import format_bytes, gib
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ._allocator import AllocatorConfig
     from ._gpus import Budget
+    from ._models import InputSize, Workload
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 INT32_ELEMENTS = 2**31
@@ -350,20 +354,26 @@ def search_max(
         start = max(first, upper // 2)
 
 
+def check_safety(safety: float) -> None:
+    """The fraction of the largest batch that fits to recommend (fit, plan, probe)."""
+    if not 0 < safety <= 1:
+        raise BatchfitError(f"`safety` must be in (0, 1], got {safety}", hint="the lesson's rule is `safety=0.8`")
+
+
 def fit(
-    model: str | Any,
-    input_size: Any = None,
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
     *,
     gpu: str | None = None,
     memory: str | int | None = None,
     free: bool = False,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     safety: float = 0.8,
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
@@ -379,8 +389,7 @@ def fit(
     :func:`batchfit._estimate`: with a training run's tail, the max and the recommendation are
     checked by tracing the whole run there (and lowered until it fits).
     """
-    if not 0 < safety <= 1:
-        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
+    check_safety(safety)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
         "cuda",
@@ -699,7 +708,7 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
         if not at(lowest).fits:
             plain = _does_not_fit(run_est, at(lowest))
             eval_size = run_est.spec.eval_batch_size
-            advice = [f"a smaller --eval-batch-size than {eval_size:,}"] if eval_size else []
+            advice = [f"a smaller `eval_batch_size` than {eval_size:,}"] if eval_size else []
             raise DoesNotFit(
                 f"{plain.message} (with the training run's tail: {at(lowest).peak_where})", advice + plain.advice
             )
@@ -904,13 +913,12 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     fixed = {k: bd.get(k, 0) for k in ("parameters", "gradients", "optimizer_state")}
     model_states = sum(fixed.values())
     need = first.total_bytes or 0
-    gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
     advice = []
     if fixed["optimizer_state"]:
         advice.append(f"SGD without momentum keeps no optimizer state: saves {gib(fixed['optimizer_state'])}")
     if est.spec.precision.name in ("fp32", "amp-bf16", "amp-fp16"):
         advice.append(
-            f"--precision bf16 stores parameters, gradients and optimizer state in 16 bits: saves about {gib(model_states // 2)}"
+            f"`precision='bf16'` stores parameters, gradients and optimizer state in 16 bits: saves about {gib(model_states // 2)}"
         )
     if est.spec.precision.name == "fp32":
         try:
@@ -920,7 +928,7 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
                 gpu=None,
                 memory=budget.budget_bytes,
             ).at(1)
-            advice.append(f"--precision amp-bf16 needs {gib(amp.total_bytes or 0)} at batch size 1 (vs {gib(need)})")
+            advice.append(f"`precision='amp-bf16'` needs {gib(amp.total_bytes or 0)} at batch size 1 (vs {gib(need)})")
         except BatchfitError:
             pass
     larger = sorted((c for c in list_gpus() if c.memory_bytes >= need + 1), key=lambda c: c.memory_bytes)

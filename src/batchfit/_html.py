@@ -332,7 +332,7 @@ def check_report_path(path: str | Path) -> Path:
         path,
         (".html", ".htm"),
         "cannot write the report to {path}: it is one HTML page",
-        "name the file FILE.html, e.g. --report report.html",
+        "name the file FILE.html, e.g. report.html",
     )
 
 

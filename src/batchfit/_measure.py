@@ -58,6 +58,19 @@ class Measurement:
             return self.batch_size / self.steady_seconds
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready values (``batchfit measure --json``'s results)."""
+        return {
+            "batch_size": self.batch_size,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_used_bytes": self.device_used_bytes,
+            "device": self.device,
+            "seconds": self.seconds,
+            "steady_seconds": self.steady_seconds,
+            "samples_per_second": self.samples_per_second,
+        }
+
     def _repr_html_(self) -> str:
         from ._html import fragment, measurement_html
 
@@ -134,7 +147,7 @@ def measure_step(
         raise BatchfitError(
             f"a real training step of {workload.name!r} failed ({where[0]}, batch size {batch_size}): "
             f"{type(exc).__name__}{': ' + text if text else ''}",
-            hint="a real run uses your example_inputs' values (noise and zeros for --input shapes): check "
+            hint="a real run uses your example_inputs' values (noise and zeros for `input_size` shapes): check "
             "them and the model; rerun with --debug for the traceback",
         ) from exc
 
@@ -146,7 +159,7 @@ def _measure_step(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             "measuring on CUDA needs a GPU, and this machine has none",
-            hint="use `batchfit estimate` (no GPU needed), or `--device cpu` to measure a CPU run",
+            hint="use `batchfit estimate` (no GPU needed), or `device='cpu'` to measure a CPU run",
             exit_code=ExitCode.NO_DEVICE,
         )
     model = workload.model
@@ -165,7 +178,7 @@ def _measure_step(
         if spec.mode == "train":
             params = unique_trainable(model)
             if not params:
-                raise BatchfitError("the model has no trainable parameters", hint="use --mode inference")
+                raise BatchfitError("the model has no trainable parameters", hint="use `mode='inference'`")
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":

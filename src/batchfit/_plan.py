@@ -32,11 +32,14 @@ from ._models import load_workload
 from ._render import Rendered, Table
 from ._roofline import Roofline, roofline
 from ._summary import ModelSummary, summary
-from ._units import format_bytes, mib_cell
+from ._units import format_bytes, gib, mib_cell
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch import nn
 
+    from ._models import InputSize, Workload
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 GIB = 1024**3
@@ -85,7 +88,7 @@ def check_plot_path(path: str | Path) -> Path:
         path,
         PLOT_FORMATS,
         "cannot write the plot to {path}: unknown image type {suffix}",
-        f"name the file {' or '.join('FILE' + e for e in PLOT_FORMATS)}, e.g. --plot memory.png",
+        f"name the file {' or '.join('FILE' + e for e in PLOT_FORMATS)}, e.g. memory.png",
     )
 
 
@@ -363,18 +366,17 @@ class Plan(Rendered):
         budget = self.budget_bytes / GIB
         ax.axhline(budget, color="black", linewidth=1.8, label=f"the card: {format_bytes(self.budget_bytes, 'GiB')}")
         f = self.fit
-        gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
         capped = f.recommended_batch_size != math.floor(f.safety * f.max_batch_size)
         rec_label = (
             f"recommended: {f.recommended_batch_size:,} "
-            f"({'capped, see notes' if capped else f'{f.safety:g} x max'}), {gib(self.at_recommended.total_bytes)}"
+            f"({'capped, see notes' if capped else f'{f.safety:g} x max'}), {gib(self.at_recommended.total_bytes or 0)}"
         )
         ax.axvline(
             f.max_batch_size,
             color="#b00000",
             linestyle="--",
             linewidth=1.5,
-            label=f"largest that fits: {f.max_batch_size:,}, {gib(self.at_max.total_bytes)}",
+            label=f"largest that fits: {f.max_batch_size:,}, {gib(self.at_max.total_bytes or 0)}",
         )
         ax.axvline(f.recommended_batch_size, color="#006400", linestyle="-.", linewidth=1.5, label=rec_label)
         if xs[-1] > f.max_batch_size:
@@ -462,19 +464,19 @@ def sweep_sizes(max_batch_size: int, points: int, *, past: float = 1.25) -> list
 
 
 def plan(
-    model: str | Any,
-    input_size: Any = None,
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
     *,
     gpu: str | None = None,
     memory: str | int | None = None,
     free: bool = False,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     safety: float = 0.8,
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     alloc_conf: str | None = None,
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,

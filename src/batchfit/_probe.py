@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._child import ChildFailed, run_module, serve
 from ._errors import BatchfitError, ExitCode
+from ._fit import check_safety
 from ._render import Rendered, Table
 from ._units import format_bytes, mib_cell
 
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ._fit import FitResult
-    from ._models import Workload
+    from ._models import InputSize, Workload
     from ._step import StepSpec
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "oom", "error"]
@@ -412,7 +414,7 @@ class AttemptConfig:
         )
 
     def spec(self) -> StepSpec:
-        from ._estimate import make_spec
+        from ._step import make_spec
 
         return make_spec(self.device, self.optimizer, self.precision, self.loss, self.step, self.mode)
 
@@ -682,14 +684,14 @@ def _torch_version() -> str:
 
 def probe(
     model: str | nn.Module | Workload,
-    input_size: Any = None,
+    input_size: InputSize = None,
     *,
     dataset: str | None = None,
     num_classes: int | None = None,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     mode: str = "train",
     safety: float = 0.8,
     start: int | None = None,
@@ -720,8 +722,7 @@ def probe(
     """
     import torch
 
-    if not 0 < safety <= 1:
-        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
+    check_safety(safety)
     if runner is None and not torch.cuda.is_available():
         raise BatchfitError(
             "probe runs the training step on a CUDA GPU, and this machine has none",
@@ -754,8 +755,8 @@ def probe(
         )
     say = progress or (lambda text: None)
     began = time.perf_counter()
-    from ._estimate import make_spec
     from ._models import load_workload
+    from ._step import make_spec
 
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec("cuda", optimizer, precision, loss, step, mode)
@@ -805,13 +806,13 @@ def probe(
         if recommended == 0:
             raise BatchfitError(
                 f"{workload.name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
-                hint="the device is not behaving consistently (other processes on the GPU?); rerun with --isolate",
+                hint="the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`",
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
     if estimates:
         _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
-    workspace = _conv_workspace_bytes(free, alloc_conf)
+    workspace = _conv_workspace_bytes(free)
     notes.extend(cudnn_notes(outcome.attempts, best, workspace))
     return ProbeResult(
         model=workload.name,
@@ -905,7 +906,7 @@ def _child_fit(
     except ChildFailed as exc:
         raise BatchfitError(
             f"estimating the start in a child process failed: {exc}",
-            hint="pass start=N (--start N) or from_batch=16 (--from 16)",
+            hint="pass `start=N` or `from_batch=16`",
         ) from None
     notes.extend(result["notes"])
     return int(result["max_batch_size"])
@@ -940,7 +941,7 @@ def _attach_estimates(
         a.estimated_total_bytes = e.total_bytes
 
 
-def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
+def _conv_workspace_bytes(free: bool) -> int | None:
     try:
         from ._gpus import resolve_card
 

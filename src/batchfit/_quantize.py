@@ -65,10 +65,10 @@ class QuantSpec:
             return cls(quant_type="fp4")
         if key in ("8bit", "8", "int8"):
             raise BatchfitError(
-                "--quantize 8bit (LLM.int8) is not modelled yet",
-                hint="use --quantize 4bit (QLoRA's NF4 with double quantisation)",
+                "`quantize='8bit'` (LLM.int8) is not modelled yet",
+                hint="use `quantize='4bit'` (QLoRA's NF4 with double quantisation)",
             )
-        raise BatchfitError(f"unknown quantisation {value!r}", hint="use --quantize 4bit (NF4), nf4 or fp4")
+        raise BatchfitError(f"unknown quantisation {value!r}", hint="use `quantize='4bit'` (NF4), nf4 or fp4")
 
     def __str__(self) -> str:
         nested = " with double quantisation" if self.double_quant else ""
@@ -222,7 +222,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
-            "--quantize found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
+            "`quantize` found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
         )
     for parent, name, child in replaced:
         setattr(parent, name, Linear4bitModel(child, spec))
@@ -238,6 +238,6 @@ def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError as exc:
         raise BatchfitError(
-            "--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
+            "`quantize` with `lora` needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
         ) from exc
     return {Linear4bitModel: Linear4bit}

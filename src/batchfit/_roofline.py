@@ -238,7 +238,7 @@ def step_cost(
 ) -> StepCost:
     """Trace the step at one batch size and cost its steady iteration op by op.
 
-    >>> from batchfit._estimate import make_spec
+    >>> from batchfit._step import make_spec
     >>> from batchfit._models import load_workload
     >>> c = step_cost(load_workload("mlp", dataset="mnist"), make_spec("cuda"), 64)
     >>> c.flops == 2 * 64 * 784 * 128 * 2 + 2 * 64 * 128 * 10 * 3  # 784-128-10: the input needs no gradient
@@ -430,7 +430,7 @@ def roofline(
 ) -> Roofline:
     """The roofline estimate of samples/s at each batch size on ``card`` (three traces when the costs are lines).
 
-    >>> from batchfit._estimate import make_spec
+    >>> from batchfit._step import make_spec
     >>> from batchfit._gpus import get_gpu
     >>> from batchfit._models import load_workload
     >>> r = roofline(load_workload("mlp", dataset="mnist"), make_spec("cuda"), get_gpu("h100"), [64, 1024, 16384])

@@ -83,7 +83,7 @@ def check_device(device: str) -> None:
     if device != "cuda":
         raise BatchfitError(
             f"a memory snapshot is the CUDA caching allocator's picture; this step is on {device!r}",
-            hint="estimate with --device cuda (the default; no GPU needed)",
+            hint="estimate with `device='cuda'` (the default; no GPU needed)",
             exit_code=ExitCode.USAGE,
         )
 
@@ -190,7 +190,7 @@ def check_snapshot_path(path: str | Path) -> Path:
         path,
         (".pickle", ".pkl"),
         "cannot write a memory snapshot to {path}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)",
-        "name the file FILE.pickle, e.g. --snapshot step.pickle",
+        "name the file FILE.pickle, e.g. step.pickle",
     )
 
 

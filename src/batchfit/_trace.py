@@ -133,11 +133,13 @@ class _Holder:
         self.tensor: torch.Tensor | None = tensor
 
 
-class _Recorder(TorchDispatchMode):
+class _StorageBirthRecorder(TorchDispatchMode):
     """Sees every aten op's outputs and registers storages it has not seen yet."""
 
     def __init__(self, tracer: _Tracer) -> None:
-        super().__init__()
+        # TorchDispatchMode.__init__ has no annotations (torch/utils/_python_dispatch.py), and mypy's
+        # untyped_calls_exclude does not reach a call through super()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.tracer = tracer
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -571,7 +573,7 @@ class _Replay:
         if loss.grad_fn is None:
             raise BatchfitError(
                 "the loss does not depend on any trainable parameter",
-                hint="check that some parameters have requires_grad=True, or use --mode inference",
+                hint="check that some parameters have requires_grad=True, or use `mode='inference'`",
             )
         loss.backward()
 
@@ -1100,7 +1102,7 @@ def _trace_step(
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             stack.enter_context(real_tensor_paths())
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
-            stack.enter_context(_Recorder(tracer))
+            stack.enter_context(_StorageBirthRecorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
             # before the window: parameters, buffers, the batch, the optimizer (no state yet)
             tracer.setup_category = "parameters"
@@ -1119,7 +1121,7 @@ def _trace_step(
                 if not params:
                     raise BatchfitError(
                         "the model has no trainable parameters",
-                        hint="unfreeze some parameters, or use --mode inference",
+                        hint="unfreeze some parameters, or use `mode='inference'`",
                     )
                 tracer.setup_category = "optimizer_state"  # what a constructor allocates (bitsandbytes' maps)
                 optimizer = spec.optimizer.build(params, device_type=device.type)
@@ -1271,7 +1273,7 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
         hint = (
             "something in the step asks the CUDA driver (e.g. torch.cuda.synchronize(), a real "
             "torch.cuda call or a CUDA stream), which fake CUDA tensors cannot answer; guard it with "
-            "torch.cuda.is_available(), or use --device cpu; " + hint
+            "torch.cuda.is_available(), or use `device='cpu'`; " + hint
         )
     return BatchfitError(
         f"the training step failed in {where} at batch size {batch_size}: {type(exc).__name__}: {text}",
