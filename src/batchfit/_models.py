@@ -240,7 +240,7 @@ def _is_own_dense_storage(t: torch.Tensor, device: torch.device | str) -> bool:
     if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
         return False
     span = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").untyped_storage().nbytes()
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == span
+    return bool(t.storage_offset() == 0 and t.untyped_storage().nbytes() == span)
 
 
 # ---------------------------------------------------------------------------------------------
