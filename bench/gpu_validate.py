@@ -251,6 +251,13 @@ KERNEL_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "conv",
         {"shape": (64, 64, 56, 56), "out": 64, "kernel": 3, "dtype": "float32", "backward": True},
     ),
+    # a .sum() loss's stride-0 gradient through the last Linear (Blas.cpp, prepare_matrix_for_cublas)
+    ("mm-expanded-grad-fp16-4096x30522x768", "mm", {"rows": 4096, "vocab": 30522, "dim": 768, "dtype": "float16"}),
+    (
+        "mm-contiguous-fp16-4096x30522x768",
+        "mm",
+        {"rows": 4096, "vocab": 30522, "dim": 768, "dtype": "float16", "dense": True},
+    ),
     ("sum-all-fp32-64M", "op", {"op": "sum_all", "shape": (64 * 1024 * 1024,), "dtype": "float32"}),
     ("sum-dim0-fp32-65536x1024", "op", {"op": "sum_dim0", "shape": (65536, 1024), "dtype": "float32"}),
     ("log-softmax-bf16-8192x50257", "op", {"op": "log_softmax", "shape": (8192, 50257), "dtype": "bfloat16"}),
@@ -297,6 +304,16 @@ def _kernel_setup(kind: str, p: dict[str, Any], device: str, cc: tuple[int, int]
             return None, program
         out = F.embedding(idx, w)
         return (lambda: torch.autograd.grad(out, w, g, retain_graph=True)), program
+    if kind == "mm":
+        n, vocab, dim = p["rows"], p["vocab"], p["dim"]
+        make = (
+            (lambda *shape: torch.randn(*shape, device=device, dtype=dtype))
+            if real
+            else (lambda *shape: torch.empty(*shape, device=device, dtype=dtype))
+        )
+        g = make(n, vocab) if p.get("dense") else make(1, 1).expand(n, vocab)
+        w = make(vocab, dim)
+        return (lambda: torch.mm(g, w)), cs.cublas_operands_program(g, w)
     if kind == "foreach_norm":
         ts = [torch.randn(n, device=device) if real else torch.empty(n, device=device) for n in p["numels"]]
         return (lambda: torch._foreach_norm(ts, 2)), cs.foreach_norm_program(ts)

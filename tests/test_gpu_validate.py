@@ -109,7 +109,11 @@ def test_dry_run_predicts_every_kernel_case(dry_run: Path) -> None:
         "embedding",
         "foreach_norm",
         "conv",
+        "mm",
     }
+    # a stride-0 gradient through the last Linear: one contiguous fp16 copy of 4096 x 30522
+    assert by_id["mm-expanded-grad-fp16-4096x30522x768"]["predicted_bytes"] == 4096 * 30522 * 2
+    assert by_id["mm-contiguous-fp16-4096x30522x768"]["predicted_bytes"] == 0
     assert not [r for r in kernels if r["kind"] == "op" and r["modelled"]]
     assert set(cs.RULES) >= {
         "aten._scaled_dot_product_flash_attention_backward.default",

@@ -200,11 +200,19 @@ class Workload:
                 with torch.device("meta"):
                     made = self.example_inputs(batch_size)
 
+            reused: set[int] = set()
+
             def fresh(t: Any) -> Any:
                 if not isinstance(t, torch.Tensor):
                     return t
                 if values and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                     return t.to(device)  # expanded: a copy into its layout would write elements twice
+                if values and _is_own_dense_storage(t, device) and t.untyped_storage().data_ptr() not in reused:
+                    # already on the device: ``x.to(device)`` in the user's loop returns it itself, so the
+                    # real run holds one copy, as the fake one does (a copy here would hold two at once
+                    # while the batch is made: a CPU run's peak rose by it mid-run, at a tail's new batch)
+                    reused.add(t.untyped_storage().data_ptr())
+                    return t
                 # the same layout as the fake run's tensor, so a real run holds the same bytes
                 out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
                 if values:
@@ -225,6 +233,16 @@ class Workload:
             else:
                 out.append(torch.zeros(shape, dtype=spec.dtype, device=device))
         return ModelInputs(tuple(out))
+
+
+def _is_own_dense_storage(t: torch.Tensor, device: torch.device | str) -> bool:
+    """``t`` is on ``device`` and its storage is exactly what ``empty_strided`` of its shape and
+    strides makes there (what the fake run allocates for it): no offset, no larger base."""
+    want = torch.device(device)
+    if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+        return False
+    span = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").untyped_storage().nbytes()
+    return bool(t.storage_offset() == 0 and t.untyped_storage().nbytes() == span)
 
 
 # ---------------------------------------------------------------------------------------------

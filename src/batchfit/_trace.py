@@ -1101,6 +1101,9 @@ def _trace_step(
             # nn.RNNBase asks its (fake) weights for data pointers; harmless here
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             stack.enter_context(real_tensor_paths())
+            # values drawn for real (a single random draw, _values.Values.follow) use the CPU's
+            # generator: its state is saved before the fake mode starts and restored afterwards
+            stack.enter_context(torch.random.fork_rng(devices=[]))
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_StorageBirthRecorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
