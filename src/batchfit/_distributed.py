@@ -517,15 +517,15 @@ class _Reducer:
         view = self.views[index]
         grad = param.grad
         assert grad is not None
+        if grad.untyped_storage()._cdata == view.untyped_storage()._cdata:
+            return  # already the bucket's view (gradient_as_bucket_view, after the first step)
+        # copy_grad_to_bucket: wrapped_scalar_tensor(1 / div_factor), an 8-byte double on the CPU
+        # alive through the copy, in both modes
+        scale = torch.tensor(1.0 / self.dist.world_size, dtype=torch.float64, device="cpu")
+        torch.mul(grad, scale, out=view)
+        del scale
         if self.dist.gradient_as_bucket_view:
-            if grad.untyped_storage()._cdata != view.untyped_storage()._cdata:
-                view.copy_(grad)
-                param.grad = view
-        else:
-            # wrapped_scalar_tensor(1 / div_factor): an 8-byte double on the CPU, alive through the copy
-            scale = torch.tensor(1.0 / self.dist.world_size, dtype=torch.float64, device="cpu")
-            torch.mul(grad, scale, out=view)
-            del scale
+            param.grad = view
 
 
 def _ddp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
