@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -400,7 +401,9 @@ def block_class(model: nn.Module, wrap: str | None) -> str | None:
     return best[1] if best else None
 
 
-def wrap_model(model: nn.Module, dist: DistSpec, device_type: str, mesh: Any = None) -> nn.Module:
+def wrap_model(
+    model: nn.Module, dist: DistSpec, device_type: str, mesh: Any = None, *, pin_memory: bool = True
+) -> nn.Module:
     """``fully_shard`` on every block (see :func:`block_class`), then on the root; in place
     (give it a copy). The process group must be initialized; ``mesh``: the device mesh (made here
     when not given)."""
@@ -410,7 +413,9 @@ def wrap_model(model: nn.Module, dist: DistSpec, device_type: str, mesh: Any = N
     kwargs: dict[str, Any] = {
         "mesh": mesh if mesh is not None else _mesh(dist, device_type),
         "mp_policy": MixedPrecisionPolicy(param_dtype=dist.param_dtype, reduce_dtype=dist.reduce_dtype),
-        "offload_policy": CPUOffloadPolicy() if dist.cpu_offload else OffloadPolicy(),
+        # pin_memory: CPUOffloadPolicy's default; a trace passes False (fake tensors cannot be pinned,
+        # and pinned host memory is not on the card either way)
+        "offload_policy": CPUOffloadPolicy(pin_memory=pin_memory) if dist.cpu_offload else OffloadPolicy(),
     }
     if not dist.reshard_after_forward:
         kwargs["reshard_after_forward"] = False
@@ -422,14 +427,20 @@ def wrap_model(model: nn.Module, dist: DistSpec, device_type: str, mesh: Any = N
     return model
 
 
-def _fsdp_placement(model: nn.Module, dist: DistSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
+def _fsdp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
     from ._trace import Placed
 
     @contextlib.contextmanager
     def place(m: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Iterator[Placed]:
         # built and sharded on meta outside the fake mode (fully_shard reads the group), made fake here
-        m.to_empty(device=device)
-        yield Placed(labeller=lambda mark: _label_fsdp(m, mark))
+        # CPUOffloadPolicy keeps the shards (and so gradients and optimizer state) in host memory:
+        # the tracer counts the card's tensors only
+        m.to_empty(device="cpu" if dist.cpu_offload else device)
+        build = None
+        if dist.cpu_offload:
+            # the optimizer steps on the host's shards: torch.optim picks its implementation there
+            build = functools.partial(spec.optimizer.build, device_type="cpu")
+        yield Placed(labeller=lambda mark: _label_fsdp(m, mark), build_optimizer=build)
 
     return place
 
@@ -606,6 +617,11 @@ def estimate_ranks(
         raise BatchfitError(
             "--step with --gpus is not simulated yet", hint="use the reference loop, or estimate one GPU"
         )
+    if dist.cpu_offload and spec.device != "cuda":
+        raise BatchfitError(
+            "--cpu-offload moves FSDP2's parameters off the GPU to the host: it applies to --device cuda",
+            hint="drop --cpu-offload, or use --device cuda",
+        )
     out = RankEstimates(dist)
     for group in distinct_ranks(workload.model, dist):
         rank = group[0]
@@ -616,8 +632,8 @@ def estimate_ranks(
                     model.to(spec.precision.param_dtype)
                 mesh = _mesh(dist, spec.device)
                 with _fake_outside_trace(spec.device):
-                    wrap_model(model, dist, spec.device, mesh)
-                placement = _fsdp_placement(model, dist)
+                    wrap_model(model, dist, spec.device, mesh, pin_memory=False)
+                placement = _fsdp_placement(dist, spec)
             else:
                 placement = _ddp_placement(dist, spec)
             local = dataclasses.replace(workload, model=model)
