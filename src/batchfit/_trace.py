@@ -68,6 +68,8 @@ from ._training import LossChoice
 from ._values import Values, real_tensor_paths
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
+# (func, args, kwargs, out, phase, iteration) of every aten op the traced step ran
+Observer = Callable[[Any, Any, Any, Any, str, int], None]
 _CUBLAS_OPS = frozenset(
     f"aten.{op}"
     for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation", "addr")
@@ -172,6 +174,8 @@ class _Recorder(TorchDispatchMode):
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
+            if tracer.observe is not None:  # skipped, not free: the optimizer's updates on the device
+                tracer.observe(func, args, kwargs, None, tracer.phase, tracer.iteration)
             return None
         held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
@@ -183,6 +187,8 @@ class _Recorder(TorchDispatchMode):
                 if out is None:
                     raise
         tracer.values.follow(func, args, kwargs, out)
+        if tracer.observe is not None:
+            tracer.observe(func, args, kwargs, out, tracer.phase, tracer.iteration)
         if tracer.collectives and func in _RESIZE_OPS:
             # a tensor's storage grown in place (an ``out=`` result, ``resize_``): its bytes are new memory
             tracer.storage_resized(args[0].untyped_storage(), args[0].untyped_storage().nbytes())
@@ -255,6 +261,8 @@ class _Tracer:
         # (the tensor's output number, its hook dict); recorded in distributed runs (FSDP2's pre-backward)
         # (nodes take no weak references: an entry goes when its node runs)
         self.tensor_hooks: dict[Any, list[tuple[int, Any]]] = {}
+        # sees every op after it ran: (func, args, kwargs, out, phase, iteration); _roofline counts with it
+        self.observe: Observer | None = None
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
@@ -1143,6 +1151,7 @@ def trace_step(
     cuda_workspaces: tuple[int, int] | None = None,
     window_only: bool = False,
     compute_capability: tuple[int, int] | None = None,
+    observe: Observer | None = None,
     placement: Placement | None = None,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
@@ -1150,7 +1159,7 @@ def trace_step(
     ``cuda_workspaces`` = (cuBLAS workspace per handle, cuDNN workspace per convolution call) in
     bytes adds the library workspaces a CUDA run takes through the caching allocator, and the
     buffers CUDA kernels take inside an op (``_cuda_scratch``; ``compute_capability`` picks the
-    kernels, sm80 when not given).
+    kernels, sm80 when not given). ``observe`` sees every aten op after it ran (``_roofline``).
     ``placement(model, device, dtype)``: a context manager that gives the model fake parameters and
     buffers in its own way (a distributed wrapper's sharded ones, ``_distributed``) instead of
     :func:`fake_state` put in place by reparametrization; it runs inside the fake mode, filed as setup.
@@ -1158,7 +1167,9 @@ def trace_step(
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
     with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
-        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, placement)
+        return _trace_step(
+            workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, observe, placement
+        )
 
 
 def _trace_step(
@@ -1168,12 +1179,14 @@ def _trace_step(
     cuda_workspaces: tuple[int, int] | None,
     window_only: bool,
     compute_capability: tuple[int, int] | None = None,
+    observe: Observer | None = None,
     placement: Placement | None = None,
 ) -> Trace:
     if window_only and (spec.mode != "train" or spec.step is not None):
         raise ValueError("window_only traces need the reference training step (no custom step)")
     model = workload.model
     tracer = _Tracer(model)
+    tracer.observe = observe
     device = torch.device(spec.device)
     tracer.scratch = ScratchMeter() if device.type == "cpu" else None
     tracer.device_type = device.type
