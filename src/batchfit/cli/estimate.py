@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._distributed import DistSpec
 from .._errors import BatchfitError, ExitCode
 from .._estimate import EstimateReport, estimate, threads_text
 from .._models import Workload
@@ -37,6 +38,7 @@ from ._common import (
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    dist_options,
     model_options,
     parse_int_list,
     workload_from_options,
@@ -56,6 +58,7 @@ ThreadsOpt = Annotated[
 
 @command("estimate")
 @model_options
+@dist_options
 def estimate_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -86,9 +89,14 @@ def estimate_cmd(
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
+    dist: DistSpec | None = None,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     check_paths(snapshot_path, report_path, device)
+    if dist is not None and compare:
+        raise BatchfitError(
+            "--compare with --gpus is not available", hint="the gloo ground truth is in tests/test_distributed.py"
+        )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     report = estimate(
         workload,
@@ -108,6 +116,7 @@ def estimate_cmd(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        **(dist.options() if dist is not None else {}),
     )
     report.per_layer = per_layer
     comparison = _compare(report, workload) if compare else None
