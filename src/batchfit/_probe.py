@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ._models import Workload
+    from ._probe_dist import DistContext
     from ._step import StepSpec
 
 SCHEMA_VERSION = 1
@@ -72,6 +73,7 @@ class Attempt:
     estimated_peak_allocated_bytes: int | None = None
     estimated_peak_reserved_bytes: int | None = None
     estimated_total_bytes: int | None = None
+    ranks: list[dict[str, Any]] | None = None  # a distributed probe: each rank's status and figures
 
     @property
     def ok(self) -> bool:
@@ -558,6 +560,8 @@ class ProbeResult:
     capped: bool = False
     notes: list[str] = field(default_factory=list)
     torch_version: str | None = None
+    world_size: int = 1  # ranks that ran each attempt (torchrun); peaks are then the largest rank's
+    rank: int = 0  # this process's rank (each rank returns the same search; rank 0 reports it)
 
     @property
     def exact(self) -> bool:
@@ -594,6 +598,7 @@ class ProbeResult:
             "capped": self.capped,
             "notes": list(self.notes),
             "torch": self.torch_version,
+            "world_size": self.world_size,
         }
 
     def to_json(self) -> str:
@@ -651,6 +656,14 @@ class ProbeResult:
             f"recommended batch size {self.recommended_batch_size:,} (floor({self.safety:g} x max))",
             f"{len(self.attempts)} attempts in {self.wall_seconds:.1f} s, starting at {self.start:,} "
             f"({self.start_source}); search: {how}" + ("; each attempt in its own process" if self.isolate else ""),
+            *(
+                [
+                    f"each attempt ran on {self.world_size} ranks at once (DistributedDataParallel); the measured "
+                    "peaks are the largest rank's (JSON: attempts[].ranks[] holds each rank's)"
+                ]
+                if self.world_size > 1
+                else []
+            ),
             *[f"note: {n}" for n in self.notes],
         ]
         return [Table(title, columns, rows, right=[True, True, False, *([True] * 8)], footer=footer)]
@@ -738,6 +751,8 @@ def probe(
     attempt_timeout_s: float = 600.0,
     progress: Progress | None = None,
     runner: Runner | None = None,
+    device: str = "cuda",
+    peer_timeout_s: float = 120.0,
 ) -> ProbeResult:
     """Find the exact largest batch size on this machine's CUDA GPU, starting from the estimate.
 
@@ -749,12 +764,26 @@ def probe(
     ``confirm`` also runs the recommended size (one more attempt; on a device that is not
     monotone it lowers the recommendation until a size runs). ``runner`` replaces the device
     (tests: a stand-in); the CUDA check is then skipped.
+
+    Under ``torchrun`` (or with ``torch.distributed`` initialised) every rank runs each attempt,
+    the model wrapped in ``DistributedDataParallel``, and all ranks agree on its outcome before the
+    next one (:mod:`batchfit._probe_dist`); every rank returns the same search, rank 0 reports it.
+    ``peer_timeout_s`` bounds how long a rank waits in a collective for a rank that failed.
+    ``device="cpu"`` runs the step on the host (gloo across ranks): nothing runs out of memory
+    there short of the host's RAM, so it needs ``max_batch_size``.
     """
     import torch
 
     if not 0 < safety <= 1:
         raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
-    if runner is None and not torch.cuda.is_available():
+    if device not in ("cuda", "cpu"):
+        raise BatchfitError(f"probe runs on 'cuda' or 'cpu', not {device!r}", hint="use --device cuda")
+    if device == "cpu" and runner is None and max_batch_size is None:
+        raise BatchfitError(
+            "a probe on the CPU needs a cap: host memory does not run out the way a GPU's does",
+            hint="pass --max N (max_batch_size=N)",
+        )
+    if runner is None and device == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             "probe runs the training step on a CUDA GPU, and this machine has none",
             hint="use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine",
@@ -764,6 +793,14 @@ def probe(
         raise BatchfitError(
             f"memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
             hint="it changes a process-wide setting, so it is only applied inside the child processes",
+        )
+    from ._probe_dist import launched
+
+    distributed = runner is None and launched()
+    if distributed and isolate:
+        raise BatchfitError(
+            "isolate does not combine with torchrun: every rank must run each attempt in its own process group",
+            hint="drop --isolate (each attempt already gets a fresh process group on every rank)",
         )
     if isolate and not isinstance(model, str) and runner is None:
         raise BatchfitError(
@@ -783,14 +820,80 @@ def probe(
             step=_plain(step, "step"),
             mode=mode,
             memory_fraction=memory_fraction,
+            device=device,
         )
-    say = progress or (lambda text: None)
+    ctx = None
+    if distributed:
+        from ._probe_dist import dist_context
+
+        ctx = dist_context(device, peer_timeout_s)
+    try:
+        return _probe(
+            model,
+            input_size,
+            dataset=dataset,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            precision=precision,
+            loss=loss,
+            step=step,
+            mode=mode,
+            safety=safety,
+            start=start,
+            from_batch=from_batch,
+            isolate=isolate,
+            max_batch_size=max_batch_size,
+            free=free,
+            alloc_conf=alloc_conf,
+            estimates=estimates,
+            confirm=confirm,
+            attempt_timeout_s=attempt_timeout_s,
+            progress=progress,
+            runner=runner,
+            device=device,
+            config=config,
+            ctx=ctx,
+        )
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _probe(
+    model: str | nn.Module | Workload,
+    input_size: Any,
+    *,
+    dataset: str | None,
+    num_classes: int | None,
+    optimizer: Any,
+    precision: str,
+    loss: Any,
+    step: Any,
+    mode: str,
+    safety: float,
+    start: int | None,
+    from_batch: int | None,
+    isolate: bool,
+    max_batch_size: int | None,
+    free: bool,
+    alloc_conf: str | None,
+    estimates: bool,
+    confirm: bool,
+    attempt_timeout_s: float,
+    progress: Progress | None,
+    runner: Runner | None,
+    device: str,
+    config: AttemptConfig | None,
+    ctx: DistContext | None,
+) -> ProbeResult:
+    main = ctx is None or ctx.is_main
+    say = (progress if main else None) or (lambda text: None)
     began = time.perf_counter()
     from ._estimate import make_spec
     from ._models import load_workload
 
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec("cuda", optimizer, precision, loss, step, mode)
+    spec = make_spec(device, optimizer, precision, loss, step, mode)
     notes: list[str] = []
 
     estimated_max: int | None = None
@@ -802,14 +905,32 @@ def probe(
         say("estimating the largest batch size (no GPU needed for this part)")
         if config is not None:  # keep this process free of a CUDA context while children measure
             estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
+        elif ctx is not None:  # rank 0 estimates, every rank starts there
+
+            def on_main() -> tuple[int, list[str]]:
+                said: list[str] = []
+                best = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, said)
+                return best, said
+
+            estimated_max, said = ctx.from_main(on_main)
+            notes.extend(said)
+            notes.append(
+                "the start is the single-GPU estimate; under DDP each rank also holds one bucket set of the "
+                "gradients' size, so the search may step down from it"
+            )
         else:
             estimated_max = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
         method, start_at, source = "estimate", max(1, estimated_max), "estimate"
     if start_at < 1:
         raise BatchfitError(f"the probe must start at batch size >= 1, not {start_at}")
 
-    device = "the given runner" if runner is not None else None
-    if runner is None:
+    where = "the given runner" if runner is not None else None
+    if runner is None and ctx is not None:
+        from ._probe_dist import distributed_runner
+
+        runner = distributed_runner(workload, spec, ctx)
+        where = f"{device} x {ctx.world_size} ranks (DDP over {ctx.backend})"
+    elif runner is None:
         runner = isolated_runner(config, timeout_s=attempt_timeout_s) if config else measure_runner(workload, spec)
 
     outcome = search(
@@ -839,13 +960,13 @@ def probe(
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
-    if estimates:
+    if estimates and main:
         _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
     workspace = _conv_workspace_bytes(free, alloc_conf)
     notes.extend(cudnn_notes(outcome.attempts, best, workspace))
     return ProbeResult(
         model=workload.name,
-        device=device or _device_name(),  # after the search: no CUDA context here before it
+        device=where or (_device_name() if device == "cuda" else device),  # after the search: no CUDA context before
         optimizer=str(spec.optimizer),
         precision=spec.precision.name,
         method=method,
@@ -862,6 +983,8 @@ def probe(
         capped=outcome.capped,
         notes=notes,
         torch_version=_torch_version(),
+        world_size=ctx.world_size if ctx is not None else 1,
+        rank=ctx.rank if ctx is not None else 0,
     )
 
 
