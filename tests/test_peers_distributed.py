@@ -98,3 +98,27 @@ def test_against_deepspeed_itself_when_installed() -> None:
                 total, largest, gpn, nodes, r.offload_optimizer, r.offload_params, r.zero_init
             )
             assert (cpu, gpu) == (r.cpu_bytes, r.gpu_bytes)
+
+
+def test_fsdp_memtracker_on_the_fake_group_holds_rank0s_shards() -> None:
+    fm = _load("fsdp_memtracker")
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+
+    for world in (2, 8):
+        r = fm.fsdp_peak(
+            build,
+            lambda b: (torch.randn(b, 64),),
+            8,
+            world_size=world,
+            block="Linear",
+            loss=lambda out: out.pow(2).mean(),
+        )
+        # fully_shard splits dim 0 like torch.chunk: rank 0 holds ceil(rows / world) rows of each parameter
+        rows = [(256, 64), (256, 1), (10, 256), (10, 1)]  # fc1 weight and bias, fc2 weight and bias
+        shard = sum(-(-r_ // world) * c for r_, c in rows) * 4
+        assert r["breakdown"]["SHARDED_PARAM"] == shard
+        # AdamW's two moments of rank 0's shards, and a 4-byte step per parameter (not sharded)
+        assert r["breakdown"]["OPT"] == 2 * shard + 4 * len(rows)
+        assert r["peak_bytes"] == sum(r["breakdown"].values())
