@@ -29,6 +29,7 @@ from ._units import mib_cell
 
 if TYPE_CHECKING:
     from ._allocator import AllocatorConfig, AllocatorResult
+    from ._distributed import DistSpec, RankEstimate
     from ._gpus import Budget
     from ._summary import ModelSummary
 
@@ -73,6 +74,16 @@ class StepEstimate:
     marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
     threads: int | None = None  # CPU: torch's intra-op threads simulated (kernel scratch depends on it)
     loss: str | None = None  # which loss the step trained on, in words (None: inference)
+    # several GPUs (_distributed): the setting, and every distinct rank's estimate; the figures
+    # above are the peaking rank's (``peak_rank``)
+    dist: DistSpec | None = field(default=None, repr=False)
+    ranks: list[RankEstimate] = field(default_factory=list, repr=False)
+    peak_rank: int | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all GPUs (``batch_size`` is per GPU)."""
+        return self.batch_size * (self.dist.world_size if self.dist is not None else 1)
 
     @property
     def peak_where(self) -> str:
@@ -117,6 +128,11 @@ class StepEstimate:
             out["total_bytes"] = self.total_bytes
             out["budget_bytes"] = self.budget_bytes
             out["fits"] = self.fits
+        if self.dist is not None:
+            out["distributed"] = self.dist.to_dict()
+            out["global_batch_size"] = self.global_batch_size
+            out["peak_rank"] = self.peak_rank
+            out["ranks"] = [r.to_dict() for r in self.ranks]
         if events:
             out["events"] = [
                 [e.seq, e.action, e.storage, e.nbytes, e.category, e.module, e.phase, e.iteration] for e in self.events
@@ -198,7 +214,10 @@ class EstimateReport(Sequence[StepEstimate]):
             return []
         first = self.results[0]
         cuda = first.device == "cuda"
-        cats = [c for c in (CUDA_CATEGORIES if cuda else CATEGORIES) if any(r.breakdown.get(c) for r in self.results)]
+        from ._distributed import DIST_CATEGORIES
+
+        known = (*(CUDA_CATEGORIES if cuda else CATEGORIES), *DIST_CATEGORIES)
+        cats = [c for c in known if any(r.breakdown.get(c) for r in self.results)]
         columns = ["batch", *[short_category(c) for c in cats], "peak alloc"]
         if cuda:
             columns += ["reserved", "total", "fits"]
@@ -231,7 +250,11 @@ class EstimateReport(Sequence[StepEstimate]):
             footer.append(f"card: {self.budget_description}")
         notes = sorted({n for r in self.results for n in r.notes})
         footer += [f"note: {n}" for n in notes]
+        if first.dist is not None:
+            title += f"; per GPU, {first.dist.describe()}, the peaking rank's figures"
         out = [Table(title, columns, rows, footer=footer)]
+        if first.dist is not None:
+            out.extend(rank_table(r, cats) for r in self.results)
         if self.per_layer:
             last = self.results[-1]
             layer_rows = [
@@ -269,6 +292,34 @@ class EstimateReport(Sequence[StepEstimate]):
         return write_report(self, path, summary=summary, budget=budget)
 
 
+def rank_table(r: StepEstimate, cats: list[str]) -> Table:
+    """Each distinct rank's figures at one batch size (``ranks``: the ranks it stands for)."""
+    cuda = r.device == "cuda"
+    columns = ["ranks", *[short_category(c) for c in cats], "peak alloc"] + (["reserved", "total"] if cuda else [])
+    rows = []
+    for rank in r.ranks:
+        e = rank.estimate
+        row = [
+            _rank_span(rank.same_as),
+            *[mib_cell(e.breakdown.get(c, 0)) for c in cats],
+            mib_cell(e.peak_allocated_bytes),
+        ]
+        if cuda:
+            row += [mib_cell(e.peak_reserved_bytes), mib_cell(e.total_bytes)]
+        rows.append(row)
+    assert r.dist is not None
+    title = f"per rank at batch {r.batch_size:,} per GPU (global batch {r.global_batch_size:,}) - MiB, breakdown at each rank's peak"
+    footer = [f"peak: rank {r.peak_rank} ({r.peak_where})"]
+    return Table(title, columns, rows, footer=footer)
+
+
+def _rank_span(ranks: list[int]) -> str:
+    """``0-6`` for a run of ranks, ``0, 2`` otherwise."""
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
+
+
 _SHORT = {
     "parameters": "params",
     "buffers": "buffers",
@@ -278,6 +329,8 @@ _SHORT = {
     "activations": "activ.",
     "temporaries": "temps",
     "workspaces": "wkspace",
+    "gathered_parameters": "gathered",
+    "communication": "comm",
 }
 
 
@@ -477,6 +530,7 @@ class Estimator:
         free: bool = False,
         alloc_conf: str | None = None,
         context_bytes: str | int | None = None,
+        dist: DistSpec | None = None,
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
@@ -489,6 +543,7 @@ class Estimator:
         card = self.budget.card if self.budget is not None else None
         self.cuda_workspaces = (card.cublas_workspace_bytes, card.conv_workspace_bytes) if card is not None else None
         self.compute_capability = card.compute_capability if card is not None else None
+        self.dist = dist  # several GPUs: each rank's step (_distributed); None: one GPU
         self._cache: dict[int, StepEstimate] = {}
 
     def trace(self, batch_size: int, *, window_only: bool = False) -> Trace:
@@ -502,6 +557,10 @@ class Estimator:
         )
 
     def at(self, batch_size: int) -> StepEstimate:
+        if self.dist is not None:
+            if batch_size not in self._cache:
+                self._cache[batch_size] = self._ranks(batch_size)
+            return self._cache[batch_size]
         if batch_size not in self._cache:
             try:
                 trace = self.trace(batch_size)
@@ -511,6 +570,26 @@ class Estimator:
                 return self._fallback(batch_size, exc)
             self._cache[batch_size] = estimate_trace(trace, self.workload, self.spec, self.budget, self.alloc_config)
         return self._cache[batch_size]
+
+    def _ranks(self, batch_size: int) -> StepEstimate:
+        """Every distinct rank's step; the peaking rank's estimate carries them all."""
+        from ._distributed import estimate_ranks
+
+        assert self.dist is not None
+        ranks = estimate_ranks(
+            self.workload,
+            batch_size,
+            self.spec,
+            self.dist,
+            budget=self.budget,
+            alloc_config=self.alloc_config,
+            cuda_workspaces=self.cuda_workspaces,
+            compute_capability=self.compute_capability,
+        )
+        peak = ranks.peak
+        out = peak.estimate
+        out.dist, out.ranks, out.peak_rank = self.dist, ranks.ranks, peak.rank
+        return out
 
     def _fallback(self, batch_size: int, exc: BatchfitError) -> StepEstimate:
         """Models that cannot run on fake tensors: real runs at batch 1 and 2, extrapolated."""
@@ -576,6 +655,17 @@ def estimate(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    gpus: int | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+    static_graph: bool = False,
+    wrap: str | None = None,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
@@ -588,7 +678,26 @@ def estimate(
     libraries' modules and handles; ``--context`` on the command line). ``loop``: the training loop
     (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and ``eval_batch_size``
     add a training run's tail (docs/estimate.md).
+
+    ``gpus`` (per node) with ``nodes`` and ``strategy`` (ddp, zero1, fsdp, fsdp-hybrid) and their
+    options estimates each GPU of a distributed run (docs/distributed.md): ``batch_size`` is per
+    GPU, the figures are the peaking rank's, and ``.ranks`` holds every distinct rank's.
     """
+    from ._distributed import make_dist
+
+    dist = make_dist(
+        gpus,
+        nodes=nodes,
+        strategy=strategy,
+        reshard_after_forward=reshard_after_forward,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        cpu_offload=cpu_offload,
+        bucket_cap_mb=bucket_cap_mb,
+        gradient_as_bucket_view=gradient_as_bucket_view,
+        static_graph=static_graph,
+        wrap=wrap,
+    )
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(
         device,
@@ -603,7 +712,14 @@ def estimate(
         eval_batch_size=eval_batch_size,
     )
     est = Estimator(
-        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+        workload,
+        spec,
+        gpu=gpu,
+        memory=memory,
+        free=free,
+        alloc_conf=alloc_conf,
+        context_bytes=context_bytes,
+        dist=dist,
     )
     if isinstance(batch_size, int):
         return est.at(batch_size)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._distributed import DistSpec
 from .._errors import BatchfitError, ExitCode
 from .._estimate import EstimateReport, Estimator, make_spec, threads_text
 from .._render import Table, show
@@ -36,6 +37,7 @@ from ._common import (
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    dist_options,
     model_options,
     parse_int_list,
     workload_from_options,
@@ -55,6 +57,7 @@ ThreadsOpt = Annotated[
 
 @command("estimate")
 @model_options
+@dist_options
 def estimate_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -85,6 +88,7 @@ def estimate_cmd(
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
+    dist: DistSpec | None = None,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     check_paths(snapshot_path, report_path, device)
@@ -101,7 +105,13 @@ def estimate_cmd(
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
     )
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context)
+    if dist is not None and compare:
+        raise BatchfitError(
+            "--compare with --gpus is not available", hint="the gloo ground truth is in tests/test_distributed.py"
+        )
+    est = Estimator(
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context, dist=dist
+    )
     sizes = parse_int_list(batch_size)
     report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
     comparison = _compare(report, workload, spec) if compare else None
