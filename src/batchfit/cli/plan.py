@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._distributed import DistSpec
 from .._plan import check_plot_path, plan
 from .._render import show
 from ._app import command, err_console
@@ -27,6 +28,7 @@ from ._common import (
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    dist_options,
     model_options,
     workload_from_options,
 )
@@ -45,6 +47,7 @@ PlotOpt = Annotated[
 
 @command("plan")
 @model_options
+@dist_options
 def plan_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -65,6 +68,7 @@ def plan_cmd(
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
+    dist: DistSpec | None = None,
 ) -> None:
     """The one-screen answer: model totals, the largest and the recommended batch size, the memory
     breakdown, a table at standard batch sizes, and (with --plot) a plot of memory by batch size.
@@ -90,6 +94,7 @@ def plan_cmd(
             step=step,
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
+            dist=dist,
         )
         if plot is not None:
             status.update(f"drawing {plot}")
