@@ -53,57 +53,54 @@ def measure_ranks(
     *,
     dataset: str | None = None,
     input_size: Any = None,
-    timeout: float = 300.0,
+    timeout: float = 600.0,
     repeats: int = 2,
 ) -> list[list[RankMeasurement]]:
-    """Run the step on ``world_size`` gloo processes once per setting in ``dists`` (all of one world
-    size: the processes start once) and return each setting's measurement per rank. Each setting
-    runs ``repeats`` times in the same processes and the lowest count is kept: gloo's worker
-    threads drop the last reference to some buffers, and the profiler does not see frees on those
-    threads, so a count can only be too high (docs/distributed.md).
+    """Run the step on ``world_size`` gloo processes for each setting in ``dists`` and return each
+    setting's measurement per rank. The processes of one world size start once and run all its
+    settings; several world sizes run at the same time. Each setting runs ``repeats`` times in the
+    same processes and the lowest count is kept: gloo's worker threads drop the last reference to
+    some buffers, and the profiler does not see frees on those threads, so a count can only be too
+    high (docs/distributed.md).
 
-    ``model`` is a registry name (each process builds its own copy)."""
+    ``model`` is a registry name or ``file.py:NAME`` (each process builds its own copy)."""
     import torch.multiprocessing as mp
 
-    worlds = {d.world_size for d in dists}
-    if len(worlds) != 1:
-        raise BatchfitError("one gloo run takes settings of one world size", hint="group them by world size")
-    world = worlds.pop()
     if spec.device != "cpu":
         raise BatchfitError("the distributed ground truth runs on CPU processes (gloo)", hint="use --device cpu")
-    port = _free_port()
+    worlds = sorted({d.world_size for d in dists})
+    ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = []
-        for rank in range(world):
-            args = (
-                rank,
-                port,
-                model,
-                dataset,
-                input_size,
-                batch_size,
-                spec,
-                dists,
-                os.path.join(tmp, f"{rank}.json"),
-                repeats,
-            )
-            p = ctx.Process(target=_child, args=args)
-            p.start()
-            procs.append(p)
-        for p in procs:
+        procs: list[tuple[int, int, Any]] = []
+        for world in worlds:
+            group = [d for d in dists if d.world_size == world]
+            port = _free_port()
+            for rank in range(world):
+                out = os.path.join(tmp, f"{world}-{rank}.json")
+                args = (rank, port, model, dataset, input_size, batch_size, spec, group, out, repeats)
+                p = ctx.Process(target=_child, args=args)
+                p.start()
+                procs.append((world, rank, p))
+        for _, _, p in procs:
             p.join(timeout)
-        failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
-        for p in procs:
+        failed = [f"world {w} rank {r}" for w, r, p in procs if p.exitcode != 0]
+        for _, _, p in procs:
             if p.is_alive():
                 p.kill()
         if failed:
-            raise BatchfitError(f"ranks {failed} of the gloo run failed", hint="rerun with --debug")
-        per_rank = []
-        for r in range(world):
-            with open(os.path.join(tmp, f"{r}.json")) as f:
-                per_rank.append([RankMeasurement(**m) for m in json.load(f)])
-        return [[per_rank[r][i] for r in range(world)] for i in range(len(dists))]
+            raise BatchfitError(f"the gloo run failed ({', '.join(failed)})", hint="rerun with --debug")
+        measured: dict[int, list[list[RankMeasurement]]] = {}
+        for world in worlds:
+            for rank in range(world):
+                with open(os.path.join(tmp, f"{world}-{rank}.json")) as f:
+                    measured.setdefault(world, []).append([RankMeasurement(**m) for m in json.load(f)])
+    out_all = []
+    seen: dict[int, int] = {}
+    for d in dists:
+        i = seen.get(d.world_size, 0)
+        seen[d.world_size] = i + 1
+        out_all.append([measured[d.world_size][r][i] for r in range(d.world_size)])
+    return out_all
 
 
 def _child(

@@ -288,6 +288,94 @@ def _mesh(dist: DistSpec, device_type: str) -> Any:
 # -- FSDP2 -------------------------------------------------------------------------------------
 
 
+class _Stream:
+    """A CUDA stream for a machine without one: FSDP2 orders its copies and collectives with
+    streams and events; on fake tensors nothing runs, so ordering is all there is."""
+
+    def wait_stream(self, stream: Any) -> None: ...
+    def wait_event(self, event: Any) -> None: ...
+    def synchronize(self) -> None: ...
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else _Event()
+
+
+class _Event:
+    def record(self, stream: Any = None) -> None: ...  # torch.cuda.Event.record returns None
+    def wait(self, stream: Any = None) -> None: ...
+    def synchronize(self) -> None: ...
+
+    def query(self) -> bool:
+        return True
+
+
+class _CudaHandle:
+    """What FSDP2 asks ``torch.cuda`` through ``_get_device_handle("cuda")`` (streams, events,
+    the current device), answered without a driver. One stream in effect: see docs/distributed.md."""
+
+    def __init__(self) -> None:
+        self._stream = _Stream()
+
+    def Stream(self, *args: Any, **kwargs: Any) -> _Stream:
+        return _Stream()
+
+    def Event(self, *args: Any, **kwargs: Any) -> _Event:
+        return _Event()
+
+    def current_stream(self, device: Any = None) -> _Stream:
+        return self._stream
+
+    def stream(self, stream: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def current_device(self) -> int:
+        return 0
+
+    def device_count(self) -> int:
+        return 1
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def is_available(self) -> bool:
+        return True
+
+    def set_device(self, device: Any) -> None: ...
+
+
+def _fake_outside_trace(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """CUDA: ``fully_shard`` makes a tensor on the mesh's device at construction
+    (``FSDPParamGroup._all_gather_output``, a placeholder); without a driver it must be a fake one."""
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+_FSDP_MODULES = ("_fsdp_collectives", "_fsdp_init", "_fsdp_param_group", "_fsdp_state")
+
+
+@contextlib.contextmanager
+def _cuda_without_driver(device_type: str) -> Iterator[None]:
+    """FSDP2 on fake CUDA tensors: its device handle answered by :class:`_CudaHandle`."""
+    if device_type != "cuda":
+        yield
+        return
+    import importlib
+
+    modules = [importlib.import_module(f"torch.distributed.fsdp._fully_shard.{m}") for m in _FSDP_MODULES]
+    handle = _CudaHandle()
+    saved = [m._get_device_handle for m in modules]  # type: ignore[attr-defined]
+    for m, real in zip(modules, saved):
+        m._get_device_handle = lambda t, real=real: handle if t == "cuda" else real(t)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for m, real in zip(modules, saved):
+            m._get_device_handle = real  # type: ignore[attr-defined]
+
+
 def block_class(model: nn.Module, wrap: str | None) -> str | None:
     """The class sharded per block: ``wrap``, or the class of the largest run of like children
     in a ModuleList/Sequential (a transformer's layers); None when the model has no such run."""
@@ -312,14 +400,15 @@ def block_class(model: nn.Module, wrap: str | None) -> str | None:
     return best[1] if best else None
 
 
-def wrap_model(model: nn.Module, dist: DistSpec, device_type: str) -> nn.Module:
+def wrap_model(model: nn.Module, dist: DistSpec, device_type: str, mesh: Any = None) -> nn.Module:
     """``fully_shard`` on every block (see :func:`block_class`), then on the root; in place
-    (give it a copy). The process group must be initialized."""
+    (give it a copy). The process group must be initialized; ``mesh``: the device mesh (made here
+    when not given)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kind = block_class(model, dist.wrap)
     kwargs: dict[str, Any] = {
-        "mesh": _mesh(dist, device_type),
+        "mesh": mesh if mesh is not None else _mesh(dist, device_type),
         "mp_policy": MixedPrecisionPolicy(param_dtype=dist.param_dtype, reduce_dtype=dist.reduce_dtype),
         "offload_policy": CPUOffloadPolicy() if dist.cpu_offload else OffloadPolicy(),
     }
@@ -428,15 +517,15 @@ class _Reducer:
         view = self.views[index]
         grad = param.grad
         assert grad is not None
+        if grad.untyped_storage()._cdata == view.untyped_storage()._cdata:
+            return  # already the bucket's view (gradient_as_bucket_view, after the first step)
+        # copy_grad_to_bucket: wrapped_scalar_tensor(1 / div_factor), an 8-byte double on the CPU
+        # alive through the copy, in both modes
+        scale = torch.tensor(1.0 / self.dist.world_size, dtype=torch.float64, device="cpu")
+        torch.mul(grad, scale, out=view)
+        del scale
         if self.dist.gradient_as_bucket_view:
-            if grad.untyped_storage()._cdata != view.untyped_storage()._cdata:
-                view.copy_(grad)
-                param.grad = view
-        else:
-            # wrapped_scalar_tensor(1 / div_factor): an 8-byte double on the CPU, alive through the copy
-            scale = torch.tensor(1.0 / self.dist.world_size, dtype=torch.float64, device="cpu")
-            torch.mul(grad, scale, out=view)
-            del scale
+            param.grad = view
 
 
 def _ddp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
@@ -520,12 +609,14 @@ def estimate_ranks(
     out = RankEstimates(dist)
     for group in distinct_ranks(workload.model, dist):
         rank = group[0]
-        with fake_group(rank, dist.world_size):
+        with fake_group(rank, dist.world_size), _cuda_without_driver(spec.device):
             model = copy.deepcopy(workload.model).to("meta")
             if dist.strategy.startswith("fsdp"):
                 if spec.precision.param_dtype not in (None, torch.float32):
                     model.to(spec.precision.param_dtype)
-                wrap_model(model, dist, spec.device)
+                mesh = _mesh(dist, spec.device)
+                with _fake_outside_trace(spec.device):
+                    wrap_model(model, dist, spec.device, mesh)
                 placement = _fsdp_placement(model, dist)
             else:
                 placement = _ddp_placement(dist, spec)

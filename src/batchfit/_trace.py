@@ -75,6 +75,7 @@ _CUBLAS_OPS = frozenset(
 _PRIM_DEVICE = torch.ops.prim.device.default
 _ITEM = torch.ops.aten._local_scalar_dense.default
 _ANSWERED_HERE = frozenset((_PRIM_DEVICE, _ITEM))
+_RESIZE_OPS = frozenset((torch.ops.aten.resize_.default, torch.ops.aten.resize_as_.default))
 _COLLECTIVE_NAMESPACES = frozenset(("c10d", "_c10d_functional", "_dtensor"))
 _CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "aten.cudnn_convolution"))
 
@@ -182,6 +183,9 @@ class _Recorder(TorchDispatchMode):
                 if out is None:
                     raise
         tracer.values.follow(func, args, kwargs, out)
+        if tracer.collectives and func in _RESIZE_OPS:
+            # a tensor's storage grown in place (an ``out=`` result, ``resize_``): its bytes are new memory
+            tracer.storage_resized(args[0].untyped_storage(), args[0].untyped_storage().nbytes())
         if tracer.collectives and func.namespace in _COLLECTIVE_NAMESPACES:
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
