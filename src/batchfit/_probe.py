@@ -907,17 +907,15 @@ def _probe(
             estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
         elif ctx is not None:  # rank 0 estimates, every rank starts there
 
+            world = ctx.world_size
+
             def on_main() -> tuple[int, list[str]]:
                 said: list[str] = []
-                best = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, said)
+                best = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, said, world)
                 return best, said
 
             estimated_max, said = ctx.from_main(on_main)
             notes.extend(said)
-            notes.append(
-                "the start is the single-GPU estimate; under DDP each rank also holds one bucket set of the "
-                "gradients' size, so the search may step down from it"
-            )
         else:
             estimated_max = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
         method, start_at, source = "estimate", max(1, estimated_max), "estimate"
@@ -1020,9 +1018,14 @@ def _estimated_max(
     free: bool,
     alloc_conf: str | None,
     notes: list[str],
+    world_size: int = 1,
 ) -> int:
+    """fit's max for the local card; with ``world_size`` > 1, its per-GPU max under DDP on that many
+    GPUs (what the distributed probe runs), else, where that cannot be estimated, one GPU's."""
+    from ._distributed import make_dist
     from ._fit import fit
 
+    dist = make_dist(world_size) if world_size > 1 else None
     try:
         result = fit(
             workload,
@@ -1033,12 +1036,18 @@ def _estimated_max(
             loss=loss,
             step=step,
             alloc_conf=alloc_conf,
+            dist=dist,
         )
     except BatchfitError as exc:
-        if exc.exit_code != ExitCode.DOES_NOT_FIT:
+        if exc.exit_code == ExitCode.DOES_NOT_FIT:
+            notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
+            return 1
+        if dist is None:
             raise
-        notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
-        return 1
+        notes.append(f"the start is one GPU's estimate: DDP on {world_size} GPUs could not be estimated ({exc.message})")
+        return _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
+    if dist is not None:
+        notes.append(f"the start is fit's per-GPU max under DDP on {world_size} GPUs (the local card)")
     return int(result.max_batch_size)
 
 
