@@ -68,6 +68,8 @@ from ._training import LossChoice
 from ._values import Values, real_tensor_paths
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
+# (func, args, kwargs, out, phase, iteration) of every aten op the traced step ran
+Observer = Callable[[Any, Any, Any, Any, str, int], None]
 _CUBLAS_OPS = frozenset(
     f"aten.{op}"
     for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation", "addr")
@@ -172,6 +174,8 @@ class _Recorder(TorchDispatchMode):
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
+            if tracer.observe is not None:  # skipped, not free: the optimizer's updates on the device
+                tracer.observe(func, args, kwargs, None, tracer.phase, tracer.iteration)
             return None
         held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
@@ -190,6 +194,8 @@ class _Recorder(TorchDispatchMode):
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     tracer.mark(t, "communication")
+        if tracer.observe is not None:
+            tracer.observe(func, args, kwargs, out, tracer.phase, tracer.iteration)
         if isinstance(out, torch.Tensor):
             tracer.track(out)
         else:
@@ -255,6 +261,8 @@ class _Tracer:
         # (the tensor's output number, its hook dict); recorded in distributed runs (FSDP2's pre-backward)
         # (nodes take no weak references: an entry goes when its node runs)
         self.tensor_hooks: dict[Any, list[tuple[int, Any]]] = {}
+        # sees every op after it ran: (func, args, kwargs, out, phase, iteration); _roofline counts with it
+        self.observe: Observer | None = None
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
@@ -1144,6 +1152,7 @@ def trace_step(
     window_only: bool = False,
     compute_capability: tuple[int, int] | None = None,
     placement: Placement | None = None,
+    observe: Observer | None = None,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
 
@@ -1154,11 +1163,14 @@ def trace_step(
     ``placement(model, device, dtype)``: a context manager that gives the model fake parameters and
     buffers in its own way (a distributed wrapper's sharded ones, ``_distributed``) instead of
     :func:`fake_state` put in place by reparametrization; it runs inside the fake mode, filed as setup.
+    kernels, sm80 when not given). ``observe`` sees every aten op after it ran (``_roofline``).
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
     with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
-        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, placement)
+        return _trace_step(
+            workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, placement, observe
+        )
 
 
 def _trace_step(
@@ -1169,11 +1181,13 @@ def _trace_step(
     window_only: bool,
     compute_capability: tuple[int, int] | None = None,
     placement: Placement | None = None,
+    observe: Observer | None = None,
 ) -> Trace:
     if window_only and (spec.mode != "train" or spec.step is not None):
         raise ValueError("window_only traces need the reference training step (no custom step)")
     model = workload.model
     tracer = _Tracer(model)
+    tracer.observe = observe
     device = torch.device(spec.device)
     tracer.scratch = ScratchMeter() if device.type == "cpu" else None
     tracer.device_type = device.type
