@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ._allocator import AllocatorConfig
+    from ._distributed import DistSpec
     from ._gpus import Budget
     from ._models import InputSize, Workload
     from ._training import LossLike, OptimizerLike, StepLike
@@ -169,6 +170,7 @@ class FitResult(Rendered):
     method: str = "affine"  # or "traced" when the timeline is not affine in the batch size
     dataset_size: int | None = None
     searched_up_to: int | None = None
+    dist: DistSpec | None = None  # several GPUs: the batch sizes are per GPU, the figures the peaking rank's
     # what fit() worked with, kept so that estimate_at() (batchfit plan) can sweep more sizes cheaply
     _estimator: Estimator | None = field(default=None, repr=False, compare=False)
     _timeline: AffineTimeline | None = field(default=None, repr=False, compare=False)
@@ -210,6 +212,21 @@ class FitResult(Rendered):
         return [known.get(b) or self.estimate_at(b) for b in sizes]
 
     @property
+    def world_size(self) -> int:
+        """GPUs in all (``--gpus`` x ``--nodes``); 1 without ``--gpus``."""
+        return self.dist.world_size if self.dist is not None else 1
+
+    @property
+    def global_max_batch_size(self) -> int:
+        """The largest batch per optimizer step over all GPUs: the per-GPU max x GPUs x nodes."""
+        return self.max_batch_size * self.world_size
+
+    @property
+    def global_recommended_batch_size(self) -> int:
+        """The recommended per-GPU batch x GPUs x nodes (what the data loader sees per step, in all)."""
+        return self.recommended_batch_size * self.world_size
+
+    @property
     def headroom_bytes(self) -> int | None:
         """Memory left on the card at the recommended batch size."""
         if self.estimate_at_recommended is None or self.estimate_at_recommended.total_bytes is None:
@@ -234,17 +251,41 @@ class FitResult(Rendered):
             "notes": list(self.notes),
             "estimate_at_max": self.estimate_at_max.to_dict() if self.estimate_at_max else None,
             "estimate_at_recommended": self.estimate_at_recommended.to_dict() if self.estimate_at_recommended else None,
+            **self._dist_dict(),
+        }
+
+    def _dist_dict(self) -> dict[str, Any]:
+        """Several GPUs: the setting, and the global batch (per-GPU batch x GPUs x nodes)."""
+        if self.dist is None:
+            return {}
+        return {
+            "distributed": self.dist.to_dict(),
+            "per_gpu": True,
+            "world_size": self.world_size,
+            "global_max_batch_size": self.global_max_batch_size,
+            "global_recommended_batch_size": self.global_recommended_batch_size,
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> Table:
+        per = " per GPU" if self.dist is not None else ""
         rows = [
             ["card", self.budget_description],
-            ["largest batch that fits", f"{self.max_batch_size:,}"],
-            [f"recommended ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
+            *([["GPUs", self.dist.describe()]] if self.dist is not None else []),
+            [f"largest batch{per} that fits", f"{self.max_batch_size:,}"],
+            [f"recommended{per} ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
         ]
+        if self.dist is not None:
+            n = self.world_size
+            rows.append(
+                [
+                    "global batch (per GPU x GPUs)",
+                    f"{self.recommended_batch_size:,} x {n} = {self.global_recommended_batch_size:,} "
+                    f"(max {self.max_batch_size:,} x {n} = {self.global_max_batch_size:,})",
+                ]
+            )
         rec = self.estimate_at_recommended
         if rec is not None and rec.total_bytes is not None:
             rows.append(
@@ -256,7 +297,8 @@ class FitResult(Rendered):
             rows.append(["headroom", format_bytes(self.headroom_bytes or 0, "GiB")])
         top = self.estimate_at_max
         if top is not None and top.total_bytes is not None:
-            rows.append(["at the max", f"{format_bytes(top.total_bytes, 'GiB')} (peak: {top.peak_where})"])
+            whose = f"; rank {top.peak_rank} peaks" if self.dist is not None and top.peak_rank is not None else ""
+            rows.append(["at the max", f"{format_bytes(top.total_bytes, 'GiB')} (peak: {top.peak_where}{whose})"])
         return Table(
             f"{self.model}: batch size for {self.card} ({self.optimizer}, {self.precision}); GiB = 1024^3 bytes",
             ["", ""],
@@ -380,6 +422,18 @@ def fit(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    gpus: int | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+    static_graph: bool = False,
+    wrap: str | None = None,
+    dist: DistSpec | None = None,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
@@ -388,8 +442,28 @@ def fit(
     outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
     :func:`batchfit._estimate`: with a training run's tail, the max and the recommendation are
     checked by tracing the whole run there (and lowered until it fits).
+
+    ``gpus`` (per node), ``nodes``, ``strategy`` and their options as in :func:`batchfit._estimate.estimate`
+    (or a ready ``dist``): the largest batch *per GPU* whose step fits on every rank, ``safety`` x
+    that, and the global batch (per-GPU batch x GPUs x nodes).
     """
     check_safety(safety)
+    if dist is None:
+        from ._distributed import make_dist
+
+        dist = make_dist(
+            gpus,
+            nodes=nodes,
+            strategy=strategy,
+            reshard_after_forward=reshard_after_forward,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            cpu_offload=cpu_offload,
+            bucket_cap_mb=bucket_cap_mb,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            static_graph=static_graph,
+            wrap=wrap,
+        )
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
         "cuda",
@@ -406,8 +480,16 @@ def fit(
     # batches are not (the last one is the dataset's size modulo the batch size): checked after
     spec = dataclasses.replace(run_spec, last_batch=None, eval_batch_size=None)
     est = Estimator(
-        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes, dist=dist
     )
+    if dist is not None:
+        if run_spec.has_tail:
+            raise BatchfitError(
+                "--last-batch / --eval-batch-size with --gpus are not modelled yet",
+                hint="drop them (the steady step per GPU), or fit one GPU",
+                exit_code=ExitCode.UNSUPPORTED,
+            )
+        return _fit_ranks(est, safety, progress or (lambda text: None))
     if run_spec.has_tail:
         run_est = Estimator(
             workload, run_spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
@@ -680,6 +762,63 @@ def _assemble(est: Estimator, built: _Timeline, confirmed: _Confirmed, safety: f
         dataset_size=size,
         _estimator=est,
         _timeline=timeline if timeline.ok else None,
+    )
+
+
+def _fit_ranks(est: Estimator, safety: float, say: Callable[[str], None]) -> FitResult:
+    """:func:`fit` on several GPUs: the largest batch per GPU whose step fits on every rank.
+
+    Each candidate size is one estimate of every distinct rank (:func:`batchfit._distributed.estimate_ranks`,
+    traced on the fake process group: no affine timeline across ranks yet), searched with the same
+    :func:`search_max` as one GPU, from a first guess made from batch sizes 1 and 2.
+    """
+    workload, budget, dist = est.workload, est.budget, est.dist
+    assert budget is not None and dist is not None
+
+    def fits_at(b: int) -> bool:
+        e = est.at(b)
+        return all(r.estimate.fits for r in e.ranks) if e.ranks else bool(e.fits)
+
+    say(f"estimating every rank at batch sizes 1 and 2 ({dist.describe()})")
+    first = est.at(1)
+    if not fits_at(1):
+        raise _does_not_fit(est, first)
+    second = est.at(2)
+    per_sample = (second.total_bytes or 0) - (first.total_bytes or 0)
+    guess = 1 + (budget.budget_bytes - (first.total_bytes or 0)) // per_sample if per_sample > 0 else 1
+    limit = 2**20  # each size is traced: the search does not look further
+    say("searching the boundary (every distinct rank at each size)")
+    best, calls = search_max(
+        fits_at, start=max(1, min(guess, limit)), limit=limit, fits_many=_side_by_side(fits_at)
+    )
+    notes: list[str] = [f"{calls} batch sizes estimated on every distinct rank (no affine timeline across ranks yet)"]
+    if best >= limit:
+        notes.append(f"the search stopped at {limit:,} per GPU: larger batches were not examined")
+    recommended = max(1, math.floor(safety * best))
+    size = workload.dataset.train_size if workload.dataset is not None else None
+    if size is not None and recommended * dist.world_size > size:
+        recommended = max(1, min(recommended, size // dist.world_size))
+        notes.append(
+            f"the global batch is capped at the {workload.dataset.name} training set ({size:,} samples): "  # type: ignore[union-attr]
+            f"{recommended:,} per GPU x {dist.world_size} GPUs"
+        )
+    return FitResult(
+        model=workload.name,
+        card=budget.card.name,
+        budget_bytes=budget.budget_bytes,
+        budget_description=str(budget),
+        max_batch_size=best,
+        recommended_batch_size=recommended,
+        safety=safety,
+        estimate_at_max=est.at(best),
+        estimate_at_recommended=est.at(recommended),
+        optimizer=str(est.spec.optimizer),
+        precision=est.spec.precision.name,
+        notes=notes,
+        method="traced",
+        dataset_size=size,
+        dist=dist,
+        _estimator=est,
     )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._distributed import DIST_CATEGORIES
 from ._errors import check_suffix
 from ._estimate import CUDA_CATEGORIES, StepEstimate, short_category
 from ._fit import FitResult, fit, standard_batch_sizes
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import nn
 
+    from ._distributed import DistSpec
     from ._models import InputSize, Workload
     from ._training import LossLike, OptimizerLike, StepLike
 
@@ -46,7 +48,8 @@ GIB = 1024**3
 
 # What stacks up to the nvidia-smi figure, bottom to top: the allocated categories at the step's
 # peak, then what the caching allocator holds beyond them, then what it never sees.
-STACK_CATEGORIES: tuple[str, ...] = (*CUDA_CATEGORIES, "allocator_reserve", "cuda_context")
+# Several GPUs add what FSDP2 / DDP hold (parameters gathered for a block, collectives' buffers).
+STACK_CATEGORIES: tuple[str, ...] = (*CUDA_CATEGORIES, *DIST_CATEGORIES, "allocator_reserve", "cuda_context")
 
 _LABELS: dict[str, str] = {
     "parameters": "parameters",
@@ -57,6 +60,8 @@ _LABELS: dict[str, str] = {
     "activations": "activations (saved for backward)",
     "temporaries": "temporaries",
     "workspaces": "workspaces (cuBLAS, cuDNN)",
+    "gathered_parameters": "gathered parameters (FSDP)",
+    "communication": "communication buffers (DDP buckets, all-gather, reduce-scatter)",
     "allocator_reserve": "allocator reserve (reserved - allocated)",
     "cuda_context": "CUDA context (outside the allocator)",
 }
@@ -69,10 +74,17 @@ _COLORS: dict[str, str] = {
     "activations": "#d62728",
     "temporaries": "#ff9896",
     "workspaces": "#9467bd",
+    "gathered_parameters": "#8c564b",
+    "communication": "#e377c2",
     "allocator_reserve": "#c7c7c7",
     "cuda_context": "#7f7f7f",
 }
-_SHORT_EXTRA = {"allocator_reserve": "reserve", "cuda_context": "context"}
+_SHORT_EXTRA = {
+    "allocator_reserve": "reserve",
+    "cuda_context": "context",
+    "gathered_parameters": "gathered",
+    "communication": "comm",
+}
 
 # --plot FILE.<ext>: the formats matplotlib writes that we promise (and test)
 PLOT_FORMATS: dict[str, str] = {".png": "png", ".svg": "svg"}
@@ -123,7 +135,7 @@ class PlanPoint:
     def from_estimate(cls, e: StepEstimate) -> PlanPoint:
         reserved = e.peak_reserved_bytes if e.peak_reserved_bytes is not None else e.peak_allocated_bytes
         total = e.total_bytes if e.total_bytes is not None else reserved
-        stack = {c: e.breakdown.get(c, 0) for c in CUDA_CATEGORIES}
+        stack = {c: e.breakdown.get(c, 0) for c in (*CUDA_CATEGORIES, *DIST_CATEGORIES)}
         # the categories of an extrapolated estimate are unknown: show its peak as temporaries
         stack["temporaries"] += e.peak_allocated_bytes - sum(stack.values())
         stack["allocator_reserve"] = reserved - e.peak_allocated_bytes
@@ -236,6 +248,7 @@ class Plan(Rendered):
             "at_max": self.at_max.to_dict(),
             "table": [p.to_dict() for p in self.rows],
             "curve": [p.to_dict() for p in self.curve],
+            **f._dist_dict(),
             "throughput_estimate": self.throughput.to_dict() if self.throughput is not None else None,
         }
 
@@ -314,8 +327,9 @@ class Plan(Rendered):
             ]
             for p in self.rows
         ]
+        per = f", per GPU ({self.fit.dist.describe()}; the peaking rank)" if self.fit.dist is not None else ""
         return Table(
-            f"{self.model} on {self.fit.card}: one training step by batch size ({self.fit.optimizer}, "
+            f"{self.model} on {self.fit.card}: one training step by batch size{per} ({self.fit.optimizer}, "
             f"{self.fit.precision}) - MiB (1 MiB = 1024^2 bytes), breakdown at the peak",
             columns,
             rows,
@@ -482,6 +496,8 @@ def plan(
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
     throughput: bool = True,
+    dist: DistSpec | None = None,
+    **dist_options: Any,
 ) -> Plan:
     """The one-screen answer: the model, the largest and recommended batch size, memory by batch size.
 
@@ -489,6 +505,8 @@ def plan(
     sweeps (each one allocator replay when the step's timeline is affine in the batch size);
     ``context_bytes`` overrides the card's memory outside the allocator (``--context``);
     ``throughput`` adds the roofline estimate of samples/s by batch size (:mod:`batchfit._roofline`).
+    ``gpus``, ``nodes``, ``strategy`` and the other distributed options of :func:`~batchfit._fit.fit`
+    (or ``dist``) plan each GPU of a distributed run: sizes per GPU, and the global batch.
     Raises :class:`~batchfit._fit.DoesNotFit` when even batch size 1 does not fit.
     """
     say = progress or (lambda text: None)
@@ -508,6 +526,8 @@ def plan(
         alloc_conf=alloc_conf,
         progress=progress,
         context_bytes=context_bytes,
+        dist=dist,
+        **dist_options,
     )
     return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress, throughput=throughput)
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from ._fit import FitResult
     from ._models import InputSize, Workload
+    from ._probe_dist import DistContext
     from ._step import StepSpec
     from ._training import LossLike, OptimizerLike, StepLike
 
@@ -74,6 +75,7 @@ class Attempt:
     estimated_peak_allocated_bytes: int | None = None
     estimated_peak_reserved_bytes: int | None = None
     estimated_total_bytes: int | None = None
+    ranks: list[dict[str, Any]] | None = None  # a distributed probe: each rank's status and figures
     steady_seconds: float | None = None
 
     @property
@@ -516,6 +518,8 @@ class ProbeResult(Rendered):
     capped: bool = False
     notes: list[str] = field(default_factory=list)
     torch_version: str | None = None
+    world_size: int = 1  # ranks that ran each attempt (torchrun); peaks are then the largest rank's
+    rank: int = 0  # this process's rank (each rank returns the same search; rank 0 reports it)
 
     @property
     def exact(self) -> bool:
@@ -560,6 +564,7 @@ class ProbeResult(Rendered):
             "capped": self.capped,
             "notes": list(self.notes),
             "torch": self.torch_version,
+            "world_size": self.world_size,
         }
 
     def to_json(self) -> str:
@@ -618,6 +623,14 @@ class ProbeResult(Rendered):
             *self._saturation_line(),
             f"{len(self.attempts)} attempts in {self.wall_seconds:.1f} s, starting at {self.start:,} "
             f"({self.start_source}); search: {how}" + ("; each attempt in its own process" if self.isolate else ""),
+            *(
+                [
+                    f"each attempt ran on {self.world_size} ranks at once (DistributedDataParallel); the measured "
+                    "peaks are the largest rank's (JSON: attempts[].ranks[] holds each rank's)"
+                ]
+                if self.world_size > 1
+                else []
+            ),
             *[f"note: {n}" for n in self.notes],
         ]
         return [Table(title, columns, rows, right=[True, True, False, *([True] * 8)], footer=footer)]
@@ -707,6 +720,8 @@ def probe(
     progress: Progress | None = None,
     runner: Runner | None = None,
     fit_with: Callable[..., FitResult] | None = None,
+    device: str = "cuda",
+    peer_timeout_s: float = 120.0,
 ) -> ProbeResult:
     """Find the exact largest batch size on this machine's CUDA GPU, starting from the estimate.
 
@@ -719,11 +734,25 @@ def probe(
     monotone it lowers the recommendation until a size runs). ``runner`` replaces the device
     (tests: a stand-in); the CUDA check is then skipped. ``fit_with`` replaces :func:`batchfit.fit`
     for the start (tests: a stand-in; it runs in this process, also with ``isolate``).
+
+    Under ``torchrun`` (or with ``torch.distributed`` initialised) every rank runs each attempt,
+    the model wrapped in ``DistributedDataParallel``, and all ranks agree on its outcome before the
+    next one (:mod:`batchfit._probe_dist`); every rank returns the same search, rank 0 reports it.
+    ``peer_timeout_s`` bounds how long a rank waits in a collective for a rank that failed.
+    ``device="cpu"`` runs the step on the host (gloo across ranks): nothing runs out of memory
+    there short of the host's RAM, so it needs ``max_batch_size``.
     """
     import torch
 
     check_safety(safety)
-    if runner is None and not torch.cuda.is_available():
+    if device not in ("cuda", "cpu"):
+        raise BatchfitError(f"probe runs on 'cuda' or 'cpu', not {device!r}", hint="use `device='cuda'`")
+    if device == "cpu" and runner is None and max_batch_size is None:
+        raise BatchfitError(
+            "a probe on the CPU needs a cap: host memory does not run out the way a GPU's does",
+            hint="pass `max_batch_size=N`",
+        )
+    if runner is None and device == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             "probe runs the training step on a CUDA GPU, and this machine has none",
             hint="use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine",
@@ -733,6 +762,14 @@ def probe(
         raise BatchfitError(
             f"memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
             hint="it changes a process-wide setting, so it is only applied inside the child processes",
+        )
+    from ._probe_dist import launched
+
+    distributed = runner is None and launched()
+    if distributed and isolate:
+        raise BatchfitError(
+            "isolate does not combine with torchrun: every rank must run each attempt in its own process group",
+            hint="drop --isolate (each attempt already gets a fresh process group on every rank)",
         )
     if isolate and not isinstance(model, str) and runner is None:
         raise BatchfitError(
@@ -752,14 +789,82 @@ def probe(
             step=_plain(step, "step"),
             mode=mode,
             memory_fraction=memory_fraction,
+            device=device,
         )
-    say = progress or (lambda text: None)
+    ctx = None
+    if distributed:
+        from ._probe_dist import dist_context
+
+        ctx = dist_context(device, peer_timeout_s)
+    try:
+        return _probe(
+            model,
+            input_size,
+            dataset=dataset,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            precision=precision,
+            loss=loss,
+            step=step,
+            mode=mode,
+            safety=safety,
+            start=start,
+            from_batch=from_batch,
+            isolate=isolate,
+            max_batch_size=max_batch_size,
+            free=free,
+            alloc_conf=alloc_conf,
+            estimates=estimates,
+            confirm=confirm,
+            attempt_timeout_s=attempt_timeout_s,
+            progress=progress,
+            runner=runner,
+            fit_with=fit_with,
+            device=device,
+            config=config,
+            ctx=ctx,
+        )
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _probe(
+    model: str | nn.Module | Workload,
+    input_size: Any,
+    *,
+    dataset: str | None,
+    num_classes: int | None,
+    optimizer: Any,
+    precision: str,
+    loss: Any,
+    step: Any,
+    mode: str,
+    safety: float,
+    start: int | None,
+    from_batch: int | None,
+    isolate: bool,
+    max_batch_size: int | None,
+    free: bool,
+    alloc_conf: str | None,
+    estimates: bool,
+    confirm: bool,
+    attempt_timeout_s: float,
+    progress: Progress | None,
+    runner: Runner | None,
+    fit_with: Callable[..., FitResult] | None,
+    device: str,
+    config: AttemptConfig | None,
+    ctx: DistContext | None,
+) -> ProbeResult:
+    main = ctx is None or ctx.is_main
+    say = (progress if main else None) or (lambda text: None)
     began = time.perf_counter()
     from ._models import load_workload
     from ._step import make_spec
 
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec("cuda", optimizer, precision, loss, step, mode)
+    spec = make_spec(device, optimizer, precision, loss, step, mode)
     notes: list[str] = []
 
     estimated_max: int | None = None
@@ -771,6 +876,19 @@ def probe(
         say("estimating the largest batch size (no GPU needed for this part)")
         if config is not None and fit_with is None:  # keep this process free of a CUDA context while children measure
             estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
+        elif ctx is not None:  # rank 0 estimates, every rank starts there
+
+            world = ctx.world_size
+
+            def on_main() -> tuple[int, list[str]]:
+                said: list[str] = []
+                best = _estimated_max(
+                    workload, optimizer, precision, loss, step, safety, free, alloc_conf, said, fit_with, world_size=world
+                )
+                return best, said
+
+            estimated_max, said = ctx.from_main(on_main)
+            notes.extend(said)
         else:
             estimated_max = _estimated_max(
                 workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes, fit_with
@@ -779,8 +897,13 @@ def probe(
     if start_at < 1:
         raise BatchfitError(f"the probe must start at batch size >= 1, not {start_at}")
 
-    device = "the given runner" if runner is not None else None
-    if runner is None:
+    where = "the given runner" if runner is not None else None
+    if runner is None and ctx is not None:
+        from ._probe_dist import distributed_runner
+
+        runner = distributed_runner(workload, spec, ctx)
+        where = f"{device} x {ctx.world_size} ranks (DDP over {ctx.backend})"
+    elif runner is None:
         runner = isolated_runner(config, timeout_s=attempt_timeout_s) if config else measure_runner(workload, spec)
 
     outcome = search(
@@ -810,13 +933,13 @@ def probe(
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
-    if estimates:
+    if estimates and main:
         _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
     workspace = _conv_workspace_bytes(free)
     notes.extend(cudnn_notes(outcome.attempts, best, workspace))
     return ProbeResult(
         model=workload.name,
-        device=device or _device_name(),  # after the search: no CUDA context here before it
+        device=where or (_device_name() if device == "cuda" else device),  # after the search: no CUDA context before
         optimizer=str(spec.optimizer),
         precision=spec.precision.name,
         method=method,
@@ -833,6 +956,8 @@ def probe(
         capped=outcome.capped,
         notes=notes,
         torch_version=_torch_version(),
+        world_size=ctx.world_size if ctx is not None else 1,
+        rank=ctx.rank if ctx is not None else 0,
     )
 
 
@@ -869,9 +994,14 @@ def _estimated_max(
     alloc_conf: str | None,
     notes: list[str],
     fit_with: Callable[..., FitResult] | None = None,
+    world_size: int = 1,
 ) -> int:
+    """fit's max for the local card; with ``world_size`` > 1, its per-GPU max under DDP on that many
+    GPUs (what the distributed probe runs), else, where that cannot be estimated, one GPU's."""
+    from ._distributed import make_dist
     from ._fit import fit
 
+    dist = make_dist(world_size) if world_size > 1 else None
     try:
         result = (fit_with or fit)(
             workload,
@@ -882,12 +1012,18 @@ def _estimated_max(
             loss=loss,
             step=step,
             alloc_conf=alloc_conf,
+            dist=dist,
         )
     except BatchfitError as exc:
-        if exc.exit_code != ExitCode.DOES_NOT_FIT:
+        if exc.exit_code == ExitCode.DOES_NOT_FIT:
+            notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
+            return 1
+        if dist is None:
             raise
-        notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
-        return 1
+        notes.append(f"the start is one GPU's estimate: DDP on {world_size} GPUs could not be estimated ({exc.message})")
+        return _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
+    if dist is not None:
+        notes.append(f"the start is fit's per-GPU max under DDP on {world_size} GPUs (the local card)")
     return int(result.max_batch_size)
 
 
