@@ -602,7 +602,7 @@ def _zero_optimizer(params: list[torch.Tensor], spec: StepSpec, device: torch.de
     if opt.cls is None:
         raise BatchfitError(
             f"ZeRO-1 wraps a torch.optim class; {opt.name} is built by a factory",
-            hint="use a torch.optim optimizer (sgd, adam, adamw, ...), or --strategy ddp",
+            hint="use a torch.optim optimizer (sgd, adam, adamw, ...), or `strategy='ddp'`",
         )
     kwargs = dict(opt.kwargs)
     return ZeroRedundancyOptimizer(params, optimizer_class=opt.cls, **kwargs)
@@ -628,15 +628,15 @@ def estimate_ranks(
     from ._trace import trace_step
 
     if spec.mode != "train":
-        raise BatchfitError("--gpus applies to training steps", hint="drop --gpus for --mode inference")
+        raise BatchfitError("`gpus` applies to training steps", hint="drop `gpus` for `mode='inference'`")
     if spec.step is not None:
         raise BatchfitError(
-            "--step with --gpus is not simulated yet", hint="use the reference loop, or estimate one GPU"
+            "`step` with `gpus` is not simulated yet", hint="use the reference loop, or estimate one GPU"
         )
     if dist.cpu_offload and spec.device != "cuda":
         raise BatchfitError(
-            "--cpu-offload moves FSDP2's parameters off the GPU to the host: it applies to --device cuda",
-            hint="drop --cpu-offload, or use --device cuda",
+            "`cpu_offload` moves FSDP2's parameters off the GPU to the host: it applies to `device='cuda'`",
+            hint="drop `cpu_offload`, or use `device='cuda'`",
         )
     out = RankEstimates(dist)
     for group in distinct_ranks(workload.model, dist):
@@ -706,7 +706,7 @@ def make_dist(
     if gpus is None:
         if others:
             raise BatchfitError(
-                "distributed options need --gpus N (GPUs per node)", hint="add --gpus 2 (or more), or drop them"
+                "distributed options need `gpus=N` (GPUs per node)", hint="add `gpus=2` (or more), or drop them"
             )
         return None
     return DistSpec(

@@ -485,7 +485,7 @@ def fit(
     if dist is not None:
         if run_spec.has_tail:
             raise BatchfitError(
-                "--last-batch / --eval-batch-size with --gpus are not modelled yet",
+                "`last_batch` / `eval_batch_size` with `gpus` are not modelled yet",
                 hint="drop them (the steady step per GPU), or fit one GPU",
                 exit_code=ExitCode.UNSUPPORTED,
             )

@@ -769,7 +769,7 @@ def probe(
     if distributed and isolate:
         raise BatchfitError(
             "isolate does not combine with torchrun: every rank must run each attempt in its own process group",
-            hint="drop --isolate (each attempt already gets a fresh process group on every rank)",
+            hint="drop `isolate` (each attempt already gets a fresh process group on every rank)",
         )
     if isolate and not isinstance(model, str) and runner is None:
         raise BatchfitError(

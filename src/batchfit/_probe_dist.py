@@ -123,7 +123,7 @@ def dist_context(device: str, peer_timeout_s: float = 120.0) -> DistContext:
         if local_rank >= torch.cuda.device_count():
             raise BatchfitError(
                 f"rank with LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} visible)",
-                hint="start at most one process per GPU (torchrun --nproc-per-node <= the GPU count)",
+                hint="start at most one process per GPU (torchrun's nproc-per-node at most the GPU count)",
                 exit_code=ExitCode.NO_DEVICE,
             )
         torch.cuda.set_device(local_rank)
