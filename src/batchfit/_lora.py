@@ -73,10 +73,10 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     # peft types lora_alpha as int and uses it as a number (scaling = alpha / r): a float passes as is
     alpha: Any = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
     config = LoraConfig(r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout, target_modules=targets)
-    from ._quantize import Linear4bitModel, peft_layers
+    from ._quantize import QUANTIZED, peft_layers
 
-    if any(isinstance(m, Linear4bitModel) for m in model.modules()):
-        config._register_custom_module(peft_layers())  # QLoRA: peft's own layer for a 4-bit base
+    if any(isinstance(m, QUANTIZED) for m in model.modules()):
+        config._register_custom_module(peft_layers())  # QLoRA: peft's own layers for a 4-/8-bit base
     try:
         return get_peft_model(model, config)  # type: ignore[no-any-return]
     except ValueError as exc:

@@ -120,8 +120,8 @@ _EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
         Optional[str],  # noqa: UP045
         typer.Option(
             "--quantize",
-            help="QLoRA: store the frozen base as bitsandbytes does, 4bit (NF4, double quantisation) or fp4 "
-            "(modelled from bitsandbytes' source).",
+            help="QLoRA: store the frozen base as bitsandbytes does, 4bit (NF4, double quantisation), fp4 "
+            "or 8bit (LLM.int8) (modelled from bitsandbytes' source).",
         ),
     ),
 }
