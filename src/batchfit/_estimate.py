@@ -73,6 +73,12 @@ class StepEstimate:
     marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
     threads: int | None = None  # CPU: torch's intra-op threads simulated (kernel scratch depends on it)
     loss: str | None = None  # which loss the step trained on, in words (None: inference)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (gradient accumulation)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step: the batch size times the micro-batches accumulated."""
+        return self.batch_size * self.grad_accum
 
     @property
     def peak_where(self) -> str:
@@ -107,6 +113,8 @@ class StepEstimate:
             "activation_bytes_by_module": dict(self.activation_bytes_by_module),
             "method": self.method,
             "loss": self.loss,
+            "grad_accum": self.grad_accum,
+            "effective_batch_size": self.effective_batch_size,
             "notes": list(self.notes),
         }
         if self.device == "cpu":
@@ -305,6 +313,7 @@ def make_spec(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
 ) -> StepSpec:
     """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
 
@@ -313,6 +322,8 @@ def make_spec(
     ``loop``: pytorch (the default), hf-trainer or lightning (see ``batchfit._step.LOOPS``).
     ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
     ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
+    ``grad_accum``: gradient accumulation, micro-batches of the batch size per optimizer step
+    (``--loop pytorch``; the Trainer's ``gradient_accumulation_steps``).
     """
     if device not in DEVICES:
         raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
@@ -331,6 +342,13 @@ def make_spec(
         raise BatchfitError(
             f"--step replaces the loop's iteration, so --loop {loop} does not apply",
             hint="write that library's step into your --step function, or drop --step",
+        )
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise BatchfitError(f"--grad-accum must be at least 1, got {grad_accum}", hint="e.g. --grad-accum 8")
+    if grad_accum > 1 and (step is not None or loop != "pytorch" or mode != "train"):
+        raise BatchfitError(
+            "--grad-accum is modelled for the training step of --loop pytorch",
+            hint="drop --step / --loop / --mode inference, or write the accumulation into your --step function",
         )
     if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
         try:
@@ -354,10 +372,22 @@ def make_spec(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     if device == "cpu":
         spec.threads = threads or torch.get_num_threads()
     return spec
+
+
+def accumulation_note(spec: StepSpec, batch_size: int) -> list[str]:
+    """What gradient accumulation makes of the batch size, in words (nothing without it)."""
+    k = spec.grad_accum
+    if k == 1:
+        return []
+    return [
+        f"gradient accumulation: {k} micro-batches of {batch_size:,} per optimizer step, "
+        f"an effective batch of {batch_size * k:,} (batch size x {k})"
+    ]
 
 
 def estimate_trace(
@@ -375,10 +405,11 @@ def estimate_trace(
         activation_bytes_by_module=trace.activation_bytes_by_module,
         module_types=trace.module_types,
         events=events,
-        notes=list(trace.notes),
+        notes=[*trace.notes, *accumulation_note(spec, trace.batch_size)],
         threads=spec.threads,
         loss=trace.loss,
         marks=list(trace.marks),
+        grad_accum=spec.grad_accum,
     )
     if spec.device == "cpu":
         peak, at, breakdown = raw_peak(events)
@@ -576,6 +607,7 @@ def estimate(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
@@ -587,7 +619,8 @@ def estimate(
     such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA context,
     libraries' modules and handles; ``--context`` on the command line). ``loop``: the training loop
     (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and ``eval_batch_size``
-    add a training run's tail (docs/estimate.md).
+    add a training run's tail (docs/estimate.md). ``grad_accum``: gradient accumulation, micro-batches
+    of ``batch_size`` per optimizer step (the effective batch is their product).
     """
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(
@@ -601,6 +634,7 @@ def estimate(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     est = Estimator(
         workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes

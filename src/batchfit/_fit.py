@@ -164,6 +164,7 @@ class FitResult:
     method: str = "affine"  # or "traced" when the timeline is not affine in the batch size
     dataset_size: int | None = None
     searched_up_to: int | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step (the batch sizes above are micro-batches)
     # what fit() worked with, kept so that estimate_at() (batchfit plan) can sweep more sizes cheaply
     _estimator: Estimator | None = field(default=None, repr=False, compare=False)
     _timeline: AffineTimeline | None = field(default=None, repr=False, compare=False)
@@ -211,6 +212,8 @@ class FitResult:
             "optimizer": self.optimizer,
             "precision": self.precision,
             "dataset_size": self.dataset_size,
+            "grad_accum": self.grad_accum,
+            "effective_recommended_batch_size": self.recommended_batch_size * self.grad_accum,
             "method": self.method,
             "notes": list(self.notes),
             "estimate_at_max": self.estimate_at_max.to_dict() if self.estimate_at_max else None,
@@ -226,6 +229,14 @@ class FitResult:
             ["largest batch that fits", f"{self.max_batch_size:,}"],
             [f"recommended ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
         ]
+        if self.grad_accum > 1:
+            rows.append(
+                [
+                    f"effective batch ({self.grad_accum} micro-batches)",
+                    f"{self.recommended_batch_size * self.grad_accum:,} at the recommended size, "
+                    f"{self.max_batch_size * self.grad_accum:,} at the max",
+                ]
+            )
         rec = self.estimate_at_recommended
         if rec is not None and rec.total_bytes is not None:
             rows.append(
@@ -363,6 +374,7 @@ def fit(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
@@ -370,7 +382,9 @@ def fit(
     fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
     outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
     :func:`batchfit._estimate`: with a training run's tail, the max and the recommendation are
-    checked by tracing the whole run there (and lowered until it fits).
+    checked by tracing the whole run there (and lowered until it fits). ``grad_accum``: micro-batches
+    per optimizer step; the batch sizes are the micro-batch's (the Trainer's
+    ``per_device_train_batch_size``), the effective batch is shown beside them.
     """
     if not 0 < safety <= 1:
         raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
@@ -385,6 +399,7 @@ def fit(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     # the search runs on the steady step (its timeline is affine in the batch size); the tail's
     # batches are not (the last one is the dataset's size modulo the batch size): checked after
@@ -571,6 +586,7 @@ def _fit_from_traces(
         notes=notes,
         method=method,
         dataset_size=size,
+        grad_accum=spec.grad_accum,
         _estimator=est,
         _timeline=timeline if timeline.ok else None,
     )

@@ -473,12 +473,14 @@ def plan(
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
+    grad_accum: int = 1,
 ) -> Plan:
     """The one-screen answer: the model, the largest and recommended batch size, memory by batch size.
 
     Options as :func:`batchfit._fit.fit`; ``curve_points`` is the number of batch sizes the plot
     sweeps (each one allocator replay when the step's timeline is affine in the batch size);
-    ``context_bytes`` overrides the card's memory outside the allocator (``--context``).
+    ``context_bytes`` overrides the card's memory outside the allocator (``--context``);
+    ``grad_accum``: micro-batches per optimizer step, as in :func:`batchfit._fit.fit`.
     Raises :class:`~batchfit._fit.DoesNotFit` when even batch size 1 does not fit.
     """
     say = progress or (lambda text: None)
@@ -498,6 +500,7 @@ def plan(
         alloc_conf=alloc_conf,
         progress=progress,
         context_bytes=context_bytes,
+        grad_accum=grad_accum,
     )
     return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress)
 

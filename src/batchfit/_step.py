@@ -63,6 +63,8 @@ class StepSpec:
     # (a size, or "auto": the dataset's size modulo the batch size) and an evaluation pass
     last_batch: int | str | None = None
     eval_batch_size: int | None = None
+    # gradient accumulation: micro-batches (of the batch size) per optimizer step (see _pytorch_loop)
+    grad_accum: int = 1
 
     @property
     def has_tail(self) -> bool:
@@ -336,21 +338,34 @@ LoopFn = Callable[[_Run, _Plan, bool], None]
 
 
 def _pytorch_loop(r: _Run, plan: _Plan, last: bool) -> None:
-    """PyTorch's quickstart tutorial, ``train()`` (the canonical loop; see LOOPS)."""
+    """PyTorch's quickstart tutorial, ``train()`` (the canonical loop; see LOOPS).
+
+    With gradient accumulation (``grad_accum`` K > 1), each iteration is K micro-batches and one
+    optimizer step, as PyTorch's AMP examples write it ("Gradient accumulation",
+    docs/source/notes/amp_examples.rst): ``loss = loss_fn(output, target); loss = loss / K`` under
+    autocast, backward every micro-batch, the step and ``zero_grad`` after the K-th. Every
+    micro-batch reuses the iteration's batch, as the steady iterations do.
+    """
     it = 0
     outputs: Any = None
     loss: torch.Tensor | None = None
+    accum = r.spec.grad_accum
     for it, size in plan:
         r.on_phase("forward", it)
         r.swap_batch(size)
         if r.spec.step is not None:
             r.user_step()
             continue
-        with r.autocast():
-            outputs = r.forward()  # the previous iteration's outputs are alive until this returns
-            loss = r.criterion(outputs)
-        r.on_phase("backward", it)
-        r.backward(loss)
+        for micro in range(accum):
+            if micro:
+                r.on_phase("forward", it)
+            with r.autocast():
+                outputs = r.forward()  # the previous iteration's outputs are alive until this returns
+                loss = r.criterion(outputs)
+                if accum > 1:
+                    loss = loss / accum  # the unscaled loss dies here
+            r.on_phase("backward", it)
+            r.backward(loss)
         if r.window_only:
             break
         r.on_phase("optimizer", it)

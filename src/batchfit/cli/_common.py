@@ -246,6 +246,14 @@ LoopOpt = Annotated[
         "hf-trainer (transformers' Trainer), lightning (Lightning's automatic optimization). See docs/estimate.md.",
     ),
 ]
+GradAccumOpt = Annotated[
+    int,
+    typer.Option(
+        "--grad-accum",
+        help="Gradient accumulation: micro-batches of the batch size per optimizer step (the Trainer's "
+        "gradient_accumulation_steps; the effective batch is batch size x this). --loop pytorch.",
+    ),
+]
 LastBatchOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(

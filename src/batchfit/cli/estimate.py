@@ -24,6 +24,7 @@ from ._common import (
     EvalBatchOpt,
     FreeOpt,
     GpuOpt,
+    GradAccumOpt,
     InputOpt,
     JsonOpt,
     LastBatchOpt,
@@ -67,6 +68,7 @@ def estimate_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     loop: LoopOpt = "pytorch",
+    grad_accum: GradAccumOpt = 1,
     last_batch: LastBatchOpt = None,
     eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
@@ -100,6 +102,7 @@ def estimate_cmd(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context)
     sizes = parse_int_list(batch_size)
@@ -155,6 +158,7 @@ def measure_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     loop: LoopOpt = "pytorch",
+    grad_accum: GradAccumOpt = 1,
     last_batch: LastBatchOpt = None,
     eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
@@ -186,6 +190,7 @@ def measure_cmd(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:

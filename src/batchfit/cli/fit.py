@@ -18,6 +18,7 @@ from ._common import (
     EvalBatchOpt,
     FreeOpt,
     GpuOpt,
+    GradAccumOpt,
     InputOpt,
     JsonOpt,
     LastBatchOpt,
@@ -56,6 +57,7 @@ def fit_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     loop: LoopOpt = "pytorch",
+    grad_accum: GradAccumOpt = 1,
     last_batch: LastBatchOpt = None,
     eval_batch_size: EvalBatchOpt = None,
     alloc_conf: AllocConfOpt = None,
@@ -88,6 +90,7 @@ def fit_cmd(
             loop=loop,
             last_batch=last_batch,
             eval_batch_size=eval_batch_size,
+            grad_accum=grad_accum,
         )
     if as_json:
         print(result.to_json())

@@ -18,6 +18,7 @@ from ._common import (
     DatasetOpt,
     FreeOpt,
     GpuOpt,
+    GradAccumOpt,
     InputOpt,
     JsonOpt,
     LossOpt,
@@ -59,6 +60,7 @@ def plan_cmd(
     safety: SafetyOpt = 0.8,
     loss: LossOpt = None,
     step: StepOpt = None,
+    grad_accum: GradAccumOpt = 1,
     alloc_conf: AllocConfOpt = None,
     plot: PlotOpt = None,
     as_json: JsonOpt = False,
@@ -90,6 +92,7 @@ def plan_cmd(
             step=step,
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
+            grad_accum=grad_accum,
         )
         if plot is not None:
             status.update(f"drawing {plot}")
