@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from batchfit import BatchfitError, estimate, load_workload
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._quantize import Linear4bitModel, Linear8bitModel, QuantSpec, storage_4bit, storage_8bit
+from batchfit._step import make_spec
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

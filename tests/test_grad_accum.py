@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate
 from batchfit._compose import compose
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator
 from batchfit._measure import measure_step
 from batchfit._models import Workload, load_workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 from zoo import ZOO, zoo_workload
 
@@ -65,9 +66,9 @@ def test_accumulated_trace_composes(name: str) -> None:
 def test_grad_accum_errors() -> None:
     with pytest.raises(BatchfitError, match="at least 1"):
         make_spec("cpu", grad_accum=0)
-    with pytest.raises(BatchfitError, match="--loop pytorch"):
+    with pytest.raises(BatchfitError, match="loop='pytorch'"):
         make_spec("cpu", loop="lightning", grad_accum=2)
-    with pytest.raises(BatchfitError, match="--loop pytorch"):
+    with pytest.raises(BatchfitError, match="loop='pytorch'"):
         make_spec("cpu", mode="inference", grad_accum=2)
 
 

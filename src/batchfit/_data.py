@@ -23,18 +23,15 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rich import box
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from ._datasets import DATASETS, DatasetInfo, get_dataset
 from ._errors import BatchfitError
+from ._render import Facts, Rendered, Section, Table, Text
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -107,8 +104,8 @@ def _torchvision_class(info: DatasetInfo) -> type:
     if info.torchvision_class is None or info.torchvision_class not in _REQUIRED_FILES:
         raise BatchfitError(
             f"batchfit cannot load {info.name!r} by itself (torchvision does not download it)",
-            hint=f"extract it and pass the folder of class sub-folders, e.g. batchfit show path/to/{info.name}/train "
-            f"--size {info.shape[-1]}",
+            hint=f"extract it and pass the folder of class sub-folders, e.g. `batchfit show path/to/{info.name}/train "
+            f"--size {info.shape[-1]}`",
         )
     return getattr(torchvision.datasets, info.torchvision_class)  # type: ignore[no-any-return]
 
@@ -208,7 +205,7 @@ def load_dataset(
     ``mean``/``std`` replace the normalisation (presets: the seed's; folders: 0.5 per channel).
     """
     if size is not None and size < 1:
-        raise BatchfitError(f"--size must be a positive number of pixels, not {size}", hint="e.g. --size 64")
+        raise BatchfitError(f"`size` must be a positive number of pixels, not {size}", hint="e.g. `size=64`")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _load_folder(path, split, size, mean, std)
@@ -252,7 +249,7 @@ def _normalization(
                 hint=f"give one value, or one per channel ({channels})",
             )
     if any(v <= 0 for v in s):
-        raise BatchfitError(f"--std must be positive, got {s}", hint="e.g. --std 0.5")
+        raise BatchfitError(f"`std` must be positive, got {s}", hint="e.g. `std=(0.5,)`")
     # Normalize broadcasts a single value over channels; report one value per channel.
     return (m * channels if len(m) == 1 else m), (s * channels if len(s) == 1 else s)
 
@@ -285,7 +282,7 @@ def _load_preset(
                 f"{info.name} is not in {root.resolve()}: missing {', '.join(f.name for f in missing)} "
                 f"(expected in {Path(folder).resolve()}; torchvision needs all of "
                 f"{', '.join(f.name for f in files)})",
-                hint=f"add --download to fetch it into {root.resolve()}, or point --root (or ${ENV_ROOT}) "
+                hint=f"add `download=True` to fetch it into {root.resolve()}, or point `root` (or ${ENV_ROOT}) "
                 "at the directory that holds it",
             )
     m, s = _normalization(info.mean, info.std, mean, std, info.shape[0])
@@ -303,7 +300,7 @@ def _load_preset(
     except (RuntimeError, AssertionError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         raise BatchfitError(
             f"the {info.name} files in {root.resolve()} are incomplete or corrupted: {exc}",
-            hint=f"delete {files[0].parent.resolve()} and fetch it again with --download",
+            hint=f"delete {files[0].parent.resolve()} and fetch it again with `download=True`",
         ) from None
     classes = tuple(str(c) for c in getattr(dataset, "classes", info.classes))
     return LoadedDataset(
@@ -335,7 +332,7 @@ def _load_folder(
         folder = path / split
         if not folder.is_dir():
             raise BatchfitError(
-                f"{path} has no {split!r} sub-folder", hint="leave --split out to use the folder as it is"
+                f"{path} has no {split!r} sub-folder", hint="leave `split` out to use the folder as it is"
             )
     # ImageFolder's loader converts every image to RGB: three channels.
     m, s = _normalization((FOLDER_MEAN_STD,), (FOLDER_MEAN_STD,), mean, std, 3)
@@ -393,7 +390,7 @@ def sample_indices(num_samples: int, n: int, seed: int = DEFAULT_GRID_SEED) -> l
     True
     """
     if n < 1:
-        raise BatchfitError(f"the grid needs at least one image, not {n}", hint="e.g. --grid 16, or --grid 0 for none")
+        raise BatchfitError(f"the grid needs at least one image, not {n}", hint="e.g. 16 (`batchfit show --grid 0` draws none)")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_samples, generator=generator)[: min(n, num_samples)].tolist()
 
@@ -441,7 +438,7 @@ def sample_grid(
 def display_available() -> bool:
     """Whether matplotlib found an interactive backend (it falls back to Agg without a display)."""
     import matplotlib
-    from matplotlib.backends import BackendFilter, backend_registry
+    from matplotlib.backends.registry import BackendFilter, backend_registry
 
     return matplotlib.get_backend().lower() not in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
 
@@ -655,13 +652,13 @@ def host_memory(
     the dataset holds the whole dataset, as a DataLoader would yield it.
     """
     if batch_size < 1:
-        raise BatchfitError(f"batch size must be at least 1, not {batch_size}", hint="e.g. --batch-size 64")
+        raise BatchfitError(f"`batch_size` must be at least 1, not {batch_size}", hint="e.g. `batch_size=64`")
     if num_workers < 0:
-        raise BatchfitError(f"--num-workers must be 0 or more, not {num_workers}", hint="e.g. --num-workers 4")
+        raise BatchfitError(f"`num_workers` must be 0 or more, not {num_workers}", hint="e.g. `num_workers=4`")
     if prefetch_factor is not None and (num_workers == 0 or prefetch_factor < 1):
         raise BatchfitError(
             f"prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})",
-            hint="give --num-workers 1 or more, or leave --prefetch-factor out (DataLoader's own rule)",
+            hint="give `num_workers` 1 or more, or leave `prefetch_factor` out (DataLoader's own rule)",
         )
     if isinstance(dataset, LoadedDataset):
         name = dataset.name
@@ -738,8 +735,8 @@ class GridInfo:
 
 
 @dataclass(frozen=True)
-class DatasetReport:
-    """What the lesson teaches about a dataset; renders itself (rich) and has :meth:`to_dict`."""
+class DatasetReport(Rendered):
+    """What the lesson teaches about a dataset; renders itself (text, rich) and has :meth:`to_dict`."""
 
     name: str
     source: str
@@ -803,12 +800,11 @@ class DatasetReport:
             "grid": self.grid.to_dict() if self.grid is not None else None,
         }
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+    def sections(self) -> list[Section]:
+        """A heading, the facts, the table by batch size, and what its columns mean."""
         where = f"{self.split} split" if self.split else "folder"
-        yield Text.from_markup(f"[bold]{self.name}[/] - {where}, {self.source}, from {self.root}")
-        facts = Table.grid(padding=(0, 2))
-        facts.add_column(style="bold", no_wrap=True)
-        facts.add_column()
+        heading = Text(f"{self.name} - {where}, {self.source}, from {self.root}", style="bold")
+        facts: list[tuple[str, str]] = []
         resize = f"Resize({self.size}) + CenterCrop({self.size}) + " if self.size else ""
         n = self.probe_batch_shape[0]
         bounds = ", ".join(f"[{lo:.4f}, {hi:.4f}]" for lo, hi in self.range_after_bounds)
@@ -837,29 +833,22 @@ class DatasetReport:
                 f"{format_bytes(self.tensor_bytes_per_sample, 'B')} as a {self.sample_dtype} tensor",
             ),
         ):
-            facts.add_row(key, value)
+            facts.append((key, value))
         if self.stats is not None:
-            facts.add_row(
-                "pixel stats",
-                f"{self.stats} over {self.stats.num_samples:,} samples "
-                f"({self.stats.pixels_per_channel:,} values per channel, before Normalize)",
+            facts.append(
+                (
+                    "pixel stats",
+                    f"{self.stats} over {self.stats.num_samples:,} samples "
+                    f"({self.stats.pixels_per_channel:,} values per channel, before Normalize)",
+                )
             )
         if self.grid is not None and self.grid.path:
-            facts.add_row("grid", f"{len(self.grid.indices)} samples (seed {self.grid.seed}) saved to {self.grid.path}")
-        yield facts
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
-        for header, justify in (
-            ("batch", "right"),
-            ("(N, C, H, W)", "left"),
-            ("per epoch", "right"),
-            ("stored", "right"),
-            ("on device", "right"),
-            ("labels", "right"),
-            ("host RAM", "right"),
-        ):
-            table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-        for row in self.rows:
-            table.add_row(
+            facts.append(
+                ("grid", f"{len(self.grid.indices)} samples (seed {self.grid.seed}) saved to {self.grid.path}")
+            )
+        columns = ["batch", "(N, C, H, W)", "per epoch", "stored", "on device", "labels", "host RAM"]
+        rows = [
+            [
                 str(row.batch_size),
                 _shape(row.batch_shape),
                 f"{row.batches_per_epoch:,}",
@@ -867,8 +856,10 @@ class DatasetReport:
                 format_bytes(row.input_bytes),
                 format_bytes(row.label_bytes),
                 format_bytes(row.host.total_bytes),
-            )
-        yield table
+            ]
+            for row in self.rows
+        ]
+        right = [i != 1 for i in range(len(columns))]
         notes = [
             f"per epoch: batches; stored: N samples as {self.stored_dtype}; on device: the input batch the GPU holds "
             f"(N x {format_bytes(self.tensor_bytes_per_sample, 'B')}, {self.sample_dtype}); labels: {self.label_dtype}"
@@ -887,14 +878,7 @@ class DatasetReport:
                 f"{format_bytes(host.dataset_label_bytes)} labels) + {host.batches_in_flight} batch{plural} "
                 f"in flight ({workers}){pinned}"
             )
-        for note in notes:
-            yield Text(note, style="dim")
-
-    def __str__(self) -> str:
-        console = Console(file=StringIO(), width=120, color_system=None, highlight=False)
-        console.print(self)
-        text: str = console.file.getvalue()  # type: ignore[attr-defined]
-        return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+        return [heading, Facts(facts), Table("", columns, rows, right=right, footer=notes)]
 
 
 def describe(
@@ -917,7 +901,7 @@ def describe(
     if isinstance(data, (str, Path)):
         data = load_dataset(data)
     if not batch_sizes:
-        raise BatchfitError("no batch sizes given", hint="e.g. --batch-size 64,256,1024,4096")
+        raise BatchfitError("no batch sizes given", hint="e.g. `batch_sizes=(64, 256, 1024, 4096)`")
     num = len(data)
     if num == 0:
         raise BatchfitError(f"{data.name} has no samples", hint="check the folder or split")
@@ -929,7 +913,7 @@ def describe(
     except RuntimeError as exc:  # default_collate cannot stack images of different sizes
         raise BatchfitError(
             f"the images in {data.name} have different sizes, so a DataLoader cannot batch them ({exc})",
-            hint="give --size N (size=N) to resize and centre-crop them all to N x N",
+            hint="give `size=N` to resize and centre-crop them all to N x N",
         ) from None
     rows = []
     for bs in batch_sizes:

@@ -107,9 +107,8 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
         # the whole sample reached this layer flattened: the model wants in_features values per sample
         matches = [d for d in DATASETS.values() if math.prod(d.shape) == module.in_features]
         if matches:
-            shape = ",".join(str(d) for d in matches[0].shape)
-            return f"the model expects --input {shape} / --dataset {matches[0].name}"
-        return f"the model expects {module.in_features} values per sample, e.g. --input {module.in_features}"
+            return f"the model expects `input_size={tuple(matches[0].shape)}` / `dataset='{matches[0].name}'`"
+        return f"the model expects {module.in_features} values per sample, e.g. `input_size={(module.in_features,)}`"
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and len(got) != len(module.kernel_size) + 2:
         rank = len(module.kernel_size)
         if len(sample.shape) == rank and sample.shape[0] == module.in_channels:
@@ -118,13 +117,11 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
             proposal = (module.in_channels, *sample.shape)  # the channels left out
         else:
             proposal = (module.in_channels, *(32,) * rank)
-        example = ",".join(str(d) for d in proposal)
-        return f"one sample is {_conv_layout(rank, batch=False)} without the batch dimension, e.g. --input {example}"
+        return f"one sample is {_conv_layout(rank, batch=False)} without the batch dimension, e.g. `input_size={proposal}`"
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and got[1:] == sample.shape:
-        spatial = ",".join(str(d) for d in sample.shape[1:])
         names = [d.name for d in DATASETS.values() if d.shape[0] == module.in_channels]
-        also = f" (or --dataset {' / '.join(names)})" if names else ""
-        return f"the model expects {module.in_channels} channels: --input {module.in_channels},{spatial}{also}"
+        also = f" (or {' / '.join(f'`dataset={n!r}`' for n in names)})" if names else ""
+        return f"the model expects {module.in_channels} channels: `input_size={(module.in_channels, *sample.shape[1:])}`{also}"
     return None
 
 
@@ -142,7 +139,7 @@ def layer_failure(
         UnsupportedOperatorException,
     )
 
-    given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
+    given = ", ".join(f"`input_size='{s}'`" for s in workload.inputs) or "example inputs"
     if module is None:
         return BatchfitError(
             f"running {workload.name!r} failed before any layer ran: {type(exc).__name__}: {exc}",
@@ -169,7 +166,7 @@ def layer_failure(
     else:
         message = f"{where} failed on {got_text}: {first_line}"
     hint = (_input_hint(workload, module, got) if got is not None else None) or (
-        f"check --input / --dataset (given: {given}): one sample's shape without the batch dimension; "
+        f"check `input_size` / `dataset` (given: {given}): one sample's shape without the batch dimension; "
         "rerun with --debug for the traceback"
     )
     return BatchfitError(message, hint=hint)

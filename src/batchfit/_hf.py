@@ -246,7 +246,7 @@ def _transformers() -> Any:
     except ImportError as exc:
         raise BatchfitError(
             "hf: models need the transformers package, which is not installed",
-            hint="pip install transformers (and peft for --lora)",
+            hint="pip install transformers (and peft for `lora`)",
         ) from exc
     return transformers
 
@@ -397,7 +397,7 @@ def build_hf_model(
     if seq_len < 1 or (limit is not None and seq_len > limit):
         raise BatchfitError(
             f"sequence length {seq_len} is outside 1..{limit} for {cfg.name}",
-            hint=f"use --seq-len up to the model's max_position_embeddings ({limit})",
+            hint=f"use `seq_len` up to the model's max_position_embeddings ({limit})",
         )
     # float32 whatever the config's torch_dtype says (transformers' _from_config defaults to
     # config.dtype, bfloat16 for most built-ins): --precision decides the weights' dtype, so that
@@ -413,7 +413,7 @@ def build_hf_model(
                 else cls._from_config(config, **kwargs)
             )
     except (ValueError, ImportError) as exc:
-        raise BatchfitError(f"building {cfg.name} failed: {exc}", hint="check --attn and --task") from exc
+        raise BatchfitError(f"building {cfg.name} failed: {exc}", hint="check `attn` and `task`") from exc
     if gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
@@ -421,7 +421,7 @@ def build_hf_model(
         )
         if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
             raise BatchfitError(
-                f"{type(model).__name__} does not support gradient checkpointing", hint="drop --gradient-checkpointing"
+                f"{type(model).__name__} does not support gradient checkpointing", hint="drop `gradient_checkpointing`"
             )
         enable()
         notes.append("gradient checkpointing on (the model's gradient_checkpointing_enable())")

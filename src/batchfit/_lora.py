@@ -44,7 +44,7 @@ class LoraSpec:
         if isinstance(r, LoraSpec):
             return r
         if r < 1:
-            raise BatchfitError(f"LoRA rank must be at least 1, got {r}", hint="e.g. --lora 16")
+            raise BatchfitError(f"LoRA rank must be at least 1, got {r}", hint="e.g. `lora=16`")
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise BatchfitError(f"LoRA dropout must be in [0, 1), got {dropout}")
         if isinstance(targets, str) and targets != "all-linear":
@@ -68,7 +68,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise BatchfitError("--lora needs the peft package, which is not installed", hint="pip install peft") from exc
+        raise BatchfitError("`lora` needs the peft package, which is not installed", hint="pip install peft") from exc
     # "all-linear": peft's own rule, every Linear/Conv1D but a transformers model's output layer
     # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
     targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
@@ -90,5 +90,5 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise BatchfitError(
             f"peft could not add LoRA adapters: {exc}",
-            hint=f"name target modules with --lora-targets (this model's Linear layers: {', '.join(names[:12])})",
+            hint=f"name target modules with `lora_targets` (this model's Linear layers: {', '.join(names[:12])})",
         ) from exc

@@ -70,7 +70,7 @@ class QuantSpec:
         if key in ("8bit", "8", "int8", "llm.int8"):
             return cls(bits=8, quant_type="int8", double_quant=False)
         raise BatchfitError(
-            f"unknown quantisation {value!r}", hint="use --quantize 4bit (NF4), nf4, fp4 or 8bit (LLM.int8)"
+            f"unknown quantisation {value!r}", hint="use `quantize='4bit'` (NF4), nf4, fp4 or 8bit (LLM.int8)"
         )
 
     def __str__(self) -> str:
@@ -394,7 +394,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
-            "--quantize found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
+            "`quantize` found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
         )
     stand_in = Linear8bitModel if spec.bits == 8 else Linear4bitModel
     for parent, name, child in replaced:
@@ -412,7 +412,7 @@ def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
         from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
     except ImportError as exc:
         raise BatchfitError(
-            "--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
+            "`quantize` with `lora` needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
         ) from exc
     return {Linear4bitModel: Linear4bit, Linear8bitModel: Linear8bitLt}
 

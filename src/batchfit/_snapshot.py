@@ -27,7 +27,7 @@ from bisect import bisect_right
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import BatchfitError, ExitCode
+from ._errors import BatchfitError, ExitCode, check_suffix
 from ._events import Event
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def check_device(device: str) -> None:
     if device != "cuda":
         raise BatchfitError(
             f"a memory snapshot is the CUDA caching allocator's picture; this step is on {device!r}",
-            hint="estimate with --device cuda (the default; no GPU needed)",
+            hint="estimate with `device='cuda'` (the default; no GPU needed)",
             exit_code=ExitCode.USAGE,
         )
 
@@ -186,14 +186,12 @@ def _to_pytorch(
 
 def check_snapshot_path(path: str | Path) -> Path:
     """The path to write a snapshot to; the pickle suffix is what PyTorch's tools expect."""
-    out = Path(path)
-    if out.suffix.lower() not in (".pickle", ".pkl"):
-        raise BatchfitError(
-            f"cannot write a memory snapshot to {str(out)!r}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)",
-            hint="name the file FILE.pickle, e.g. --snapshot step.pickle",
-            exit_code=ExitCode.USAGE,
-        )
-    return out
+    return check_suffix(
+        path,
+        (".pickle", ".pkl"),
+        "cannot write a memory snapshot to {path}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)",
+        "name the file FILE.pickle, e.g. step.pickle",
+    )
 
 
 def write_snapshot(estimate: StepEstimate, path: str | Path, *, at: At = "end") -> Path:

@@ -35,7 +35,7 @@ from torch import nn
 from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError, ExitCode
 from ._noise import NoiseScale, noise_scale
-from ._render import Table
+from ._render import Rendered, Table
 from ._roofline import SATURATION, smallest_within
 from ._units import format_bytes
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ._models import Workload
+    from ._training import OptimizerLike
 
 SCHEMA_VERSION = 1
 MIN_BATCH = 16  # the lesson: "start at 16"
@@ -158,7 +159,7 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
         except ImportError:
             raise BatchfitError(
                 "the digits dataset ships with scikit-learn, which is not installed",
-                hint="pip install scikit-learn (a dependency of batchfit), or use --dataset mnist --root DIR",
+                hint="pip install scikit-learn (a dependency of batchfit), or use `dataset='mnist'` with `root=DIR`",
             ) from None
         images, labels = load_digits(return_X_y=True)
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
@@ -200,7 +201,7 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
                 raise
             raise BatchfitError(
                 exc.message,
-                hint=f"point --root at the folder that holds them, or fetch them once with "
+                hint=f"point `root` at the folder that holds them, or fetch them once with "
                 f"`batchfit show {info.name} --download --root DIR` (sweep never downloads)",
             ) from None
         source = f"{loaded.source} from {loaded.root.resolve()} (train split trains, test split validates)"
@@ -453,11 +454,11 @@ def choose(
     ``tolerance``: points of accuracy (default 1) or a fraction of the best loss (default 0.02).
     """
     if not runs:
-        raise BatchfitError("no runs to choose from", hint="lower --min-batch or raise --max-batch")
+        raise BatchfitError("no runs to choose from", hint="lower `min_batch` or raise `max_batch`")
     if metric not in ("accuracy", "loss"):
         raise BatchfitError(f"unknown metric {metric!r}", hint="use accuracy or loss")
     if tolerance is not None and tolerance < 0:
-        raise BatchfitError(f"--tolerance must be 0 or more, got {tolerance}", hint="e.g. --tolerance 1")
+        raise BatchfitError(f"`tolerance` must be 0 or more, got {tolerance}", hint="e.g. `tolerance=1`")
     ordered = sorted(runs, key=lambda r: r.batch_size)
     if metric == "accuracy":
         tol = 1.0 if tolerance is None else tolerance
@@ -486,7 +487,7 @@ def choose(
     if not good:
         raise BatchfitError(
             "every run diverged (its loss is not finite): no batch size trains at these settings",
-            hint="lower --lr, or use --lr-scaling sqrt or none",
+            hint="lower `lr`, or use `lr_scaling='sqrt'` or `lr_scaling='none'`",
         )
     first = good[0]
     last = first
@@ -520,7 +521,7 @@ def choose(
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Rendered):
     """Every run, the noise scale and the answer; renders as a table, JSON and a plot."""
 
     model: str
@@ -667,11 +668,8 @@ class SweepResult:
             footer=["train loss: the mean over the run's last steps; val: the validation set after training"],
         )
 
-    def __str__(self) -> str:
-        return str(self.table())
-
-    def __rich__(self) -> Any:
-        return self.table().__rich__()
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
     # -- the plot --------------------------------------------------------------------------------
 
@@ -753,7 +751,7 @@ def sweep(
     root: str | Path | None = None,
     data: TrainData | None = None,
     num_classes: int | None = None,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     lr: float | None = None,
     lr_scaling: str = "linear",
     warmup: float = 0.1,
@@ -781,25 +779,25 @@ def sweep(
     ``warmup`` fraction of each run's steps; ``device`` defaults to CUDA when there is a GPU. ``memory``
     measures one reference step per size beside batchfit's estimate of it.
     """
-    from ._estimate import make_spec
     from ._models import load_workload
+    from ._step import make_spec
 
     if lr_scaling not in LR_SCALING:
-        raise BatchfitError(f"unknown --lr-scaling {lr_scaling!r}", hint=f"use one of {', '.join(LR_SCALING)}")
+        raise BatchfitError(f"unknown `lr_scaling={lr_scaling!r}`", hint=f"use one of {', '.join(LR_SCALING)}")
     if not 0 <= warmup < 1:
-        raise BatchfitError(f"--warmup must be a fraction in [0, 1), got {warmup}", hint="e.g. --warmup 0.1")
+        raise BatchfitError(f"`warmup` must be a fraction in [0, 1), got {warmup}", hint="e.g. `warmup=0.1`")
     if min_batch < 1:
-        raise BatchfitError(f"--min-batch must be at least 1, got {min_batch}", hint="the lesson starts at 16")
+        raise BatchfitError(f"`min_batch` must be at least 1, got {min_batch}", hint="the lesson starts at 16")
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         dev = torch.device("meta")  # not a device sweep trains on: refused below
     if dev.type not in ("cpu", "cuda"):
-        raise BatchfitError(f"cannot train on device {device!r}", hint="use --device cpu or --device cuda")
+        raise BatchfitError(f"cannot train on device {device!r}", hint="use `device='cpu'` or `device='cuda'`")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             "training on CUDA needs a GPU, and this machine has none",
-            hint="leave --device out (the CPU is used)",
+            hint="leave `device` out (the CPU is used)",
             exit_code=ExitCode.NO_DEVICE,
         )
     if data is None:
@@ -811,7 +809,7 @@ def sweep(
     if samples is None:
         samples = round((epochs if epochs is not None else DEFAULT_EPOCHS) * data.train_size)
     if samples < 1:
-        raise BatchfitError(f"the budget must be at least one sample, got {samples}", hint="e.g. --epochs 2")
+        raise BatchfitError(f"the budget must be at least one sample, got {samples}", hint="e.g. `epochs=2`")
     say = progress or (lambda what, done, total: None)
     notes: list[str] = []
 
@@ -841,7 +839,7 @@ def sweep(
             raise BatchfitError(
                 f"each run's budget ({samples:,} samples) is smaller than the largest batch size ({sizes[-1]:,}): "
                 "that run would not see one full batch",
-                hint=f"raise --samples/--epochs to at least {sizes[-1]:,} samples, or lower --max-batch",
+                hint=f"raise `samples`/`epochs` to at least {sizes[-1]:,} samples, or lower `max_batch`",
             )
         warm_samples = max(min_batch, round(warmup * samples)) if noise_samples else 0
         total = sum(samples for _ in sizes) + warm_samples
