@@ -1,9 +1,11 @@
-"""bitsandbytes: its 8-bit and paged AdamW run on fake tensors; QLoRA's 4-bit base, modelled.
+"""bitsandbytes: its 8-bit and paged AdamW run on fake tensors; QLoRA's 4-bit and LLM.int8's 8-bit base, modelled.
 
 The optimizer state is the library's own (its code runs on fake tensors); each size is also
 checked against the rule read in its source (bitsandbytes/optim/optimizer.py
 ``Optimizer2State.init_state``), computed here independently. The 4-bit stand-in's storage is
-checked against a real ``bitsandbytes.functional.quantize_4bit`` on the CPU.
+checked against a real ``bitsandbytes.functional.quantize_4bit`` on the CPU; the 8-bit one's
+against a real ``Linear8bitLt`` quantised on the CPU, and its CPU training path allocation by
+allocation against that layer's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from batchfit import BatchfitError, estimate, load_workload
 from batchfit._measure import measure_step
-from batchfit._quantize import Linear4bitModel, QuantSpec, storage_4bit
+from batchfit._quantize import Linear4bitModel, Linear8bitModel, QuantSpec, storage_4bit, storage_8bit
 from batchfit._step import make_spec
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -168,10 +170,111 @@ def test_4bit_forward_dequantises_the_weight() -> None:
 
 
 def test_quantize_errors() -> None:
-    with pytest.raises(BatchfitError, match="not modelled yet"):
-        QuantSpec.parse("8bit")
-    with pytest.raises(BatchfitError, match="unknown quantisation"):
+    with pytest.raises(BatchfitError, match="unknown quantisation") as info:
         QuantSpec.parse("3bit")
+    assert "8bit" in (info.value.hint or "")
+
+
+def _real_int8_layer(linear: nn.Linear) -> nn.Module:
+    """bitsandbytes' own ``Linear8bitLt`` as transformers builds it for ``load_in_8bit=True``
+    (``has_fp16_weights=False``, ``threshold=6.0``), quantised on the CPU (``Int8Params.to``)."""
+    real = bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, linear.bias is not None, has_fp16_weights=False, threshold=6.0
+    )
+    real.load_state_dict(linear.state_dict())
+    return real.to("cpu")
+
+
+def test_8bit_storage_is_bitsandbytes_own() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(999, 301)
+    real = _real_int8_layer(linear)
+    real_tensors = {"weight": real.weight.data, "SCB": real.weight.SCB}
+    assert real_tensors["weight"].data_ptr() == real.weight.CB.data_ptr()  # CB is the weight's storage
+    model = {name: (shape, dtype) for name, shape, dtype in storage_8bit(301, 999)}
+    assert model == {name: (tuple(t.shape), t.dtype) for name, t in real_tensors.items()}
+    stand_in = Linear8bitModel(linear, QuantSpec.parse("8bit"))
+    assert {n: (tuple(t.shape), t.dtype) for n, t in [*stand_in.named_parameters(), *stand_in.named_buffers()]} == {
+        **model,
+        "bias": ((301,), torch.float32),
+    }
+
+
+def _allocations(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[int]:
+    """The sizes of every allocation and free (negative) one training forward and backward make."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = layer(x)
+        out.backward(grad)
+        del out
+    x.grad = None
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    return [e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_cpu_training_allocates_as_bitsandbytes(dtype: torch.dtype) -> None:
+    # bnb.matmul in training on the CPU: MatMul8bitFp (dequantise + linear; ctx.A keeps the input)
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=False)
+    real = _real_int8_layer(linear).train()
+    stand_in = Linear8bitModel(linear, QuantSpec.parse("8bit")).train()
+    stand_in.load_state_dict({"weight": real.weight.data, "SCB": real.weight.SCB})
+    x = torch.randn(2, 7, 96, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 7, 160, dtype=dtype)
+    assert _allocations(stand_in, x, grad) == _allocations(real, x, grad)
+    assert torch.equal(stand_in(x), real(x))  # the same numbers too: the same ops
+
+
+def test_8bit_base_as_transformers_quantises_it(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    plain = load_workload(_tiny_llama(tmp_path), seq_len=16)
+    w = load_workload(_tiny_llama(tmp_path), seq_len=16, quantize="8bit")
+    quantised = {n for n, m in w.model.named_modules() if isinstance(m, Linear8bitModel)}
+    assert quantised == {n for n, m in plain.model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
+    expected = sum(b.numel() * 4 for b in plain.model.buffers())
+    for name, p in plain.model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        quantised_weight = module in quantised and name.endswith("weight")
+        expected += p.numel() + 4 * p.shape[0] if quantised_weight else p.numel() * 4  # int8 + SCB
+    est = estimate(w, batch_size=1, device="cpu", mode="inference")
+    assert est.breakdown["parameters"] + est.breakdown["buffers"] == expected
+    assert any("LLM.int8" in n and "modelled" in n for n in est.notes)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_8bit_lora_step_equals_a_real_cpu_run_of_the_model(tmp_path: Path, optimizer: str) -> None:
+    pytest.importorskip("peft")
+    w = load_workload(_tiny_llama(tmp_path), seq_len=16, quantize="8bit", lora=4)
+    wrappers = {type(m).__qualname__ for n, m in w.model.named_modules() if n.endswith("q_proj")}
+    assert wrappers == {"Linear8bitLt"}  # peft's own layer for an 8-bit base
+    est = estimate(w, batch_size=2, optimizer=optimizer, device="cpu")
+    real = measure_step(w, 2, make_spec("cpu", optimizer))
+    assert est.peak_allocated_bytes == real.peak_allocated_bytes
+
+
+def test_8bit_gpu_forward_temporaries_from_the_source() -> None:
+    # MatMul8bitLt's fast path on CUDA (bitsandbytes/autograd/_functions.py, backends/cuda/ops.py,
+    # backends/default/ops.py), M rows: A.to(float16), then int8_vectorwise_quant's row_stats
+    # (float32[M]) and out_row (int8[M, K]) with the outlier test (A.abs(): fp16, >= 6.0: bool,
+    # .any(): one bool), then int8_scaled_mm: int32[M, N], its fp16 dequantised [M, N], .to(float32)
+    model = nn.Sequential(nn.Linear(512, 1024, bias=False), nn.Linear(1024, 2))
+    w = load_workload(model, (512,), quantize="8bit")
+    est = estimate(w, batch_size=3, device="cuda", mode="inference")
+    m, k, n = 3, 512, 1024
+    ours = [e for e in est.events if e.module == "0" and e.category == "temporaries" and e.nbytes > 0]
+    allocs = [e.nbytes for e in ours if e.action == "alloc"]
+    assert allocs == [2 * m * k, 4 * m, m * k, 2 * m * k, m * k, 1, 4 * m * n, 2 * m * n, 4 * m * n]
+    live = peak = 0
+    for e in ours:
+        live += e.nbytes if e.action == "alloc" else -e.nbytes
+        peak = max(peak, live)
+    # at the peak: CA, SCA, the int32, fp16 and fp32 products (the last one is the layer's output)
+    assert peak == m * k + 4 * m + 4 * m * n + 2 * m * n + 4 * m * n
+    # int8 weight and SCB (float32[N]); the head's weight and bias, each block rounded to 512 bytes
+    assert est.breakdown["parameters"] + est.breakdown["buffers"] == k * n + 4 * n + 2 * 1024 * 4 + 512
 
 
 def test_cli_quantize_and_8bit_optimizer(tmp_path: Path) -> None:
@@ -186,4 +289,5 @@ def test_cli_quantize_and_8bit_optimizer(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "modelled" in result.output
     result = runner.invoke(app, [*args, "--quantize", "8bit"])
-    assert result.exit_code != 0 and "not modelled yet" in result.output
+    assert result.exit_code == 0, result.output
+    assert "LLM.int8" in result.output

@@ -47,6 +47,43 @@ def test_user_model_is_left_as_it_was() -> None:
     assert len(hook_calls) == 2  # it fired in each of the two iterations
 
 
+class _Stack(nn.Module):
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self.embed, self.proj = embed, nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids))
+
+
+class _SharedModule(nn.Module):
+    """One module reachable under three names, as transformers 4.x's T5 holds its embedding
+    (``T5Stack(config, self.shared)`` in the encoder and the decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(50, 8)
+        self.encoder, self.decoder = _Stack(self.shared), _Stack(self.shared)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ids) + self.decoder(ids)
+
+
+def test_a_module_under_several_names_is_given_back() -> None:
+    # the state is put in place once per name: restoring in the same order left the module holding
+    # the step's fake (or real-run) tensor instead of the user's parameter
+    from batchfit._estimate import make_spec
+    from batchfit._measure import measure_step
+
+    model = _SharedModule()
+    weight = model.shared.weight
+    w = load_workload(model, example_inputs=lambda b: torch.zeros(b, 5, dtype=torch.int64))
+    estimate(w, batch_size=2, device="cpu", optimizer="adam", loss="token-cross-entropy")
+    assert model.shared.weight is weight and model.encoder.embed.weight is weight
+    measure_step(w, 2, make_spec("cpu", "adam", loss="token-cross-entropy"))
+    assert model.shared.weight is weight and model.decoder.embed.weight is weight
+
+
 def test_wrong_input_shape_names_the_layer_and_shapes() -> None:
     from batchfit._models import MLP
 

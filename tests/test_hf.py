@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate, load_workload
@@ -46,6 +47,9 @@ def test_builtin_configs_build_the_published_models(name: str) -> None:
     w = load_workload(f"hf:{name}", seq_len=16)
     assert count_parameters(w.model) == PUBLISHED_PARAMETERS[name]
     assert all(p.is_meta for p in w.model.parameters())  # nothing allocated, nothing downloaded
+    # float32 although most configs say torch_dtype bfloat16 (transformers' _from_config would follow
+    # it): --precision decides, so fp32 / amp-bf16 keep fp32 master weights and bf16 halves them
+    assert {p.dtype for p in w.model.parameters()} == {torch.float32}
 
 
 # Small configs of the families people fine-tune (2 layers, narrow), written as config.json files:

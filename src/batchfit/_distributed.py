@@ -556,16 +556,14 @@ class _Reducer:
 
 
 def _ddp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    from ._models import fake_state
+    from ._models import fake_state, state_in_place
     from ._step import unique_trainable
     from ._trace import Placed
 
     @contextlib.contextmanager
     def place(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Iterator[Placed]:
         state = fake_state(model, device, dtype=dtype)
-        with _reparametrize_module(model, state, tie_weights=True):
+        with state_in_place(model, state):
             del state
             params = unique_trainable(model)
             reducer = _Reducer(params, dist, device)

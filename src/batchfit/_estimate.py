@@ -73,6 +73,7 @@ class StepEstimate(Rendered):
     marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
     threads: int | None = None  # CPU: torch's intra-op threads simulated (kernel scratch depends on it)
     loss: str | None = None  # which loss the step trained on, in words (None: inference)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (gradient accumulation)
     # several GPUs (_distributed): the setting, and every distinct rank's estimate; the figures
     # above are the peaking rank's (``peak_rank``)
     dist: DistSpec | None = field(default=None, repr=False)
@@ -83,6 +84,11 @@ class StepEstimate(Rendered):
     def global_batch_size(self) -> int:
         """Samples per optimizer step over all GPUs (``batch_size`` is per GPU)."""
         return self.batch_size * (self.dist.world_size if self.dist is not None else 1)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step on one GPU: the batch size times the micro-batches accumulated."""
+        return self.batch_size * self.grad_accum
 
     @property
     def peak_where(self) -> str:
@@ -117,6 +123,8 @@ class StepEstimate(Rendered):
             "activation_bytes_by_module": dict(self.activation_bytes_by_module),
             "method": self.method,
             "loss": self.loss,
+            "grad_accum": self.grad_accum,
+            "effective_batch_size": self.effective_batch_size,
             "notes": list(self.notes),
         }
         if self.device == "cpu":
@@ -335,6 +343,17 @@ def threads_text(n: int | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def accumulation_note(spec: StepSpec, batch_size: int) -> list[str]:
+    """What gradient accumulation makes of the batch size, in words (nothing without it)."""
+    k = spec.grad_accum
+    if k == 1:
+        return []
+    return [
+        f"gradient accumulation: {k} micro-batches of {batch_size:,} per optimizer step, "
+        f"an effective batch of {batch_size * k:,} (batch size x {k})"
+    ]
+
+
 def estimate_trace(
     trace: Trace, workload: Workload, spec: StepSpec, budget: Budget | None, alloc_config: AllocatorConfig | None
 ) -> StepEstimate:
@@ -350,10 +369,11 @@ def estimate_trace(
         activation_bytes_by_module=trace.activation_bytes_by_module,
         module_types=trace.module_types,
         events=events,
-        notes=list(trace.notes),
+        notes=[*trace.notes, *accumulation_note(spec, trace.batch_size)],
         threads=spec.threads,
         loss=trace.loss,
         marks=list(trace.marks),
+        grad_accum=spec.grad_accum,
     )
     if spec.device == "cpu":
         peak, at, breakdown = raw_peak(events)
@@ -580,6 +600,18 @@ def estimate(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
+    gpus: int | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+    static_graph: bool = False,
+    wrap: str | None = None,
 ) -> StepEstimate: ...
 @overload
 def estimate(
@@ -604,6 +636,18 @@ def estimate(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
+    gpus: int | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+    static_graph: bool = False,
+    wrap: str | None = None,
 ) -> EstimateReport: ...
 def estimate(
     model: str | nn.Module | Workload,
@@ -627,6 +671,7 @@ def estimate(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
     gpus: int | None = None,
     nodes: int = 1,
     strategy: str | None = None,
@@ -649,7 +694,8 @@ def estimate(
     such as ``"600MiB"``) replaces the card's memory outside the allocator (CUDA context,
     libraries' modules and handles; ``--context`` on the command line). ``loop``: the training loop
     (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and ``eval_batch_size``
-    add a training run's tail (docs/estimate.md).
+    add a training run's tail (docs/estimate.md). ``grad_accum``: gradient accumulation, micro-batches
+    of ``batch_size`` per optimizer step (the effective batch is their product).
 
     ``gpus`` (per node) with ``nodes`` and ``strategy`` (ddp, zero1, fsdp, fsdp-hybrid) and their
     options estimates each GPU of a distributed run (docs/distributed.md): ``batch_size`` is per
@@ -682,6 +728,7 @@ def estimate(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     est = Estimator(
         workload,

@@ -170,6 +170,7 @@ class FitResult(Rendered):
     method: str = "affine"  # or "traced" when the timeline is not affine in the batch size
     dataset_size: int | None = None
     searched_up_to: int | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step (the batch sizes above are micro-batches)
     dist: DistSpec | None = None  # several GPUs: the batch sizes are per GPU, the figures the peaking rank's
     # what fit() worked with, kept so that estimate_at() (batchfit plan) can sweep more sizes cheaply
     _estimator: Estimator | None = field(default=None, repr=False, compare=False)
@@ -247,6 +248,8 @@ class FitResult(Rendered):
             "optimizer": self.optimizer,
             "precision": self.precision,
             "dataset_size": self.dataset_size,
+            "grad_accum": self.grad_accum,
+            "effective_recommended_batch_size": self.recommended_batch_size * self.grad_accum,
             "method": self.method,
             "notes": list(self.notes),
             "estimate_at_max": self.estimate_at_max.to_dict() if self.estimate_at_max else None,
@@ -277,6 +280,14 @@ class FitResult(Rendered):
             [f"largest batch{per} that fits", f"{self.max_batch_size:,}"],
             [f"recommended{per} ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
         ]
+        if self.grad_accum > 1:
+            rows.append(
+                [
+                    f"effective batch ({self.grad_accum} micro-batches)",
+                    f"{self.recommended_batch_size * self.grad_accum:,} at the recommended size, "
+                    f"{self.max_batch_size * self.grad_accum:,} at the max",
+                ]
+            )
         if self.dist is not None:
             n = self.world_size
             rows.append(
@@ -422,6 +433,7 @@ def fit(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
     gpus: int | None = None,
     nodes: int = 1,
     strategy: str | None = None,
@@ -441,7 +453,9 @@ def fit(
     fit, with the fixed costs and what would help. ``context_bytes`` overrides the card's memory
     outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
     :func:`batchfit._estimate`: with a training run's tail, the max and the recommendation are
-    checked by tracing the whole run there (and lowered until it fits).
+    checked by tracing the whole run there (and lowered until it fits). ``grad_accum``: micro-batches
+    per optimizer step; the batch sizes are the micro-batch's (the Trainer's
+    ``per_device_train_batch_size``), the effective batch is shown beside them.
 
     ``gpus`` (per node), ``nodes``, ``strategy`` and their options as in :func:`batchfit._estimate.estimate`
     (or a ready ``dist``): the largest batch *per GPU* whose step fits on every rank, ``safety`` x
@@ -475,6 +489,7 @@ def fit(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     # the search runs on the steady step (its timeline is affine in the batch size); the tail's
     # batches are not (the last one is the dataset's size modulo the batch size): checked after
@@ -760,6 +775,7 @@ def _assemble(est: Estimator, built: _Timeline, confirmed: _Confirmed, safety: f
         notes=notes,
         method=confirmed.method,
         dataset_size=size,
+        grad_accum=spec.grad_accum,
         _estimator=est,
         _timeline=timeline if timeline.ok else None,
     )
@@ -817,6 +833,7 @@ def _fit_ranks(est: Estimator, safety: float, say: Callable[[str], None]) -> Fit
         notes=notes,
         method="traced",
         dataset_size=size,
+        grad_accum=est.spec.grad_accum,
         dist=dist,
         _estimator=est,
     )

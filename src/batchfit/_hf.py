@@ -399,7 +399,12 @@ def build_hf_model(
             f"sequence length {seq_len} is outside 1..{limit} for {cfg.name}",
             hint=f"use `seq_len` up to the model's max_position_embeddings ({limit})",
         )
-    kwargs = {"attn_implementation": implementation} if implementation is not None else {}
+    # float32 whatever the config's torch_dtype says (transformers' _from_config defaults to
+    # config.dtype, bfloat16 for most built-ins): --precision decides the weights' dtype, so that
+    # fp32 / amp-bf16 (fp32 master weights) and bf16 stay different answers
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if implementation is not None:
+        kwargs["attn_implementation"] = implementation
     try:
         with torch.device("meta"):
             model = (

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import BatchfitError, ExitCode
-from ._models import Workload, real_state
+from ._models import Workload, real_state, state_in_place
 from ._step import (
     Batch,
     StepSpec,
@@ -183,7 +182,7 @@ def _measure_step(
         runner = _CudaWindow(device) if device.type == "cuda" else _CpuWindow(_storage_bytes(list(state.values())))
         stack.enter_context(runner.recording())  # CPU: from here, so that the batch's death is seen too
         inputs = batch_inputs(workload, batch_size, device, param_dtype, values=True)
-        stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
+        stack.enter_context(state_in_place(model, state))
         optimizer = None
         if spec.mode == "train":
             params = unique_trainable(model)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError
@@ -710,6 +711,19 @@ def fake_state(
     training). The model itself is not touched: run it under ``_reparametrize_module``/``functional_call``.
     """
     return _new_state(model, lambda t, dt: torch.empty_strided(t.shape, t.stride(), dtype=dt, device=device), dtype)
+
+
+def state_in_place(model: nn.Module, state: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+    """Put ``state`` (from :func:`fake_state` / :func:`real_state`) in ``model`` for a call, and give
+    the model its own tensors back afterwards.
+
+    The state names every tensor by every name it has, so a module reachable under several names
+    (transformers 4's T5 holds one embedding as ``shared``, ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens``) is swapped once per name: each swap after the first records the
+    previous swap's tensor as "the original". ``stack_weights=True`` restores in reverse order
+    (torch/nn/utils/stateless.py ``_reparametrize_module``), which ends on the true original.
+    """
+    return _reparametrize_module(model, state, tie_weights=True, stack_weights=True)
 
 
 def real_state(

@@ -495,6 +495,7 @@ def plan(
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
+    grad_accum: int = 1,
     throughput: bool = True,
     dist: DistSpec | None = None,
     **dist_options: Any,
@@ -504,6 +505,7 @@ def plan(
     Options as :func:`batchfit._fit.fit`; ``curve_points`` is the number of batch sizes the plot
     sweeps (each one allocator replay when the step's timeline is affine in the batch size);
     ``context_bytes`` overrides the card's memory outside the allocator (``--context``);
+    ``grad_accum``: micro-batches per optimizer step, as in :func:`batchfit._fit.fit`;
     ``throughput`` adds the roofline estimate of samples/s by batch size (:mod:`batchfit._roofline`).
     ``gpus``, ``nodes``, ``strategy`` and the other distributed options of :func:`~batchfit._fit.fit`
     (or ``dist``) plan each GPU of a distributed run: sizes per GPU, and the global batch.
@@ -526,6 +528,7 @@ def plan(
         alloc_conf=alloc_conf,
         progress=progress,
         context_bytes=context_bytes,
+        grad_accum=grad_accum,
         dist=dist,
         **dist_options,
     )

@@ -1,4 +1,5 @@
-"""QLoRA's frozen base as bitsandbytes stores it: 4-bit (NF4/FP4) weights and their temporaries.
+"""QLoRA's frozen base as bitsandbytes stores it: 4-bit (NF4/FP4) or 8-bit (LLM.int8) weights and
+their kernels' temporaries. (8-bit: :class:`Linear8bitModel`, :func:`storage_8bit`.)
 
 bitsandbytes' ``Linear4bit`` does not run on batchfit's fake tensors (its weight is a
 ``Params4bit`` carrying a ``QuantState`` of further tensors; with bitsandbytes 0.50.2 the fake
@@ -46,13 +47,16 @@ class QuantSpec:
     """``--quantize 4bit|nf4|fp4``: how the frozen base is stored.
 
     ``4bit`` is QLoRA's setting as transformers' ``BitsAndBytesConfig`` takes it
-    (``load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True``).
+    (``load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True``); ``8bit`` is
+    ``load_in_8bit=True`` (LLM.int8, ``llm_int8_threshold=6.0``, ``llm_int8_has_fp16_weight=False``).
     """
 
     bits: int = 4
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = BLOCKSIZE
+    # 8-bit (LLM.int8): BitsAndBytesConfig's llm_int8_threshold default (transformers/utils/quantization_config.py)
+    threshold: float = 6.0
 
     @classmethod
     def parse(cls, value: str | QuantSpec) -> QuantSpec:
@@ -63,14 +67,15 @@ class QuantSpec:
             return cls()
         if key == "fp4":
             return cls(quant_type="fp4")
-        if key in ("8bit", "8", "int8"):
-            raise BatchfitError(
-                "`quantize='8bit'` (LLM.int8) is not modelled yet",
-                hint="use `quantize='4bit'` (QLoRA's NF4 with double quantisation)",
-            )
-        raise BatchfitError(f"unknown quantisation {value!r}", hint="use `quantize='4bit'` (NF4), nf4 or fp4")
+        if key in ("8bit", "8", "int8", "llm.int8"):
+            return cls(bits=8, quant_type="int8", double_quant=False)
+        raise BatchfitError(
+            f"unknown quantisation {value!r}", hint="use `quantize='4bit'` (NF4), nf4, fp4 or 8bit (LLM.int8)"
+        )
 
     def __str__(self) -> str:
+        if self.bits == 8:
+            return f"bitsandbytes LLM.int8 8-bit base (outlier threshold {self.threshold:g}), modelled"
         nested = " with double quantisation" if self.double_quant else ""
         return f"bitsandbytes {self.quant_type.upper()} 4-bit base (blocks of {self.blocksize}){nested}, modelled"
 
@@ -184,11 +189,178 @@ def _dequantize_4bit(layer: Linear4bitModel) -> torch.Tensor:
     return weight
 
 
+def storage_8bit(out_features: int, in_features: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The tensors bitsandbytes keeps for an ``N x K`` weight in LLM.int8: (name, shape, dtype).
+
+    bitsandbytes/nn/modules.py ``Int8Params._quantize``: ``int8_vectorwise_quant`` of the fp16
+    weight gives ``CB`` (the weight itself, ``int8[N, K]``: ``self.data = CB``) and ``SCB``, one
+    absmax per row (``float32[N]``); ``Linear8bitLt.init_8bit_state`` moves both to its
+    ``MatmulLtState``, and the weight's data stays ``CB`` (the same storage).
+
+    >>> [(name, shape, str(dtype)) for name, shape, dtype in storage_8bit(300, 1000)]
+    [('weight', (300, 1000), 'torch.int8'), ('SCB', (300,), 'torch.float32')]
+    """
+    return [("weight", (out_features, in_features), torch.int8), ("SCB", (out_features,), torch.float32)]
+
+
+class Linear8bitModel(nn.Linear):
+    """A stand-in for bitsandbytes' ``Linear8bitLt`` (``has_fp16_weights=False``), as transformers
+    builds it for ``load_in_8bit=True``: its storage (:func:`storage_8bit`) and its kernels' temporaries.
+
+    bitsandbytes/autograd/_functions.py ``matmul`` picks the kernel: in training on the CPU,
+    ``MatMul8bitFp`` (dequantise, then ``F.linear``); otherwise ``MatMul8bitLt`` (the int8 matmul of
+    LLM.int8). Both keep the layer's input in ``ctx`` (an attribute, not ``save_for_backward``), so it
+    stays alive until the autograd graph dies, not only until this layer's backward ran.
+    """
+
+    SCB: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = linear.in_features, linear.out_features, spec
+        device = linear.weight.device
+        for name, shape, dtype in storage_8bit(linear.out_features, linear.in_features):
+            t = torch.empty(shape, dtype=dtype, device=device)
+            t.keep_dtype = True  # type: ignore[attr-defined]
+            if name == "weight":  # Int8Params with has_fp16_weights=False: frozen
+                self.weight = nn.Parameter(t, requires_grad=False)
+            else:
+                self.register_buffer(name, t)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Linear8bitLt.forward -> bnb.matmul(x, weight, bias, state); state.is_training = self.training
+        function = _MatMul8bitFp if self.training and x.device.type in ("cpu", "xpu") else _MatMul8bitLt
+        return function.apply(x, self.bias, self)  # type: ignore[no-any-return]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}"
+
+
+def _dequantize_8bit(layer: Linear8bitModel, dtype: torch.dtype) -> torch.Tensor:
+    """``state.CB.to(dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))``
+    (``MatMul8bitFp.forward`` writes ``.data.to(dtype)``, a copy too): the weight in ``dtype``, and a
+    ``float32[N, 1]`` scale freed after the in-place multiply."""
+    weight = layer.weight.to(dtype, copy=True)
+    return weight.mul_(layer.SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
+class _MatMul8bitFp(torch.autograd.Function):
+    """bitsandbytes/autograd/_functions.py ``MatMul8bitFp`` for a frozen int8 weight (its ops, run as
+    they are: plain PyTorch): forward dequantises the weight and runs ``F.linear``; ``ctx.A`` keeps
+    the input; backward dequantises again for the input's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: Linear8bitModel) -> torch.Tensor:
+        output = nn.functional.linear(x, _dequantize_8bit(layer, x.dtype), bias)
+        ctx.layer, ctx.A, ctx.dtype_bias = layer, x, None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        return _backward_8bit(ctx, grad_output, ctx.A.dtype, ctx.A.shape)
+
+
+def _backward_8bit(
+    ctx: Any, grad_output: torch.Tensor, dtype: torch.dtype, shape: torch.Size
+) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    """The backward both ``MatMul8bitFp`` and ``MatMul8bitLt`` run for a frozen weight."""
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[1]:
+        grad_bias = grad_output.sum(0, dtype=ctx.dtype_bias)
+    if grad_output.dim() == 3:
+        grad_output = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
+    if ctx.needs_input_grad[0]:
+        weight = _dequantize_8bit(ctx.layer, dtype)  # before grad_output.to(dtype), as bitsandbytes orders them
+        grad_x = torch.matmul(grad_output.to(dtype), weight).view(shape)
+    return grad_x, grad_bias, None
+
+
+class _MatMul8bitLt(torch.autograd.Function):
+    """bitsandbytes/autograd/_functions.py ``MatMul8bitLt`` for a frozen int8 weight, with the
+    buffers its CUDA kernels allocate (bitsandbytes/backends/cuda/ops.py, default/ops.py), modelled:
+    the kernels are bitsandbytes' own C code, which fake tensors cannot run.
+
+    Outlier columns (``threshold > 0``: input features with a value of at least 6.0) depend on the
+    values: none are counted (see :func:`quantized_note`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: Linear8bitModel) -> torch.Tensor:
+        shape = x.shape
+        a = x.reshape(-1, shape[-1]) if x.dim() == 3 else x
+        # the fast path (no gradient for the int8 weight): int8_vectorwise_quant(A.to(float16), threshold)
+        ca, sca = _vectorwise_quant(a.to(torch.float16), layer.spec.threshold)
+        sub_a = None
+        if layer.spec.threshold > 0.0:
+            # default/ops.py int8_mixed_scaled_mm without outliers: subA = torch.empty(0, dtype=A.dtype)
+            sub_a = torch.empty(0, dtype=a.dtype, device=a.device)
+        output = _int8_scaled_mm(ca, layer.weight, bias, a.dtype)
+        del ca, sca
+        ctx.layer, ctx.dtype_bias = layer, None if bias is None else bias.dtype
+        ctx.grad_shape, ctx.dtype_a = shape, a.dtype
+        # (CAt, subA, A) when the input needs a gradient (the weight does not): kept while the graph lives
+        ctx.tensors = (None, sub_a, a) if ctx.needs_input_grad[0] else (None, None, None)
+        return output.reshape(*shape[:-1], layer.out_features) if len(shape) == 3 else output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        return _backward_8bit(ctx, grad_output, ctx.dtype_a, ctx.grad_shape)
+
+
+def _vectorwise_quant(a: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """backends/cuda/ops.py ``int8_vectorwise_quant``: ``row_stats`` (``float32[M]``) and ``out_row``
+    (``int8[M, K]``); with a threshold, the outlier test ``A.abs() >= threshold`` (an fp16 and a bool
+    ``[M, K]``, the fp16 freed once compared) and ``outliers.any()``, kept until the kernel returns."""
+    row_stats = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    out_row = torch.empty(a.shape, dtype=torch.int8, device=a.device)
+    if threshold > 0.0:
+        outliers = torch.empty(a.shape, dtype=torch.float16, device=a.device)  # A.abs()
+        mask = torch.empty(a.shape, dtype=torch.bool, device=a.device)  # >= threshold
+        del outliers
+        found = torch.empty((), dtype=torch.bool, device=a.device)  # outliers.any(): taken as False
+        del found
+        none = torch.empty(0, dtype=torch.int64, device=a.device)  # outlier_cols, no bytes
+        del mask, none
+    return out_row, row_stats
+
+
+def _int8_scaled_mm(ca: torch.Tensor, cb: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """default/ops.py ``int8_scaled_mm``: cuda/ops.py ``int8_linear_matmul`` (``int32[M, N]``; its
+    fp32 fallback when K is not a multiple of 4), then ``int8_mm_dequant`` (``float16[M, N]``, the
+    bias added in place, then ``.to(dtype)``: a copy unless fp16)."""
+    m, n = ca.shape[0], cb.shape[0]
+    if ca.shape[-1] % 4 != 0:  # torch.matmul(B.float(), A.float().t()).to(torch.int32), then out.copy_
+        out_i32 = torch.empty((m, n), dtype=torch.int32, device=ca.device)
+        a32 = torch.empty(ca.shape, dtype=torch.float32, device=ca.device)
+        b32 = torch.empty(cb.shape, dtype=torch.float32, device=ca.device)
+        product = torch.empty((m, n), dtype=torch.float32, device=ca.device)
+        del a32, b32
+        as_i32 = torch.empty((m, n), dtype=torch.int32, device=ca.device)
+        del product, as_i32
+    else:
+        out_i32 = torch.empty((m, n), dtype=torch.int32, device=ca.device)
+    out = torch.empty((m, n), dtype=torch.float16, device=ca.device)
+    if bias is not None and bias.dtype != torch.float16:
+        out.add_(bias.detach())
+    result = out.to(dtype)
+    del out  # when int8_mm_dequant returns
+    del out_i32  # when int8_scaled_mm returns
+    return result
+
+
 def quantized_note(model: nn.Module) -> list[str]:
-    """The label an estimate with the 4-bit stand-in carries (empty when the model has none)."""
-    layers = [m for m in model.modules() if isinstance(m, Linear4bitModel)]
+    """The label an estimate with a quantised stand-in carries (empty when the model has none)."""
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED)]
     if not layers:
         return []
+    if isinstance(layers[0], Linear8bitModel):
+        return [
+            f"{layers[0].spec} for {len(layers)} layers: int8 weights and row scales, and its kernels' "
+            "temporaries from bitsandbytes' source (MatMul8bitLt on a GPU, MatMul8bitFp in CPU training); "
+            "outlier columns depend on the values and are counted as none (each one adds a column of the "
+            "layer's input kept for backward, and small temporaries)"
+        ]
     return [
         f"{layers[0].spec} for {len(layers)} layers: its storage and its kernels' temporaries from bitsandbytes' "
         "source (dequantise + linear, as for more than 1536 rows; fewer may use its fused kernel on some GPUs, "
@@ -217,27 +389,32 @@ def _linears(model: nn.Module, skip: set[str]) -> Iterator[tuple[nn.Module, str,
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
-    """Replace the base's ``nn.Linear`` layers (all but those transformers keeps) by the 4-bit stand-in,
+    """Replace the base's ``nn.Linear`` layers (all but those transformers keeps) by the 4- or 8-bit stand-in,
     in place (call it on a model built on meta or on a copy); returns the model and how many layers."""
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
             "`quantize` found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
         )
+    stand_in = Linear8bitModel if spec.bits == 8 else Linear4bitModel
     for parent, name, child in replaced:
-        setattr(parent, name, Linear4bitModel(child, spec))
+        setattr(parent, name, stand_in(child, spec))
     for p in model.parameters():  # QLoRA: the base is frozen (peft trains only its adapters)
         p.requires_grad_(False)
     return model, len(replaced)
 
 
 def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
-    """LoRA on the stand-in through peft's own wrapper for ``Linear4bit`` (peft/tuners/lora/bnb.py
-    ``Linear4bit``: its forward clones the base's output, and casts the adapters' input)."""
+    """LoRA on the stand-ins through peft's own wrappers for ``Linear4bit`` and ``Linear8bitLt``
+    (peft/tuners/lora/bnb.py: the 4-bit one's forward clones the base's output; both cast the
+    adapters' input)."""
     try:
-        from peft.tuners.lora.bnb import Linear4bit
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
     except ImportError as exc:
         raise BatchfitError(
             "`quantize` with `lora` needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
         ) from exc
-    return {Linear4bitModel: Linear4bit}
+    return {Linear4bitModel: Linear4bit, Linear8bitModel: Linear8bitLt}
+
+
+QUANTIZED = (Linear4bitModel, Linear8bitModel)

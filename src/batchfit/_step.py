@@ -75,6 +75,8 @@ class StepSpec:
     # (a size, or "auto": the dataset's size modulo the batch size) and an evaluation pass
     last_batch: int | str | None = None
     eval_batch_size: int | None = None
+    # gradient accumulation: micro-batches (of the batch size) per optimizer step (see _pytorch_loop)
+    grad_accum: int = 1
 
     @property
     def has_tail(self) -> bool:
@@ -349,21 +351,34 @@ LoopFn = Callable[[_Run, _Plan, bool], None]
 
 
 def _pytorch_loop(r: _Run, plan: _Plan, last: bool) -> None:
-    """PyTorch's quickstart tutorial, ``train()`` (the canonical loop; see LOOPS)."""
+    """PyTorch's quickstart tutorial, ``train()`` (the canonical loop; see LOOPS).
+
+    With gradient accumulation (``grad_accum`` K > 1), each iteration is K micro-batches and one
+    optimizer step, as PyTorch's AMP examples write it ("Gradient accumulation",
+    docs/source/notes/amp_examples.rst): ``loss = loss_fn(output, target); loss = loss / K`` under
+    autocast, backward every micro-batch, the step and ``zero_grad`` after the K-th. Every
+    micro-batch reuses the iteration's batch, as the steady iterations do.
+    """
     it = 0
     outputs: Any = None
     loss: torch.Tensor | None = None
+    accum = r.spec.grad_accum
     for it, size in plan:
         r.on_phase("forward", it)
         r.swap_batch(size)
         if r.spec.step is not None:
             r.user_step()
             continue
-        with r.autocast():
-            outputs = r.forward()  # the previous iteration's outputs are alive until this returns
-            loss = r.criterion(outputs)
-        r.on_phase("backward", it)
-        r.backward(loss)
+        for micro in range(accum):
+            if micro:
+                r.on_phase("forward", it)
+            with r.autocast():
+                outputs = r.forward()  # the previous iteration's outputs are alive until this returns
+                loss = r.criterion(outputs)
+                if accum > 1:
+                    loss = loss / accum  # the unscaled loss dies here
+            r.on_phase("backward", it)
+            r.backward(loss)
         if r.window_only:
             break
         r.on_phase("optimizer", it)
@@ -528,6 +543,7 @@ def make_spec(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    grad_accum: int = 1,
 ) -> StepSpec:
     """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
 
@@ -537,6 +553,8 @@ def make_spec(
     ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
     ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md). Messages name
     the parameters (`device='cpu'`); the command line shows its flags instead (cli/_app.py).
+    ``grad_accum``: gradient accumulation, micro-batches of the batch size per optimizer step
+    (``loop='pytorch'``; the Trainer's ``gradient_accumulation_steps``).
 
     >>> make_spec("cpu", "adam", threads=2).threads
     2
@@ -558,6 +576,13 @@ def make_spec(
         raise BatchfitError(
             f"`step` replaces the loop's iteration, so `loop='{loop}'` does not apply",
             hint="write that library's step into your `step` function, or drop `step`",
+        )
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise BatchfitError(f"`grad_accum` must be at least 1, got {grad_accum}", hint="e.g. `grad_accum=8`")
+    if grad_accum > 1 and (step is not None or loop != "pytorch" or mode != "train"):
+        raise BatchfitError(
+            "`grad_accum` is modelled for the training step of `loop='pytorch'`",
+            hint="drop `step` / `loop` / `mode='inference'`, or write the accumulation into your `step` function",
         )
     if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
         try:
@@ -582,6 +607,7 @@ def make_spec(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     if device == "cpu":
         spec.threads = threads or torch.get_num_threads()

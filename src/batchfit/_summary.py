@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
-from ._models import InputSize, ModelInputs, Workload, fake_state, load_workload
+from ._models import InputSize, ModelInputs, Workload, fake_state, load_workload, state_in_place
 from ._render import Cell, Rendered, Section, Styled, Table, Text
 from ._step import train_mode
 from ._units import format_bytes
@@ -274,10 +274,10 @@ def _record(
                 if count_flops
                 else contextlib.nullcontext()
             )
-            with recorder, counter:
+            with recorder, counter, state_in_place(model, state):
                 if isinstance(counter, FlopCounterMode):
                     recorder.flops = counter.get_total_flops
-                torch.func.functional_call(model, state, batch.args, batch.kwargs)
+                batch.call(model)
     except BatchfitError:
         raise
     except Exception as exc:

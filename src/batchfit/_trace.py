@@ -35,7 +35,6 @@ from torch._subclasses.fake_tensor import (
     FakeTensor,
     FakeTensorMode,
 )
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -48,7 +47,7 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
-from ._models import Workload, fake_state
+from ._models import Workload, fake_state, state_in_place
 from ._quantize import quantized_note
 from ._step import (
     Batch,
@@ -1243,7 +1242,7 @@ def _trace_step(
             tracer.setup_category = "inputs"
             inputs = batch_inputs(workload, batch_size, device, param_dtype)
             if placement is None:
-                stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
+                stack.enter_context(state_in_place(model, state))
             del state
             optimizer = None
             if spec.mode == "train":

@@ -120,8 +120,8 @@ _EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
         Optional[str],  # noqa: UP045
         typer.Option(
             "--quantize",
-            help="QLoRA: store the frozen base as bitsandbytes does, 4bit (NF4, double quantisation) or fp4 "
-            "(modelled from bitsandbytes' source).",
+            help="QLoRA: store the frozen base as bitsandbytes does, 4bit (NF4, double quantisation), fp4 "
+            "or 8bit (LLM.int8) (modelled from bitsandbytes' source).",
         ),
     ),
 }
@@ -244,6 +244,14 @@ LoopOpt = Annotated[
         "--loop",
         help="The training loop: pytorch (PyTorch's tutorial loop: outputs and loss alive until rebound), "
         "hf-trainer (transformers' Trainer), lightning (Lightning's automatic optimization). See docs/estimate.md.",
+    ),
+]
+GradAccumOpt = Annotated[
+    int,
+    typer.Option(
+        "--grad-accum",
+        help="Gradient accumulation: micro-batches of the batch size per optimizer step (the Trainer's "
+        "gradient_accumulation_steps; the effective batch is batch size x this). --loop pytorch.",
     ),
 ]
 LastBatchOpt = Annotated[

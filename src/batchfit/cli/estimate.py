@@ -26,6 +26,7 @@ from ._common import (
     EvalBatchOpt,
     FreeOpt,
     GpuOpt,
+    GradAccumOpt,
     InputOpt,
     JsonOpt,
     LastBatchOpt,
@@ -71,6 +72,7 @@ def estimate_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     loop: LoopOpt = "pytorch",
+    grad_accum: GradAccumOpt = 1,
     last_batch: LastBatchOpt = None,
     eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
@@ -116,6 +118,7 @@ def estimate_cmd(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
         **(dist.options() if dist is not None else {}),
     )
     report.per_layer = per_layer
@@ -172,6 +175,7 @@ def measure_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     loop: LoopOpt = "pytorch",
+    grad_accum: GradAccumOpt = 1,
     last_batch: LastBatchOpt = None,
     eval_batch_size: EvalBatchOpt = None,
     mode: ModeOpt = "train",
@@ -203,6 +207,7 @@ def measure_cmd(
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        grad_accum=grad_accum,
     )
     results = [measure_step(workload, b, spec) for b in parse_int_list(batch_size)]
     if as_json:

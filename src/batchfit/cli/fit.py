@@ -19,6 +19,7 @@ from ._common import (
     EvalBatchOpt,
     FreeOpt,
     GpuOpt,
+    GradAccumOpt,
     InputOpt,
     JsonOpt,
     LastBatchOpt,
@@ -59,6 +60,7 @@ def fit_cmd(
     loss: LossOpt = None,
     step: StepOpt = None,
     loop: LoopOpt = "pytorch",
+    grad_accum: GradAccumOpt = 1,
     last_batch: LastBatchOpt = None,
     eval_batch_size: EvalBatchOpt = None,
     alloc_conf: AllocConfOpt = None,
@@ -92,6 +94,7 @@ def fit_cmd(
             loop=loop,
             last_batch=last_batch,
             eval_batch_size=eval_batch_size,
+            grad_accum=grad_accum,
             dist=dist,
         )
     if as_json:

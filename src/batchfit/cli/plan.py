@@ -19,6 +19,7 @@ from ._common import (
     DatasetOpt,
     FreeOpt,
     GpuOpt,
+    GradAccumOpt,
     InputOpt,
     JsonOpt,
     LossOpt,
@@ -71,6 +72,7 @@ def plan_cmd(
     safety: SafetyOpt = 0.8,
     loss: LossOpt = None,
     step: StepOpt = None,
+    grad_accum: GradAccumOpt = 1,
     alloc_conf: AllocConfOpt = None,
     plot: PlotOpt = None,
     throughput: ThroughputOpt = True,
@@ -105,6 +107,7 @@ def plan_cmd(
             step=step,
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
+            grad_accum=grad_accum,
             dist=dist,
             throughput=throughput,
         )
