@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
+from ._i18n import tr
 from ._units import format_bytes
 
 SCHEMA_VERSION = 1
@@ -65,9 +66,12 @@ Environ = Mapping[str, str]
 
 def _config_error(text: str, problem: str) -> BatchfitError:
     return BatchfitError(
-        f"cannot read the allocator settings {text!r}: {problem}",
-        hint="write them as PYTORCH_CUDA_ALLOC_CONF does, comma-separated key:value pairs, e.g. "
-        "max_split_size_mb:128,expandable_segments:True (keys: " + ", ".join(sorted(_PARSERS)) + ")",
+        tr("cannot read the allocator settings {text!r}: {problem}", text=text, problem=problem),
+        hint=tr(
+            "write them as PYTORCH_CUDA_ALLOC_CONF does, comma-separated key:value pairs, e.g. "
+            "max_split_size_mb:128,expandable_segments:True (keys: {keys})",
+            keys=", ".join(sorted(_PARSERS)),
+        ),
     )
 
 
@@ -294,15 +298,13 @@ class AllocatorConfig:
     def __post_init__(self) -> None:
         if len(self.roundup_power2_divisions) != _ROUNDUP_INTERVALS:
             raise BatchfitError(
-                f"roundup_power2_divisions needs {_ROUNDUP_INTERVALS} entries (1 MiB .. 64 GiB), "
-                f"not {len(self.roundup_power2_divisions)}",
-                hint="use AllocatorConfig.parse('roundup_power2_divisions:4') or a 16-tuple",
+                tr("roundup_power2_divisions needs {roundup_intervals} entries (1 MiB .. 64 GiB), not {n_roundup_power2_divisions}", roundup_intervals=_ROUNDUP_INTERVALS, n_roundup_power2_divisions=len(self.roundup_power2_divisions)),
+                hint=tr("use AllocatorConfig.parse('roundup_power2_divisions:4') or a 16-tuple"),
             )
         if self.max_split_size_bytes is not None and self.max_split_size_bytes < self.large_segment_size_bytes:
             raise BatchfitError(
-                f"max_split_size ({format_bytes(self.max_split_size_bytes)}) is below the large segment size "
-                f"({format_bytes(self.large_segment_size_bytes)})",
-                hint="PyTorch requires max_split_size_mb >= 20 (or >= large_segment_size_mb)",
+                tr("max_split_size ({max_split_size_bytes}) is below the large segment size ({large_segment_size_bytes})", max_split_size_bytes=format_bytes(self.max_split_size_bytes), large_segment_size_bytes=format_bytes(self.large_segment_size_bytes)),
+                hint=tr("PyTorch requires max_split_size_mb >= 20 (or >= large_segment_size_mb)"),
             )
 
     # -- parsing ------------------------------------------------------------------------------
@@ -1090,8 +1092,8 @@ def simulate(
     cfg = AllocatorConfig() if config is None else config
     if cfg.backend != "native":
         raise BatchfitError(
-            f"the allocator backend {cfg.backend!r} is not modelled (it is CUDA's own stream-ordered allocator)",
-            hint="drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for the estimate",
+            tr("the allocator backend {backend!r} is not modelled (it is CUDA's own stream-ordered allocator)", backend=cfg.backend),
+            hint=tr("drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for the estimate"),
             exit_code=ExitCode.UNSUPPORTED,
         )
     recorder = _RecordingAllocator(cfg, device_limit_bytes, allowed_bytes) if history else None
@@ -1186,8 +1188,8 @@ def simulate(
 
 def _trace_error(ev: Event, problem: str) -> BatchfitError:
     return BatchfitError(
-        f"event {ev.seq} ({ev.action} of storage {ev.storage}) {problem}",
-        hint="a timeline needs exactly one alloc per storage and at most one free after it",
+        tr("event {seq} ({action} of storage {storage}) {problem}", seq=ev.seq, action=ev.action, storage=ev.storage, problem=problem),
+        hint=tr("a timeline needs exactly one alloc per storage and at most one free after it"),
     )
 
 

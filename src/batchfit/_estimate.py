@@ -20,6 +20,7 @@ from torch import nn
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
+from ._i18n import phase_word, tr
 from ._models import Workload, load_workload
 from ._render import Table
 from ._step import StepSpec, parse_loop
@@ -79,13 +80,18 @@ class StepEstimate:
         """Where the peak happens, in words: phase, iteration and module (with its class)."""
         module = self.peak_module
         if module == "optimizer":
-            where = "in optimizer.step()"
+            where = tr("in optimizer.step()")
         elif module:
             kind = self.module_types.get(module)
-            where = f"in module {module!r}" + (f" ({kind})" if kind else "")
+            where = tr("in module {module!r}", module=module) + (f" ({kind})" if kind else "")
         else:
-            where = "at the top level"
-        return f"{self.peak_phase}, iteration {self.peak_iteration}, {where}"
+            where = tr("at the top level")
+        return tr(
+            "{phase}, iteration {iteration}, {where}",
+            phase=phase_word(self.peak_phase),
+            iteration=self.peak_iteration,
+            where=where,
+        )
 
     @property
     def fits(self) -> bool | None:
@@ -315,35 +321,35 @@ def make_spec(
     ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
     """
     if device not in DEVICES:
-        raise BatchfitError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
+        raise BatchfitError(tr("unknown device {device!r}", device=device), hint=tr("use --device cuda or --device cpu"))
     if threads is not None and device != "cpu":
-        raise BatchfitError("--threads applies to --device cpu", hint="drop it, or use --device cpu")
+        raise BatchfitError(tr("--threads applies to --device cpu"), hint=tr("drop it, or use --device cpu"))
     if threads is not None and threads < 1:
-        raise BatchfitError(f"--threads must be at least 1, got {threads}", hint="e.g. --threads 4")
+        raise BatchfitError(tr("--threads must be at least 1, got {threads}", threads=threads), hint=tr("e.g. --threads 4"))
     if mode not in ("train", "inference"):
-        raise BatchfitError(f"unknown mode {mode!r}", hint="use --mode train or --mode inference")
+        raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use --mode train or --mode inference"))
     prec = parse_precision(precision)
     if device == "cpu" and prec.name == "amp-fp16":
-        raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use amp-bf16 on CPU")
+        raise BatchfitError(tr("amp-fp16 with a GradScaler is a CUDA recipe"), hint=tr("use amp-bf16 on CPU"))
     opt: OptimizerSpec = parse_optimizer(optimizer)
     loop = parse_loop(loop)
     if step is not None and loop != "pytorch":
         raise BatchfitError(
-            f"--step replaces the loop's iteration, so --loop {loop} does not apply",
-            hint="write that library's step into your --step function, or drop --step",
+            tr("--step replaces the loop's iteration, so --loop {loop} does not apply", loop=loop),
+            hint=tr("write that library's step into your --step function, or drop --step"),
         )
     if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
         try:
             last_batch = int(last_batch)
         except ValueError:
             raise BatchfitError(
-                f"cannot read --last-batch {last_batch!r}", hint="give a batch size, or auto (needs --dataset)"
+                tr("cannot read --last-batch {last_batch!r}", last_batch=last_batch), hint=tr("give a batch size, or auto (needs --dataset)")
             ) from None
     if isinstance(last_batch, str):
         last_batch = "auto"
     for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
         if isinstance(value, int) and value < 1:
-            raise BatchfitError(f"{name} must be at least 1, got {value}", hint="e.g. 32")
+            raise BatchfitError(tr("{name} must be at least 1, got {value}", name=name, value=value), hint=tr("e.g. 32"))
     spec = StepSpec(
         device,
         opt,
@@ -450,7 +456,7 @@ def _resolve_budget(
     if spec.device != "cuda":
         if gpu or memory or free or context is not None:
             raise BatchfitError(
-                "--gpu, --memory, --free and --context apply to --device cuda", hint="drop them, or use --device cuda"
+                tr("--gpu, --memory, --free and --context apply to --device cuda"), hint=tr("drop them, or use --device cuda")
             )
         return None
     from ._gpus import resolve_card
@@ -480,7 +486,7 @@ class Estimator:
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
-                "--last-batch auto needs the training set's size", hint="add --dataset NAME, or give --last-batch N"
+                tr("--last-batch auto needs the training set's size"), hint=tr("add --dataset NAME, or give --last-batch N")
             )
         self.workload = workload
         self.spec = spec
@@ -609,5 +615,5 @@ def estimate(
         return est.at(batch_size)
     sizes = list(batch_size)
     if not sizes:
-        raise BatchfitError("no batch size given", hint="e.g. batch_size=[64, 256]")
+        raise BatchfitError(tr("no batch size given"), hint=tr("e.g. batch_size=[64, 256]"))
     return EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None)

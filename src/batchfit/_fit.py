@@ -31,6 +31,7 @@ from ._compose import compose
 from ._errors import BatchfitError, ExitCode
 from ._estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
 from ._events import Event
+from ._i18n import tr
 from ._models import load_workload
 from ._render import Table
 from ._step import tail_sizes
@@ -179,11 +180,11 @@ class FitResult:
         One allocator replay of the affine timeline when it holds (milliseconds), else a trace.
         """
         if batch_size < 1:
-            raise BatchfitError(f"batch size must be at least 1, got {batch_size}", hint="e.g. 64")
+            raise BatchfitError(tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. 64"))
         est = self._estimator
         if est is None:
             raise BatchfitError(
-                "this FitResult does not carry its estimator", hint="use the FitResult that fit() returned"
+                tr("this FitResult does not carry its estimator"), hint=tr("use the FitResult that fit() returned")
             )
         timeline = self._timeline
         if timeline is None or not timeline.ok:
@@ -373,7 +374,7 @@ def fit(
     checked by tracing the whole run there (and lowered until it fits).
     """
     if not 0 < safety <= 1:
-        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
+        raise BatchfitError(tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8"))
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
         "cuda",
@@ -534,19 +535,27 @@ def _fit_from_traces(
     if best >= limit:
         if limit == numel_limit:
             notes.append(
-                f"memory would allow larger batches, but above {limit:,} a tensor would hold 2^31 elements or "
-                "more (many CUDA kernels index with 32-bit integers and fail or split their work there): "
-                "the max is capped at that size"
+                tr(
+                    "memory would allow larger batches, but above {limit:,} a tensor would hold 2^31 elements or "
+                    "more (many CUDA kernels index with 32-bit integers and fail or split their work there): "
+                    "the max is capped at that size",
+                    limit=limit,
+                )
             )
         else:
-            notes.append(f"the search stopped at {limit:,}: larger batches were not examined")
+            notes.append(tr("the search stopped at {limit:,}: larger batches were not examined", limit=limit))
 
     recommended = max(b1, math.floor(safety * best))
     size = workload.dataset.train_size if workload.dataset is not None else None
     if size is not None and best > size:
         notes.append(
-            f"the max ({best:,}) exceeds the whole {workload.dataset.name} training set ({size:,} samples): "  # type: ignore[union-attr]
-            f"one batch can hold all of it; the recommendation is capped at {size:,}"
+            tr(
+                "the max ({best:,}) exceeds the whole {dataset} training set ({size:,} samples): "
+                "one batch can hold all of it; the recommendation is capped at {size:,}",
+                best=best,
+                dataset=workload.dataset.name,  # type: ignore[union-attr]
+                size=size,
+            )
         )
         recommended = min(recommended, size)
     if recommended == b1:

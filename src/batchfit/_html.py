@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._render import Table
 from ._units import format_bytes
 
@@ -332,8 +333,8 @@ def check_report_path(path: str | Path) -> Path:
     out = Path(path)
     if out.suffix.lower() not in (".html", ".htm"):
         raise BatchfitError(
-            f"cannot write the report to {str(out)!r}: it is one HTML page",
-            hint="name the file FILE.html, e.g. --report report.html",
+            tr("cannot write the report to {out!r}: it is one HTML page", out=str(out)),
+            hint=tr("name the file FILE.html, e.g. --report report.html"),
             exit_code=ExitCode.USAGE,
         )
     return out
@@ -419,13 +420,13 @@ def report_html(result: Any, *, summary: ModelSummary | None = None, budget: Bud
 
             summary = summarise(est.workload)
         if summary is None:
-            raise BatchfitError("this FitResult does not carry its model", hint="use the FitResult that fit() returned")
+            raise BatchfitError(tr("this FitResult does not carry its model"), hint=tr("use the FitResult that fit() returned"))
         return plan_report(plan_from_fit(summary, result))
     if isinstance(result, StepEstimate):
         result = EstimateReport([result])
     if isinstance(result, EstimateReport) and result.results:
         return estimate_report(result, summary, budget)
-    raise BatchfitError(f"no report for {type(result).__name__}", hint="report a plan, a fit or an estimate")
+    raise BatchfitError(tr("no report for {name}", name=type(result).__name__), hint=tr("report a plan, a fit or an estimate"))
 
 
 def write_report(result: Any, path: str | Path, **kwargs: Any) -> Path:

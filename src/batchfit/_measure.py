@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._models import Workload, real_state
 from ._step import (
     Batch,
@@ -97,10 +98,8 @@ def measure_step(
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BatchfitError(
-            f"a real training step of {workload.name!r} failed ({where[0]}, batch size {batch_size}): "
-            f"{type(exc).__name__}{': ' + text if text else ''}",
-            hint="a real run uses your example_inputs' values (noise and zeros for --input shapes): check "
-            "them and the model; rerun with --debug for the traceback",
+            tr("a real training step of {name!r} failed ({where}, batch size {batch_size}): {name2}{value}", name=workload.name, where=where[0], batch_size=batch_size, name2=type(exc).__name__, value=': ' + text if text else ''),
+            hint=tr("a real run uses your example_inputs' values (noise and zeros for --input shapes): check them and the model; rerun with --debug for the traceback"),
         ) from exc
 
 
@@ -110,8 +109,8 @@ def _measure_step(
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "measuring on CUDA needs a GPU, and this machine has none",
-            hint="use `batchfit estimate` (no GPU needed), or `--device cpu` to measure a CPU run",
+            tr("measuring on CUDA needs a GPU, and this machine has none"),
+            hint=tr("use `batchfit estimate` (no GPU needed), or `--device cpu` to measure a CPU run"),
             exit_code=ExitCode.NO_DEVICE,
         )
     model = workload.model
@@ -130,7 +129,7 @@ def _measure_step(
         if spec.mode == "train":
             params = unique_trainable(model)
             if not params:
-                raise BatchfitError("the model has no trainable parameters", hint="use --mode inference")
+                raise BatchfitError(tr("the model has no trainable parameters"), hint=tr("use --mode inference"))
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":

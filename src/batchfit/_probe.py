@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._render import Table
 from ._units import format_bytes, mib_cell
 
@@ -249,9 +250,9 @@ def search(
     boundary, and ``notes`` says what was seen.
     """
     if method not in STRATEGIES:
-        raise BatchfitError(f"unknown search method {method!r}", hint=f"use one of {', '.join(STRATEGIES)}")
+        raise BatchfitError(tr("unknown search method {method!r}", method=method), hint=tr("use one of {names}", names=', '.join(STRATEGIES)))
     if start < 1:
-        raise BatchfitError(f"the search must start at a batch size >= 1, not {start}")
+        raise BatchfitError(tr("the search must start at a batch size >= 1, not {start}", start=start))
     strategy = STRATEGIES[method]
     cap = max_batch_size if max_batch_size is not None else 2**31 - 1
     start = min(start, cap)
@@ -753,22 +754,22 @@ def probe(
     import torch
 
     if not 0 < safety <= 1:
-        raise BatchfitError(f"safety must be in (0, 1], got {safety}", hint="the lesson's rule is 0.8")
+        raise BatchfitError(tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8"))
     if runner is None and not torch.cuda.is_available():
         raise BatchfitError(
-            "probe runs the training step on a CUDA GPU, and this machine has none",
-            hint="use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine",
+            tr("probe runs the training step on a CUDA GPU, and this machine has none"),
+            hint=tr("use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine"),
             exit_code=ExitCode.NO_DEVICE,
         )
     if memory_fraction is not None and not (isolate and 0 < memory_fraction <= 1):
         raise BatchfitError(
-            f"memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
-            hint="it changes a process-wide setting, so it is only applied inside the child processes",
+            tr("memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]", memory_fraction=memory_fraction),
+            hint=tr("it changes a process-wide setting, so it is only applied inside the child processes"),
         )
     if isolate and not isinstance(model, str) and runner is None:
         raise BatchfitError(
-            "isolate=True rebuilds the model in each child process, so it needs the model by name",
-            hint="pass a registry name or 'path/to/file.py:NAME', or drop isolate",
+            tr("isolate=True rebuilds the model in each child process, so it needs the model by name"),
+            hint=tr("pass a registry name or 'path/to/file.py:NAME', or drop isolate"),
         )
     config = None
     if isolate and runner is None:
@@ -806,7 +807,7 @@ def probe(
             estimated_max = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
         method, start_at, source = "estimate", max(1, estimated_max), "estimate"
     if start_at < 1:
-        raise BatchfitError(f"the probe must start at batch size >= 1, not {start_at}")
+        raise BatchfitError(tr("the probe must start at batch size >= 1, not {start_at}", start_at=start_at))
 
     device = "the given runner" if runner is not None else None
     if runner is None:
@@ -821,10 +822,8 @@ def probe(
     )
     if outcome.max_batch_size is None:
         raise BatchfitError(
-            f"{workload.name} does not fit this GPU even at batch size 1 ({len(outcome.attempts)} attempts, "
-            "all out of memory)",
-            hint="use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), "
-            "or a larger GPU; `batchfit estimate` shows where the memory goes",
+            tr("{name} does not fit this GPU even at batch size 1 ({n_attempts} attempts, all out of memory)", name=workload.name, n_attempts=len(outcome.attempts)),
+            hint=tr("use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), or a larger GPU; `batchfit estimate` shows where the memory goes"),
             exit_code=ExitCode.DOES_NOT_FIT,
         )
     best = outcome.max_batch_size
@@ -834,8 +833,8 @@ def probe(
         recommended = confirm_recommended(runner, outcome, safety)
         if recommended == 0:
             raise BatchfitError(
-                f"{workload.name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
-                hint="the device is not behaving consistently (other processes on the GPU?); rerun with --isolate",
+                tr("{name}: batch size {best:,} ran but every smaller size tried down to 1 failed", name=workload.name, best=best),
+                hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with --isolate"),
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
@@ -875,8 +874,8 @@ def _plain(value: Any, what: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise BatchfitError(
-        f"isolate=True sends the {what} to a child process, so it must be given as text, not {type(value).__name__}",
-        hint=f"name the {what} (e.g. 'adamw', or 'path/to/file.py:fn'), or drop isolate",
+        tr("isolate=True sends the {what} to a child process, so it must be given as text, not {name}", what=what, name=type(value).__name__),
+        hint=tr("name the {what} (e.g. 'adamw', or 'path/to/file.py:fn'), or drop isolate", what=what),
     )
 
 
@@ -942,8 +941,8 @@ def _child_fit(
     if result is None or result.get("status") not in ("fit", "batchfit_error"):
         tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
         raise BatchfitError(
-            f"estimating the start in a child process failed (exit code {done.returncode}): {tail}",
-            hint="pass start=N (--start N) or from_batch=16 (--from 16)",
+            tr("estimating the start in a child process failed (exit code {returncode}): {tail}", returncode=done.returncode, tail=tail),
+            hint=tr("pass start=N (--start N) or from_batch=16 (--from 16)"),
         )
     if result["status"] == "batchfit_error":
         raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))

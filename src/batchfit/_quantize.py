@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 # bitsandbytes/functional.py quantize_4bit: the default blocksize of the weights (64) and of the
 # second, nested quantisation of their absmax (quantize_blockwise(..., blocksize=256))
@@ -65,10 +66,10 @@ class QuantSpec:
             return cls(quant_type="fp4")
         if key in ("8bit", "8", "int8"):
             raise BatchfitError(
-                "--quantize 8bit (LLM.int8) is not modelled yet",
-                hint="use --quantize 4bit (QLoRA's NF4 with double quantisation)",
+                tr("--quantize 8bit (LLM.int8) is not modelled yet"),
+                hint=tr("use --quantize 4bit (QLoRA's NF4 with double quantisation)"),
             )
-        raise BatchfitError(f"unknown quantisation {value!r}", hint="use --quantize 4bit (NF4), nf4 or fp4")
+        raise BatchfitError(tr("unknown quantisation {value!r}", value=value), hint=tr("use --quantize 4bit (NF4), nf4 or fp4"))
 
     def __str__(self) -> str:
         nested = " with double quantisation" if self.double_quant else ""
@@ -222,7 +223,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
-            "--quantize found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
+            tr("--quantize found no nn.Linear layer to quantise"), hint=tr("it applies to models built of nn.Linear layers")
         )
     for parent, name, child in replaced:
         setattr(parent, name, Linear4bitModel(child, spec))
@@ -238,6 +239,6 @@ def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError as exc:
         raise BatchfitError(
-            "--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
+            tr("--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)"), hint=tr("pip install bitsandbytes")
         ) from exc
     return {Linear4bitModel: Linear4bit}

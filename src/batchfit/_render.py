@@ -8,6 +8,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def cell_len(text: str) -> int:
+    """The columns ``text`` takes in a terminal: CJK characters take two (rich's own measure)."""
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len as measure
+
+    return measure(text)
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns, on the left when ``right``."""
+    fill = " " * max(0, width - cell_len(text))
+    return fill + text if right else text + fill
+
+
 @dataclass
 class Table:
     """A titled table whose cells are already text; numeric columns are right-aligned."""
@@ -22,13 +37,13 @@ class Table:
         return list(self.right) if self.right is not None else [i > 0 for i in range(len(self.columns))]
 
     def __str__(self) -> str:
-        widths = [len(c) for c in self.columns]
+        widths = [cell_len(c) for c in self.columns]
         for row in self.rows:
-            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+            widths = [max(w, cell_len(cell)) for w, cell in zip(widths, row)]
         right = self._right()
 
         def line(cells: Sequence[str]) -> str:
-            out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+            out = [pad(c, w, r) for c, w, r in zip(cells, widths, right)]
             return "  ".join(out).rstrip()
 
         parts = [self.title] if self.title else []

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from ._i18n import tr
 from ._models import ModelInputs
 from ._training import (
     AUTO_LOSS,
@@ -499,7 +500,7 @@ def parse_loop(name: str) -> str:
     if key not in LOOPS:
         from ._errors import BatchfitError
 
-        raise BatchfitError(f"unknown loop {name!r}", hint=f"use one of {', '.join(LOOPS)}, or --step file.py:fn")
+        raise BatchfitError(tr("unknown loop {name!r}", name=name), hint=tr("use one of {names}, or --step file.py:fn", names=', '.join(LOOPS)))
     return key
 
 

@@ -36,7 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
+from ._i18n import tr
 from ._models import InputSpec, ModelInputs, Workload, fake_state, load_workload
+from ._render import pad
 from ._units import format_bytes
 
 SCHEMA_VERSION = 1
@@ -537,7 +539,7 @@ class ClassicSummary:
     def __str__(self) -> str:
         lines = [
             "-" * 64,
-            "{:>20}  {:>25} {:>15}".format("Layer (type)", "Output Shape", "Param #"),
+            f"{pad(tr('Layer (type)'), 20, True)}  {pad(tr('Output Shape'), 25, True)} {pad(tr('Param #'), 15, True)}",
             "=" * 64,
         ]
         for row in self.rows:
@@ -546,14 +548,14 @@ class ClassicSummary:
         inp, out, par, tot = self._sizes_mib()
         lines += [
             "=" * 64,
-            f"Total params: {total:,}",
-            f"Trainable params: {trainable:,}",
-            f"Non-trainable params: {total - trainable:,}",
+            tr("Total params: {n:,}", n=total),
+            tr("Trainable params: {n:,}", n=trainable),
+            tr("Non-trainable params: {n:,}", n=total - trainable),
             "-" * 64,
-            f"Input size (MB): {inp:0.2f}",
-            f"Forward/backward pass size (MB): {out:0.2f}",
-            f"Params size (MB): {par:0.2f}",
-            f"Estimated Total Size (MB): {tot:0.2f}",
+            tr("Input size (MB): {size:0.2f}", size=inp),
+            tr("Forward/backward pass size (MB): {size:0.2f}", size=out),
+            tr("Params size (MB): {size:0.2f}", size=par),
+            tr("Estimated Total Size (MB): {size:0.2f}", size=tot),
             "-" * 64,
         ]
         return "\n".join(lines)
@@ -828,14 +830,14 @@ def check_options(style: str, mode: str | None, depth: int = 0, batch_size: int 
     'same'
     """
     if style not in _DEFAULT_MODE:
-        raise BatchfitError(f"unknown style {style!r}", hint=f"use --style {' or --style '.join(_DEFAULT_MODE)}")
+        raise BatchfitError(tr("unknown style {style!r}", style=style), hint=tr("use --style {names}", names=' or --style '.join(_DEFAULT_MODE)))
     mode = mode or _DEFAULT_MODE[style]
     if mode not in _MODES:
-        raise BatchfitError(f"unknown mode {mode!r}", hint=f"use one of {', '.join(_MODES)}")
+        raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use one of {names}", names=', '.join(_MODES)))
     if depth < 0:
-        raise BatchfitError(f"depth must be 0 or more, got {depth}", hint="e.g. --depth 3")
+        raise BatchfitError(tr("depth must be 0 or more, got {depth}", depth=depth), hint=tr("e.g. --depth 3"))
     if batch_size is not None and batch_size < 1:
-        raise BatchfitError(f"batch size must be at least 1, got {batch_size}", hint="e.g. --batch-size 64")
+        raise BatchfitError(tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. --batch-size 64"))
     return mode  # type: ignore[return-value]
 
 
@@ -870,8 +872,8 @@ def summary(
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
     if input_data is None and not workload.inputs and workload.example_inputs is None:
         raise BatchfitError(
-            f"no input shape for model {workload.name!r}",
-            hint="give one sample's shape (input_size=(3, 224, 224), --input 3,224,224) or a --dataset",
+            tr("no input shape for model {name!r}", name=workload.name),
+            hint=tr("give one sample's shape (input_size=(3, 224, 224), --input 3,224,224) or a --dataset"),
         )
     shown_batch = batch_size or 1
     recorder, inputs = _record(workload, shown_batch, mode, count_flops=True, input_data=input_data)

@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
 from .._errors import BatchfitError, ExitCode
+from .._i18n import language_from_env, set_language, tr
 
 app = typer.Typer(
     name="batchfit",
@@ -51,6 +52,15 @@ def set_debug(value: bool) -> None:
 
 
 DEBUG_HELP = "Show full tracebacks (and PyTorch's own logs) instead of short error messages."
+LANG_HELP = "The language of the output: en or zh (default: from LANGUAGE, LC_ALL, LC_MESSAGES or LANG)."
+
+
+def choose_language(lang: str | None) -> None:
+    """``--lang``, else the environment's locale (``LANG=zh_CN.UTF-8``): see batchfit._i18n."""
+    try:
+        set_language(lang if lang is not None else language_from_env())
+    except BatchfitError as exc:
+        raise typer.BadParameter(f"{exc.message} ({exc.hint})", param_hint="'--lang'") from None
 
 
 class _Command(TyperCommand):
@@ -72,6 +82,15 @@ class _Command(TyperCommand):
                 help=DEBUG_HELP,
             )
         )
+        self.params.append(
+            TyperOption(
+                param_decls=["--lang"],
+                default=None,
+                expose_value=False,
+                callback=lambda ctx, param, value: choose_language(value) if value is not None else None,
+                help=LANG_HELP,
+            )
+        )
 
 
 def handle_errors(fn: F) -> F:
@@ -91,16 +110,16 @@ def handle_errors(fn: F) -> F:
         except BatchfitError as exc:
             if debug_enabled():
                 raise
-            err_console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+            err_console.print(f"[bold red]{tr('error:')}[/] {exc.message}", soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[bold]hint:[/] {exc.hint}", soft_wrap=True)
+                err_console.print(f"[bold]{tr('hint:')}[/] {exc.hint}", soft_wrap=True)
             raise typer.Exit(int(exc.exit_code)) from None
         except Exception as exc:
             if debug_enabled():
                 raise
             err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
-                "This is a bug in batchfit; rerun with --debug for the traceback and report it.",
+                f"[bold red]{tr('internal error:')}[/] {type(exc).__name__}: {exc}\n"
+                + tr("This is a bug in batchfit; rerun with --debug for the traceback and report it."),
                 soft_wrap=True,
             )
             raise typer.Exit(int(ExitCode.INTERNAL)) from None

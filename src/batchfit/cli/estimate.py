@@ -9,6 +9,7 @@ import typer
 
 from .._errors import BatchfitError, ExitCode
 from .._estimate import EstimateReport, Estimator, make_spec, threads_text
+from .._i18n import tr
 from .._render import Table, show
 from .._step import StepSpec
 from .._units import format_bytes
@@ -170,8 +171,8 @@ def measure_cmd(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "--device cuda needs a GPU, and this machine has none",
-            hint="use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run",
+            tr("--device cuda needs a GPU, and this machine has none"),
+            hint=tr("use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run"),
             exit_code=ExitCode.NO_DEVICE,
         )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)

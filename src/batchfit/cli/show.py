@@ -12,6 +12,7 @@ from rich.console import Console
 from .._data import DatasetReport
 from .._errors import BatchfitError
 from .._estimate import EstimateReport
+from .._i18n import tr
 from .._render import Table
 from .._render import show as show_table
 from .._units import format_bytes
@@ -26,7 +27,7 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         return [float(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
         raise BatchfitError(
-            f"cannot read --{what} {text!r}", hint=f"give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5"
+            tr("cannot read --{what} {text!r}", what=what, text=text), hint=tr("give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5", what=what)
         ) from None
 
 
@@ -113,7 +114,7 @@ def show(
 
     sizes = parse_int_list(batch_size)
     if grid < 0:
-        raise BatchfitError(f"--grid must be 0 or more, not {grid}", hint="e.g. --grid 16, or --grid 0 for none")
+        raise BatchfitError(tr("--grid must be 0 or more, not {grid}", grid=grid), hint=tr("e.g. --grid 16, or --grid 0 for none"))
     loaded = bdata.load_dataset(
         dataset,
         root=root,
