@@ -66,6 +66,8 @@ def _unmarked_texts(node: ast.expr | None) -> list[ast.expr]:
         return _unmarked_texts(node.body) + _unmarked_texts(node.orelse)
     if isinstance(node, ast.BinOp):
         return _unmarked_texts(node.left) + _unmarked_texts(node.right)
+    if isinstance(node, ast.List):
+        return [t for e in node.elts for t in _unmarked_texts(e)]
     return []
 
 
@@ -76,14 +78,26 @@ def fields(text: str) -> set[tuple[str, str, str]]:
     }
 
 
+# BatchfitError and its subclasses (DoesNotFit's second argument is its advice, a list of hints)
+_ERRORS = ("BatchfitError", "DoesNotFit", "ProbeError")
+
+
 def test_every_error_message_is_marked() -> None:
     bad = []
     for path in sorted(SRC.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "BatchfitError":
-                parts = [*node.args[:1], *(k.value for k in node.keywords if k.arg == "hint")]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _ERRORS:
+                advice = [k.value for k in node.keywords if k.arg in ("hint", "advice")]
+                parts = [*node.args[:2], *advice]
                 bad += [f"{path.name}:{t.lineno}" for part in parts for t in _unmarked_texts(part)]
     assert not bad, f"BatchfitError messages or hints without tr(): {bad}"
+    subclasses = {
+        node.name
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and any(isinstance(b, ast.Name) and b.id in _ERRORS for b in node.bases)
+    }
+    assert subclasses <= set(_ERRORS), f"add the new error classes to _ERRORS: {subclasses - set(_ERRORS)}"
 
 
 def test_the_marker_is_found_everywhere() -> None:

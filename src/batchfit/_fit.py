@@ -610,9 +610,10 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
         if not at(lowest).fits:
             plain = _does_not_fit(run_est, at(lowest))
             eval_size = run_est.spec.eval_batch_size
-            advice = [f"a smaller --eval-batch-size than {eval_size:,}"] if eval_size else []
+            advice = [tr("a smaller --eval-batch-size than {size:,}", size=eval_size)] if eval_size else []
             raise DoesNotFit(
-                f"{plain.message} (with the training run's tail: {at(lowest).peak_where})", advice + plain.advice
+                tr("{message} (with the training run's tail: {where})", message=plain.message, where=at(lowest).peak_where),
+                advice + plain.advice,
             )
         lo, hi = lowest, upper
         while hi - lo > 1:
@@ -893,10 +894,13 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
     advice = []
     if fixed["optimizer_state"]:
-        advice.append(f"SGD without momentum keeps no optimizer state: saves {gib(fixed['optimizer_state'])}")
+        advice.append(tr("SGD without momentum keeps no optimizer state: saves {size}", size=gib(fixed["optimizer_state"])))
     if est.spec.precision.name in ("fp32", "amp-bf16", "amp-fp16"):
         advice.append(
-            f"--precision bf16 stores parameters, gradients and optimizer state in 16 bits: saves about {gib(model_states // 2)}"
+            tr(
+                "--precision bf16 stores parameters, gradients and optimizer state in 16 bits: saves about {size}",
+                size=gib(model_states // 2),
+            )
         )
     if est.spec.precision.name == "fp32":
         try:
@@ -906,21 +910,34 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
                 gpu=None,
                 memory=budget.budget_bytes,
             ).at(1)
-            advice.append(f"--precision amp-bf16 needs {gib(amp.total_bytes or 0)} at batch size 1 (vs {gib(need)})")
+            advice.append(
+                tr(
+                    "--precision amp-bf16 needs {size} at batch size 1 (vs {need})",
+                    size=gib(amp.total_bytes or 0),
+                    need=gib(need),
+                )
+            )
         except BatchfitError:
             pass
     larger = sorted((c for c in list_gpus() if c.memory_bytes >= need + 1), key=lambda c: c.memory_bytes)
     if larger:
-        advice.append(f"a larger card: {larger[0].name} ({gib(larger[0].memory_bytes)}) holds it")
+        advice.append(tr("a larger card: {name} ({size}) holds it", name=larger[0].name, size=gib(larger[0].memory_bytes)))
     per_gpu_room = budget.budget_bytes - card.non_allocator_bytes - (need - card.non_allocator_bytes - model_states)
     if per_gpu_room > 0 and model_states:
         k = math.ceil(model_states / per_gpu_room)
         if k > 1:
-            advice.append(f"sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs")
-    message = (
-        f"{est.workload.name} does not fit {card.name} even at batch size 1: it needs {gib(need)} "
-        f"of {gib(budget.budget_bytes)} (parameters {gib(fixed['parameters'])}, gradients {gib(fixed['gradients'])}, "
-        f"optimizer state {gib(fixed['optimizer_state'])}, CUDA context {gib(card.non_allocator_bytes)})"
+            advice.append(tr("sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs", k=k))
+    message = tr(
+        "{model} does not fit {card} even at batch size 1: it needs {need} of {budget} (parameters {params}, "
+        "gradients {grads}, optimizer state {state}, CUDA context {context})",
+        model=est.workload.name,
+        card=card.name,
+        need=gib(need),
+        budget=gib(budget.budget_bytes),
+        params=gib(fixed["parameters"]),
+        grads=gib(fixed["gradients"]),
+        state=gib(fixed["optimizer_state"]),
+        context=gib(card.non_allocator_bytes),
     )
     return DoesNotFit(message, advice)
 

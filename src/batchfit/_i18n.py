@@ -14,7 +14,7 @@ from ``--lang`` or, without it, from ``LANGUAGE``/``LC_ALL``/``LC_MESSAGES``/``L
 "unknown model 'resnet17'"
 >>> with language("zh"):
 ...     tr("unknown model {name!r}", name="resnet17")
-"未知模型 'resnet17'"
+"未知的模型 'resnet17'"
 """
 
 from __future__ import annotations
@@ -79,9 +79,14 @@ def get_language() -> str:
     return _state["lang"]
 
 
+def _language_code(locale_name: str) -> str:
+    """``"zh_CN.UTF-8"``, ``"zh-Hans"``, ``"zh"`` -> ``"zh"`` (the part before territory, codeset and modifier)."""
+    return locale_name.strip().split(".")[0].split("@")[0].replace("-", "_").split("_")[0].lower()
+
+
 def normalize_language(name: str) -> str:
     """``"zh_CN.UTF-8"`` -> ``"zh"``; an unknown language is a :class:`BatchfitError`."""
-    code = name.strip().split(".")[0].split("@")[0].replace("-", "_").split("_")[0].lower()
+    code = _language_code(name)
     if code not in LANGUAGES:
         raise BatchfitError(
             tr("unknown language {name!r}", name=name),
@@ -114,8 +119,8 @@ def language(lang: str) -> Iterator[None]:
 
 def language_from_env(environ: Mapping[str, str] | None = None) -> str:
     """The language the environment asks for, as gettext reads it: the first set variable of
-    ``LANGUAGE`` (a ``:``-separated list), ``LC_ALL``, ``LC_MESSAGES``, ``LANG``; ``"zh"`` if it starts
-    with ``zh``, else English (``C``, ``POSIX`` and languages without a catalogue fall back to English).
+    ``LANGUAGE`` (a ``:``-separated list: its first entry), ``LC_ALL``, ``LC_MESSAGES``, ``LANG``; its
+    language code if it has a catalogue (``zh_CN.UTF-8`` -> ``"zh"``), else English (``C``, ``POSIX``, others).
 
     >>> language_from_env({"LANG": "zh_CN.UTF-8"}), language_from_env({"LC_ALL": "C", "LANG": "zh_CN.UTF-8"})
     ('zh', 'en')
@@ -124,8 +129,8 @@ def language_from_env(environ: Mapping[str, str] | None = None) -> str:
     for var in _ENV_VARS:
         value = env.get(var, "")
         if value:
-            first = value.split(":")[0]
-            return "zh" if first.lower().startswith("zh") else "en"
+            code = _language_code(value.split(":")[0])
+            return code if code in LANGUAGES else "en"
     return "en"
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, ExitCode
-from ._i18n import tr
+from ._i18n import get_language, language_from_env, set_language, tr
 from ._render import Table
 from ._units import format_bytes, mib_cell
 
@@ -271,8 +271,8 @@ def search(
             on_attempt(a)
         if a.status == "error":
             raise ProbeError(
-                f"batch size {b:,} failed with an error that is not out-of-memory: {a.message}",
-                hint="fix that error first (it would fail at any batch size); rerun with --debug for details",
+                tr("batch size {batch:,} failed with an error that is not out-of-memory: {error}", batch=b, error=a.message),
+                hint=tr("fix that error first (it would fail at any batch size); rerun with --debug for details"),
                 attempts=attempts,
             )
         return a.ok
@@ -335,7 +335,7 @@ def confirm_recommended(runs: Runner, outcome: SearchOutcome, safety: float) -> 
             tried[rec] = a
             if a.status == "error":
                 raise ProbeError(
-                    f"batch size {rec:,} failed with an error that is not out-of-memory: {a.message}",
+                    tr("batch size {batch:,} failed with an error that is not out-of-memory: {error}", batch=rec, error=a.message),
                     attempts=outcome.attempts,
                 )
         if a.ok or rec == 1:
@@ -449,6 +449,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src_root()), path) if p)
+    env["LANGUAGE"] = get_language()  # the child's messages come back to the user: in the parent's language
     env.update(extra or {})
     return env
 
@@ -991,6 +992,7 @@ def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
 def _main() -> None:
     """Child entry point of :func:`isolated_runner`: JSON payload on stdin, one JSON line out."""
     payload = json.loads(sys.stdin.read())
+    set_language(language_from_env())
     print(json.dumps(run_child(payload)), flush=True)
 
 
