@@ -242,6 +242,17 @@ def test_chinese_table_columns_line_up(answer_key_zh: str) -> None:
             assert start == 0 or shown[start - 2 : start] == "  "
 
 
+def test_plain_table_pads_by_terminal_columns() -> None:
+    """A header of CJK characters (two columns each) still sits over its column in plain text."""
+    from batchfit._render import Table, cell_len
+
+    text = str(Table("", ["批次大小", "显存"], [["64", "1.05 MB"], ["4,096", "19.75 MB"]]))
+    header, dashes, *rows = text.splitlines()
+    assert dashes == "--------  --------"  # 8 columns: four characters of two columns each
+    assert cell_len(header) == len(dashes) == len(rows[1])
+    assert str(Table("", ["batch", "memory"], [["64", "1.05 MB"]])).splitlines()[0] == "batch   memory"
+
+
 def test_error_in_chinese_keeps_the_exit_code() -> None:
     args = ("fit", "mlp", "--dataset", "mnist", "--gpu", "h1000")
     en = _invoke(*args)

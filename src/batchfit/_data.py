@@ -285,7 +285,7 @@ def _load_preset(
         if missing:
             folder = os.path.commonpath([str(f.parent) for f in files])
             raise BatchfitError(
-                tr("{name} is not in {resolve}: missing {names} (expected in {resolve2}; torchvision needs all of {names2})", name=info.name, resolve=root.resolve(), names=', '.join(f.name for f in missing), resolve2=Path(folder).resolve(), names2=', '.join(f.name for f in files)),
+                tr("{name} is not in {root}: missing {missing} (expected in {folder}; torchvision needs all of {files})", name=info.name, root=root.resolve(), missing=', '.join(f.name for f in missing), folder=Path(folder).resolve(), files=', '.join(f.name for f in files)),
                 hint=tr("add --download to fetch it into {resolve}, or point --root (or ${env_root}) at the directory that holds it", resolve=root.resolve(), env_root=ENV_ROOT),
             )
     m, s = _normalization(info.mean, info.std, mean, std, info.shape[0])

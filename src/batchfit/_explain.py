@@ -151,7 +151,7 @@ def layer_failure(
     given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
     if module is None:
         return BatchfitError(
-            tr("running {name!r} failed before any layer ran: {name2}: {exc}", name=workload.name, name2=type(exc).__name__, exc=exc),
+            tr("running {model!r} failed before any layer ran: {error}: {exc}", model=workload.name, error=type(exc).__name__, exc=exc),
             hint=tr("check the inputs (given: {given}); rerun with --debug for the traceback", given=given),
         )
     where = (

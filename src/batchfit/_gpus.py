@@ -175,7 +175,7 @@ def card_from_entry(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> Gp
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BatchfitError(
-            tr("GPU catalogue entry {get!r} is malformed ({name}: {exc})", get=entry.get('key', '?'), name=type(exc).__name__, exc=exc),
+            tr("GPU catalogue entry {key!r} is malformed ({error}: {exc})", key=entry.get('key', '?'), error=type(exc).__name__, exc=exc),
             hint=tr("each card needs key, name, compute_capability and memory/cublas_workspace {bytes, status, source}"),
         ) from None
 

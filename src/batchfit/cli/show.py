@@ -137,7 +137,7 @@ def show(
     if grid:
         window = (out is None and not as_json and bdata.display_available()) if show_window is None else show_window
         if window and not bdata.display_available():
-            err_console.print("note: no display for --show; save the grid with --out grid.png")
+            err_console.print(tr("note: no display for --show; save the grid with --out grid.png"))
             window = False
         if out is not None or window:
             fig = bdata.sample_grid(loaded, grid, seed, interactive=window)
@@ -148,7 +148,7 @@ def show(
             labels = tuple(int(loaded.dataset[i][1]) for i in indices)
             report = report.with_grid(bdata.GridInfo(tuple(indices), labels, seed, str(out) if out else None))
         elif not as_json:
-            err_console.print(f"note: no display here; add --out grid.png to save {grid} random samples")
+            err_console.print(tr("note: no display here; add --out grid.png to save {grid} random samples", grid=grid))
     beside = _gpu_beside_host(report, model, gpu, optimizer) if model else None
     if as_json:
         data = report.to_dict()
