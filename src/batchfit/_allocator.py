@@ -298,12 +298,20 @@ class AllocatorConfig:
     def __post_init__(self) -> None:
         if len(self.roundup_power2_divisions) != _ROUNDUP_INTERVALS:
             raise BatchfitError(
-                tr("roundup_power2_divisions needs {roundup_intervals} entries (1 MiB .. 64 GiB), not {n_roundup_power2_divisions}", roundup_intervals=_ROUNDUP_INTERVALS, n_roundup_power2_divisions=len(self.roundup_power2_divisions)),
+                tr(
+                    "roundup_power2_divisions needs {roundup_intervals} entries (1 MiB .. 64 GiB), not {n_roundup_power2_divisions}",
+                    roundup_intervals=_ROUNDUP_INTERVALS,
+                    n_roundup_power2_divisions=len(self.roundup_power2_divisions),
+                ),
                 hint=tr("use AllocatorConfig.parse('roundup_power2_divisions:4') or a 16-tuple"),
             )
         if self.max_split_size_bytes is not None and self.max_split_size_bytes < self.large_segment_size_bytes:
             raise BatchfitError(
-                tr("max_split_size ({max_split_size_bytes}) is below the large segment size ({large_segment_size_bytes})", max_split_size_bytes=format_bytes(self.max_split_size_bytes), large_segment_size_bytes=format_bytes(self.large_segment_size_bytes)),
+                tr(
+                    "max_split_size ({max_split_size_bytes}) is below the large segment size ({large_segment_size_bytes})",
+                    max_split_size_bytes=format_bytes(self.max_split_size_bytes),
+                    large_segment_size_bytes=format_bytes(self.large_segment_size_bytes),
+                ),
                 hint=tr("PyTorch requires max_split_size_mb >= 20 (or >= large_segment_size_mb)"),
             )
 
@@ -1092,7 +1100,10 @@ def simulate(
     cfg = AllocatorConfig() if config is None else config
     if cfg.backend != "native":
         raise BatchfitError(
-            tr("the allocator backend {backend!r} is not modelled (it is CUDA's own stream-ordered allocator)", backend=cfg.backend),
+            tr(
+                "the allocator backend {backend!r} is not modelled (it is CUDA's own stream-ordered allocator)",
+                backend=cfg.backend,
+            ),
             hint=tr("drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for the estimate"),
             exit_code=ExitCode.UNSUPPORTED,
         )
@@ -1188,7 +1199,13 @@ def simulate(
 
 def _trace_error(ev: Event, problem: str) -> BatchfitError:
     return BatchfitError(
-        tr("event {seq} ({action} of storage {storage}) {problem}", seq=ev.seq, action=ev.action, storage=ev.storage, problem=problem),
+        tr(
+            "event {seq} ({action} of storage {storage}) {problem}",
+            seq=ev.seq,
+            action=ev.action,
+            storage=ev.storage,
+            problem=problem,
+        ),
         hint=tr("a timeline needs exactly one alloc per storage and at most one free after it"),
     )
 

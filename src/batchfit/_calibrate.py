@@ -88,7 +88,10 @@ def calibrate(
     seen when they are created.
     """
     if not device.startswith("cuda"):
-        raise BatchfitError(tr("calibration measures a CUDA device, not {device!r}", device=device), hint=tr("use device='cuda' or 'cuda:N'"))
+        raise BatchfitError(
+            tr("calibration measures a CUDA device, not {device!r}", device=device),
+            hint=tr("use device='cuda' or 'cuda:N'"),
+        )
     import torch
 
     if dry_run is None:

@@ -103,12 +103,18 @@ def _torchvision_class(info: DatasetInfo) -> type:
     if info.name == "digits":  # registered for batchfit.sweep, which reads scikit-learn's copy
         raise BatchfitError(
             tr("the digits ship inside scikit-learn as an array, not as torchvision files or image folders"),
-            hint=tr("use them with `batchfit sweep MODEL --dataset digits`, or pick mnist, fashion-mnist or cifar10 here"),
+            hint=tr(
+                "use them with `batchfit sweep MODEL --dataset digits`, or pick mnist, fashion-mnist or cifar10 here"
+            ),
         )
     if info.torchvision_class is None or info.torchvision_class not in _REQUIRED_FILES:
         raise BatchfitError(
             tr("batchfit cannot load {name!r} by itself (torchvision does not download it)", name=info.name),
-            hint=tr("extract it and pass the folder of class sub-folders, e.g. batchfit show path/to/{name}/train --size {shape}", name=info.name, shape=info.shape[-1]),
+            hint=tr(
+                "extract it and pass the folder of class sub-folders, e.g. batchfit show path/to/{name}/train --size {shape}",
+                name=info.name,
+                shape=info.shape[-1],
+            ),
         )
     return getattr(torchvision.datasets, info.torchvision_class)  # type: ignore[no-any-return]
 
@@ -208,7 +214,9 @@ def load_dataset(
     ``mean``/``std`` replace the normalisation (presets: the seed's; folders: 0.5 per channel).
     """
     if size is not None and size < 1:
-        raise BatchfitError(tr("--size must be a positive number of pixels, not {size}", size=size), hint=tr("e.g. --size 64"))
+        raise BatchfitError(
+            tr("--size must be a positive number of pixels, not {size}", size=size), hint=tr("e.g. --size 64")
+        )
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _load_folder(path, split, size, mean, std)
@@ -224,7 +232,9 @@ def load_dataset(
     try:
         info = get_dataset(text)
     except BatchfitError as exc:
-        raise BatchfitError(exc.message, hint=tr("{hint}; or give a folder of class sub-folders", hint=exc.hint)) from None
+        raise BatchfitError(
+            exc.message, hint=tr("{hint}; or give a folder of class sub-folders", hint=exc.hint)
+        ) from None
     return _load_preset(info, Path(root) if root is not None else default_root(), split, download, size, mean, std)
 
 
@@ -235,7 +245,9 @@ def _loadable() -> list[str]:
 def _check_split(split: str | None) -> str:
     split = split or "train"
     if split not in SPLITS:
-        raise BatchfitError(tr("unknown split {split!r}", split=split), hint=tr("use one of {names}", names=', '.join(SPLITS)))
+        raise BatchfitError(
+            tr("unknown split {split!r}", split=split), hint=tr("use one of {names}", names=", ".join(SPLITS))
+        )
     return split
 
 
@@ -251,7 +263,12 @@ def _normalization(
     for what, values in (("mean", m), ("std", s)):
         if len(values) not in (1, channels):
             raise BatchfitError(
-                tr("--{what} has {n_values} values for images with {channels} channel(s)", what=what, n_values=len(values), channels=channels),
+                tr(
+                    "--{what} has {n_values} values for images with {channels} channel(s)",
+                    what=what,
+                    n_values=len(values),
+                    channels=channels,
+                ),
                 hint=tr("give one value, or one per channel ({channels})", channels=channels),
             )
     if any(v <= 0 for v in s):
@@ -285,8 +302,19 @@ def _load_preset(
         if missing:
             folder = os.path.commonpath([str(f.parent) for f in files])
             raise BatchfitError(
-                tr("{name} is not in {root}: missing {missing} (expected in {folder}; torchvision needs all of {files})", name=info.name, root=root.resolve(), missing=', '.join(f.name for f in missing), folder=Path(folder).resolve(), files=', '.join(f.name for f in files)),
-                hint=tr("add --download to fetch it into {resolve}, or point --root (or ${env_root}) at the directory that holds it", resolve=root.resolve(), env_root=ENV_ROOT),
+                tr(
+                    "{name} is not in {root}: missing {missing} (expected in {folder}; torchvision needs all of {files})",
+                    name=info.name,
+                    root=root.resolve(),
+                    missing=", ".join(f.name for f in missing),
+                    folder=Path(folder).resolve(),
+                    files=", ".join(f.name for f in files),
+                ),
+                hint=tr(
+                    "add --download to fetch it into {resolve}, or point --root (or ${env_root}) at the directory that holds it",
+                    resolve=root.resolve(),
+                    env_root=ENV_ROOT,
+                ),
             )
     m, s = _normalization(info.mean, info.std, mean, std, info.shape[0])
     pre = (*_resize(size), transforms.ToTensor())
@@ -302,7 +330,12 @@ def _load_preset(
         ) from None
     except (RuntimeError, AssertionError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         raise BatchfitError(
-            tr("the {name} files in {resolve} are incomplete or corrupted: {exc}", name=info.name, resolve=root.resolve(), exc=exc),
+            tr(
+                "the {name} files in {resolve} are incomplete or corrupted: {exc}",
+                name=info.name,
+                resolve=root.resolve(),
+                exc=exc,
+            ),
             hint=tr("delete {resolve} and fetch it again with --download", resolve=files[0].parent.resolve()),
         ) from None
     classes = tuple(str(c) for c in getattr(dataset, "classes", info.classes))
@@ -335,7 +368,8 @@ def _load_folder(
         folder = path / split
         if not folder.is_dir():
             raise BatchfitError(
-                tr("{path} has no {split!r} sub-folder", path=path, split=split), hint=tr("leave --split out to use the folder as it is")
+                tr("{path} has no {split!r} sub-folder", path=path, split=split),
+                hint=tr("leave --split out to use the folder as it is"),
             )
     # ImageFolder's loader converts every image to RGB: three channels.
     m, s = _normalization((FOLDER_MEAN_STD,), (FOLDER_MEAN_STD,), mean, std, 3)
@@ -393,7 +427,9 @@ def sample_indices(num_samples: int, n: int, seed: int = DEFAULT_GRID_SEED) -> l
     True
     """
     if n < 1:
-        raise BatchfitError(tr("the grid needs at least one image, not {n}", n=n), hint=tr("e.g. --grid 16, or --grid 0 for none"))
+        raise BatchfitError(
+            tr("the grid needs at least one image, not {n}", n=n), hint=tr("e.g. --grid 16, or --grid 0 for none")
+        )
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_samples, generator=generator)[: min(n, num_samples)].tolist()
 
@@ -655,12 +691,22 @@ def host_memory(
     the dataset holds the whole dataset, as a DataLoader would yield it.
     """
     if batch_size < 1:
-        raise BatchfitError(tr("batch size must be at least 1, not {batch_size}", batch_size=batch_size), hint=tr("e.g. --batch-size 64"))
+        raise BatchfitError(
+            tr("batch size must be at least 1, not {batch_size}", batch_size=batch_size),
+            hint=tr("e.g. --batch-size 64"),
+        )
     if num_workers < 0:
-        raise BatchfitError(tr("--num-workers must be 0 or more, not {num_workers}", num_workers=num_workers), hint=tr("e.g. --num-workers 4"))
+        raise BatchfitError(
+            tr("--num-workers must be 0 or more, not {num_workers}", num_workers=num_workers),
+            hint=tr("e.g. --num-workers 4"),
+        )
     if prefetch_factor is not None and (num_workers == 0 or prefetch_factor < 1):
         raise BatchfitError(
-            tr("prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})", prefetch_factor=prefetch_factor, num_workers=num_workers),
+            tr(
+                "prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})",
+                prefetch_factor=prefetch_factor,
+                num_workers=num_workers,
+            ),
             hint=tr("give --num-workers 1 or more, or leave --prefetch-factor out (DataLoader's own rule)"),
         )
     if isinstance(dataset, LoadedDataset):
@@ -928,7 +974,11 @@ def describe(
         raw, _ = next(iter(DataLoader(data.unnormalized(), batch_size=probe, shuffle=False)))
     except RuntimeError as exc:  # default_collate cannot stack images of different sizes
         raise BatchfitError(
-            tr("the images in {name} have different sizes, so a DataLoader cannot batch them ({exc})", name=data.name, exc=exc),
+            tr(
+                "the images in {name} have different sizes, so a DataLoader cannot batch them ({exc})",
+                name=data.name,
+                exc=exc,
+            ),
             hint=tr("give --size N (size=N) to resize and centre-crop them all to N x N"),
         ) from None
     rows = []

@@ -321,11 +321,15 @@ def make_spec(
     ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
     """
     if device not in DEVICES:
-        raise BatchfitError(tr("unknown device {device!r}", device=device), hint=tr("use --device cuda or --device cpu"))
+        raise BatchfitError(
+            tr("unknown device {device!r}", device=device), hint=tr("use --device cuda or --device cpu")
+        )
     if threads is not None and device != "cpu":
         raise BatchfitError(tr("--threads applies to --device cpu"), hint=tr("drop it, or use --device cpu"))
     if threads is not None and threads < 1:
-        raise BatchfitError(tr("--threads must be at least 1, got {threads}", threads=threads), hint=tr("e.g. --threads 4"))
+        raise BatchfitError(
+            tr("--threads must be at least 1, got {threads}", threads=threads), hint=tr("e.g. --threads 4")
+        )
     if mode not in ("train", "inference"):
         raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use --mode train or --mode inference"))
     prec = parse_precision(precision)
@@ -343,13 +347,16 @@ def make_spec(
             last_batch = int(last_batch)
         except ValueError:
             raise BatchfitError(
-                tr("cannot read --last-batch {last_batch!r}", last_batch=last_batch), hint=tr("give a batch size, or auto (needs --dataset)")
+                tr("cannot read --last-batch {last_batch!r}", last_batch=last_batch),
+                hint=tr("give a batch size, or auto (needs --dataset)"),
             ) from None
     if isinstance(last_batch, str):
         last_batch = "auto"
     for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
         if isinstance(value, int) and value < 1:
-            raise BatchfitError(tr("{name} must be at least 1, got {value}", name=name, value=value), hint=tr("e.g. 32"))
+            raise BatchfitError(
+                tr("{name} must be at least 1, got {value}", name=name, value=value), hint=tr("e.g. 32")
+            )
     spec = StepSpec(
         device,
         opt,
@@ -456,7 +463,8 @@ def _resolve_budget(
     if spec.device != "cuda":
         if gpu or memory or free or context is not None:
             raise BatchfitError(
-                tr("--gpu, --memory, --free and --context apply to --device cuda"), hint=tr("drop them, or use --device cuda")
+                tr("--gpu, --memory, --free and --context apply to --device cuda"),
+                hint=tr("drop them, or use --device cuda"),
             )
         return None
     from ._gpus import resolve_card
@@ -486,7 +494,8 @@ class Estimator:
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
-                tr("--last-batch auto needs the training set's size"), hint=tr("add --dataset NAME, or give --last-batch N")
+                tr("--last-batch auto needs the training set's size"),
+                hint=tr("add --dataset NAME, or give --last-batch N"),
             )
         self.workload = workload
         self.spec = spec

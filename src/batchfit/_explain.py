@@ -151,7 +151,12 @@ def layer_failure(
     given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
     if module is None:
         return BatchfitError(
-            tr("running {model!r} failed before any layer ran: {error}: {exc}", model=workload.name, error=type(exc).__name__, exc=exc),
+            tr(
+                "running {model!r} failed before any layer ran: {error}: {exc}",
+                model=workload.name,
+                error=type(exc).__name__,
+                exc=exc,
+            ),
             hint=tr("check the inputs (given: {given}); rerun with --debug for the traceback", given=given),
         )
     where = (
@@ -162,7 +167,9 @@ def layer_failure(
     if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)):
         return BatchfitError(
             tr("{where} needs real data to run ({name}: {exc})", where=where, name=type(exc).__name__, exc=exc),
-            hint=tr("batchfit runs the forward on fake tensors (no data): data-dependent control flow (.item(), nonzero, boolean masks) is not supported"),
+            hint=tr(
+                "batchfit runs the forward on fake tensors (no data): data-dependent control flow (.item(), nonzero, boolean masks) is not supported"
+            ),
             exit_code=ExitCode.UNSUPPORTED,
         )
     expect = _expectation(module)

@@ -180,7 +180,9 @@ class FitResult:
         One allocator replay of the affine timeline when it holds (milliseconds), else a trace.
         """
         if batch_size < 1:
-            raise BatchfitError(tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. 64"))
+            raise BatchfitError(
+                tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. 64")
+            )
         est = self._estimator
         if est is None:
             raise BatchfitError(
@@ -374,7 +376,9 @@ def fit(
     checked by tracing the whole run there (and lowered until it fits).
     """
     if not 0 < safety <= 1:
-        raise BatchfitError(tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8"))
+        raise BatchfitError(
+            tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8")
+        )
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
         "cuda",
@@ -612,7 +616,11 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
             eval_size = run_est.spec.eval_batch_size
             advice = [tr("a smaller --eval-batch-size than {size:,}", size=eval_size)] if eval_size else []
             raise DoesNotFit(
-                tr("{message} (with the training run's tail: {where})", message=plain.message, where=at(lowest).peak_where),
+                tr(
+                    "{message} (with the training run's tail: {where})",
+                    message=plain.message,
+                    where=at(lowest).peak_where,
+                ),
                 advice + plain.advice,
             )
         lo, hi = lowest, upper
@@ -894,7 +902,9 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
     advice = []
     if fixed["optimizer_state"]:
-        advice.append(tr("SGD without momentum keeps no optimizer state: saves {size}", size=gib(fixed["optimizer_state"])))
+        advice.append(
+            tr("SGD without momentum keeps no optimizer state: saves {size}", size=gib(fixed["optimizer_state"]))
+        )
     if est.spec.precision.name in ("fp32", "amp-bf16", "amp-fp16"):
         advice.append(
             tr(
@@ -921,12 +931,16 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
             pass
     larger = sorted((c for c in list_gpus() if c.memory_bytes >= need + 1), key=lambda c: c.memory_bytes)
     if larger:
-        advice.append(tr("a larger card: {name} ({size}) holds it", name=larger[0].name, size=gib(larger[0].memory_bytes)))
+        advice.append(
+            tr("a larger card: {name} ({size}) holds it", name=larger[0].name, size=gib(larger[0].memory_bytes))
+        )
     per_gpu_room = budget.budget_bytes - card.non_allocator_bytes - (need - card.non_allocator_bytes - model_states)
     if per_gpu_room > 0 and model_states:
         k = math.ceil(model_states / per_gpu_room)
         if k > 1:
-            advice.append(tr("sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs", k=k))
+            advice.append(
+                tr("sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs", k=k)
+            )
     message = tr(
         "{model} does not fit {card} even at batch size 1: it needs {need} of {budget} (parameters {params}, "
         "gradients {grads}, optimizer state {state}, CUDA context {context})",

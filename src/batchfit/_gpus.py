@@ -175,8 +175,15 @@ def card_from_entry(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> Gp
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BatchfitError(
-            tr("GPU catalogue entry {key!r} is malformed ({error}: {exc})", key=entry.get('key', '?'), error=type(exc).__name__, exc=exc),
-            hint=tr("each card needs key, name, compute_capability and memory/cublas_workspace {bytes, status, source}"),
+            tr(
+                "GPU catalogue entry {key!r} is malformed ({error}: {exc})",
+                key=entry.get("key", "?"),
+                error=type(exc).__name__,
+                exc=exc,
+            ),
+            hint=tr(
+                "each card needs key, name, compute_capability and memory/cublas_workspace {bytes, status, source}"
+            ),
         ) from None
 
 
@@ -465,10 +472,13 @@ def _with_context(budget: Budget, context: str | int | None) -> Budget:
             size = parse_size(context) if isinstance(context, str) else int(context)
         except (BatchfitError, ValueError):
             raise BatchfitError(
-                tr("--context must be a size, not {context!r}", context=context), hint=tr("e.g. --context 600MiB (2^20 B each), or bytes")
+                tr("--context must be a size, not {context!r}", context=context),
+                hint=tr("e.g. --context 600MiB (2^20 B each), or bytes"),
             ) from None
         if size < 0:
-            raise BatchfitError(tr("--context must not be negative, not {context!r}", context=context), hint=tr("e.g. --context 600MiB"))
+            raise BatchfitError(
+                tr("--context must not be negative, not {context!r}", context=context), hint=tr("e.g. --context 600MiB")
+            )
         nbytes, prov = size, Provenance("nominal", "--context")
     else:
         import os
@@ -606,7 +616,9 @@ def _resolve_card(
 def _parse_memory(memory: str | int) -> int:
     size = parse_size(memory) if isinstance(memory, str) else int(memory)
     if size <= 0:
-        raise BatchfitError(tr("--memory must be positive, not {memory!r}", memory=memory), hint=tr("e.g. --memory 24GiB"))
+        raise BatchfitError(
+            tr("--memory must be positive, not {memory!r}", memory=memory), hint=tr("e.g. --memory 24GiB")
+        )
     return size
 
 

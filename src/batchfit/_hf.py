@@ -266,7 +266,8 @@ def resolve_config(ref: str) -> HFConfig:
         path = path / "config.json"
         if not path.is_file():
             raise BatchfitError(
-                tr("{name!r} is a directory without a config.json", name=name), hint=tr("point hf: at the model's folder")
+                tr("{name!r} is a directory without a config.json", name=name),
+                hint=tr("point hf: at the model's folder"),
             )
     if path.is_file():
         return HFConfig(name, _read_json(path), str(path))
@@ -278,7 +279,11 @@ def resolve_config(ref: str) -> HFConfig:
     close = difflib.get_close_matches(name.lower(), [*_ALIASES, *(n.lower() for n in BUILTIN_CONFIGS)], n=3)
     raise BatchfitError(
         tr("{name!r} is neither a built-in config, a path, nor in the local Hugging Face cache", name=name),
-        hint=(tr("did you mean {names}?", names=", ".join("hf:" + _ALIASES.get(c, c) for c in close)) + " " if close else "")
+        hint=(
+            tr("did you mean {names}?", names=", ".join("hf:" + _ALIASES.get(c, c) for c in close)) + " "
+            if close
+            else ""
+        )
         + tr(
             "batchfit never downloads: fetch the config first (`huggingface-cli download {name} config.json`), "
             "or give a path to a folder or config.json; `batchfit models` lists the built-ins",
@@ -291,10 +296,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise BatchfitError(tr("cannot read {path!r} as JSON: {exc}", path=str(path), exc=exc), hint=tr("give the model's config.json")) from exc
+        raise BatchfitError(
+            tr("cannot read {path!r} as JSON: {exc}", path=str(path), exc=exc), hint=tr("give the model's config.json")
+        ) from exc
     if not isinstance(values, dict) or "model_type" not in values:
         raise BatchfitError(
-            tr("{path!r} is not a transformers config (no model_type)", path=str(path)), hint=tr("give the model's config.json")
+            tr("{path!r} is not a transformers config (no model_type)", path=str(path)),
+            hint=tr("give the model's config.json"),
         )
     return values
 
@@ -322,7 +330,12 @@ def build_config(cfg: HFConfig, *, num_labels: int | None = None) -> Any:
         return transformers.AutoConfig.for_model(model_type, **values)
     except ValueError as exc:
         raise BatchfitError(
-            tr("transformers {version} does not know model_type {model_type!r}: {exc}", version=transformers.__version__, model_type=model_type, exc=exc),
+            tr(
+                "transformers {version} does not know model_type {model_type!r}: {exc}",
+                version=transformers.__version__,
+                model_type=model_type,
+                exc=exc,
+            ),
             hint=tr("upgrade transformers (pip install -U transformers)"),
         ) from exc
 
@@ -333,7 +346,9 @@ def model_class(config: Any, task: str | None) -> tuple[Any, str]:
     if task is not None:
         key = task.strip().lower().replace("_", "-")
         if key not in TASKS:
-            raise BatchfitError(tr("unknown task {task!r}", task=task), hint=tr("use one of {names}", names=', '.join(TASKS)))
+            raise BatchfitError(
+                tr("unknown task {task!r}", task=task), hint=tr("use one of {names}", names=", ".join(TASKS))
+            )
         return getattr(transformers, TASKS[key]), key
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
@@ -388,7 +403,9 @@ def build_hf_model(
     implementation = attn
     if attn is not None:
         if attn not in ATTENTION:
-            raise BatchfitError(tr("unknown attention {attn!r}", attn=attn), hint=tr("use one of {names}", names=', '.join(ATTENTION)))
+            raise BatchfitError(
+                tr("unknown attention {attn!r}", attn=attn), hint=tr("use one of {names}", names=", ".join(ATTENTION))
+            )
         if attn == "flash_attention_2":
             # flash-attn needs a GPU to install; its kernel saves what SDPA's flash kernel saves
             # (the output and the log-sum-exp), which the CUDA trace runs for SDPA on sm80+
@@ -400,7 +417,12 @@ def build_hf_model(
         notes.append(f"{seq_len} tokens per sample (default; set --seq-len)")
     if seq_len < 1 or (limit is not None and seq_len > limit):
         raise BatchfitError(
-            tr("sequence length {seq_len} is outside 1..{limit} for {name}", seq_len=seq_len, limit=limit, name=cfg.name),
+            tr(
+                "sequence length {seq_len} is outside 1..{limit} for {name}",
+                seq_len=seq_len,
+                limit=limit,
+                name=cfg.name,
+            ),
             hint=tr("use --seq-len up to the model's max_position_embeddings ({limit})", limit=limit),
         )
     kwargs = {"attn_implementation": implementation} if implementation is not None else {}
@@ -412,7 +434,9 @@ def build_hf_model(
                 else cls._from_config(config, **kwargs)
             )
     except (ValueError, ImportError) as exc:
-        raise BatchfitError(tr("building {name} failed: {exc}", name=cfg.name, exc=exc), hint=tr("check --attn and --task")) from exc
+        raise BatchfitError(
+            tr("building {name} failed: {exc}", name=cfg.name, exc=exc), hint=tr("check --attn and --task")
+        ) from exc
     if gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
@@ -420,7 +444,8 @@ def build_hf_model(
         )
         if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
             raise BatchfitError(
-                tr("{name} does not support gradient checkpointing", name=type(model).__name__), hint=tr("drop --gradient-checkpointing")
+                tr("{name} does not support gradient checkpointing", name=type(model).__name__),
+                hint=tr("drop --gradient-checkpointing"),
             )
         enable()
         notes.append("gradient checkpointing on (the model's gradient_checkpointing_enable())")

@@ -420,13 +420,17 @@ def report_html(result: Any, *, summary: ModelSummary | None = None, budget: Bud
 
             summary = summarise(est.workload)
         if summary is None:
-            raise BatchfitError(tr("this FitResult does not carry its model"), hint=tr("use the FitResult that fit() returned"))
+            raise BatchfitError(
+                tr("this FitResult does not carry its model"), hint=tr("use the FitResult that fit() returned")
+            )
         return plan_report(plan_from_fit(summary, result))
     if isinstance(result, StepEstimate):
         result = EstimateReport([result])
     if isinstance(result, EstimateReport) and result.results:
         return estimate_report(result, summary, budget)
-    raise BatchfitError(tr("no report for {name}", name=type(result).__name__), hint=tr("report a plan, a fit or an estimate"))
+    raise BatchfitError(
+        tr("no report for {name}", name=type(result).__name__), hint=tr("report a plan, a fit or an estimate")
+    )
 
 
 def write_report(result: Any, path: str | Path, **kwargs: Any) -> Path:

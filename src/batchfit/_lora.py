@@ -67,7 +67,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise BatchfitError(tr("--lora needs the peft package, which is not installed"), hint=tr("pip install peft")) from exc
+        raise BatchfitError(
+            tr("--lora needs the peft package, which is not installed"), hint=tr("pip install peft")
+        ) from exc
     # "all-linear": peft's own rule, every Linear/Conv1D but a transformers model's output layer
     # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
     targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
@@ -84,5 +86,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise BatchfitError(
             tr("peft could not add LoRA adapters: {exc}", exc=exc),
-            hint=tr("name target modules with --lora-targets (this model's Linear layers: {names})", names=', '.join(names[:12])),
+            hint=tr(
+                "name target modules with --lora-targets (this model's Linear layers: {names})",
+                names=", ".join(names[:12]),
+            ),
         ) from exc

@@ -98,8 +98,17 @@ def measure_step(
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BatchfitError(
-            tr("a real training step of {model!r} failed ({where}, batch size {batch_size}): {error}{detail}", model=workload.name, where=where[0], batch_size=batch_size, error=type(exc).__name__, detail=': ' + text if text else ''),
-            hint=tr("a real run uses your example_inputs' values (noise and zeros for --input shapes): check them and the model; rerun with --debug for the traceback"),
+            tr(
+                "a real training step of {model!r} failed ({where}, batch size {batch_size}): {error}{detail}",
+                model=workload.name,
+                where=where[0],
+                batch_size=batch_size,
+                error=type(exc).__name__,
+                detail=": " + text if text else "",
+            ),
+            hint=tr(
+                "a real run uses your example_inputs' values (noise and zeros for --input shapes): check them and the model; rerun with --debug for the traceback"
+            ),
         ) from exc
 
 

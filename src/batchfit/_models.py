@@ -80,7 +80,7 @@ class InputSpec:
             if dtype_name.strip().lower() not in _DTYPES:
                 raise BatchfitError(
                     tr("unknown dtype {dtype_name!r} in --input {text!r}", dtype_name=dtype_name, text=text),
-                    hint=tr("use one of {names}", names=', '.join(sorted(set(_DTYPES)))),
+                    hint=tr("use one of {names}", names=", ".join(sorted(set(_DTYPES)))),
                 )
             dtype = _DTYPES[dtype_name.strip().lower()]
         parts = [p for p in re.split(r"[,x× ]+", body.strip().strip("()[]")) if p]
@@ -91,7 +91,9 @@ class InputSpec:
         if not shape or any(d <= 0 for d in shape):
             raise BatchfitError(
                 tr("cannot read the input shape {text!r}", text=text),
-                hint=tr("give one sample's shape without the batch dimension, e.g. --input 1,28,28 or --input 128:int64"),
+                hint=tr(
+                    "give one sample's shape without the batch dimension, e.g. --input 1,28,28 or --input 128:int64"
+                ),
             )
         return cls(shape, dtype)
 
@@ -267,7 +269,10 @@ class CNN(nn.Module):
 
 def _single_input(inputs: Sequence[InputSpec], model: str) -> InputSpec:
     if len(inputs) != 1:
-        raise BatchfitError(tr("model {model!r} takes one input, got {n_inputs}", model=model, n_inputs=len(inputs)), hint=tr("give --input once"))
+        raise BatchfitError(
+            tr("model {model!r} takes one input, got {n_inputs}", model=model, n_inputs=len(inputs)),
+            hint=tr("give --input once"),
+        )
     return inputs[0]
 
 
@@ -341,14 +346,16 @@ def _timm_entry(name: str) -> ModelEntry:
         import timm
     except ImportError as exc:
         raise BatchfitError(
-            tr("model {name!r} needs the timm package, which is not installed", name='timm:' + name),
+            tr("model {name!r} needs the timm package, which is not installed", name="timm:" + name),
             hint=tr("pip install timm"),
         ) from exc
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise BatchfitError(
             tr("timm has no model {name!r}", name=name),
-            hint=tr("did you mean {names}?", names=', '.join('timm:' + c for c in close)) if close else tr("see timm.list_models()"),
+            hint=tr("did you mean {names}?", names=", ".join("timm:" + c for c in close))
+            if close
+            else tr("see timm.list_models()"),
         )
     cfg = timm.get_pretrained_cfg(name)
     default_input = tuple(cfg.input_size) if cfg is not None and getattr(cfg, "input_size", None) else (3, 224, 224)
@@ -371,7 +378,9 @@ def import_target(spec: str) -> tuple[Any, Any]:
     if location.endswith(".py") or "/" in location or "\\" in location:
         path = Path(location)
         if not path.is_file():
-            raise BatchfitError(tr("model file {path!r} does not exist", path=str(path)), hint=tr("check the path before ':'"))
+            raise BatchfitError(
+                tr("model file {path!r} does not exist", path=str(path)), hint=tr("check the path before ':'")
+            )
         mod_name = f"{_USER_MODULE}{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         if loader_spec is None or loader_spec.loader is None:
@@ -384,7 +393,12 @@ def import_target(spec: str) -> tuple[Any, Any]:
         except Exception as exc:
             del sys.modules[mod_name]
             raise BatchfitError(
-                tr("importing model file {path!r} failed: {name}: {exc}", path=str(path), name=type(exc).__name__, exc=exc),
+                tr(
+                    "importing model file {path!r} failed: {name}: {exc}",
+                    path=str(path),
+                    name=type(exc).__name__,
+                    exc=exc,
+                ),
                 hint=tr("fix the error in that file (rerun with --debug for the traceback)"),
             ) from exc
     else:
@@ -392,7 +406,12 @@ def import_target(spec: str) -> tuple[Any, Any]:
             module = importlib.import_module(location)
         except Exception as exc:
             raise BatchfitError(
-                tr("importing module {location!r} failed: {name}: {exc}", location=location, name=type(exc).__name__, exc=exc),
+                tr(
+                    "importing module {location!r} failed: {name}: {exc}",
+                    location=location,
+                    name=type(exc).__name__,
+                    exc=exc,
+                ),
                 hint=tr("check that the package is installed and importable (rerun with --debug for the traceback)"),
             ) from exc
     if not hasattr(module, attr):
@@ -400,7 +419,9 @@ def import_target(spec: str) -> tuple[Any, Any]:
         close = difflib.get_close_matches(attr, names, n=3)
         raise BatchfitError(
             tr("{location!r} defines no {attr!r}", location=location, attr=attr),
-            hint=tr("did you mean {names}?", names=', '.join(repr(c) for c in close)) if close else tr("name an nn.Module class or a function"),
+            hint=tr("did you mean {names}?", names=", ".join(repr(c) for c in close))
+            if close
+            else tr("name an nn.Module class or a function"),
         )
     return module, getattr(module, attr)
 
@@ -427,7 +448,8 @@ def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
     module, target = import_target(spec)
     if not callable(target):
         raise BatchfitError(
-            tr("{spec!r} is not a class or function", spec=spec), hint=tr("name an nn.Module class or a function returning one")
+            tr("{spec!r} is not a class or function", spec=spec),
+            hint=tr("name an nn.Module class or a function returning one"),
         )
 
     def build(inputs: Sequence[InputSpec], num_classes: int | None, **kwargs: Any) -> nn.Module:
@@ -440,8 +462,15 @@ def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
             if num_classes is None or "num_classes" not in str(exc):
                 raise
             raise BatchfitError(
-                tr("--num-classes {num_classes} was given, but {spec!r} takes no num_classes argument ({exc})", num_classes=num_classes, spec=spec, exc=exc),
-                hint=tr("drop --num-classes (your code builds the head), or give the class/function a num_classes parameter"),
+                tr(
+                    "--num-classes {num_classes} was given, but {spec!r} takes no num_classes argument ({exc})",
+                    num_classes=num_classes,
+                    spec=spec,
+                    exc=exc,
+                ),
+                hint=tr(
+                    "drop --num-classes (your code builds the head), or give the class/function a num_classes parameter"
+                ),
             ) from exc
         if not isinstance(made, nn.Module):
             raise BatchfitError(tr("{spec!r} returned {name}, not an nn.Module", spec=spec, name=type(made).__name__))
@@ -507,7 +536,7 @@ def load_workload(
         given = [name for name, value in hf_only.items() if value]
         if given:
             raise BatchfitError(
-                tr("{names} apply to Hugging Face models only (hf:ID_OR_PATH)", names=', '.join(given)),
+                tr("{names} apply to Hugging Face models only (hf:ID_OR_PATH)", names=", ".join(given)),
                 hint=tr("name the model as hf:ID or hf:path/to/config.json, or drop the option"),
             )
         workload = _load_workload(model, input_size, dataset, num_classes, example_inputs, **model_kwargs)
@@ -627,7 +656,9 @@ def _load_workload(
     except BatchfitError:
         raise
     except TypeError as exc:
-        raise BatchfitError(tr("building model {model!r} failed: {exc}", model=model, exc=exc), hint=tr("check the model's arguments")) from exc
+        raise BatchfitError(
+            tr("building model {model!r} failed: {exc}", model=model, exc=exc), hint=tr("check the model's arguments")
+        ) from exc
     except Exception as exc:
         raise BatchfitError(
             tr("building model {model!r} failed: {name}: {exc}", model=model, name=type(exc).__name__, exc=exc),

@@ -117,7 +117,11 @@ def per_example_grad_stats(
     n = inputs.shape[0]
     if n < 2 or targets.shape[0] != n:
         raise BatchfitError(
-            tr("the noise scale needs at least 2 examples with one target each, got {n} inputs and {shape} targets", n=n, shape=targets.shape[0]),
+            tr(
+                "the noise scale needs at least 2 examples with one target each, got {n} inputs and {shape} targets",
+                n=n,
+                shape=targets.shape[0],
+            ),
             hint=tr("give a few hundred examples"),
         )
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}

@@ -90,8 +90,14 @@ def check_plot_path(path: str | Path) -> Path:
     out = Path(path)
     if out.suffix.lower() not in PLOT_FORMATS:
         raise BatchfitError(
-            tr("cannot write the plot to {out!r}: unknown image type {value!r}", out=str(out), value=out.suffix or '(no extension)'),
-            hint=tr("name the file {names}, e.g. --plot memory.png", names=' or '.join('FILE' + e for e in PLOT_FORMATS)),
+            tr(
+                "cannot write the plot to {out!r}: unknown image type {value!r}",
+                out=str(out),
+                value=out.suffix or "(no extension)",
+            ),
+            hint=tr(
+                "name the file {names}, e.g. --plot memory.png", names=" or ".join("FILE" + e for e in PLOT_FORMATS)
+            ),
             exit_code=ExitCode.USAGE,
         )
     return out
@@ -730,7 +736,9 @@ class AnswerKey:
                     "inputs: the images and their int64 labels; activ. + temps: saved for backward + everything else "
                     "alive at the peak (parameters and gradients make up the rest)"
                 ),
-                tr("KiB = 1024 B, MiB = 1024^2 B; MB = 10^6 B. A real CPU training step measures the same, to the byte."),
+                tr(
+                    "KiB = 1024 B, MiB = 1024^2 B; MB = 10^6 B. A real CPU training step measures the same, to the byte."
+                ),
             ],
         )
 
@@ -831,7 +839,10 @@ class AnswerKey:
         f = self.fit
         raw = math.floor(f.safety * f.max_batch_size)
         lines = [
-            tr("The batch size to use (the lesson's rule: about {safety:g} x the largest batch that fits):", safety=f.safety),
+            tr(
+                "The batch size to use (the lesson's rule: about {safety:g} x the largest batch that fits):",
+                safety=f.safety,
+            ),
             "  " + tr("card: {card}", card=f.budget_description),
             tr(
                 "  largest batch that fits: {max:,}; {safety:g} x {max:,} = {raw:,}",

@@ -250,7 +250,10 @@ def search(
     boundary, and ``notes`` says what was seen.
     """
     if method not in STRATEGIES:
-        raise BatchfitError(tr("unknown search method {method!r}", method=method), hint=tr("use one of {names}", names=', '.join(STRATEGIES)))
+        raise BatchfitError(
+            tr("unknown search method {method!r}", method=method),
+            hint=tr("use one of {names}", names=", ".join(STRATEGIES)),
+        )
     if start < 1:
         raise BatchfitError(tr("the search must start at a batch size >= 1, not {start}", start=start))
     strategy = STRATEGIES[method]
@@ -271,7 +274,11 @@ def search(
             on_attempt(a)
         if a.status == "error":
             raise ProbeError(
-                tr("batch size {batch:,} failed with an error that is not out-of-memory: {error}", batch=b, error=a.message),
+                tr(
+                    "batch size {batch:,} failed with an error that is not out-of-memory: {error}",
+                    batch=b,
+                    error=a.message,
+                ),
                 hint=tr("fix that error first (it would fail at any batch size); rerun with --debug for details"),
                 attempts=attempts,
             )
@@ -335,7 +342,11 @@ def confirm_recommended(runs: Runner, outcome: SearchOutcome, safety: float) -> 
             tried[rec] = a
             if a.status == "error":
                 raise ProbeError(
-                    tr("batch size {batch:,} failed with an error that is not out-of-memory: {error}", batch=rec, error=a.message),
+                    tr(
+                        "batch size {batch:,} failed with an error that is not out-of-memory: {error}",
+                        batch=rec,
+                        error=a.message,
+                    ),
                     attempts=outcome.attempts,
                 )
         if a.ok or rec == 1:
@@ -755,7 +766,9 @@ def probe(
     import torch
 
     if not 0 < safety <= 1:
-        raise BatchfitError(tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8"))
+        raise BatchfitError(
+            tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8")
+        )
     if runner is None and not torch.cuda.is_available():
         raise BatchfitError(
             tr("probe runs the training step on a CUDA GPU, and this machine has none"),
@@ -764,7 +777,10 @@ def probe(
         )
     if memory_fraction is not None and not (isolate and 0 < memory_fraction <= 1):
         raise BatchfitError(
-            tr("memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]", memory_fraction=memory_fraction),
+            tr(
+                "memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
+                memory_fraction=memory_fraction,
+            ),
             hint=tr("it changes a process-wide setting, so it is only applied inside the child processes"),
         )
     if isolate and not isinstance(model, str) and runner is None:
@@ -823,8 +839,14 @@ def probe(
     )
     if outcome.max_batch_size is None:
         raise BatchfitError(
-            tr("{name} does not fit this GPU even at batch size 1 ({n_attempts} attempts, all out of memory)", name=workload.name, n_attempts=len(outcome.attempts)),
-            hint=tr("use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), or a larger GPU; `batchfit estimate` shows where the memory goes"),
+            tr(
+                "{name} does not fit this GPU even at batch size 1 ({n_attempts} attempts, all out of memory)",
+                name=workload.name,
+                n_attempts=len(outcome.attempts),
+            ),
+            hint=tr(
+                "use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), or a larger GPU; `batchfit estimate` shows where the memory goes"
+            ),
             exit_code=ExitCode.DOES_NOT_FIT,
         )
     best = outcome.max_batch_size
@@ -834,7 +856,11 @@ def probe(
         recommended = confirm_recommended(runner, outcome, safety)
         if recommended == 0:
             raise BatchfitError(
-                tr("{name}: batch size {best:,} ran but every smaller size tried down to 1 failed", name=workload.name, best=best),
+                tr(
+                    "{name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
+                    name=workload.name,
+                    best=best,
+                ),
                 hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with --isolate"),
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
@@ -875,7 +901,11 @@ def _plain(value: Any, what: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise BatchfitError(
-        tr("isolate=True sends the {what} to a child process, so it must be given as text, not {name}", what=what, name=type(value).__name__),
+        tr(
+            "isolate=True sends the {what} to a child process, so it must be given as text, not {name}",
+            what=what,
+            name=type(value).__name__,
+        ),
         hint=tr("name the {what} (e.g. 'adamw', or 'path/to/file.py:fn'), or drop isolate", what=what),
     )
 
@@ -942,7 +972,11 @@ def _child_fit(
     if result is None or result.get("status") not in ("fit", "batchfit_error"):
         tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
         raise BatchfitError(
-            tr("estimating the start in a child process failed (exit code {returncode}): {tail}", returncode=done.returncode, tail=tail),
+            tr(
+                "estimating the start in a child process failed (exit code {returncode}): {tail}",
+                returncode=done.returncode,
+                tail=tail,
+            ),
             hint=tr("pass start=N (--start N) or from_batch=16 (--from 16)"),
         )
     if result["status"] == "batchfit_error":

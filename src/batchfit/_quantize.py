@@ -69,7 +69,9 @@ class QuantSpec:
                 tr("--quantize 8bit (LLM.int8) is not modelled yet"),
                 hint=tr("use --quantize 4bit (QLoRA's NF4 with double quantisation)"),
             )
-        raise BatchfitError(tr("unknown quantisation {value!r}", value=value), hint=tr("use --quantize 4bit (NF4), nf4 or fp4"))
+        raise BatchfitError(
+            tr("unknown quantisation {value!r}", value=value), hint=tr("use --quantize 4bit (NF4), nf4 or fp4")
+        )
 
     def __str__(self) -> str:
         nested = " with double quantisation" if self.double_quant else ""
@@ -223,7 +225,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
-            tr("--quantize found no nn.Linear layer to quantise"), hint=tr("it applies to models built of nn.Linear layers")
+            tr("--quantize found no nn.Linear layer to quantise"),
+            hint=tr("it applies to models built of nn.Linear layers"),
         )
     for parent, name, child in replaced:
         setattr(parent, name, Linear4bitModel(child, spec))
@@ -239,6 +242,7 @@ def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError as exc:
         raise BatchfitError(
-            tr("--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)"), hint=tr("pip install bitsandbytes")
+            tr("--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)"),
+            hint=tr("pip install bitsandbytes"),
         ) from exc
     return {Linear4bitModel: Linear4bit}

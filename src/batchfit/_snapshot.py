@@ -65,7 +65,11 @@ def snapshot(estimate: StepEstimate, *, at: At = "end") -> dict[str, Any]:
     check_device(estimate.device)
     if not estimate.events:
         raise BatchfitError(
-            tr("the estimate at batch size {batch_size} has no event timeline ({method})", batch_size=estimate.batch_size, method=estimate.method),
+            tr(
+                "the estimate at batch size {batch_size} has no event timeline ({method})",
+                batch_size=estimate.batch_size,
+                method=estimate.method,
+            ),
             hint=tr("a snapshot needs a traced step; this model could only be extrapolated from real runs"),
             exit_code=ExitCode.UNSUPPORTED,
         )
@@ -190,7 +194,10 @@ def check_snapshot_path(path: str | Path) -> Path:
     out = Path(path)
     if out.suffix.lower() not in (".pickle", ".pkl"):
         raise BatchfitError(
-            tr("cannot write a memory snapshot to {out!r}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)", out=str(out)),
+            tr(
+                "cannot write a memory snapshot to {out!r}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)",
+                out=str(out),
+            ),
             hint=tr("name the file FILE.pickle, e.g. --snapshot step.pickle"),
             exit_code=ExitCode.USAGE,
         )

@@ -500,7 +500,10 @@ def parse_loop(name: str) -> str:
     if key not in LOOPS:
         from ._errors import BatchfitError
 
-        raise BatchfitError(tr("unknown loop {name!r}", name=name), hint=tr("use one of {names}, or --step file.py:fn", names=', '.join(LOOPS)))
+        raise BatchfitError(
+            tr("unknown loop {name!r}", name=name),
+            hint=tr("use one of {names}, or --step file.py:fn", names=", ".join(LOOPS)),
+        )
     return key
 
 

@@ -830,14 +830,22 @@ def check_options(style: str, mode: str | None, depth: int = 0, batch_size: int 
     'same'
     """
     if style not in _DEFAULT_MODE:
-        raise BatchfitError(tr("unknown style {style!r}", style=style), hint=tr("use --style {names}", names=' or --style '.join(_DEFAULT_MODE)))
+        raise BatchfitError(
+            tr("unknown style {style!r}", style=style),
+            hint=tr("use --style {names}", names=" or --style ".join(_DEFAULT_MODE)),
+        )
     mode = mode or _DEFAULT_MODE[style]
     if mode not in _MODES:
-        raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use one of {names}", names=', '.join(_MODES)))
+        raise BatchfitError(
+            tr("unknown mode {mode!r}", mode=mode), hint=tr("use one of {names}", names=", ".join(_MODES))
+        )
     if depth < 0:
         raise BatchfitError(tr("depth must be 0 or more, got {depth}", depth=depth), hint=tr("e.g. --depth 3"))
     if batch_size is not None and batch_size < 1:
-        raise BatchfitError(tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. --batch-size 64"))
+        raise BatchfitError(
+            tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size),
+            hint=tr("e.g. --batch-size 64"),
+        )
     return mode  # type: ignore[return-value]
 
 

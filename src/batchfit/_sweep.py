@@ -84,7 +84,10 @@ def scaled_lr(base_lr: float, base_batch: int, batch_size: int, rule: str) -> fl
     (0.04, 0.02, 0.01)
     """
     if rule not in LR_SCALING:
-        raise BatchfitError(tr("unknown learning-rate rule {rule!r}", rule=rule), hint=tr("use one of {names}", names=', '.join(LR_SCALING)))
+        raise BatchfitError(
+            tr("unknown learning-rate rule {rule!r}", rule=rule),
+            hint=tr("use one of {names}", names=", ".join(LR_SCALING)),
+        )
     return base_lr * LR_SCALING[rule](batch_size / base_batch)
 
 
@@ -201,7 +204,10 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
                 raise
             raise BatchfitError(
                 exc.message,
-                hint=tr("point --root at the folder that holds them, or fetch them once with `batchfit show {name} --download --root DIR` (sweep never downloads)", name=info.name),
+                hint=tr(
+                    "point --root at the folder that holds them, or fetch them once with `batchfit show {name} --download --root DIR` (sweep never downloads)",
+                    name=info.name,
+                ),
             ) from None
         source = f"{loaded.source} from {loaded.root.resolve()} (train split trains, test split validates)"
         xs, ys = [], []
@@ -209,7 +215,10 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
             xs.append(xb)
             ys.append(torch.as_tensor(yb, dtype=torch.int64))
         if not xs:
-            raise BatchfitError(tr("the {split} split of {name} in {root} is empty", split=split, name=info.name, root=root), hint=tr("check the files"))
+            raise BatchfitError(
+                tr("the {split} split of {name} in {root} is empty", split=split, name=info.name, root=root),
+                hint=tr("check the files"),
+            )
         parts.append((torch.cat(xs), torch.cat(ys)))
     (x_train, y_train), (x_val, y_val) = parts
     return TrainData(info.name, source, x_train, y_train, x_val, y_val, info)
@@ -308,8 +317,16 @@ def _explained(batch_size: int, sample_shape: tuple[int, ...]) -> Iterator[None]
     except (RuntimeError, ValueError, IndexError) as exc:
         shape = ", ".join(str(d) for d in (batch_size, *sample_shape))
         raise BatchfitError(
-            tr("training the model at batch size {batch_size:,} failed: {name}: {exc}", batch_size=batch_size, name=type(exc).__name__, exc=exc),
-            hint=tr("the model must take a float batch of shape ({shape}) and return (N, classes) logits for cross-entropy against integer labels (rerun with --debug for the traceback)", shape=shape),
+            tr(
+                "training the model at batch size {batch_size:,} failed: {name}: {exc}",
+                batch_size=batch_size,
+                name=type(exc).__name__,
+                exc=exc,
+            ),
+            hint=tr(
+                "the model must take a float batch of shape ({shape}) and return (N, classes) logits for cross-entropy against integer labels (rerun with --debug for the traceback)",
+                shape=shape,
+            ),
         ) from exc
 
 
@@ -458,7 +475,9 @@ def choose(
     if metric not in ("accuracy", "loss"):
         raise BatchfitError(tr("unknown metric {metric!r}", metric=metric), hint=tr("use accuracy or loss"))
     if tolerance is not None and tolerance < 0:
-        raise BatchfitError(tr("--tolerance must be 0 or more, got {tolerance}", tolerance=tolerance), hint=tr("e.g. --tolerance 1"))
+        raise BatchfitError(
+            tr("--tolerance must be 0 or more, got {tolerance}", tolerance=tolerance), hint=tr("e.g. --tolerance 1")
+        )
     ordered = sorted(runs, key=lambda r: r.batch_size)
     if metric == "accuracy":
         tol = 1.0 if tolerance is None else tolerance
@@ -654,7 +673,13 @@ class SweepResult:
     def runs_table(self, title: str, *, speed: bool = True) -> Table:
         """One row per run; ``speed=False`` leaves out what differs between machines (samples/s, memory)."""
         memory = speed and any(r.peak_measured_bytes is not None for r in self.runs)
-        columns = [tr("batch"), "lr", tr("steps"), *([tr("samples/s"), tr("steps/s")] if speed else []), tr("train loss")]
+        columns = [
+            tr("batch"),
+            "lr",
+            tr("steps"),
+            *([tr("samples/s"), tr("steps/s")] if speed else []),
+            tr("train loss"),
+        ]
         columns += [tr("val loss"), tr("val acc")]
         if memory:
             columns += [tr("peak (measured)"), tr("peak (estimate)")]
@@ -803,17 +828,27 @@ def sweep(
     from ._models import load_workload
 
     if lr_scaling not in LR_SCALING:
-        raise BatchfitError(tr("unknown --lr-scaling {lr_scaling!r}", lr_scaling=lr_scaling), hint=tr("use one of {names}", names=', '.join(LR_SCALING)))
+        raise BatchfitError(
+            tr("unknown --lr-scaling {lr_scaling!r}", lr_scaling=lr_scaling),
+            hint=tr("use one of {names}", names=", ".join(LR_SCALING)),
+        )
     if not 0 <= warmup < 1:
-        raise BatchfitError(tr("--warmup must be a fraction in [0, 1), got {warmup}", warmup=warmup), hint=tr("e.g. --warmup 0.1"))
+        raise BatchfitError(
+            tr("--warmup must be a fraction in [0, 1), got {warmup}", warmup=warmup), hint=tr("e.g. --warmup 0.1")
+        )
     if min_batch < 1:
-        raise BatchfitError(tr("--min-batch must be at least 1, got {min_batch}", min_batch=min_batch), hint=tr("the lesson starts at 16"))
+        raise BatchfitError(
+            tr("--min-batch must be at least 1, got {min_batch}", min_batch=min_batch),
+            hint=tr("the lesson starts at 16"),
+        )
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         dev = torch.device("meta")  # not a device sweep trains on: refused below
     if dev.type not in ("cpu", "cuda"):
-        raise BatchfitError(tr("cannot train on device {device!r}", device=device), hint=tr("use --device cpu or --device cuda"))
+        raise BatchfitError(
+            tr("cannot train on device {device!r}", device=device), hint=tr("use --device cpu or --device cuda")
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             tr("training on CUDA needs a GPU, and this machine has none"),
@@ -829,7 +864,9 @@ def sweep(
     if samples is None:
         samples = round((epochs if epochs is not None else DEFAULT_EPOCHS) * data.train_size)
     if samples < 1:
-        raise BatchfitError(tr("the budget must be at least one sample, got {samples}", samples=samples), hint=tr("e.g. --epochs 2"))
+        raise BatchfitError(
+            tr("the budget must be at least one sample, got {samples}", samples=samples), hint=tr("e.g. --epochs 2")
+        )
     say = progress or (lambda what, done, total: None)
     notes: list[str] = []
 
@@ -857,8 +894,14 @@ def sweep(
         sizes = batch_sizes(top, min_batch) if top >= min_batch else [top]
         if samples < sizes[-1]:
             raise BatchfitError(
-                tr("each run's budget ({samples:,} samples) is smaller than the largest batch size ({sizes:,}): that run would not see one full batch", samples=samples, sizes=sizes[-1]),
-                hint=tr("raise --samples/--epochs to at least {sizes:,} samples, or lower --max-batch", sizes=sizes[-1]),
+                tr(
+                    "each run's budget ({samples:,} samples) is smaller than the largest batch size ({sizes:,}): that run would not see one full batch",
+                    samples=samples,
+                    sizes=sizes[-1],
+                ),
+                hint=tr(
+                    "raise --samples/--epochs to at least {sizes:,} samples, or lower --max-batch", sizes=sizes[-1]
+                ),
             )
         warm_samples = max(min_batch, round(warmup * samples)) if noise_samples else 0
         total = sum(samples for _ in sizes) + warm_samples

@@ -583,7 +583,9 @@ class _Replay:
         if create_graph:
             raise BatchfitError(
                 tr("backward with create_graph=True (higher-order gradients) is not simulated"),
-                hint=tr("batchfit replays the backward pass without building a graph of it; use `batchfit measure` (a real run) for steps that differentiate twice"),
+                hint=tr(
+                    "batchfit replays the backward pass without building a graph of it; use `batchfit measure` (a real run) for steps that differentiate twice"
+                ),
             )
         roots: list[tuple[Any, int, torch.Tensor | None]] = []
         for i, (t, grad) in enumerate(zip(tensors, grad_tensors)):
@@ -1246,8 +1248,15 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
     if isinstance(exc, fake_limits) or any(s in text for s in ("data-dependent", "numpy", "non-fake")):
         where = f" in module {tracer.module_stack[-1]!r}" if len(tracer.module_stack) > 1 else ""
         return BatchfitError(
-            tr("the model cannot run on fake tensors{where}: {name}: {text}", where=where, name=type(exc).__name__, text=text),
-            hint=tr("it reads tensor values (e.g. .item(), numpy, data-dependent shapes); use `batchfit measure` (a real run) instead"),
+            tr(
+                "the model cannot run on fake tensors{where}: {name}: {text}",
+                where=where,
+                name=type(exc).__name__,
+                text=text,
+            ),
+            hint=tr(
+                "it reads tensor values (e.g. .item(), numpy, data-dependent shapes); use `batchfit measure` (a real run) instead"
+            ),
             exit_code=ExitCode.UNSUPPORTED,
         )
     if tracer.module_calls and tracer.phase == "forward":
@@ -1263,6 +1272,12 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
             hint=hint,
         )
     return BatchfitError(
-        tr("the training step failed in {where} at batch size {batch_size}: {name}: {text}", where=where, batch_size=batch_size, name=type(exc).__name__, text=text),
+        tr(
+            "the training step failed in {where} at batch size {batch_size}: {name}: {text}",
+            where=where,
+            batch_size=batch_size,
+            name=type(exc).__name__,
+            text=text,
+        ),
         hint=hint,
     )

@@ -57,7 +57,8 @@ class OptimizerSpec:
             return self.cls(params, **kwargs)
         except (TypeError, ValueError) as exc:
             raise BatchfitError(
-                tr("cannot build optimizer {name}: {exc}", name=self.name, exc=exc), hint=tr("check its keyword arguments")
+                tr("cannot build optimizer {name}: {exc}", name=self.name, exc=exc),
+                hint=tr("check its keyword arguments"),
             ) from exc
 
     def __str__(self) -> str:
@@ -77,7 +78,9 @@ def _adafactor(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     try:
         from transformers.optimization import Adafactor
     except ImportError as exc:
-        raise BatchfitError(tr("the adafactor optimizer needs transformers"), hint=tr("pip install transformers")) from exc
+        raise BatchfitError(
+            tr("the adafactor optimizer needs transformers"), hint=tr("pip install transformers")
+        ) from exc
     return Adafactor(params, lr=5e-5, scale_parameter=False, relative_step=False)  # type: ignore[no-any-return]
 
 
@@ -194,7 +197,9 @@ def parse_precision(name: str | Precision) -> Precision:
     key = name.strip().lower().replace("_", "-")
     if key in PRECISIONS:
         return PRECISIONS[key]
-    raise BatchfitError(tr("unknown precision {name!r}", name=name), hint=tr("use one of {names}", names=', '.join(PRECISIONS)))
+    raise BatchfitError(
+        tr("unknown precision {name!r}", name=name), hint=tr("use one of {names}", names=", ".join(PRECISIONS))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +313,10 @@ def _certain_logits(output: Any) -> tuple[torch.Tensor, str]:
     if found is not None and found[0].dim() in (2, 3):
         return found
     raise BatchfitError(
-        tr("batchfit cannot tell which loss trains this model: its output is {what} (it chooses one only for a scalar, a 'loss' entry, or (N, C) / (N, T, V) logits)", what=_what(output)),
+        tr(
+            "batchfit cannot tell which loss trains this model: its output is {what} (it chooses one only for a scalar, a 'loss' entry, or (N, C) / (N, T, V) logits)",
+            what=_what(output),
+        ),
         hint=_question(),
     )
 
@@ -322,7 +330,8 @@ def first_tensor(output: Any) -> tuple[torch.Tensor, str]:
         if isinstance(leaf, torch.Tensor):
             return leaf, "output's first tensor"
     raise BatchfitError(
-        tr("the model's output holds no tensor to compute a loss from"), hint=tr("return a tensor, or pass --loss / --step")
+        tr("the model's output holds no tensor to compute a loss from"),
+        hint=tr("return a tensor, or pass --loss / --step"),
     )
 
 
@@ -444,9 +453,14 @@ def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
 
         _, fn = import_target(spec)
         if not callable(fn):
-            raise BatchfitError(tr("{spec!r} is not a function", spec=spec), hint=tr("name a function fn(output, labels) -> loss"))
+            raise BatchfitError(
+                tr("{spec!r} is not a function", spec=spec), hint=tr("name a function fn(output, labels) -> loss")
+            )
         return LossSpec(spec, fn, _ce_labels, first_tensor)
-    raise BatchfitError(tr("unknown loss {spec!r}", spec=spec), hint=tr("use auto, {names} or path/to/file.py:fn", names=', '.join(LOSSES)))
+    raise BatchfitError(
+        tr("unknown loss {spec!r}", spec=spec),
+        hint=tr("use auto, {names} or path/to/file.py:fn", names=", ".join(LOSSES)),
+    )
 
 
 StepFn = Callable[[nn.Module, tuple[torch.Tensor, ...], Any, torch.optim.Optimizer], Any]
@@ -460,5 +474,7 @@ def parse_step(spec: str | StepFn | None) -> StepFn | None:
 
     _, fn = import_target(spec)
     if not callable(fn):
-        raise BatchfitError(tr("{spec!r} is not a function", spec=spec), hint=tr("name a function fn(model, inputs, labels, optimizer)"))
+        raise BatchfitError(
+            tr("{spec!r} is not a function", spec=spec), hint=tr("name a function fn(model, inputs, labels, optimizer)")
+        )
     return fn  # type: ignore[no-any-return]

@@ -81,7 +81,7 @@ class ModelExtras:
         if self.lora is None:
             extra = [flag for flag, value in given.items() if value is not None]
             if extra:
-                raise BatchfitError(tr("{names} need --lora R", names=', '.join(extra)), hint=tr("e.g. --lora 16"))
+                raise BatchfitError(tr("{names} need --lora R", names=", ".join(extra)), hint=tr("e.g. --lora 16"))
             return None
         return LoraSpec.parse(self.lora, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
@@ -191,7 +191,8 @@ def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
         values = []
     if not values or any(v < 1 for v in values):
         raise BatchfitError(
-            tr("cannot read the {what} {text!r}", what=what, text=text), hint=tr("give positive integers separated by commas, e.g. 64,256,1024")
+            tr("cannot read the {what} {text!r}", what=what, text=text),
+            hint=tr("give positive integers separated by commas, e.g. 64,256,1024"),
         )
     return values
 

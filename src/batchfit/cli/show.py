@@ -27,7 +27,8 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         return [float(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
         raise BatchfitError(
-            tr("cannot read --{what} {text!r}", what=what, text=text), hint=tr("give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5", what=what)
+            tr("cannot read --{what} {text!r}", what=what, text=text),
+            hint=tr("give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5", what=what),
         ) from None
 
 
@@ -114,7 +115,9 @@ def show(
 
     sizes = parse_int_list(batch_size)
     if grid < 0:
-        raise BatchfitError(tr("--grid must be 0 or more, not {grid}", grid=grid), hint=tr("e.g. --grid 16, or --grid 0 for none"))
+        raise BatchfitError(
+            tr("--grid must be 0 or more, not {grid}", grid=grid), hint=tr("e.g. --grid 16, or --grid 0 for none")
+        )
     loaded = bdata.load_dataset(
         dataset,
         root=root,
