@@ -181,7 +181,7 @@ def workload_from_options(
     )
 
 
-def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
+def parse_int_list(text: str, what: str | None = None) -> list[int]:
     """``"64,256,1024"`` -> ``[64, 256, 1024]`` with a clear error."""
     from .._errors import BatchfitError
 
@@ -191,7 +191,7 @@ def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
         values = []
     if not values or any(v < 1 for v in values):
         raise BatchfitError(
-            tr("cannot read the {what} {text!r}", what=what, text=text),
+            tr("cannot read the {what} {text!r}", what=tr("batch sizes") if what is None else what, text=text),
             hint=tr("give positive integers separated by commas, e.g. 64,256,1024"),
         )
     return values
