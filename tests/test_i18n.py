@@ -80,6 +80,8 @@ def fields(text: str) -> set[tuple[str, str, str]]:
 
 # BatchfitError and its subclasses (DoesNotFit's second argument is its advice, a list of hints)
 _ERRORS = ("BatchfitError", "DoesNotFit", "ProbeError")
+# helpers that make a BatchfitError from a problem in words: the index of their first words argument
+_FACTORIES = {"_config_error": 1, "_trace_error": 1}
 
 
 def test_every_error_message_is_marked() -> None:
@@ -89,7 +91,11 @@ def test_every_error_message_is_marked() -> None:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _ERRORS:
                 advice = [k.value for k in node.keywords if k.arg in ("hint", "advice")]
                 parts = [*node.args[:2], *advice]
-                bad += [f"{path.name}:{t.lineno}" for part in parts for t in _unmarked_texts(part)]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FACTORIES:
+                parts = node.args[_FACTORIES[node.func.id] :]
+            else:
+                continue
+            bad += [f"{path.name}:{t.lineno}" for part in parts for t in _unmarked_texts(part)]
     assert not bad, f"BatchfitError messages or hints without tr(): {bad}"
     subclasses = {
         node.name

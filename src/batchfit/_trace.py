@@ -1246,7 +1246,7 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     fake_limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
     if isinstance(exc, fake_limits) or any(s in text for s in ("data-dependent", "numpy", "non-fake")):
-        where = f" in module {tracer.module_stack[-1]!r}" if len(tracer.module_stack) > 1 else ""
+        where = tr(" in module {module!r}", module=tracer.module_stack[-1]) if len(tracer.module_stack) > 1 else ""
         return BatchfitError(
             tr(
                 "the model cannot run on fake tensors{where}: {name}: {text}",
