@@ -225,28 +225,43 @@ class FitResult:
 
     def table(self) -> Table:
         rows = [
-            ["card", self.budget_description],
-            ["largest batch that fits", f"{self.max_batch_size:,}"],
-            [f"recommended ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
+            [tr("card"), self.budget_description],
+            [tr("largest batch that fits"), f"{self.max_batch_size:,}"],
+            [tr("recommended ({safety:g} x max)", safety=self.safety), f"{self.recommended_batch_size:,}"],
         ]
         rec = self.estimate_at_recommended
         if rec is not None and rec.total_bytes is not None:
             rows.append(
                 [
-                    "at the recommended size",
-                    f"{format_bytes(rec.total_bytes, 'GiB')} of {format_bytes(self.budget_bytes, 'GiB')} on the card",
+                    tr("at the recommended size"),
+                    tr(
+                        "{size} of {budget} on the card",
+                        size=format_bytes(rec.total_bytes, "GiB"),
+                        budget=format_bytes(self.budget_bytes, "GiB"),
+                    ),
                 ]
             )
-            rows.append(["headroom", format_bytes(self.headroom_bytes or 0, "GiB")])
+            rows.append([tr("headroom"), format_bytes(self.headroom_bytes or 0, "GiB")])
         top = self.estimate_at_max
         if top is not None and top.total_bytes is not None:
-            rows.append(["at the max", f"{format_bytes(top.total_bytes, 'GiB')} (peak: {top.peak_where})"])
+            rows.append(
+                [
+                    tr("at the max"),
+                    tr("{size} (peak: {where})", size=format_bytes(top.total_bytes, "GiB"), where=top.peak_where),
+                ]
+            )
         return Table(
-            f"{self.model}: batch size for {self.card} ({self.optimizer}, {self.precision}); GiB = 1024^3 bytes",
+            tr(
+                "{model}: batch size for {card} ({optimizer}, {precision}); GiB = 1024^3 bytes",
+                model=self.model,
+                card=self.card,
+                optimizer=self.optimizer,
+                precision=self.precision,
+            ),
             ["", ""],
             rows,
             right=[False, False],
-            footer=[f"note: {n}" for n in self.notes],
+            footer=[tr("note: {note}", note=n) for n in self.notes],
         )
 
     def __str__(self) -> str:

@@ -279,14 +279,15 @@ def _shape(t: torch.Tensor) -> str:
 def _what(output: Any) -> str:
     """The model's output in words, for messages."""
     if isinstance(output, torch.Tensor):
-        return "a scalar" if output.dim() == 0 else f"a {_shape(output)} tensor"
+        return tr("a scalar") if output.dim() == 0 else tr("a {shape} tensor", shape=_shape(output))
+    kind = type(output).__name__
     if isinstance(output, Mapping):
-        keys = ", ".join(repr(k) for k in output) or "no entries"
-        return f"a {type(output).__name__} ({keys}) without a 'loss' or 'logits' entry"
+        keys = ", ".join(repr(k) for k in output) or tr("no entries")
+        return tr("a {kind} ({keys}) without a 'loss' or 'logits' entry", kind=kind, keys=keys)
     if isinstance(output, (tuple, list)):
-        first = _what(output[0]) if output else "nothing"
-        return f"a {type(output).__name__} whose first element is {first}"
-    return f"a {type(output).__name__}"
+        first = _what(output[0]) if output else tr("nothing")
+        return tr("a {kind} whose first element is {first}", kind=kind, first=first)
+    return tr("a {kind}", kind=kind)
 
 
 def _named_target(output: Any) -> tuple[torch.Tensor, str]:
