@@ -205,9 +205,9 @@ class EstimateReport(Sequence[StepEstimate]):
         first = self.results[0]
         cuda = first.device == "cuda"
         cats = [c for c in (CUDA_CATEGORIES if cuda else CATEGORIES) if any(r.breakdown.get(c) for r in self.results)]
-        columns = ["batch", *[short_category(c) for c in cats], "peak alloc"]
+        columns = [tr("batch"), *[short_category(c) for c in cats], tr("peak alloc")]
         if cuda:
-            columns += ["reserved", "total", "fits"]
+            columns += [tr("reserved"), tr("total"), tr("fits")]
         rows = []
         for r in self.results:
             row = [
@@ -220,34 +220,53 @@ class EstimateReport(Sequence[StepEstimate]):
                 row += [
                     mib_cell(r.peak_reserved_bytes or 0),
                     mib_cell(r.total_bytes or 0),
-                    "-" if fits is None else "yes" if fits else "NO",
+                    "-" if fits is None else tr("yes") if fits else tr("NO"),
                 ]
             rows.append(row)
-        where = "; ".join(f"batch {r.batch_size:,}: {r.peak_where}" for r in self.results)
-        device = f"CUDA, simulating {first.card}" if cuda else f"CPU (host memory, {threads_text(first.threads)})"
-        title = (
-            f"{first.model}: one training step ({first.mode}), {first.optimizer}, {first.precision}, {device} "
-            f"- MiB (1 MiB = 1024^2 bytes), breakdown at the peak"
-            if first.mode == "train"
-            else f"{first.model}: one forward under no_grad, {first.precision}, {device} - MiB (1024^2 bytes)"
+        where = "; ".join(tr("batch {batch:,}: {where}", batch=r.batch_size, where=r.peak_where) for r in self.results)
+        device = (
+            tr("CUDA, simulating {card}", card=first.card)
+            if cuda
+            else tr("CPU (host memory, {threads})", threads=threads_text(first.threads))
         )
-        footer = [f"peak: {where}"]
-        footer += [f"loss: {text}" for text in dict.fromkeys(r.loss for r in self.results) if text]
+        title = (
+            tr(
+                "{model}: one training step ({mode}), {optimizer}, {precision}, {device} "
+                "- MiB (1 MiB = 1024^2 bytes), breakdown at the peak",
+                model=first.model,
+                mode=first.mode,
+                optimizer=first.optimizer,
+                precision=first.precision,
+                device=device,
+            )
+            if first.mode == "train"
+            else tr(
+                "{model}: one forward under no_grad, {precision}, {device} - MiB (1024^2 bytes)",
+                model=first.model,
+                precision=first.precision,
+                device=device,
+            )
+        )
+        footer = [tr("peak: {where}", where=where)]
+        footer += [tr("loss: {loss}", loss=text) for text in dict.fromkeys(r.loss for r in self.results) if text]
         if cuda and self.budget_description:
-            footer.append(f"card: {self.budget_description}")
+            footer.append(tr("card: {card}", card=self.budget_description))
         notes = sorted({n for r in self.results for n in r.notes})
-        footer += [f"note: {n}" for n in notes]
+        footer += [tr("note: {note}", note=n) for n in notes]
         out = [Table(title, columns, rows, footer=footer)]
         if self.per_layer:
             last = self.results[-1]
             layer_rows = [
-                [name or "(top level)", f"{nbytes:,}", mib_cell(nbytes)]
+                [name or tr("(top level)"), f"{nbytes:,}", mib_cell(nbytes)]
                 for name, nbytes in sorted(last.activation_bytes_by_module.items(), key=lambda kv: -kv[1])
             ]
             out.append(
                 Table(
-                    f"saved activations per module at batch {last.batch_size:,} (bytes saved for backward, one iteration)",
-                    ["module", "bytes", "MiB"],
+                    tr(
+                        "saved activations per module at batch {batch:,} (bytes saved for backward, one iteration)",
+                        batch=last.batch_size,
+                    ),
+                    [tr("module"), tr("bytes"), "MiB"],
                     layer_rows,
                 )
             )
@@ -288,12 +307,26 @@ _SHORT = {
 
 
 def short_category(category: str) -> str:
-    return _SHORT.get(category, category)
+    """A breakdown category's column heading, in the current language."""
+    words = {
+        "params": tr("params"),
+        "buffers": tr("buffers"),
+        "grads": tr("grads"),
+        "optim": tr("optim"),
+        "inputs": tr("inputs"),
+        "activ.": tr("activ."),
+        "temps": tr("temps"),
+        "wkspace": tr("wkspace"),
+    }
+    short = _SHORT.get(category, category)
+    return words.get(short, short)
 
 
 def threads_text(n: int | None) -> str:
     """``2 threads`` (beside CPU results)."""
-    return "threads unknown" if n is None else f"{n} thread{'s' if n != 1 else ''}"
+    if n is None:
+        return tr("threads unknown")
+    return tr("{n} threads", n=n) if n != 1 else tr("{n} thread", n=n)
 
 
 # ---------------------------------------------------------------------------------------------
