@@ -90,11 +90,9 @@ class NoiseScale:
         }
 
     def __str__(self) -> str:
-        value = f"{self.b_simple:,.0f}" if self.resolved else f"above {self.samples:,} (|G|^2 not resolved)"
-        return (
-            f"B_simple = tr(Sigma) / |G|^2 = {self.trace_sigma:.4g} / {self.grad_sq_norm:.4g} = {value} "
-            f"({self.samples:,} examples{', ' + self.when if self.when else ''})"
-        )
+        value = f"{self.b_simple:,.0f}" if self.resolved else tr("above {n:,} (|G|^2 not resolved)", n=self.samples)
+        examples = tr("{n:,} examples", n=self.samples) + (", " + self.when if self.when else "")
+        return f"B_simple = tr(Sigma) / |G|^2 = {self.trace_sigma:.4g} / {self.grad_sq_norm:.4g} = {value} ({examples})"
 
 
 def per_example_grad_stats(

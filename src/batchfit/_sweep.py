@@ -644,29 +644,67 @@ class SweepResult:
     def table(self) -> Table:
         """The runs with speed, metrics and (when measured) memory, and a footer with the answer."""
         memory = any(r.peak_measured_bytes is not None for r in self.runs)
-        table = self.runs_table(f"{self.model} on {self.dataset} ({self.device}): training by batch size")
+        table = self.runs_table(
+            tr(
+                "{model} on {dataset} ({device}): training by batch size",
+                model=self.model,
+                dataset=self.dataset,
+                device=self.device,
+            )
+        )
+        warmup = (
+            tr(", warm-up over the first {warmup:.0%} of steps", warmup=self.warmup)
+            if self.lr_scaling != "none"
+            else ""
+        )
         footer = [
-            f"each run: {self.samples:,} samples ({self.budget_text}) of {self.dataset}, seed {self.seed}, "
-            f"{self.optimizer} with lr {self.base_lr:g} at batch {self.base_batch} scaled {self.lr_scaling}"
-            + (f", warm-up over the first {self.warmup:.0%} of steps" if self.lr_scaling != "none" else ""),
+            tr(
+                "each run: {samples:,} samples ({budget}) of {dataset}, seed {seed}, {optimizer} with lr {lr:g} "
+                "at batch {batch} scaled {scaling}{warmup}",
+                samples=self.samples,
+                budget=self.budget_text,
+                dataset=self.dataset,
+                seed=self.seed,
+                optimizer=self.optimizer,
+                lr=self.base_lr,
+                batch=self.base_batch,
+                scaling=self.lr_scaling,
+                warmup=warmup,
+            ),
             *table.footer,
         ]
         if memory:
             footer.append(
-                f"peak: one reference training step on {self.device} (MiB = 1024^2 B), measured and as batchfit "
-                "estimates it"
+                tr(
+                    "peak: one reference training step on {device} (MiB = 1024^2 B), measured and as batchfit "
+                    "estimates it",
+                    device=self.device,
+                )
             )
-        footer += [f"noise scale: {n}" for n in self.noise]
+        footer += [tr("noise scale: {noise}", noise=n) for n in self.noise]
         sat = self.saturation_batch_size
         if sat is not None:
             footer.append(
-                f"throughput: from batch size {sat:,} on, within {SATURATION:.0%} of the best samples/s measured "
-                f"on {self.device}"
+                tr(
+                    "throughput: from batch size {batch:,} on, within {share:.0%} of the best samples/s measured "
+                    "on {device}",
+                    batch=sat,
+                    share=SATURATION,
+                    device=self.device,
+                )
             )
         if self.max_batch_size is not None:
-            footer.append(f"largest batch that fits: {self.max_batch_size:,} ({self.max_batch_source})")
-        footer += [f"note: {n}" for n in self.notes]
-        footer.append(f"=> use batch size {self.recommended_batch_size:,}: {self.reason}")
+            footer.append(
+                tr(
+                    "largest batch that fits: {max:,} ({source})",
+                    max=self.max_batch_size,
+                    source=self.max_batch_source,
+                )
+            )
+        footer += [tr("note: {note}", note=n) for n in self.notes]
+        footer.append(
+            tr("=> use batch size {batch:,}: {reason}", batch=self.recommended_batch_size, reason=self.reason)
+        )
         table.footer = footer
         return table
 
