@@ -33,6 +33,7 @@ def test_gpus_shows_one_card() -> None:
     card = json.loads(result.stdout)
     assert card["key"] == "h100-sxm"
     assert card["cublas_workspace_bytes"] == 32 * 1024 * 1024
+    assert card["peaks"]["bandwidth_bytes_per_second"] == 3_350 * 10**9 and "datasheet" in card["peaks"]["source"]
     text = runner.invoke(app, ["gpus", "rtx4090"]).stdout
     assert "compute capability 8.9" in text and "[assumed]" in text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -103,6 +104,24 @@ def test_json(mlp_plan: Plan) -> None:
     for point in (*data["table"], *data["curve"], data["at_recommended"]):
         assert sum(point["stack_bytes"].values()) == point["total_bytes"]
     assert data["headroom_bytes"] == data["budget_bytes"] - data["at_recommended"]["total_bytes"]
+
+
+def test_throughput_is_the_roofline_estimate_and_says_so(mlp_plan: Plan) -> None:
+    r = mlp_plan.throughput
+    assert r is not None and r.unavailable is None
+    assert [p.batch_size for p in r.points] == [
+        p.batch_size for p in mlp_plan.rows if p.batch_size <= mlp_plan.max_batch_size
+    ]
+    sps = [p.samples_per_second for p in r.points]
+    assert all(a < b for a, b in itertools.pairwise(sps))
+    data = json.loads(mlp_plan.to_json())["throughput_estimate"]
+    assert data["kind"] == "roofline estimate" and data["saturation_batch_size"] == r.saturation_batch_size
+    assert [p["batch_size"] for p in data["points"]] == [p.batch_size for p in r.points]
+    text = str(mlp_plan)
+    assert "ROOFLINE ESTIMATE (not measured)" in text
+    assert f"=> throughput saturates from batch size {r.saturation_batch_size:,}" in text
+    _, right = mlp_plan.plot().axes
+    assert "roofline estimate" in right.get_ylabel()
 
 
 def test_plot_figure(mlp_plan: Plan) -> None:

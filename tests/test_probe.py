@@ -295,6 +295,42 @@ def test_probe_with_a_stand_in_reports_everything() -> None:
     assert text.count("\n  ") == 0  # no blank-indented junk lines
 
 
+def test_probe_records_samples_per_second_and_where_throughput_saturates() -> None:
+    class Slower(StandInDevice):
+        def step(self, batch_size: int) -> Attempt:  # a fixed 50 ms per step plus 1 ms per sample
+            a = super().step(batch_size)
+            a.step_seconds, a.steady_seconds = 2 * (0.05 + batch_size / 1000), 0.05 + batch_size / 1000
+            return a
+
+    base = device_with_max(100)
+    dev = Slower(base.capacity_bytes, base.per_sample_bytes, base.fixed_bytes)
+    r = probe("mlp", dataset="mnist", from_batch=16, runner=dev.runner(), estimates=False)
+    ran = [a for a in r.attempts if a.ok]
+    for a in ran:  # the steady iteration's time when it was measured
+        assert a.samples_per_second == pytest.approx(a.batch_size / (0.05 + a.batch_size / 1000))
+    best = max(a.samples_per_second or 0 for a in ran)  # 1000 b / (50 + b): 667 at 100
+    expected = min(a.batch_size for a in ran if (a.samples_per_second or 0) >= 0.95 * best)
+    assert r.saturation_batch_size == expected == 96
+    assert r.to_dict()["throughput_saturation_batch_size"] == 96
+    assert r.to_dict()["attempts"][0]["steady_seconds"] == pytest.approx(0.066)
+    assert "throughput: among the sizes that ran, from 96 on within 5% of the best samples/s" in str(r)
+
+
+def test_a_real_cpu_attempt_times_its_steady_iteration() -> None:
+    from batchfit._estimate import make_spec
+    from batchfit._models import load_workload
+    from batchfit._probe import measure_runner
+
+    a = measure_runner(load_workload("mlp", dataset="mnist"), make_spec("cpu"))(32)
+    assert a.ok and a.step_seconds and a.steady_seconds
+    assert 0 < a.steady_seconds < a.step_seconds
+    assert a.samples_per_second == pytest.approx(32 / a.steady_seconds)
+    from batchfit._measure import measure_step
+
+    m = measure_step(load_workload("mlp", dataset="mnist"), 32, make_spec("cpu"))
+    assert m.steady_seconds and m.samples_per_second == pytest.approx(32 / m.steady_seconds)
+
+
 def test_probe_from_16_is_the_seed_method() -> None:
     r = probe("mlp", dataset="mnist", from_batch=16, runner=device_with_max(100).runner(), estimates=False)
     assert r.method == "doubling" and r.start_source == "seed" and r.start == 16

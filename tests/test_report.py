@@ -92,6 +92,7 @@ def test_plan_report_holds_every_part(mlp_plan: Plan) -> None:
         "Where the memory goes",
         "Memory against the batch size",
         "The step's timeline",
+        "Throughput by batch size: a roofline estimate, not measured",
         "Assumptions",
     ]
     for h in headings:

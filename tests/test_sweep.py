@@ -285,3 +285,6 @@ def test_throughput_saturation() -> None:
     assert r.saturation_batch_size == 64
     assert r.to_dict()["throughput_saturation_batch_size"] == 64
     assert "from batch size 64 on, within 5% of the best samples/s" in str(r)
+    _, right = r.plot().axes
+    marks = {line.get_label(): line for line in right.get_lines()}
+    assert marks["saturates: 64 (within 5% of the best)"].get_xdata()[0] == 64

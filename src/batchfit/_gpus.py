@@ -90,6 +90,45 @@ class Provenance:
         return self.status
 
 
+PEAK_KINDS = ("fp32", "tf32", "fp16", "bf16")  # FP32 cores; TF32, FP16 and BF16 tensor cores
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """A card's peak dense FLOP/s per kind (no sparsity) and its memory bandwidth, as the vendor prints them.
+
+    Kinds: ``fp32`` (CUDA cores), ``tf32``, ``fp16``, ``bf16`` (tensor cores, FP32 accumulate); a
+    kind the card lacks (Turing and Volta have no TF32 or BF16 tensor cores) is absent.
+
+    >>> p = get_gpu("a100-80gb").peaks
+    >>> p.flops_per_second["bf16"], p.bandwidth_bytes_per_second
+    (312000000000000, 2039000000000)
+    """
+
+    flops_per_second: dict[str, int]
+    bandwidth_bytes_per_second: int
+    provenance: Provenance
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Peaks:
+        flops = {str(k): int(v) for k, v in data["flops_per_second"].items()}
+        unknown = set(flops) - set(PEAK_KINDS)
+        if unknown:
+            raise ValueError(f"unknown peak kinds {sorted(unknown)} (known: {', '.join(PEAK_KINDS)})")
+        return cls(flops, int(data["bandwidth_bytes_per_second"]), Provenance.from_dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flops_per_second": dict(self.flops_per_second),
+            "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
+            **self.provenance.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        flops = ", ".join(f"{k} {v / 1e12:,.1f}" for k, v in self.flops_per_second.items())
+        return f"{flops} TFLOP/s dense; {self.bandwidth_bytes_per_second / 1e9:,.0f} GB/s"
+
+
 @dataclass(frozen=True)
 class GpuCard:
     """One card of the catalogue. Bytes are ints; ``provenance`` says where each figure comes from."""
@@ -104,6 +143,7 @@ class GpuCard:
     aliases: tuple[str, ...] = ()
     torch_names: tuple[str, ...] = ()
     provenance: dict[str, Provenance] = field(default_factory=dict, compare=False)
+    peaks: Peaks | None = field(default=None, compare=False)  # None: the catalogue has no peaks for it
 
     @property
     def is_hopper_or_newer(self) -> bool:
@@ -126,6 +166,7 @@ class GpuCard:
             "aliases": list(self.aliases),
             "torch_names": list(self.torch_names),
             "provenance": {k: p.to_dict() for k, p in self.provenance.items()},
+            "peaks": self.peaks.to_dict() if self.peaks is not None else None,
         }
 
     def __str__(self) -> str:
@@ -138,6 +179,8 @@ class GpuCard:
             f"  non-allocator     {format_bytes(self.non_allocator_bytes)}  [{prov.get('non_allocator', '?')}]",
             f"  conv workspace    {format_bytes(self.conv_workspace_bytes)}  [{prov.get('conv_workspace', '?')}]",
         ]
+        if self.peaks is not None:
+            lines.append(f"  peaks             {self.peaks}  [{self.peaks.provenance}]")
         if self.aliases:
             lines.append(f"  aliases           {', '.join(self.aliases)}")
         return "\n".join(lines)
@@ -172,6 +215,7 @@ def card_from_entry(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> Gp
             aliases=tuple(entry.get("aliases", ())),
             torch_names=tuple(entry.get("torch_names", ())),
             provenance={name: prov for name, (_, prov) in figures.items()},
+            peaks=Peaks.from_dict(entry["peaks"]) if entry.get("peaks") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BatchfitError(
@@ -643,12 +687,14 @@ def _custom_card(size: int, catalogue: Catalogue) -> GpuCard:
 __all__ = [
     "CUBLAS_WORKSPACE_DEFAULT_BYTES",
     "CUBLAS_WORKSPACE_LARGE_BYTES",
+    "PEAK_KINDS",
     "PUBLISHED_CONTEXTS",
     "Budget",
     "Catalogue",
     "ContextFigure",
     "GpuCard",
     "LocalGpu",
+    "Peaks",
     "Provenance",
     "card_for_local",
     "card_from_entry",

@@ -369,6 +369,10 @@ def plan_report(p: Plan) -> str:
     body.append(_section("Memory against the batch size", figure_svg(p.plot()), table_html(p.sizes_table())))
     if rec is not None and rec.events:
         body.append(_section("The step's timeline", figure_svg(timeline_figure(rec))))
+    if p.throughput is not None:
+        body.append(
+            _section("Throughput by batch size: a roofline estimate, not measured", table_html(p.throughput.table()))
+        )
     notes = [*f.notes, *p.notes]
     body.append(
         _section(

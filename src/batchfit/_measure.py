@@ -45,18 +45,53 @@ class Measurement:
     device_used_bytes: int | None = None  # whole process on the card (mem_get_info), CUDA only
     before_window_bytes: int = 0
     seconds: float = 0.0
+    # the last steady iteration alone (the first one also pays for cuBLAS handles, cuDNN's
+    # algorithm search and the optimizer's state): the time to use for throughput; None with one iteration
+    steady_seconds: float | None = None
     timeline: list[tuple[int, int]] = field(default_factory=list)  # (running bytes, delta), CPU only
     threads: int | None = None  # CPU: torch's intra-op threads the step ran with
     loss: str | None = None  # which loss the step trained on, in words (None: inference)
 
     @property
     def samples_per_second(self) -> float:
+        """Of the steady iteration when it was timed, else of the whole two-iteration window."""
+        if self.steady_seconds:
+            return self.batch_size / self.steady_seconds
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
 
     def _repr_html_(self) -> str:
         from ._html import fragment, measurement_html
 
         return fragment(measurement_html(self))
+
+
+class _SteadyClock:
+    """Times the last steady iteration (the window's iteration ``last`` >= 2), synchronising a CUDA
+    device at its ends so that the queued kernels are inside the time."""
+
+    def __init__(self, device: torch.device, last: int) -> None:
+        self.device, self.last = device, last
+        self.begin: float | None = None
+        self.end: float | None = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def on_phase(self, iteration: int) -> None:
+        if self.last >= 2 and iteration == self.last and self.begin is None:
+            self.begin = self._now()
+        elif self.begin is not None and iteration > self.last and self.end is None:
+            self.end = self._now()  # a training run's tail follows: not part of the steady step
+
+    def stop(self) -> None:
+        if self.begin is not None and self.end is None:
+            self.end = self._now()
+
+    @property
+    def seconds(self) -> float | None:
+        return self.end - self.begin if self.begin is not None and self.end is not None else None
 
 
 def _storage_bytes(objects: list[Any]) -> int:
@@ -156,6 +191,12 @@ def _measure_step(
         del inputs, labels  # the loop owns the batch: a new one can replace it
         dataset_size = workload.dataset.train_size if workload.dataset is not None else None
         gc.collect()
+        clock = _SteadyClock(device, spec.iterations if spec.mode == "train" else 0)
+
+        def on_phase(phase: str, iteration: int) -> None:
+            where[0] = f"in {phase}, iteration {iteration}"
+            clock.on_phase(iteration)
+
         start = time.perf_counter()
         with runner:
             loss = run_step(
@@ -167,8 +208,9 @@ def _measure_step(
                 new_batch=batch_maker(workload, device, param_dtype, values=True),
                 tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=scaler,
-                on_phase=lambda phase, iteration: where.__setitem__(0, f"in {phase}, iteration {iteration}"),
+                on_phase=on_phase,
             )
+            clock.stop()
             del batch
         seconds = time.perf_counter() - start
         stack.close()  # the profiler stops
@@ -176,6 +218,7 @@ def _measure_step(
         if result.before_window_bytes == 0:
             result.before_window_bytes = before
         result.loss = loss
+        result.steady_seconds = clock.seconds
         result.threads = torch.get_num_threads() if device.type == "cpu" else None
         del state, optimizer, scaler
     gc.collect()

@@ -36,6 +36,7 @@ from ._fit import FitResult, fit, standard_batch_sizes
 from ._i18n import tr
 from ._models import load_workload
 from ._render import Table, cell_len
+from ._roofline import Roofline, roofline
 from ._summary import ModelSummary, summary
 from ._units import format_bytes, mib_cell
 
@@ -200,6 +201,7 @@ class Plan:
     rows: list[PlanPoint]
     curve: list[PlanPoint]
     notes: list[str] = field(default_factory=list)
+    throughput: Roofline | None = None  # the roofline estimate of samples/s (not measured)
 
     # -- the answer ------------------------------------------------------------------------------
 
@@ -271,6 +273,7 @@ class Plan:
             "at_max": self.at_max.to_dict(),
             "table": [p.to_dict() for p in self.rows],
             "curve": [p.to_dict() for p in self.curve],
+            "throughput_estimate": self.throughput.to_dict() if self.throughput is not None else None,
         }
 
     def to_json(self) -> str:
@@ -371,7 +374,8 @@ class Plan:
         )
 
     def tables(self) -> list[Table]:
-        return [self.model_table(), self.fit.table(), self.breakdown_table(), self.sizes_table()]
+        tables = [self.model_table(), self.fit.table(), self.breakdown_table(), self.sizes_table()]
+        return tables + ([self.throughput.table()] if self.throughput is not None else [])
 
     def __str__(self) -> str:
         return "\n\n".join(str(t) for t in self.tables())
@@ -443,6 +447,21 @@ class Plan:
         )
         ax.grid(True, which="major", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
+        if self.throughput is not None and self.throughput.points:
+            right = ax.twinx()
+            pts = self.throughput.points
+            right.plot(
+                [p.batch_size for p in pts],
+                [p.samples_per_second for p in pts],
+                "o:",
+                color="#444444",
+                markersize=3,
+                label="samples/s, roofline estimate (right axis; a ceiling, not measured)",
+            )
+            right.set_ylim(bottom=0)
+            right.set_ylabel("samples/s (roofline estimate)")
+            more = right.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
         # stack legend top to bottom, as drawn; the lines after it
         n = len(cats)
         order = [*reversed(range(n)), *range(n, len(handles))]
@@ -515,12 +534,14 @@ def plan(
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
+    throughput: bool = True,
 ) -> Plan:
     """The one-screen answer: the model, the largest and recommended batch size, memory by batch size.
 
     Options as :func:`batchfit._fit.fit`; ``curve_points`` is the number of batch sizes the plot
     sweeps (each one allocator replay when the step's timeline is affine in the batch size);
-    ``context_bytes`` overrides the card's memory outside the allocator (``--context``).
+    ``context_bytes`` overrides the card's memory outside the allocator (``--context``);
+    ``throughput`` adds the roofline estimate of samples/s by batch size (:mod:`batchfit._roofline`).
     Raises :class:`~batchfit._fit.DoesNotFit` when even batch size 1 does not fit.
     """
     say = progress or (lambda text: None)
@@ -541,7 +562,7 @@ def plan(
         progress=progress,
         context_bytes=context_bytes,
     )
-    return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress)
+    return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress, throughput=throughput)
 
 
 def plan_from_fit(
@@ -550,8 +571,10 @@ def plan_from_fit(
     *,
     curve_points: int = 48,
     progress: Callable[[str], None] | None = None,
+    throughput: bool = False,
 ) -> Plan:
-    """The plan around an answer :func:`~batchfit._fit.fit` already found (``fit --report`` uses it)."""
+    """The plan around an answer :func:`~batchfit._fit.fit` already found (``fit --report`` uses it);
+    ``throughput`` adds the roofline estimate of samples/s at the table's batch sizes."""
     say = progress or (lambda text: None)
     known: dict[int, StepEstimate] = {}
     for e in (result.estimate_at_max, result.estimate_at_recommended):
@@ -571,12 +594,18 @@ def plan_from_fit(
     for b in curve_sizes:
         e = known.get(b) or result.estimate_at(b)
         points[b] = PlanPoint.from_estimate(e)
+    est, budget = result._estimator, result.budget
+    estimate = None
+    if throughput and est is not None and budget is not None and est.spec.device == "cuda":
+        sizes = [b for b in row_sizes if b <= result.max_batch_size]
+        estimate = roofline(est.workload, est.spec, budget.card, sizes, model=result.model, progress=progress)
     return Plan(
         summary=model_summary,
         fit=result,
         rows=[points[b] for b in row_sizes],
         curve=[points[b] for b in curve_sizes],
         notes=notes,
+        throughput=estimate,
     )
 
 

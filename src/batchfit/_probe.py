@@ -58,7 +58,9 @@ class Attempt:
 
     ``status`` is ``"ok"`` (the step ran), ``"oom"`` (out of memory) or ``"error"`` (anything else,
     ``message`` says what). ``seconds`` is the whole attempt (setup, and the child process with
-    ``isolate``); ``step_seconds`` the measured window of two iterations.
+    ``isolate``); ``step_seconds`` the measured window of two iterations; ``steady_seconds`` its
+    last iteration alone (the first also pays for cuBLAS handles, cuDNN's algorithm search, the
+    optimizer's state), which the throughput uses when it was measured.
     """
 
     batch_size: int
@@ -73,6 +75,7 @@ class Attempt:
     estimated_peak_allocated_bytes: int | None = None
     estimated_peak_reserved_bytes: int | None = None
     estimated_total_bytes: int | None = None
+    steady_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,8 +83,12 @@ class Attempt:
 
     @property
     def samples_per_second(self) -> float | None:
-        """Samples through the measured window per second (two iterations over the same batch)."""
-        if not self.ok or not self.step_seconds:
+        """Samples per second of the steady iteration when it was timed, else of the whole window."""
+        if not self.ok:
+            return None
+        if self.steady_seconds:
+            return self.batch_size / self.steady_seconds
+        if not self.step_seconds:
             return None
         return self.batch_size * self.iterations / self.step_seconds
 
@@ -436,6 +443,7 @@ def measure_runner(workload: Workload, spec: StepSpec) -> Runner:
             batch_size,
             "ok",
             step_seconds=m.seconds,
+            steady_seconds=m.steady_seconds,
             peak_allocated_bytes=m.peak_allocated_bytes,
             peak_reserved_bytes=m.peak_reserved_bytes,
             device_used_bytes=m.device_used_bytes,
@@ -583,6 +591,13 @@ class ProbeResult:
             return None
         return self.estimated_max_batch_size - self.max_batch_size
 
+    @property
+    def saturation_batch_size(self) -> int | None:
+        """Among the sizes that ran, the smallest whose measured samples/s is within 5% of the best."""
+        from ._roofline import smallest_within
+
+        return smallest_within((a.batch_size, a.samples_per_second or 0.0) for a in self.attempts if a.ok)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
@@ -600,6 +615,7 @@ class ProbeResult:
             "estimate_error": self.estimate_error,
             "recommended_batch_size": self.recommended_batch_size,
             "safety": self.safety,
+            "throughput_saturation_batch_size": self.saturation_batch_size,
             "attempt_count": len(self.attempts),
             "attempts": [a.to_dict() for a in self.attempts],
             "wall_seconds": self.wall_seconds,
@@ -662,11 +678,23 @@ class ProbeResult:
         footer = [
             f"{boundary}{est}",
             f"recommended batch size {self.recommended_batch_size:,} (floor({self.safety:g} x max))",
+            *self._saturation_line(),
             f"{len(self.attempts)} attempts in {self.wall_seconds:.1f} s, starting at {self.start:,} "
             f"({self.start_source}); search: {how}" + ("; each attempt in its own process" if self.isolate else ""),
             *[f"note: {n}" for n in self.notes],
         ]
         return [Table(title, columns, rows, right=[True, True, False, *([True] * 8)], footer=footer)]
+
+    def _saturation_line(self) -> list[str]:
+        sat = self.saturation_batch_size
+        if sat is None:
+            return []
+        from ._roofline import SATURATION
+
+        return [
+            f"throughput: among the sizes that ran, from {sat:,} on within {SATURATION:.0%} of the best samples/s "
+            "measured (the steady iteration when timed)"
+        ]
 
     def __str__(self) -> str:
         return "\n\n".join(str(t) for t in self.tables())

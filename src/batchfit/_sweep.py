@@ -37,6 +37,7 @@ from ._errors import BatchfitError, ExitCode
 from ._i18n import tr
 from ._noise import NoiseScale, noise_scale
 from ._render import Table
+from ._roofline import SATURATION, smallest_within
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -51,7 +52,6 @@ DEFAULT_EPOCHS = 2.0
 DEFAULT_NOISE_SAMPLES = 512
 EVAL_CHUNK = 1024
 CURVE_POINTS = 64  # loss-curve points kept per run (each the mean over its steps)
-SATURATION = 0.05  # throughput within 5% of the best counts as saturated (issue 16's definition)
 
 # scikit-learn's load_digits() reads this file (sklearn/datasets/_base.py, load_digits:
 # _load_gzip_compressed_csv_data("digits.csv.gz")): 1,797 rows of 64 pixel values (0..16) and the label.
@@ -598,11 +598,7 @@ class SweepResult:
     def saturation_batch_size(self) -> int | None:
         """The smallest batch size whose samples/s is within 5% of the best run's (None without runs):
         past it, a larger batch buys little speed on this device."""
-        timed = [r for r in self.runs if r.seconds > 0]
-        if not timed:
-            return None
-        best = max(r.samples_per_second for r in timed)
-        return min(r.batch_size for r in timed if r.samples_per_second >= (1 - SATURATION) * best)
+        return smallest_within((r.batch_size, r.samples_per_second) for r in self.runs if r.seconds > 0)
 
     @property
     def noise_scale(self) -> NoiseScale | None:
@@ -800,6 +796,11 @@ class SweepResult:
         right.axvline(
             self.recommended_batch_size, color="#006400", linestyle="-.", label=f"use {self.recommended_batch_size:,}"
         )
+        sat = self.saturation_batch_size
+        if sat is not None:
+            right.axvline(
+                sat, color="#777777", linestyle=":", label=f"saturates: {sat:,} (within {SATURATION:.0%} of the best)"
+            )
         right.set_title(f"throughput on {self.device}", fontsize=10)
         right.grid(True, alpha=0.3)
         right.legend(fontsize=8)

@@ -69,6 +69,8 @@ from ._training import LossChoice
 from ._values import Values, real_tensor_paths
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
+# (func, args, kwargs, out, phase, iteration) of every aten op the traced step ran
+Observer = Callable[[Any, Any, Any, Any, str, int], None]
 _CUBLAS_OPS = frozenset(
     f"aten.{op}"
     for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation", "addr")
@@ -157,6 +159,8 @@ class _Recorder(TorchDispatchMode):
         tracer = self.tracer
         kwargs = kwargs or {}
         if _is_foreach_inplace(func.overloadpacket) and tracer.skippable(args):
+            if tracer.observe is not None:  # skipped, not free: the optimizer's updates on the device
+                tracer.observe(func, args, kwargs, None, tracer.phase, tracer.iteration)
             return None
         held = tracer.wrapped_scalars(func, args, kwargs) if tracer.device_type == "cpu" else []
         out = run_fast(func, args, kwargs)
@@ -168,6 +172,8 @@ class _Recorder(TorchDispatchMode):
                 if out is None:
                     raise
         tracer.values.follow(func, args, kwargs, out)
+        if tracer.observe is not None:
+            tracer.observe(func, args, kwargs, out, tracer.phase, tracer.iteration)
         if isinstance(out, torch.Tensor):
             tracer.track(out)
         else:
@@ -225,6 +231,8 @@ class _Tracer:
         self.live_scalars: set[int] = set()
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
         self.on_phase: Callable[[str], None] | None = None
+        # sees every op after it ran: (func, args, kwargs, out, phase, iteration); _roofline counts with it
+        self.observe: Observer | None = None
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
@@ -1038,18 +1046,19 @@ def trace_step(
     cuda_workspaces: tuple[int, int] | None = None,
     window_only: bool = False,
     compute_capability: tuple[int, int] | None = None,
+    observe: Observer | None = None,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
 
     ``cuda_workspaces`` = (cuBLAS workspace per handle, cuDNN workspace per convolution call) in
     bytes adds the library workspaces a CUDA run takes through the caching allocator, and the
     buffers CUDA kernels take inside an op (``_cuda_scratch``; ``compute_capability`` picks the
-    kernels, sm80 when not given).
+    kernels, sm80 when not given). ``observe`` sees every aten op after it ran (``_roofline``).
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
     with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
-        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability)
+        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, observe)
 
 
 def _trace_step(
@@ -1059,11 +1068,13 @@ def _trace_step(
     cuda_workspaces: tuple[int, int] | None,
     window_only: bool,
     compute_capability: tuple[int, int] | None = None,
+    observe: Observer | None = None,
 ) -> Trace:
     if window_only and (spec.mode != "train" or spec.step is not None):
         raise ValueError("window_only traces need the reference training step (no custom step)")
     model = workload.model
     tracer = _Tracer(model)
+    tracer.observe = observe
     device = torch.device(spec.device)
     tracer.scratch = ScratchMeter() if device.type == "cpu" else None
     tracer.device_type = device.type

@@ -208,6 +208,8 @@ def measure_cmd(
                             "device_used_bytes": m.device_used_bytes,
                             "device": dev,
                             "seconds": m.seconds,
+                            "steady_seconds": m.steady_seconds,
+                            "samples_per_second": m.samples_per_second,
                         }
                         for m in results
                     ],

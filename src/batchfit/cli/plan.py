@@ -43,6 +43,15 @@ PlotOpt = Annotated[
     ),
 ]
 
+ThroughputOpt = Annotated[
+    bool,
+    typer.Option(
+        "--throughput/--no-throughput",
+        help="Add the roofline estimate of samples/s by batch size from the step's FLOPs and bytes and the "
+        "card's catalogue peaks (an optimistic ceiling, not a measurement; three more fake traces).",
+    ),
+]
+
 
 @command("plan")
 @model_options
@@ -62,13 +71,15 @@ def plan_cmd(
     step: StepOpt = None,
     alloc_conf: AllocConfOpt = None,
     plot: PlotOpt = None,
+    throughput: ThroughputOpt = True,
     as_json: JsonOpt = False,
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """The one-screen answer: model totals, the largest and the recommended batch size, the memory
-    breakdown, a table at standard batch sizes, and (with --plot) a plot of memory by batch size.
+    breakdown, a table at standard batch sizes, the roofline estimate of samples/s by batch size
+    (labelled: not measured), and (with --plot) a plot of memory by batch size.
 
     Exit code 4 when even batch size 1 does not fit (the message says what would help).
     --snapshot writes the step at the recommended batch size.
@@ -91,6 +102,7 @@ def plan_cmd(
             step=step,
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
+            throughput=throughput,
         )
         if plot is not None:
             status.update(f"drawing {plot}")
