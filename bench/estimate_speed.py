@@ -14,8 +14,9 @@ import time
 
 import torchvision
 
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 from memtracker_peer import memtracker_peak
 
 

@@ -25,8 +25,14 @@ How each number is obtained (see docs/probe.md):
   a time cap, all under the same ``torch.cuda.set_per_process_memory_fraction`` (a smaller card's
   worth of memory, so every trial is quick).
 
+* several GPUs, only when the machine has more than one (else skipped, with a line saying so):
+  ``MULTI_CASES`` under DDP and FSDP2 (``fully_shard`` per block) at 2 GPUs and at all of them, each
+  rank a process on its own GPU (``torch.multiprocessing``, NCCL) running the reference step, its
+  ``max_memory_allocated`` / ``max_memory_reserved`` beside the per-rank estimate
+  (``Estimator(..., dist=make_dist(N, strategy=...))`` with CUDA hidden).
+
 Files written under ``--out`` (at most 8): environment.json, calibration.json, kernels.json,
-suite.json, peers.json; each a JSON list of records.
+suite.json, peers.json, multigpu.json; each a JSON list of records.
 """
 
 from __future__ import annotations
@@ -92,6 +98,15 @@ PEER_CASES: tuple[Case, ...] = (
     Case("gpt2-adamw-amp", GPT2, "adamw", "amp-bf16", ()),
 )
 PEERS = ("batchfit-probe", "lightning-binsearch", "accelerate")
+
+# Several GPUs (only when the machine has more than one): each case per strategy at 2 GPUs and at
+# all of them, every rank's real peaks (NCCL, one process per GPU) beside the per-rank estimate.
+MULTI_CASES: tuple[Case, ...] = (
+    Case("mlp-mnist-sgd-fp32", "mlp", "sgd", "fp32", (1024,), "mnist"),
+    Case("resnet18-adamw-amp", "resnet18", "adamw", "amp-bf16", (64,)),
+    Case("gpt2-adamw-fp32", GPT2, "adamw", "fp32", (4,)),
+)
+MULTI_STRATEGIES = ("ddp", "fsdp")
 
 # model spec substring -> family (first match wins), for the accuracy report
 FAMILIES: tuple[tuple[str, str], ...] = (
@@ -162,6 +177,7 @@ def child_env(_: dict[str, Any]) -> dict[str, Any]:
         "cuda_runtime": torch.version.cuda,
         "python": platform.python_version(),
         "cuda": bool(torch.cuda.is_available()),
+        "device_count": int(torch.cuda.device_count()) if torch.cuda.is_available() else 0,
     }
     if out["cuda"]:
         props = torch.cuda.get_device_properties(0)
@@ -251,6 +267,13 @@ KERNEL_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "conv",
         {"shape": (64, 64, 56, 56), "out": 64, "kernel": 3, "dtype": "float32", "backward": True},
     ),
+    # a .sum() loss's stride-0 gradient through the last Linear (Blas.cpp, prepare_matrix_for_cublas)
+    ("mm-expanded-grad-fp16-4096x30522x768", "mm", {"rows": 4096, "vocab": 30522, "dim": 768, "dtype": "float16"}),
+    (
+        "mm-contiguous-fp16-4096x30522x768",
+        "mm",
+        {"rows": 4096, "vocab": 30522, "dim": 768, "dtype": "float16", "dense": True},
+    ),
     ("sum-all-fp32-64M", "op", {"op": "sum_all", "shape": (64 * 1024 * 1024,), "dtype": "float32"}),
     ("sum-dim0-fp32-65536x1024", "op", {"op": "sum_dim0", "shape": (65536, 1024), "dtype": "float32"}),
     ("log-softmax-bf16-8192x50257", "op", {"op": "log_softmax", "shape": (8192, 50257), "dtype": "bfloat16"}),
@@ -297,6 +320,16 @@ def _kernel_setup(kind: str, p: dict[str, Any], device: str, cc: tuple[int, int]
             return None, program
         out = F.embedding(idx, w)
         return (lambda: torch.autograd.grad(out, w, g, retain_graph=True)), program
+    if kind == "mm":
+        n, vocab, dim = p["rows"], p["vocab"], p["dim"]
+        make = (
+            (lambda *shape: torch.randn(*shape, device=device, dtype=dtype))
+            if real
+            else (lambda *shape: torch.empty(*shape, device=device, dtype=dtype))
+        )
+        g = make(n, vocab) if p.get("dense") else make(1, 1).expand(n, vocab)
+        w = make(vocab, dim)
+        return (lambda: torch.mm(g, w)), cs.cublas_operands_program(g, w)
     if kind == "foreach_norm":
         ts = [torch.randn(n, device=device) if real else torch.empty(n, device=device) for n in p["numels"]]
         return (lambda: torch._foreach_norm(ts, 2)), cs.foreach_norm_program(ts)
@@ -407,7 +440,8 @@ def child_estimate(payload: dict[str, Any]) -> dict[str, Any]:
     """The estimate as a user without a GPU gets it (the parent hides CUDA from this process)."""
     import torch
 
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
+    from batchfit._step import make_spec
 
     case = payload["case"]
     out: dict[str, Any] = {"torch": str(torch.__version__), "cuda_visible": bool(torch.cuda.is_available())}
@@ -466,9 +500,9 @@ def child_measure(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from batchfit._calibrate import _nvml_process_bytes
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._probe import is_oom
+    from batchfit._step import make_spec
 
     case = payload["case"]
     b = int(payload["batch_size"])
@@ -690,6 +724,131 @@ def child_probe(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def child_dist_estimate(payload: dict[str, Any]) -> dict[str, Any]:
+    """The per-rank estimate of a distributed step, as a user without a GPU gets it (CUDA hidden)."""
+    import torch
+
+    from batchfit._distributed import make_dist
+    from batchfit._estimate import Estimator, make_spec
+
+    case, b = payload["case"], int(payload["batch_size"])
+    dist = make_dist(int(payload["world_size"]), strategy=payload["strategy"])
+    start = time.perf_counter()
+    est = Estimator(
+        _workload(case),
+        make_spec("cuda", case["optimizer"], case["precision"]),
+        gpu=payload.get("gpu"),
+        memory=payload.get("memory"),
+        dist=dist,
+    ).at(b)
+    ranks = {}
+    for r in est.ranks:
+        for rank in r.same_as:
+            ranks[str(rank)] = {
+                "peak_allocated_bytes": r.estimate.peak_allocated_bytes,
+                "peak_reserved_bytes": r.estimate.peak_reserved_bytes,
+                "total_bytes": r.estimate.total_bytes,
+            }
+    return {
+        "torch": str(torch.__version__),
+        "cuda_visible": bool(torch.cuda.is_available()),
+        "ranks": ranks,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _dist_rank(rank: int, port: int, payload: dict[str, Any], out: str) -> None:
+    """One rank of a real distributed step on GPU ``rank`` (NCCL), as batchfit's reference loop."""
+    import copy
+
+    import torch
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from batchfit._distributed import make_dist, wrap_model
+    from batchfit._estimate import make_spec
+    from batchfit._step import Batch, batch_inputs, batch_maker, label_choice, run_step, unique_trainable
+
+    world, case, b = int(payload["world_size"]), payload["case"], int(payload["batch_size"])
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    tdist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        workload = _workload(case)
+        spec = make_spec("cuda", case["optimizer"], case["precision"])
+        dist = make_dist(world, strategy=payload["strategy"])
+        model = copy.deepcopy(workload.model).to("meta")
+        if dist.strategy.startswith("fsdp"):
+            wrap_model(model, dist, "cuda")
+            model.to_empty(device=device)
+            run_model: Any = model
+        else:
+            model.to_empty(device=device)
+            run_model = DistributedDataParallel(model, device_ids=[rank])
+        with torch.no_grad():  # values only matter for numerics
+            for prm in model.parameters():
+                prm.normal_(0.0, 0.02)
+        optimizer = spec.optimizer.build(unique_trainable(model), device_type="cuda")
+        inputs = batch_inputs(workload, b, device, None, values=True)
+        choice = label_choice(run_model, inputs, spec)
+        batch = Batch(inputs, choice.labels())
+        del choice, inputs
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        run_step(
+            run_model,
+            batch,
+            spec,
+            optimizer,
+            backward=lambda loss: loss.backward(),
+            new_batch=batch_maker(workload, device, None, values=True),
+        )
+        del batch
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info(device)
+        result = {
+            "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+            "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+            "mem_get_info_used_bytes": int(total - free),
+        }
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:800]}
+    finally:
+        tdist.destroy_process_group()
+    Path(out).write_text(json.dumps(result))
+
+
+def child_dist_measure(payload: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's real peaks: one process per GPU (torch.multiprocessing, spawn), NCCL."""
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    world = int(payload["world_size"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [str(Path(tmp) / f"{r}.json") for r in range(world)]
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_dist_rank, args=(r, port, payload, files[r])) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(float(payload.get("timeout_s", 240)))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        ranks = {
+            str(r): json.loads(Path(f).read_text()) if Path(f).exists() else {"error": f"exit code {procs[r].exitcode}"}
+            for r, f in enumerate(files)
+        }
+    return {"torch": str(torch.__version__), "ranks": ranks}
+
+
 CHILDREN = {
     "env": child_env,
     "calibrate": child_calibrate,
@@ -700,6 +859,8 @@ CHILDREN = {
     "lightning": child_lightning,
     "accelerate": child_accelerate,
     "probe": child_probe,
+    "dist_estimate": child_dist_estimate,
+    "dist_measure": child_dist_measure,
 }
 
 
@@ -829,6 +990,43 @@ def main(argv: list[str] | None = None) -> int:
         for case in peer_cases:
             payload = {"case": _case_dict(case), "gpu": gpu_key, "memory": peer_memory}
             fit_jobs[case.id] = pool.submit(run_child, "fit", payload, timeout_s=300, hide_cuda=True)
+
+    # 5. several GPUs, only when this machine has more than one: every rank's real peaks (NCCL, one
+    #    process per GPU) beside the per-rank estimate made without a GPU; a dry run estimates the
+    #    first planned setting on the CPU to prove the path
+    gpus = int(env.get("device_count") or 0)
+    worlds = sorted({2, gpus}) if gpus > 2 else [2]
+    multi_plan = [
+        (case, strategy, world)
+        for case in MULTI_CASES
+        if selected(case)
+        for strategy in MULTI_STRATEGIES
+        for world in worlds
+    ]
+    multi_skip = (
+        "dry run: planned, not measured"
+        if dry_run
+        else f"this machine has {gpus} GPU{'s' if gpus != 1 else ''}: the multi-GPU section needs more than one"
+        if gpus < 2
+        else None
+    )
+    if multi_skip and not dry_run:
+        print(f"multi-GPU: skipped ({multi_skip})", flush=True)
+    def dist_payload(case: Case, strategy: str, world: int) -> dict[str, Any]:
+        return {
+            "case": _case_dict(case),
+            "strategy": strategy,
+            "world_size": world,
+            "batch_size": case.batch_sizes[0],
+            "gpu": gpu_key,
+            "memory": memory,
+        }
+
+    dist_jobs: dict[int, futures.Future[dict[str, Any]]] = {}
+    for i, (case, strategy, world) in enumerate(multi_plan):
+        if multi_skip is None or (dry_run and i == 0):
+            job = pool.submit(run_child, "dist_estimate", dist_payload(case, strategy, world), timeout_s=300, hide_cuda=True)
+            dist_jobs[i] = job
 
     # 3a'. CUDA kernels' own allocations, each rule beside a measurement (in a dry run the
     #      predictions only, on meta tensors), while the estimate children run on the CPU
@@ -996,6 +1194,60 @@ def main(argv: list[str] | None = None) -> int:
                 rec_b = r.get("estimated_recommended_batch_size")
                 r["recommended_runs"] = (rec_b <= boundary) if boundary is not None and rec_b is not None else None
     section("peers", began)
+
+    # 5. several GPUs (planned, and estimated in the background, with the suite's estimates above)
+    began = time.perf_counter()
+    multi_records: list[dict[str, Any]] = []
+    for i, (case, strategy, world) in enumerate(multi_plan):
+        b = case.batch_sizes[0]
+        payload = dist_payload(case, strategy, world)
+        est: dict[str, Any] = {}
+        meas: dict[str, Any] = {}
+        if i in dist_jobs:
+            try:
+                est = dist_jobs[i].result(timeout=max(30, clock.left(1.5)))
+            except futures.TimeoutError:
+                est = {"error": "budget: the estimate did not finish in time"}
+        if multi_skip is None:
+            left = max(30, clock.left(1.5))
+            meas = run_child("dist_measure", {**payload, "timeout_s": min(240, left)}, timeout_s=min(300, left + 30))
+        for rank in range(world):
+            e = (est.get("ranks") or {}).get(str(rank), {})
+            m = (meas.get("ranks") or {}).get(str(rank), {})
+            rec = {
+                **common,
+                "schema_version": SCHEMA_VERSION,
+                "case": case.id,
+                "model": case.model,
+                "family": case.family,
+                "optimizer": case.optimizer,
+                "precision": case.precision,
+                "strategy": strategy,
+                "world_size": world,
+                "rank": rank,
+                "batch_size": b,
+                "estimated_peak_allocated_bytes": e.get("peak_allocated_bytes"),
+                "measured_peak_allocated_bytes": m.get("peak_allocated_bytes"),
+                "estimated_peak_reserved_bytes": e.get("peak_reserved_bytes"),
+                "measured_peak_reserved_bytes": m.get("peak_reserved_bytes"),
+                "estimated_total_bytes": e.get("total_bytes"),
+                "mem_get_info_used_bytes": m.get("mem_get_info_used_bytes"),
+                "estimate_saw_cuda": est.get("cuda_visible"),
+                "estimate_seconds": est.get("seconds"),
+                "measure_seconds": meas.get("child_seconds"),
+                "error": est.get("error") or meas.get("error") or m.get("error"),
+                "skipped": multi_skip,
+            }
+            for metric in ("peak_allocated", "peak_reserved"):
+                rec[f"{metric}_rel_error"] = _rel(rec[f"estimated_{metric}_bytes"], rec[f"measured_{metric}_bytes"])
+            multi_records.append(rec)
+        if est or meas:
+            first = multi_records[-world]
+            got = first["error"] or (
+                f"rank 0 alloc est. {first['estimated_peak_allocated_bytes']}, meas. {first['measured_peak_allocated_bytes']}"
+            )
+            print(f"  multi-GPU {case.id} {strategy} x{world}: {got}", flush=True)
+    section("multi-GPU", began)
     pool.shutdown(wait=False, cancel_futures=True)
 
     environment = [
@@ -1023,6 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
         or [{**common, "schema_version": SCHEMA_VERSION, "error": kernels.get("error")}],
         "suite.json": suite_records,
         "peers.json": peer_records,
+        "multigpu.json": multi_records,
     }
     for name, data in files.items():
         (out_dir / name).write_text(json.dumps(data, indent=1, default=str) + "\n")

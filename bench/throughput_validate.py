@@ -69,10 +69,10 @@ def measured_samples_per_second(
 def run(out: Path, *, dry_run: bool, max_batch: int, repeats: int) -> list[dict[str, Any]]:
     import torch
 
-    from batchfit._estimate import make_spec
     from batchfit._gpus import card_for_local, get_gpu, probe_local_gpu
     from batchfit._models import load_workload
     from batchfit._roofline import roofline, smallest_within
+    from batchfit._step import make_spec
 
     local = None if dry_run else probe_local_gpu()
     dry_run = dry_run or local is None

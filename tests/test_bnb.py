@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from batchfit import BatchfitError, estimate, load_workload
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._quantize import Linear4bitModel, QuantSpec, storage_4bit
+from batchfit._step import make_spec
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -161,3 +161,68 @@ def test_summary_of_a_scripted_submodule_on_the_command_line(tmp_path: Path) -> 
     out = runner.invoke(app, ["summary", f"{f}:Net", "--input", "8"])  # was exit 3, blaming the inputs
     assert out.exit_code == 0, out.output
     assert "Total params: 99" in out.stdout  # 8 x 8 + 8 + 8 x 3 + 3
+
+
+# -- issue 13: the library speaks in parameters, the command line in its flags -------------------------
+
+_SRC = Path(__file__).resolve().parents[1] / "src" / "batchfit"
+
+
+def _error_texts(path: Path) -> Iterator[tuple[int, str]]:
+    """The literal text of every message and hint given to an error class in one module (an
+    f-string's fields as ``{}``)."""
+    import ast
+
+    def texts(node: ast.AST) -> Iterator[str]:
+        if isinstance(node, ast.JoinedStr):
+            yield "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        else:
+            for child in ast.iter_child_nodes(node):
+                yield from texts(child)
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "").endswith(("Error", "DoesNotFit")):
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                for text in texts(arg):
+                    yield node.lineno, text
+
+
+def test_library_errors_name_parameters_not_flags() -> None:
+    import re
+
+    flag = re.compile(r"(?<![\w-])--(?!debug\b)[a-z][a-z-]*")  # --debug: the command line's own switch
+    command = re.compile(r"`batchfit [^`]*`")  # a whole command to run (e.g. `batchfit show mnist --download`)
+    found = [
+        f"{path.name}:{line}: {text!r}"
+        for path in sorted(_SRC.glob("_*.py"))
+        for line, text in _error_texts(path)
+        if flag.search(command.sub("", text))
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_command_line_shows_parameters_as_its_flags() -> None:
+    import batchfit
+    from batchfit._step import make_spec
+    from batchfit.cli._app import as_flags
+
+    with pytest.raises(BatchfitError) as info:  # the library's words
+        make_spec("tpu")
+    assert info.value.hint == "use `device='cuda'` or `device='cpu'`"
+    out = runner.invoke(app, ["estimate", "mlp", "--dataset", "mnist", "--device", "tpu"])  # the command's
+    assert out.exit_code == 3 and "hint: use --device cuda or --device cpu" in out.stderr
+    # a parameter whose flag has another name; a value in Python's form; one the command lacks
+    out = runner.invoke(app, ["fit", "mlp", "--dataset", "mnist", "--context", "lots"])
+    assert out.exit_code == 3 and "error: --context must be a size, not 'lots'" in out.stderr
+    assert "hint: e.g. --context 600MiB" in out.stderr and "`" not in out.stderr
+    # one check for fit, plan and probe, in the words of each side
+    with pytest.raises(BatchfitError, match=r"`safety` must be in \(0, 1\], got 1.5"):
+        batchfit.fit("mlp", dataset="mnist", safety=1.5)
+    out = runner.invoke(app, ["fit", "mlp", "--dataset", "mnist", "--safety", "1.5"])
+    assert out.exit_code == 3 and "error: --safety must be in (0, 1], got 1.5" in out.stderr
+    assert "hint: the lesson's rule is --safety 0.8" in out.stderr
+    flags = {"inputs": "--input", "free": "--free", "loss": "--loss"}
+    text = "`input_size=(1, 28, 28)`, `free=True`, `loss='path/to/f.py:fn'` and `threads`"
+    assert as_flags(text, flags) == "--input 1,28,28, --free, --loss path/to/f.py:fn and `threads`"

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from batchfit._compose import compose
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator
 from batchfit._fit import fit
 from batchfit._models import InputSpec, Workload, load_workload
+from batchfit._step import make_spec
 from zoo import ZOO, zoo_workload
 
 CASES = [

@@ -13,9 +13,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 runner = CliRunner()
@@ -77,9 +77,13 @@ def test_the_thread_count_is_printed_beside_cpu_results() -> None:
 
 
 def test_threads_are_for_cpu_runs() -> None:
-    with pytest.raises(BatchfitError, match="--threads applies to --device cpu"):
+    # the library names its parameters; the command line shows the same message in its flags
+    with pytest.raises(BatchfitError, match="`threads` applies to `device='cpu'`") as info:
         make_spec("cuda", threads=2)
+    assert info.value.hint == "drop it, or use `device='cpu'`"
     with pytest.raises(BatchfitError, match="at least 1"):
         make_spec("cpu", threads=0)
     out = runner.invoke(app, ["estimate", "mlp", "--dataset", "mnist", "--threads", "2"])
     assert out.exit_code == 3
+    assert "error: --threads applies to --device cpu" in out.stderr
+    assert "hint: drop it, or use --device cpu" in out.stderr

@@ -16,9 +16,10 @@ from torch import nn
 
 from batchfit import _cuda_scratch as cs
 from batchfit._errors import BatchfitError
-from batchfit._estimate import estimate, make_spec
+from batchfit._estimate import estimate
 from batchfit._gpus import PUBLISHED_CONTEXTS, context_bytes_for, get_gpu, lazy_module_loading, resolve_card
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 from batchfit._trace import trace_step
 
 MiB = 1 << 20
@@ -335,3 +336,38 @@ def test_cli_context_option() -> None:
     assert more["peak_reserved_bytes"] == base["peak_reserved_bytes"]
     bad = runner.invoke(app, [*args, "--context", "-5"])
     assert bad.exit_code != 0 and "context" in bad.output
+
+
+# -- matrix products: operands cuBLAS cannot read in place (Blas.cpp, prepare_matrix_for_cublas) ---
+
+
+@pytest.mark.parametrize(
+    ("operand", "copied"),
+    [
+        (meta(1, dtype=torch.float16).expand(12, 7), True),  # a .sum()'s gradient: stride 0
+        (meta(1, dtype=torch.float16).expand(12, 7).t(), True),
+        (meta(12, 7), False),  # contiguous
+        (meta(12, 7).t(), False),  # transposed: unit stride, leading dimension 7 >= 7
+        (meta(12, 14)[:, :7], False),  # unit stride, leading dimension 14 >= 7
+        (meta(12, 14)[:, ::2], True),  # no unit stride
+        (meta(1, 7).expand(1, 7), False),  # one row: non-overlapping and dense
+    ],
+)
+def test_cublas_operand_copy(operand: torch.Tensor, copied: bool) -> None:
+    assert cs.cublas_operand_copy_bytes(operand) == (operand.numel() * operand.element_size() if copied else 0)
+
+
+def test_traced_sum_loss_copies_the_expanded_gradient_twice() -> None:
+    """``outputs.sum()`` (Hugging Face's benchmark loss): the last Linear's backward reads a stride-0
+    gradient, which cuBLAS gets as a contiguous copy for the input's gradient and the weight's."""
+    from batchfit._models import InputSpec, Workload
+    from batchfit._training import LossSpec
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 300))
+    workload = Workload("sum-loss", model, inputs=(InputSpec((64,), torch.long),))
+    spec = make_spec("cuda", "sgd", "fp32", LossSpec("sum", lambda out, labels: out.sum(), lambda out: None))
+    trace = trace_step(workload, 4, spec, cuda_workspaces=(1000, 0), compute_capability=(9, 0))
+    logits = 4 * 64 * 300 * 4
+    copies = [e for e in trace.events if e.category == "workspaces" and e.is_alloc and e.nbytes == logits]
+    assert [(e.phase, e.iteration) for e in copies] == [("backward", 1)] * 2 + [("backward", 2)] * 2

@@ -163,7 +163,7 @@ def test_missing_dataset_names_files_place_and_download(tmp_path: Path) -> None:
     ):
         assert name in message
     assert str((tmp_path / "MNIST" / "raw").resolve()) in message
-    assert "--download" in (err.value.hint or "")
+    assert "`download=True`" in (err.value.hint or "")
 
     # Only the test files present: exactly the train files are missing (torchvision needs all four).
     rng = np.random.default_rng(0)
@@ -239,7 +239,7 @@ def test_cifar_checksums_are_checked_for_real(tmp_path: Path) -> None:
     )
     with pytest.raises(BatchfitError, match="corrupted") as err:
         bdata.load_dataset("cifar10", root=tmp_path)
-    assert "--download" in (err.value.hint or "")
+    assert "`download=True`" in (err.value.hint or "")
 
 
 def test_image_folder(tmp_path: Path) -> None:
@@ -260,7 +260,7 @@ def test_image_folder(tmp_path: Path) -> None:
     # Mixed sizes without --size cannot be batched: the error says how to fix it.
     with pytest.raises(BatchfitError) as err:
         bdata.describe(bdata.load_dataset(tmp_path), batch_sizes=[4])
-    assert "--size" in (err.value.hint or "")
+    assert "`size=N`" in (err.value.hint or "")
 
 
 def test_image_folder_split_and_empty(tmp_path: Path) -> None:

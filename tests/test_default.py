@@ -8,12 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 import batchfit._gpus
-from batchfit._estimate import estimate, make_spec
+from batchfit._answer_key import SEED_TABLE, AnswerKey, answer_key
+from batchfit._estimate import estimate
 from batchfit._fit import fit
 from batchfit._gpus import LocalGpu, get_gpu
 from batchfit._measure import measure_step
 from batchfit._models import MLP, load_workload
-from batchfit._plan import SEED_TABLE, AnswerKey, answer_key
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 SEED_SIZES = [64, 256, 1024, 4096]

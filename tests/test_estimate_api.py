@@ -54,7 +54,7 @@ def test_wrong_input_shape_names_the_layer_and_shapes() -> None:
         estimate(MLP(), input_size=(3, 32, 32), batch_size=4, device="cpu")  # an MNIST MLP given CIFAR images
     err = info.value
     assert "layer 1 (Linear)" in err.message and "784" in err.message and "(4, 3072)" in err.message
-    assert err.hint is not None and "--dataset mnist" in err.hint
+    assert err.hint is not None and "`dataset='mnist'`" in err.hint
 
 
 def test_losses_steps_and_inference(tmp_path) -> None:
@@ -133,6 +133,43 @@ def test_cli_json_and_table() -> None:
     assert "1.00" in table.output  # 1,048,152 B = 1.00 MiB
 
 
+def test_measure_json_is_the_measurements_to_dict() -> None:
+    """``batchfit measure --json`` lists each :class:`Measurement` as its ``to_dict()``, and the
+    dict carries the measurement's own figures (one real CPU step, so the peak equals the estimate)."""
+    out = runner.invoke(app, ["measure", "mlp", "--dataset", "mnist", "--device", "cpu", "-b", "8", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    (row,) = data["results"]
+    assert set(row) == {
+        "batch_size",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_used_bytes",
+        "device",
+        "seconds",
+        "steady_seconds",
+        "samples_per_second",
+    }
+    assert row["batch_size"] == 8 and row["device"] == "cpu" and row["peak_reserved_bytes"] is None
+    assert row["seconds"] > 0
+    assert row["peak_allocated_bytes"] == estimate("mlp", dataset="mnist", batch_size=8, device="cpu").peak_allocated_bytes
+
+
+def test_a_report_keeps_its_card_and_step_and_the_cli_compares_with_it() -> None:
+    """``batchfit estimate`` is estimate() plus output: --compare measures the report's own step."""
+    on_t4 = estimate("mlp", dataset="mnist", batch_size=[8], gpu="T4")
+    assert on_t4.budget is not None and on_t4.budget.card.key == "t4"
+    assert on_t4.budget_description == str(on_t4.budget)
+    assert on_t4.spec is not None and on_t4.spec.device == "cuda" and str(on_t4.spec.optimizer) == "sgd"
+    on_cpu = estimate("mlp", dataset="mnist", batch_size=[8], device="cpu", threads=1)
+    assert on_cpu.budget is None and on_cpu.spec is not None and on_cpu.spec.threads == 1
+    out = runner.invoke(app, ["estimate", "mlp", "--dataset", "mnist", "--device", "cpu", "-b", "8", "--compare", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    # a CPU estimate equals the real step to the byte (README), so the comparison shows no error
+    assert data["measured"] == [{"batch_size": 8, "measured_peak_allocated_bytes": data["results"][0]["peak_allocated_bytes"]}]
+
+
 def test_cli_errors_are_messages_with_exit_codes(tmp_path) -> None:
     bad = runner.invoke(app, ["estimate", "resnet17"])
     assert bad.exit_code == 3 and "resnet18" in bad.output and "Traceback" not in bad.output
@@ -159,9 +196,9 @@ def test_a_model_that_reads_values_falls_back_to_real_runs() -> None:
                 x = x * 2
             return self.fc(x)
 
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._models import InputSpec, Workload
+    from batchfit._step import make_spec
 
     r = estimate(ReadsValues(), input_size=(16,), batch_size=9, device="cpu")
     assert r.method == "extrapolated" and "extrapolated" in r.notes[0]

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from batchfit import estimate, load_workload
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 from zoo import zoo_workload
 
 

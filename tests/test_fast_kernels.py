@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator
 from batchfit._fast_kernels import FAST_KERNELS, run_fast
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 
 aten = torch.ops.aten
 

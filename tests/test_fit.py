@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, ExitCode
-from batchfit._estimate import Estimator, make_spec
+from batchfit._estimate import Estimator, estimate
 from batchfit._fit import AffineTimeline, DoesNotFit, fit, search_max, standard_batch_sizes
 from batchfit._models import load_workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 runner = CliRunner()
@@ -145,7 +146,7 @@ def test_fit_with_a_tail_that_changes_nothing_says_it_was_checked() -> None:
 def test_an_evaluation_batch_that_never_fits() -> None:
     with pytest.raises(DoesNotFit) as info:
         fit("mlp", dataset="mnist", memory="1GiB", eval_batch_size=400_000)
-    assert "eval" in info.value.message and "--eval-batch-size" in info.value.advice[0]
+    assert "eval" in info.value.message and "`eval_batch_size`" in info.value.advice[0]
 
 
 def test_batch_size_one_that_cannot_train_is_skipped() -> None:
@@ -203,3 +204,20 @@ def test_batch_size_one_shaped_differently_still_uses_the_affine_timeline() -> N
     r = fit(w, memory="1GiB", optimizer="adam")
     assert r.method == "affine"
     assert est.at(r.max_batch_size).fits and not est.at(r.max_batch_size + 1).fits
+
+
+def test_sweep_reuses_the_fits_estimates_and_replays_the_rest() -> None:
+    r = fit("mlp", dataset="mnist", memory="2GiB")
+    assert r.affine and r.method == "affine"
+    sizes = [64, r.recommended_batch_size, r.max_batch_size, r.max_batch_size + 1]
+    got = r.sweep(sizes)
+    assert [e.batch_size for e in got] == sizes
+    assert got[1] is r.estimate_at_recommended and got[2] is r.estimate_at_max
+    for e in (got[0], got[3]):  # each equal to an estimate made from scratch at that size
+        ref = estimate("mlp", dataset="mnist", batch_size=e.batch_size, memory="2GiB")
+        assert (e.peak_allocated_bytes, e.peak_reserved_bytes, e.total_bytes) == (
+            ref.peak_allocated_bytes,
+            ref.peak_reserved_bytes,
+            ref.total_bytes,
+        )
+    assert got[3].fits is False and got[2].fits is True

@@ -49,7 +49,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # a few minutes on a loaded 2-core machine
         env=env,
         check=False,
     )
@@ -59,7 +59,14 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_dry_run_writes_the_files_marked_dry(dry_run: Path) -> None:
     names = sorted(p.name for p in dry_run.iterdir())
-    assert names == ["calibration.json", "environment.json", "kernels.json", "peers.json", "suite.json"]
+    assert names == [
+        "calibration.json",
+        "environment.json",
+        "kernels.json",
+        "multigpu.json",
+        "peers.json",
+        "suite.json",
+    ]
     assert len(names) <= 8
     for name in names:
         data = json.loads((dry_run / name).read_text())
@@ -72,8 +79,9 @@ def test_dry_run_writes_the_files_marked_dry(dry_run: Path) -> None:
 
 
 def test_dry_run_suite_records_and_the_estimate_path(dry_run: Path) -> None:
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     suite = json.loads((dry_run / "suite.json").read_text())
     assert [r["batch_size"] for r in suite] == [64, 1024, 4096]
@@ -108,7 +116,11 @@ def test_dry_run_predicts_every_kernel_case(dry_run: Path) -> None:
         "embedding",
         "foreach_norm",
         "conv",
+        "mm",
     }
+    # a stride-0 gradient through the last Linear: one contiguous fp16 copy of 4096 x 30522
+    assert by_id["mm-expanded-grad-fp16-4096x30522x768"]["predicted_bytes"] == 4096 * 30522 * 2
+    assert by_id["mm-contiguous-fp16-4096x30522x768"]["predicted_bytes"] == 0
     assert not [r for r in kernels if r["kind"] == "op" and r["modelled"]]
     assert set(cs.RULES) >= {
         "aten._scaled_dot_product_flash_attention_backward.default",
@@ -224,3 +236,28 @@ def test_report_on_a_dry_run_says_so(dry_run: Path, tmp_path: Path) -> None:
 def test_report_without_results_fails_cleanly(tmp_path: Path) -> None:
     report = _load("accuracy_report")
     assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "a.md")]) == 3
+
+
+def test_dry_run_plans_the_multi_gpu_section(dry_run: Path) -> None:
+    from batchfit._distributed import make_dist
+    from batchfit._estimate import Estimator, make_spec
+    from batchfit._models import load_workload
+
+    records = json.loads((dry_run / "multigpu.json").read_text())
+    # --only mlp-mnist: the MLP under DDP and FSDP2 at 2 GPUs, one record per rank
+    assert [(r["strategy"], r["world_size"], r["rank"]) for r in records] == [
+        ("ddp", 2, 0),
+        ("ddp", 2, 1),
+        ("fsdp", 2, 0),
+        ("fsdp", 2, 1),
+    ]
+    assert all(r["skipped"] == "dry run: planned, not measured" and r["measured_peak_allocated_bytes"] is None for r in records)
+    # the first setting is estimated in a child with CUDA hidden, as a user without a GPU gets it
+    est = Estimator(
+        load_workload("mlp", dataset="mnist"), make_spec("cuda", "sgd", "fp32"), gpu="h100-sxm", dist=make_dist(2)
+    ).at(1024)
+    by_rank = {rank: r.estimate for r in est.ranks for rank in r.same_as}
+    for r in records[:2]:
+        assert r["estimate_saw_cuda"] is False
+        assert r["estimated_peak_allocated_bytes"] == by_rank[r["rank"]].peak_allocated_bytes
+        assert r["estimated_peak_reserved_bytes"] == by_rank[r["rank"]].peak_reserved_bytes

@@ -114,7 +114,7 @@ def test_lookup_by_alias_is_case_and_punctuation_insensitive(name: str, key: str
 def test_unknown_cards_get_suggestions() -> None:
     with pytest.raises(BatchfitError, match="unknown GPU 'h1000'") as info:
         get_gpu("h1000")
-    assert info.value.hint and "h100" in info.value.hint and "--memory" in info.value.hint
+    assert info.value.hint and "h100" in info.value.hint and "`memory`" in info.value.hint
     assert info.value.exit_code == ExitCode.INPUT
 
 

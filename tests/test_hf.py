@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate, load_workload
-from batchfit._estimate import make_spec
 from batchfit._hf import BUILTIN_CONFIGS, resolve_config
 from batchfit._measure import measure_step
 from batchfit._models import Workload, count_parameters
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 pytest.importorskip("transformers")

@@ -81,7 +81,7 @@ def fields(text: str) -> set[tuple[str, str, str]]:
 # BatchfitError and its subclasses (DoesNotFit's second argument is its advice, a list of hints)
 _ERRORS = ("BatchfitError", "DoesNotFit", "ProbeError")
 # helpers that make a BatchfitError from a problem in words: the index of their first words argument
-_FACTORIES = {"_config_error": 1, "_trace_error": 1}
+_FACTORIES = {"_config_error": 1, "_trace_error": 1, "check_suffix": 2}
 
 
 def test_every_error_message_is_marked() -> None:
@@ -218,10 +218,10 @@ def _untranslated(text: str) -> list[str]:
 
 def test_no_argument_run_follows_lang_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """LANG=zh_CN.UTF-8 without --lang: the same run in Chinese (its memory half: the sweep is the fixture's)."""
-    import batchfit._plan
+    import batchfit._answer_key
 
-    real = batchfit._plan.answer_key
-    monkeypatch.setattr(batchfit._plan, "answer_key", lambda **kwargs: real(**kwargs, training=False))
+    real = batchfit._answer_key.answer_key
+    monkeypatch.setattr(batchfit._answer_key, "answer_key", lambda **kwargs: real(**kwargs, training=False))
     zh = _invoke(env={"LANG": "zh_CN.UTF-8"})
     assert zh.exit_code == 0, zh.stderr
     assert "课程的参考答案" in zh.stdout and "显存" in zh.stdout and "批次大小" in zh.stdout
@@ -266,11 +266,17 @@ def test_error_in_chinese_keeps_the_exit_code() -> None:
     zh_before = _invoke("--lang", "zh", *args)
     assert en.exit_code == zh_after.exit_code == zh_before.exit_code == 3
     assert "error: unknown GPU 'h1000'" in en.stderr and "hint: " in en.stderr
+    # the library's words name parameters (`memory='24GiB'`); the catalogue is looked up with them, and
+    # only then does the command line rewrite them into its flags, in either language
+    assert "give the card's memory as --memory (e.g. --memory 24GiB)" in en.stderr
     with language("zh"):
         message, hint = tr("unknown GPU {name!r}", name="h1000"), tr("hint:")
-        fix = tr("see `batchfit gpus`, or give the card's memory with --memory (e.g. --memory 24GiB)")
+        fix = tr("see `batchfit gpus`, or give the card's memory as `memory` (e.g. `memory='24GiB'`)")
+    assert "`memory='24GiB'`" in fix and CJK.search(fix)
     for zh in (zh_after, zh_before):
-        assert message in zh.stderr and hint in zh.stderr and fix in zh.stderr
+        assert message in zh.stderr and hint in zh.stderr
+        assert fix.replace("`memory='24GiB'`", "--memory 24GiB").replace("`memory`", "--memory") in zh.stderr
+        assert "`memory" not in zh.stderr
         assert "unknown GPU" not in zh.stderr and "error:" not in zh.stderr
     assert zh_after.stderr == zh_before.stderr
 

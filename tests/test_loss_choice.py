@@ -12,9 +12,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 from batchfit.cli import app
 from zoo import zoo_workload
 
@@ -92,7 +92,7 @@ def test_an_output_whose_loss_is_not_certain_asks_for_loss_or_step(model: nn.Mod
         estimate(_w(model, *shape), batch_size=4, device="cpu")
     err = info.value
     assert err.exit_code == 3 and what in err.message
-    assert "--loss cross-entropy" in (err.hint or "") and "--step" in (err.hint or "")
+    assert "`loss='cross-entropy'`" in (err.hint or "") and "`step=" in (err.hint or "")
 
 
 def test_the_cli_refuses_a_dict_without_loss(tmp_path) -> None:
@@ -153,5 +153,5 @@ def test_a_users_loss_gets_the_whole_output(tmp_path) -> None:
     real = measure_step(w, 2, make_spec("cpu", loss=f"{f}:both"))
     assert abs(r.peak_allocated_bytes - real.peak_allocated_bytes) / real.peak_allocated_bytes < 0.01
     # a named loss needs to know which tensor: the dict has no 'logits' entry
-    with pytest.raises(BatchfitError, match="--loss needs the model's logits"):
+    with pytest.raises(BatchfitError, match="`loss` needs the model's logits"):
         estimate(w, batch_size=2, device="cpu", loss="mse")

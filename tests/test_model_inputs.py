@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from batchfit import BatchfitError, estimate, load_workload, summary
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import count_parameters
+from batchfit._step import make_spec
 
 # -- inputs by keyword (issue 12, item 10) ---------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import types
 from collections.abc import Iterable
 
@@ -317,9 +316,9 @@ def test_probe_records_samples_per_second_and_where_throughput_saturates() -> No
 
 
 def test_a_real_cpu_attempt_times_its_steady_iteration() -> None:
-    from batchfit._estimate import make_spec
     from batchfit._models import load_workload
     from batchfit._probe import measure_runner
+    from batchfit._step import make_spec
 
     a = measure_runner(load_workload("mlp", dataset="mnist"), make_spec("cpu"))(32)
     assert a.ok and a.step_seconds and a.steady_seconds
@@ -337,23 +336,30 @@ def test_probe_from_16_is_the_seed_method() -> None:
     assert [a.batch_size for a in r.attempts][:4] == [16, 32, 64, 128] and r.max_batch_size == 100
 
 
-def test_probe_starts_at_fits_max(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_starts_at_fits_max() -> None:
     seen = {}
 
     def fake_fit(workload, **kwargs):  # type: ignore[no-untyped-def]
         seen.update(kwargs)
         return types.SimpleNamespace(max_batch_size=123)
 
-    monkeypatch.setitem(sys.modules, "batchfit._fit", types.SimpleNamespace(fit=fake_fit))
-    r = probe("mlp", dataset="mnist", optimizer="adam", runner=device_with_max(123).runner(), estimates=False)
+    r = probe(
+        "mlp",
+        dataset="mnist",
+        optimizer="adam",
+        runner=device_with_max(123).runner(),
+        estimates=False,
+        fit_with=fake_fit,
+    )
     assert r.start == 123 and r.estimated_max_batch_size == 123 and r.start_source == "estimate"
     assert len(r.attempts) == 2 and r.estimate_error == 0
     assert seen["optimizer"] == "adam" and seen["safety"] == 0.8
 
 
 def test_probe_puts_the_estimate_beside_each_attempt() -> None:
-    from batchfit._estimate import Estimator, make_spec
+    from batchfit._estimate import Estimator
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     r = probe("mlp", dataset="mnist", start=64, runner=device_with_max(64).runner())
     est = Estimator(load_workload("mlp", dataset="mnist"), make_spec("cuda"))
@@ -407,9 +413,9 @@ def test_cudnn_note_when_allocated_at_the_max_is_below_the_estimate() -> None:
 
 
 def test_isolated_attempt_in_a_child_process_measures_like_in_process() -> None:
-    from batchfit._estimate import make_spec
     from batchfit._measure import measure_step
     from batchfit._models import load_workload
+    from batchfit._step import make_spec
 
     config = AttemptConfig(model="mlp", dataset="mnist", device="cpu")
     a = isolated_runner(config, timeout_s=120)(64)

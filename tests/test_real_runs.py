@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from batchfit import BatchfitError, estimate, load_workload
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 runner = CliRunner()

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from batchfit import EstimateReport, Plan, StepEstimate, estimate, format_bytes, measure_step, plan, probe, summary
 from batchfit._errors import ExitCode
-from batchfit._estimate import make_spec
 from batchfit._html import report_html, write_report
 from batchfit._models import load_workload
 from batchfit._probe import Attempt
+from batchfit._step import make_spec
 from batchfit.cli import app
 
 VOID = {"meta", "br", "img", "input", "hr", "link", "col", "wbr", "source"}
@@ -221,7 +221,7 @@ def test_repr_html_of_every_result(mlp_plan: Plan) -> None:
 
 
 def test_answer_key_displays_itself() -> None:
-    from batchfit._plan import answer_key
+    from batchfit._answer_key import answer_key
 
     key = answer_key(gpu="T4")
     page = key._repr_html_()

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from batchfit._estimate import make_spec
 from batchfit._gpus import PEAK_KINDS, Peaks, Provenance, card_from_entry, get_gpu, list_gpus, load_catalogue
 from batchfit._models import load_workload
 from batchfit._roofline import (
@@ -26,6 +25,7 @@ from batchfit._roofline import (
     smallest_within,
     step_cost,
 )
+from batchfit._step import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 M, K, H, C = 8, 20, 16, 4  # batch, inputs, hidden units, classes

@@ -188,7 +188,7 @@ def test_errors(tmp_path: Any, step: StepEstimate) -> None:
     assert isinstance(cpu, StepEstimate)
     with pytest.raises(BatchfitError, match="CUDA caching allocator") as info:
         snapshot(cpu)
-    assert "--device cuda" in (info.value.hint or "")
+    assert "`device='cuda'`" in (info.value.hint or "")
     from typer.testing import CliRunner
 
     from batchfit.cli import app

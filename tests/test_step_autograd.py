@@ -15,9 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from batchfit import estimate, load_workload
 from batchfit._errors import BatchfitError
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 
 # ---------------------------------------------------------------------------------------------
 # user steps: fn(model, inputs, labels, optimizer)
@@ -217,7 +217,7 @@ def test_user_steps_run_with_cuda_semantics(step: Any) -> None:
 
 
 def test_a_user_step_reports_its_phases() -> None:
-    from batchfit._estimate import make_spec as spec_for
+    from batchfit._step import make_spec as spec_for
     from batchfit._trace import trace_step
 
     w = load_workload("mlp", dataset="mnist")

@@ -223,7 +223,7 @@ def test_model_is_not_changed(style: str) -> None:
     model.head.weight.grad = torch.ones_like(model.head.weight)
     model.head.register_forward_hook(lambda *a: None)
     before = _snapshot(model)
-    summary(model, input_size=(3, 16, 16), style=style, mode="train" if style == "default" else None)
+    summary(model, input_size=(3, 16, 16), style=style, module_mode="train" if style == "default" else None)
     _assert_same(model, before)
 
 
@@ -245,7 +245,7 @@ def test_wrong_input_names_layer_shape_and_fix() -> None:
         summary(MLP(784), input_size=(3, 32, 32))
     err = info.value
     assert err.message == "layer 1 (Linear) expected last dim 784, got input of shape (1, 3072)"
-    assert err.hint is not None and "--input 1,28,28" in err.hint and "--dataset mnist" in err.hint
+    assert err.hint is not None and "`input_size=(1, 28, 28)`" in err.hint and "`dataset='mnist'`" in err.hint
 
 
 def test_wrong_channels_suggests_the_channel_count() -> None:
@@ -259,12 +259,16 @@ def test_wrong_channels_suggests_the_channel_count() -> None:
         info.value.message
         == "layer conv1 (Conv2d) expected 3 input channels (dim 1), got input of shape (1, 1, 28, 28)"
     )
-    assert info.value.hint is not None and "--input 3,28,28" in info.value.hint
+    assert info.value.hint is not None and "`input_size=(3, 28, 28)`" in info.value.hint
 
 
 @pytest.mark.parametrize(
     ("sample", "proposal"),
-    [((3, 28), "--input 3,28,28"), ((28, 28), "--input 3,28,28"), ((3, 28, 28, 2), "--input 3,32,32")],
+    [
+        ((3, 28), "`input_size=(3, 28, 28)`"),
+        ((28, 28), "`input_size=(3, 28, 28)`"),
+        ((3, 28, 28, 2), "`input_size=(3, 32, 32)`"),
+    ],
 )
 def test_a_sample_with_the_wrong_rank_for_a_conv_says_so(sample: tuple[int, ...], proposal: str) -> None:
     import torchvision
@@ -282,9 +286,10 @@ def test_a_sample_with_the_wrong_rank_for_a_conv_says_so(sample: tuple[int, ...]
     ("kwargs", "match"),
     [
         ({"style": "fancy"}, "unknown style"),
-        ({"mode": "sideways"}, "unknown mode"),
+        ({"module_mode": "sideways"}, "unknown module mode"),
+        ({"mode": "eval"}, "module_mode"),  # the old name, which would reach the model's constructor
         ({"depth": -1}, "depth"),
-        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 0}, "batch_size"),
     ],
 )
 def test_bad_options(kwargs: dict[str, Any], match: str) -> None:

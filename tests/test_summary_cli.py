@@ -55,14 +55,23 @@ def test_cli_json(dataset: str, params: int) -> None:
     assert code == 0
     data = json.loads(out)
     assert data["total_params"] == params and data["trainable_params"] == params
-    assert data["schema_version"] == 1 and len(data["layers"]) == 5
+    assert data["schema_version"] == 2 and len(data["layers"]) == 5
 
 
 def test_cli_options() -> None:
-    code, out, _ = run("summary", "mlp", "-d", "mnist", "--batch-size", "32", "--depth", "0", "--mode", "train")
-    assert code == 0
+    code, out, err = run("summary", "mlp", "-d", "mnist", "--batch-size", "32", "--depth", "0", "--module-mode", "train")
+    assert code == 0 and not err
     assert "batch size 32, train mode, depth 0" in out
     assert "[32, 10]" in out and "Linear" not in out.split("Total params")[0]
+
+
+def test_cli_old_mode_flag_still_works_and_says_its_new_name() -> None:
+    """summary's --mode (documented before the rename) gives the same table, with a deprecation line."""
+    code, out, err = run("summary", "mlp", "-d", "mnist", "--depth", "0", "--mode", "train")
+    assert code == 0 and "train mode, depth 0" in out
+    assert "--mode is now --module-mode" in err
+    code, _, err = run("summary", "mlp", "-d", "mnist", "--module-mode", "sideways")
+    assert code == 3 and "unknown module mode 'sideways'" in err and "--module-mode eval" in err
 
 
 def test_cli_bad_input_has_no_traceback(tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def test_choose_by_loss_and_divergence() -> None:
         choose(runs, metric="f1")
     with pytest.raises(BatchfitError, match="every run diverged"):
         choose([_run(16, 0.1, float("nan")), _run(32, 0.1, float("inf"))])
-    with pytest.raises(BatchfitError, match="--tolerance"):
+    with pytest.raises(BatchfitError, match="`tolerance`"):
         choose(runs, tolerance=-1)
 
 

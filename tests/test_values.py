@@ -13,9 +13,9 @@ from torch import nn
 
 from batchfit import estimate
 from batchfit._errors import BatchfitError, ExitCode
-from batchfit._estimate import make_spec
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
 from batchfit._trace import trace_step
 
 
@@ -128,6 +128,73 @@ def test_unknown_values_are_never_guessed(model_cls: type[nn.Module], device: st
     with pytest.raises(BatchfitError) as info:
         trace_step(w, 2, make_spec(device, "sgd"))
     assert info.value.exit_code == ExitCode.UNSUPPORTED
+
+
+class _LayerDrop(nn.Module):
+    """OPT's LayerDrop (transformers 4.4x modeling_opt.py ``OPTDecoder.forward``): in training, a
+    single draw ``torch.rand([])`` decides whether each layer runs."""
+
+    def __init__(self, layerdrop: float = 0.0) -> None:
+        super().__init__()
+        self.layerdrop = layerdrop
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            if self.training:
+                dropout_probability = torch.rand([])
+                if dropout_probability < self.layerdrop:
+                    continue
+            x = torch.relu(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_single_random_draw_is_a_value_the_model_decides_on(device: str) -> None:
+    """A 0-dim draw gets a real value (it stopped the trace: exit 6 on OPT 4.4x in train mode);
+    drawing it leaves the caller's random generator as it was; a CPU estimate equals a real step."""
+    w = Workload("layerdrop", _LayerDrop(), inputs=(InputSpec((8,), torch.float32),))
+    state = torch.random.get_rng_state()
+    est = estimate(w, batch_size=3, optimizer="sgd", device=device)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert est.method == "simulated"
+    if device == "cpu":
+        assert est.peak_allocated_bytes == measure_step(w, 3, make_spec("cpu", "sgd")).peak_allocated_bytes
+
+
+class _PaddingCheck(nn.Module):
+    """transformers 4.4x's padding check (modeling_utils.py ``warn_if_padding_and_no_attention_mask``):
+    ``pad_token_id in input_ids[:, [-1, 0]]``, an index made from a Python list (a real literal)."""
+
+    def __init__(self, checks: bool = True) -> None:
+        super().__init__()
+        self.checks = checks
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.checks and 0 in ids[:, [-1, 0]]:
+            pass  # the library warns
+        return self.out(self.emb(ids)).sum(1)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_literal_index_has_its_value(device: str) -> None:
+    """It stopped the trace (exit 6: DistilBERT with transformers 4.46 called without a mask)."""
+    w = Workload("padding", _PaddingCheck(), inputs=(InputSpec((6,), torch.long),))
+    plain = Workload("plain", _PaddingCheck(checks=False), inputs=(InputSpec((6,), torch.long),))
+    est = estimate(w, batch_size=2, optimizer="sgd", device=device)
+    assert est.method == "simulated"
+    extra = (
+        est.peak_allocated_bytes - estimate(plain, batch_size=2, optimizer="sgd", device=device).peak_allocated_bytes
+    )
+    if device == "cpu":  # what the check adds to the peak, against real CPU steps of both models
+        spec = make_spec("cpu", "sgd")
+        assert (
+            extra == measure_step(w, 2, spec).peak_allocated_bytes - measure_step(plain, 2, spec).peak_allocated_bytes
+        )
+    else:
+        assert extra == 0  # a few bytes early in the forward, far below the peak
 
 
 transformers = pytest.importorskip("transformers")

@@ -76,17 +76,21 @@ class PublishedLoop:
 
 
 class CallsWithMask(nn.Module):
-    """``model(**inputs)`` with ``input_ids`` and an all-ones ``attention_mask``; eval mode if asked."""
+    """``model(**inputs)`` with ``input_ids`` and an all-ones ``attention_mask`` (none if ``mask``
+    is False: a benchmark whose inputs hold only ``input_ids``); eval mode if asked."""
 
-    def __init__(self, model: nn.Module, eval_mode: bool) -> None:
+    def __init__(self, model: nn.Module, eval_mode: bool, mask: bool = True) -> None:
         super().__init__()
         self.model = model
         self.eval_mode = eval_mode
+        self.mask = mask
 
     def forward(self, input_ids: torch.Tensor) -> Any:
         if self.eval_mode:
             for m in self.model.modules():
                 m.training = False  # from_pretrained's mode; batchfit restores modes afterwards
+        if not self.mask:
+            return self.model(input_ids=input_ids)
         return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
 
 
@@ -125,6 +129,7 @@ def run(
     gpu: str,
     modes: tuple[str, ...],
     argv: list[str] | None = None,
+    mask: bool = True,
 ) -> list[dict[str, Any]]:
     """Estimate every case with ``build(attention) -> nn.Module`` (on meta) and print the errors."""
     import transformers
@@ -151,7 +156,7 @@ def run(
             continue
         figures = {}
         for mode in modes:
-            model = CallsWithMask(from_pretrained_dtypes(build, case.attention), eval_mode=mode == "eval")
+            model = CallsWithMask(from_pretrained_dtypes(build, case.attention), eval_mode=mode == "eval", mask=mask)
             keep = KeepOutputs()
             loop = PublishedLoop() if args.loop == "step" else None
             workload = Workload(name, model, inputs=(InputSpec((case.seq,), torch.long),))

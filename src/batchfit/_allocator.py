@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
 from ._i18n import tr
+from ._render import Cell, Rendered, Styled, Table
 from ._units import format_bytes
 
 SCHEMA_VERSION = 1
@@ -992,7 +993,7 @@ class AllocatorSeries:
 
 
 @dataclass(frozen=True)
-class AllocatorResult:
+class AllocatorResult(Rendered):
     """What the caching allocator's counters say after replaying a timeline.
 
     ``peak_allocated_bytes`` is ``torch.cuda.max_memory_allocated()`` (block sizes, i.e. requests
@@ -1019,11 +1020,6 @@ class AllocatorResult:
     series: AllocatorSeries | None = None
     history: AllocatorHistory | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def overhead_bytes(self) -> int:
-        """Reserved but unallocated at the reserved peak's level: ``peak_reserved - peak_allocated``."""
-        return self.peak_reserved_bytes - self.peak_allocated_bytes
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -1049,38 +1045,24 @@ class AllocatorResult:
             out["series"] = self.series.to_dict()
         return out
 
-    def __str__(self) -> str:
-        lines = [
-            f"peak allocated  {format_bytes(self.peak_allocated_bytes)} (event {self.peak_allocated_seq})",
-            f"peak reserved   {format_bytes(self.peak_reserved_bytes)} (event {self.peak_reserved_seq})",
-            f"segments        {self.peak_segments} at most, {self.num_device_alloc} device allocations",
-            f"settings        {self.config}",
+    def table(self) -> Table:
+        """The peaks (with the events they happen at), the live bytes by category at the allocated peak."""
+        rows: list[list[Cell]] = [
+            ["peak allocated", format_bytes(self.peak_allocated_bytes), str(self.peak_allocated_seq)],
+            ["peak reserved", format_bytes(self.peak_reserved_bytes), str(self.peak_reserved_seq)],
         ]
-        for name, nbytes in self.allocated_by_category_bytes.items():
-            if nbytes:
-                lines.append(f"  {name:<16}{format_bytes(nbytes)}")
+        rows += [[f"  {name}", format_bytes(n), ""] for name, n in self.allocated_by_category_bytes.items() if n]
+        footer = [f"segments: {self.peak_segments} at most, {self.num_device_alloc} device allocations"]
         if self.oom:
-            lines.append(
-                f"OUT OF MEMORY at event {self.oom_seq} asking for {format_bytes(self.oom_request_bytes or 0)} "
-                f"(device limit {format_bytes(self.device_limit_bytes or 0)})"
+            rows.append(
+                [Styled("OUT OF MEMORY", "bold red"), format_bytes(self.oom_request_bytes or 0), str(self.oom_seq)]
             )
-        return "\n".join(lines)
+            limit = format_bytes(self.device_limit_bytes or 0)
+            footer.append(f"out of memory: the request at event {self.oom_seq} does not fit the device limit ({limit})")
+        return Table(f"CUDA caching allocator ({self.config})", ["counter", "bytes", "at event"], rows, footer=footer)
 
-    def __rich__(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=f"CUDA caching allocator ({self.config})", show_header=True)
-        table.add_column("counter")
-        table.add_column("bytes", justify="right")
-        table.add_column("at event", justify="right")
-        table.add_row("peak allocated", format_bytes(self.peak_allocated_bytes), str(self.peak_allocated_seq))
-        table.add_row("peak reserved", format_bytes(self.peak_reserved_bytes), str(self.peak_reserved_seq))
-        for name, nbytes in self.allocated_by_category_bytes.items():
-            if nbytes:
-                table.add_row(f"  {name}", format_bytes(nbytes), "")
-        if self.oom:
-            table.add_row("[bold red]out of memory[/]", format_bytes(self.oom_request_bytes or 0), str(self.oom_seq))
-        return table
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
 
 def simulate(

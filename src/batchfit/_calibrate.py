@@ -19,7 +19,7 @@ import json
 import os
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from ._allocator import AllocatorConfig
 from ._errors import BatchfitError, ExitCode
@@ -76,12 +76,33 @@ PLANNED: tuple[dict[str, str], ...] = (
 )
 
 
+class Calibration(TypedDict, total=False):
+    """What :func:`calibrate` returns, JSON-ready: the first six keys always; ``reason`` and
+    ``planned`` in a dry run; the card, its ``measurements`` and a ``catalogue_update`` otherwise."""
+
+    schema_version: int
+    dry_run: bool
+    device: str
+    torch: str
+    cuda: str | None
+    date: str
+    reason: str
+    planned: list[dict[str, Any]]
+    card: str
+    compute_capability: list[int]
+    total_memory_bytes: int
+    driver: str | None
+    cudnn: int | None
+    measurements: dict[str, Any]
+    catalogue_update: dict[str, Any]
+
+
 def calibrate(
     device: str = "cuda",
     *,
     conv_shapes: tuple[ConvShape, ...] = DEFAULT_CONV_SHAPES,
     dry_run: bool | None = None,
-) -> dict[str, Any]:
+) -> Calibration:
     """Measure the catalogue's figures on ``device``; a dry run (``"dry_run": True``) without CUDA.
 
     Call it first in a fresh process: the cuBLAS workspaces exist once per thread and are only
@@ -96,7 +117,7 @@ def calibrate(
 
     if dry_run is None:
         dry_run = not torch.cuda.is_available()
-    head: dict[str, Any] = {
+    head: Calibration = {
         "schema_version": SCHEMA_VERSION,
         "dry_run": dry_run,
         "device": device,
@@ -121,7 +142,7 @@ def calibrate(
     return _measure(torch, torch.device(device), conv_shapes, head)
 
 
-def _measure(torch: Any, dev: Any, conv_shapes: tuple[ConvShape, ...], head: dict[str, Any]) -> dict[str, Any]:
+def _measure(torch: Any, dev: Any, conv_shapes: tuple[ConvShape, ...], head: Calibration) -> Calibration:
     cuda = torch.cuda
     torch.cuda.set_device(dev)
     round_size = AllocatorConfig.from_env().round_size

@@ -168,7 +168,9 @@ def _sdpa(
         head_dim = query.shape[-1]
         scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)  # calculate_scale, unpadded
         q, k, v = (_pad_last_dim(t, 8) for t in (query, key, value))
-        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        out: torch.Tensor = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p, is_causal, False, scale=scale
+        )[0]
         return out if out.shape[-1] == head_dim else out[..., :head_dim]  # post_process_flash_output
     if backend == "efficient":
         # should_compute_logsumexp: only when a gradient will be needed

@@ -325,6 +325,56 @@ def _foreach_norm(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, 
     return foreach_norm_program(tensors, dtype)
 
 
+# -- matrix products: operands cuBLAS cannot read in place ------------------------------------------
+
+
+def cublas_operand_copy_bytes(t: torch.Tensor) -> int:
+    """Bytes of the copy a 2-D ``mm``/``addmm`` operand needs before cuBLAS can read it.
+
+    aten/src/ATen/native/cuda/Blas.cpp, ``prepare_matrix_for_cublas``: a non-overlapping, dense
+    operand is read as it is, so is one with a unit stride and a leading dimension at least its
+    other size; anything else is ``tensor.clone(at::MemoryFormat::Contiguous)``, held until the
+    GEMM returns. The case that matters: the gradient of a ``.sum()`` is an expanded tensor with
+    stride 0, so the backward of the last ``Linear`` copies a whole batch x tokens x vocabulary
+    gradient (twice: once for the input's gradient, once for the weight's).
+    """
+    if t.dim() != 2 or _non_overlapping_and_dense(t):
+        return 0
+    (n0, n1), (s0, s1) = t.shape, t.stride()
+    if (s0 == 1 and s1 >= max(1, n0)) or (s1 == 1 and s0 >= max(1, n1)):
+        return 0
+    return int(t.numel()) * t.element_size()
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """c10/core/Contiguity.h, ``_compute_non_overlapping_and_dense``: ordered by stride, the
+    dimensions of more than one element are laid out as a contiguous tensor would be."""
+    expected = 1
+    for stride, size in sorted((int(st), int(n)) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def cublas_operands_program(mat1: torch.Tensor, mat2: torch.Tensor) -> list[Step]:
+    """``cublasCommonArgs`` (Blas.cpp) prepares both operands; the copies live through the GEMM.
+    Nothing is listed when neither needs a copy (the common case: no events)."""
+    copies = [
+        ("mat1_contiguous", cublas_operand_copy_bytes(mat1)),
+        ("mat2_contiguous", cublas_operand_copy_bytes(mat2)),
+    ]
+    return [("alloc", name, n) for name, n in copies if n]
+
+
+def _mm(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    return cublas_operands_program(args[0], args[1])
+
+
+def _addmm(args: tuple[Any, ...], kwargs: dict[str, Any], cc: tuple[int, int]) -> list[Step]:
+    return cublas_operands_program(args[1], args[2])
+
+
 # -- the registry ---------------------------------------------------------------------------------
 
 RULES: dict[str, Rule] = {
@@ -333,6 +383,8 @@ RULES: dict[str, Rule] = {
     "aten._scaled_dot_product_efficient_attention_backward.default": _sdpa_efficient_backward,
     "aten.embedding_dense_backward.default": _embedding_backward,
     "aten._foreach_norm.Scalar": _foreach_norm,
+    "aten.mm.default": _mm,
+    "aten.addmm.default": _addmm,
 }
 
 
@@ -439,6 +491,8 @@ __all__ = [
     "KernelCall",
     "at_batch",
     "call_sizes",
+    "cublas_operand_copy_bytes",
+    "cublas_operands_program",
     "describe",
     "efficient_backward_program",
     "efficient_forward_program",

@@ -23,19 +23,16 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rich import box
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from ._datasets import DATASETS, DatasetInfo, get_dataset
 from ._errors import BatchfitError
 from ._i18n import tr
+from ._render import Facts, Rendered, Section, Table, Text
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -110,11 +107,7 @@ def _torchvision_class(info: DatasetInfo) -> type:
     if info.torchvision_class is None or info.torchvision_class not in _REQUIRED_FILES:
         raise BatchfitError(
             tr("batchfit cannot load {name!r} by itself (torchvision does not download it)", name=info.name),
-            hint=tr(
-                "extract it and pass the folder of class sub-folders, e.g. batchfit show path/to/{name}/train --size {shape}",
-                name=info.name,
-                shape=info.shape[-1],
-            ),
+            hint=tr("extract it and pass the folder of class sub-folders, e.g. `batchfit show path/to/{name}/train --size {shape}`", name=info.name, shape=info.shape[-1]),
         )
     return getattr(torchvision.datasets, info.torchvision_class)  # type: ignore[no-any-return]
 
@@ -214,9 +207,7 @@ def load_dataset(
     ``mean``/``std`` replace the normalisation (presets: the seed's; folders: 0.5 per channel).
     """
     if size is not None and size < 1:
-        raise BatchfitError(
-            tr("--size must be a positive number of pixels, not {size}", size=size), hint=tr("e.g. --size 64")
-        )
+        raise BatchfitError(tr("`size` must be a positive number of pixels, not {size}", size=size), hint=tr("e.g. `size=64`"))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _load_folder(path, split, size, mean, std)
@@ -272,7 +263,7 @@ def _normalization(
                 hint=tr("give one value, or one per channel ({channels})", channels=channels),
             )
     if any(v <= 0 for v in s):
-        raise BatchfitError(tr("--std must be positive, got {s}", s=s), hint=tr("e.g. --std 0.5"))
+        raise BatchfitError(tr("`std` must be positive, got {s}", s=s), hint=tr("e.g. `std=(0.5,)`"))
     # Normalize broadcasts a single value over channels; report one value per channel.
     return (m * channels if len(m) == 1 else m), (s * channels if len(s) == 1 else s)
 
@@ -302,19 +293,8 @@ def _load_preset(
         if missing:
             folder = os.path.commonpath([str(f.parent) for f in files])
             raise BatchfitError(
-                tr(
-                    "{name} is not in {root}: missing {missing} (expected in {folder}; torchvision needs all of {files})",
-                    name=info.name,
-                    root=root.resolve(),
-                    missing=", ".join(f.name for f in missing),
-                    folder=Path(folder).resolve(),
-                    files=", ".join(f.name for f in files),
-                ),
-                hint=tr(
-                    "add --download to fetch it into {resolve}, or point --root (or ${env_root}) at the directory that holds it",
-                    resolve=root.resolve(),
-                    env_root=ENV_ROOT,
-                ),
+                tr("{name} is not in {root}: missing {missing} (expected in {folder}; torchvision needs all of {files})", name=info.name, root=root.resolve(), missing=', '.join(f.name for f in missing), folder=Path(folder).resolve(), files=', '.join(f.name for f in files)),
+                hint=tr("add `download=True` to fetch it into {resolve}, or point `root` (or ${ENV_ROOT}) at the directory that holds it", resolve=root.resolve(), ENV_ROOT=ENV_ROOT),
             )
     m, s = _normalization(info.mean, info.std, mean, std, info.shape[0])
     pre = (*_resize(size), transforms.ToTensor())
@@ -330,13 +310,8 @@ def _load_preset(
         ) from None
     except (RuntimeError, AssertionError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         raise BatchfitError(
-            tr(
-                "the {name} files in {resolve} are incomplete or corrupted: {exc}",
-                name=info.name,
-                resolve=root.resolve(),
-                exc=exc,
-            ),
-            hint=tr("delete {resolve} and fetch it again with --download", resolve=files[0].parent.resolve()),
+            tr("the {name} files in {resolve} are incomplete or corrupted: {exc}", name=info.name, resolve=root.resolve(), exc=exc),
+            hint=tr("delete {resolve} and fetch it again with `download=True`", resolve=files[0].parent.resolve()),
         ) from None
     classes = tuple(str(c) for c in getattr(dataset, "classes", info.classes))
     return LoadedDataset(
@@ -368,8 +343,7 @@ def _load_folder(
         folder = path / split
         if not folder.is_dir():
             raise BatchfitError(
-                tr("{path} has no {split!r} sub-folder", path=path, split=split),
-                hint=tr("leave --split out to use the folder as it is"),
+                tr("{path} has no {split!r} sub-folder", path=path, split=split), hint=tr("leave `split` out to use the folder as it is")
             )
     # ImageFolder's loader converts every image to RGB: three channels.
     m, s = _normalization((FOLDER_MEAN_STD,), (FOLDER_MEAN_STD,), mean, std, 3)
@@ -427,9 +401,7 @@ def sample_indices(num_samples: int, n: int, seed: int = DEFAULT_GRID_SEED) -> l
     True
     """
     if n < 1:
-        raise BatchfitError(
-            tr("the grid needs at least one image, not {n}", n=n), hint=tr("e.g. --grid 16, or --grid 0 for none")
-        )
+        raise BatchfitError(tr("the grid needs at least one image, not {n}", n=n), hint=tr("e.g. 16 (`batchfit show --grid 0` draws none)"))
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_samples, generator=generator)[: min(n, num_samples)].tolist()
 
@@ -477,7 +449,7 @@ def sample_grid(
 def display_available() -> bool:
     """Whether matplotlib found an interactive backend (it falls back to Agg without a display)."""
     import matplotlib
-    from matplotlib.backends import BackendFilter, backend_registry
+    from matplotlib.backends.registry import BackendFilter, backend_registry
 
     return matplotlib.get_backend().lower() not in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
 
@@ -691,23 +663,13 @@ def host_memory(
     the dataset holds the whole dataset, as a DataLoader would yield it.
     """
     if batch_size < 1:
-        raise BatchfitError(
-            tr("batch size must be at least 1, not {batch_size}", batch_size=batch_size),
-            hint=tr("e.g. --batch-size 64"),
-        )
+        raise BatchfitError(tr("`batch_size` must be at least 1, not {batch_size}", batch_size=batch_size), hint=tr("e.g. `batch_size=64`"))
     if num_workers < 0:
-        raise BatchfitError(
-            tr("--num-workers must be 0 or more, not {num_workers}", num_workers=num_workers),
-            hint=tr("e.g. --num-workers 4"),
-        )
+        raise BatchfitError(tr("`num_workers` must be 0 or more, not {num_workers}", num_workers=num_workers), hint=tr("e.g. `num_workers=4`"))
     if prefetch_factor is not None and (num_workers == 0 or prefetch_factor < 1):
         raise BatchfitError(
-            tr(
-                "prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})",
-                prefetch_factor=prefetch_factor,
-                num_workers=num_workers,
-            ),
-            hint=tr("give --num-workers 1 or more, or leave --prefetch-factor out (DataLoader's own rule)"),
+            tr("prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})", prefetch_factor=prefetch_factor, num_workers=num_workers),
+            hint=tr("give `num_workers` 1 or more, or leave `prefetch_factor` out (DataLoader's own rule)"),
         )
     if isinstance(dataset, LoadedDataset):
         name = dataset.name
@@ -784,8 +746,8 @@ class GridInfo:
 
 
 @dataclass(frozen=True)
-class DatasetReport:
-    """What the lesson teaches about a dataset; renders itself (rich) and has :meth:`to_dict`."""
+class DatasetReport(Rendered):
+    """What the lesson teaches about a dataset; renders itself (text, rich) and has :meth:`to_dict`."""
 
     name: str
     source: str
@@ -849,12 +811,11 @@ class DatasetReport:
             "grid": self.grid.to_dict() if self.grid is not None else None,
         }
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+    def sections(self) -> list[Section]:
+        """A heading, the facts, the table by batch size, and what its columns mean."""
         where = f"{self.split} split" if self.split else "folder"
-        yield Text.from_markup(f"[bold]{self.name}[/] - {where}, {self.source}, from {self.root}")
-        facts = Table.grid(padding=(0, 2))
-        facts.add_column(style="bold", no_wrap=True)
-        facts.add_column()
+        heading = Text(f"{self.name} - {where}, {self.source}, from {self.root}", style="bold")
+        facts: list[tuple[str, str]] = []
         resize = f"Resize({self.size}) + CenterCrop({self.size}) + " if self.size else ""
         n = self.probe_batch_shape[0]
         bounds = ", ".join(f"[{lo:.4f}, {hi:.4f}]" for lo, hi in self.range_after_bounds)
@@ -883,29 +844,22 @@ class DatasetReport:
                 f"{format_bytes(self.tensor_bytes_per_sample, 'B')} as a {self.sample_dtype} tensor",
             ),
         ):
-            facts.add_row(key, value)
+            facts.append((key, value))
         if self.stats is not None:
-            facts.add_row(
-                "pixel stats",
-                f"{self.stats} over {self.stats.num_samples:,} samples "
-                f"({self.stats.pixels_per_channel:,} values per channel, before Normalize)",
+            facts.append(
+                (
+                    "pixel stats",
+                    f"{self.stats} over {self.stats.num_samples:,} samples "
+                    f"({self.stats.pixels_per_channel:,} values per channel, before Normalize)",
+                )
             )
         if self.grid is not None and self.grid.path:
-            facts.add_row("grid", f"{len(self.grid.indices)} samples (seed {self.grid.seed}) saved to {self.grid.path}")
-        yield facts
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
-        for header, justify in (
-            ("batch", "right"),
-            ("(N, C, H, W)", "left"),
-            ("per epoch", "right"),
-            ("stored", "right"),
-            ("on device", "right"),
-            ("labels", "right"),
-            ("host RAM", "right"),
-        ):
-            table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-        for row in self.rows:
-            table.add_row(
+            facts.append(
+                ("grid", f"{len(self.grid.indices)} samples (seed {self.grid.seed}) saved to {self.grid.path}")
+            )
+        columns = ["batch", "(N, C, H, W)", "per epoch", "stored", "on device", "labels", "host RAM"]
+        rows = [
+            [
                 str(row.batch_size),
                 _shape(row.batch_shape),
                 f"{row.batches_per_epoch:,}",
@@ -913,8 +867,10 @@ class DatasetReport:
                 format_bytes(row.input_bytes),
                 format_bytes(row.label_bytes),
                 format_bytes(row.host.total_bytes),
-            )
-        yield table
+            ]
+            for row in self.rows
+        ]
+        right = [i != 1 for i in range(len(columns))]
         notes = [
             f"per epoch: batches; stored: N samples as {self.stored_dtype}; on device: the input batch the GPU holds "
             f"(N x {format_bytes(self.tensor_bytes_per_sample, 'B')}, {self.sample_dtype}); labels: {self.label_dtype}"
@@ -933,14 +889,7 @@ class DatasetReport:
                 f"{format_bytes(host.dataset_label_bytes)} labels) + {host.batches_in_flight} batch{plural} "
                 f"in flight ({workers}){pinned}"
             )
-        for note in notes:
-            yield Text(note, style="dim")
-
-    def __str__(self) -> str:
-        console = Console(file=StringIO(), width=120, color_system=None, highlight=False)
-        console.print(self)
-        text: str = console.file.getvalue()  # type: ignore[attr-defined]
-        return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+        return [heading, Facts(facts), Table("", columns, rows, right=right, footer=notes)]
 
 
 def describe(
@@ -963,7 +912,7 @@ def describe(
     if isinstance(data, (str, Path)):
         data = load_dataset(data)
     if not batch_sizes:
-        raise BatchfitError(tr("no batch sizes given"), hint=tr("e.g. --batch-size 64,256,1024,4096"))
+        raise BatchfitError(tr("no batch sizes given"), hint=tr("e.g. `batch_sizes=(64, 256, 1024, 4096)`"))
     num = len(data)
     if num == 0:
         raise BatchfitError(tr("{name} has no samples", name=data.name), hint=tr("check the folder or split"))
@@ -974,12 +923,8 @@ def describe(
         raw, _ = next(iter(DataLoader(data.unnormalized(), batch_size=probe, shuffle=False)))
     except RuntimeError as exc:  # default_collate cannot stack images of different sizes
         raise BatchfitError(
-            tr(
-                "the images in {name} have different sizes, so a DataLoader cannot batch them ({exc})",
-                name=data.name,
-                exc=exc,
-            ),
-            hint=tr("give --size N (size=N) to resize and centre-crop them all to N x N"),
+            tr("the images in {name} have different sizes, so a DataLoader cannot batch them ({exc})", name=data.name, exc=exc),
+            hint=tr("give `size=N` to resize and centre-crop them all to N x N"),
         ) from None
     rows = []
     for bs in batch_sizes:

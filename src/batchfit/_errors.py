@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -30,3 +32,21 @@ class BatchfitError(Exception):
         self.hint = hint
         self.exit_code = exit_code
         super().__init__(f"{message} ({hint})" if hint else message)
+
+
+def check_suffix(path: str | Path, suffixes: Collection[str], message: str, hint: str) -> Path:
+    """``path`` as a :class:`Path` when it ends in one of ``suffixes`` (any case), else a usage error.
+
+    ``message`` may name ``{path}`` and ``{suffix}`` (both quoted as Python writes them).
+
+    >>> check_suffix("out.SVG", (".png", ".svg"), "cannot write {path}", "name it FILE.png").name
+    'out.SVG'
+    >>> check_suffix("out", (".png",), "cannot write {path}: {suffix}", "name it FILE.png")
+    Traceback (most recent call last):
+    batchfit._errors.BatchfitError: cannot write 'out': '(no extension)' (name it FILE.png)
+    """
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        text = message.format(path=repr(str(out)), suffix=repr(out.suffix or "(no extension)"))
+        raise BatchfitError(text, hint=hint, exit_code=ExitCode.USAGE)
+    return out

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -21,25 +21,25 @@ from torch import nn
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
 from ._i18n import phase_word, tr
-from ._models import Workload, load_workload
-from ._render import Table
-from ._step import StepSpec, parse_loop
+from ._models import InputSize, Workload, load_workload
+from ._render import Rendered, Table
+from ._step import StepSpec, make_spec
 from ._trace import Trace, trace_step
-from ._training import LossSpec, OptimizerSpec, Precision, parse_loss, parse_optimizer, parse_precision, parse_step
+from ._training import LossLike, OptimizerLike, StepLike
 from ._units import mib_cell
 
 if TYPE_CHECKING:
     from ._allocator import AllocatorConfig, AllocatorResult
+    from ._distributed import DistSpec, RankEstimate
     from ._gpus import Budget
     from ._summary import ModelSummary
 
 SCHEMA_VERSION = 1
-DEVICES = ("cuda", "cpu")
 CUDA_CATEGORIES = (*CATEGORIES, "workspaces")
 
 
 @dataclass
-class StepEstimate:
+class StepEstimate(Rendered):
     """The memory of one reference step at one batch size. Bytes are ints.
 
     On CUDA, ``peak_allocated_bytes`` is what ``torch.cuda.max_memory_allocated()`` would report,
@@ -74,6 +74,16 @@ class StepEstimate:
     marks: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
     threads: int | None = None  # CPU: torch's intra-op threads simulated (kernel scratch depends on it)
     loss: str | None = None  # which loss the step trained on, in words (None: inference)
+    # several GPUs (_distributed): the setting, and every distinct rank's estimate; the figures
+    # above are the peaking rank's (``peak_rank``)
+    dist: DistSpec | None = field(default=None, repr=False)
+    ranks: list[RankEstimate] = field(default_factory=list, repr=False)
+    peak_rank: int | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all GPUs (``batch_size`` is per GPU)."""
+        return self.batch_size * (self.dist.world_size if self.dist is not None else 1)
 
     @property
     def peak_where(self) -> str:
@@ -123,23 +133,25 @@ class StepEstimate:
             out["total_bytes"] = self.total_bytes
             out["budget_bytes"] = self.budget_bytes
             out["fits"] = self.fits
+        if self.dist is not None:
+            out["distributed"] = self.dist.to_dict()
+            out["global_batch_size"] = self.global_batch_size
+            out["peak_rank"] = self.peak_rank
+            out["ranks"] = [r.to_dict() for r in self.ranks]
         if events:
             out["events"] = [
                 [e.seq, e.action, e.storage, e.nbytes, e.category, e.module, e.phase, e.iteration] for e in self.events
             ]
         return out
 
-    def __str__(self) -> str:
-        return str(EstimateReport([self]))
-
-    def __rich__(self) -> Any:
-        return EstimateReport([self]).__rich__()
+    def sections(self) -> list[Table]:
+        return EstimateReport([self]).tables()
 
     def _repr_html_(self) -> str:
         """The table and the step's timeline (on CUDA allocated and reserved over the events)."""
         from ._html import figure_svg, fragment, table_html, timeline_figure
 
-        parts = [table_html(t) for t in EstimateReport([self]).tables()]
+        parts = [table_html(t) for t in self.sections()]
         if self.events:
             parts.append(figure_svg(timeline_figure(self)))
         return fragment(*parts)
@@ -159,12 +171,15 @@ class StepEstimate:
 
 
 @dataclass
-class EstimateReport(Sequence[StepEstimate]):
+class EstimateReport(Rendered, Sequence[StepEstimate]):
     """Estimates of one workload at several batch sizes (renders as the seed's table)."""
 
     results: list[StepEstimate]
     budget_description: str | None = None
     per_layer: bool = False
+    # what the estimates were made with: the card's budget (CUDA) and the step's settings
+    budget: Budget | None = field(default=None, repr=False, compare=False)
+    spec: StepSpec | None = field(default=None, repr=False, compare=False)
 
     @overload
     def __getitem__(self, i: int) -> StepEstimate: ...
@@ -204,7 +219,10 @@ class EstimateReport(Sequence[StepEstimate]):
             return []
         first = self.results[0]
         cuda = first.device == "cuda"
-        cats = [c for c in (CUDA_CATEGORIES if cuda else CATEGORIES) if any(r.breakdown.get(c) for r in self.results)]
+        from ._distributed import DIST_CATEGORIES
+
+        known = (*(CUDA_CATEGORIES if cuda else CATEGORIES), *DIST_CATEGORIES)
+        cats = [c for c in known if any(r.breakdown.get(c) for r in self.results)]
         columns = [tr("batch"), *[short_category(c) for c in cats], tr("peak alloc")]
         if cuda:
             columns += [tr("reserved"), tr("total"), tr("fits")]
@@ -252,8 +270,12 @@ class EstimateReport(Sequence[StepEstimate]):
         if cuda and self.budget_description:
             footer.append(tr("card: {card}", card=self.budget_description))
         notes = sorted({n for r in self.results for n in r.notes})
-        footer += [tr("note: {note}", note=n) for n in notes]
+        footer += [f"note: {n}" for n in notes]
+        if first.dist is not None:
+            title += f"; per GPU, {first.dist.describe()}, the peaking rank's figures"
         out = [Table(title, columns, rows, footer=footer)]
+        if first.dist is not None:
+            out.extend(rank_table(r, cats) for r in self.results)
         if self.per_layer:
             last = self.results[-1]
             layer_rows = [
@@ -272,18 +294,8 @@ class EstimateReport(Sequence[StepEstimate]):
             )
         return out
 
-    def __str__(self) -> str:
-        return "\n\n".join(str(t) for t in self.tables())
-
-    def __rich__(self) -> Any:
-        from rich.console import Group
-
-        return Group(*(t.__rich__() for t in self.tables()))
-
-    def _repr_html_(self) -> str:
-        from ._html import tables_fragment
-
-        return tables_fragment(self.tables())
+    def sections(self) -> list[Table]:
+        return self.tables()
 
     def save_report(
         self, path: str | Path, *, summary: ModelSummary | None = None, budget: Budget | None = None
@@ -291,7 +303,36 @@ class EstimateReport(Sequence[StepEstimate]):
         """Write a self-contained HTML report (FILE.html); ``summary`` adds the model's layer tree."""
         from ._html import write_report
 
-        return write_report(self, path, summary=summary, budget=budget)
+        return write_report(self, path, summary=summary, budget=budget or self.budget)
+
+
+def rank_table(r: StepEstimate, cats: list[str]) -> Table:
+    """Each distinct rank's figures at one batch size (``ranks``: the ranks it stands for)."""
+    cuda = r.device == "cuda"
+    columns = [tr("ranks"), *[short_category(c) for c in cats], tr("peak alloc")]
+    columns += [tr("reserved"), tr("total")] if cuda else []
+    rows = []
+    for rank in r.ranks:
+        e = rank.estimate
+        row = [
+            _rank_span(rank.same_as),
+            *[mib_cell(e.breakdown.get(c, 0)) for c in cats],
+            mib_cell(e.peak_allocated_bytes),
+        ]
+        if cuda:
+            row += [mib_cell(e.peak_reserved_bytes), mib_cell(e.total_bytes)]
+        rows.append(row)
+    assert r.dist is not None
+    title = f"per rank at batch {r.batch_size:,} per GPU (global batch {r.global_batch_size:,}) - MiB, breakdown at each rank's peak"
+    footer = [f"peak: rank {r.peak_rank} ({r.peak_where})"]
+    return Table(title, columns, rows, footer=footer)
+
+
+def _rank_span(ranks: list[int]) -> str:
+    """``0-6`` for a run of ranks, ``0, 2`` otherwise."""
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
 
 
 _SHORT = {
@@ -303,6 +344,8 @@ _SHORT = {
     "activations": "activ.",
     "temporaries": "temps",
     "workspaces": "wkspace",
+    "gathered_parameters": "gathered",
+    "communication": "comm",
 }
 
 
@@ -330,80 +373,6 @@ def threads_text(n: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def make_spec(
-    device: str = "cuda",
-    optimizer: Any = "sgd",
-    precision: str | Precision = "fp32",
-    loss: str | LossSpec | Callable[..., Any] | None = None,
-    step: Any = None,
-    mode: str = "train",
-    threads: int | None = None,
-    *,
-    loop: str = "pytorch",
-    last_batch: int | str | None = None,
-    eval_batch_size: int | None = None,
-) -> StepSpec:
-    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
-
-    ``threads``: CPU only, torch's intra-op thread count of the run (default: this process's,
-    ``torch.get_num_threads()``); CPU kernels' scratch depends on it.
-    ``loop``: pytorch (the default), hf-trainer or lightning (see ``batchfit._step.LOOPS``).
-    ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
-    ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md).
-    """
-    if device not in DEVICES:
-        raise BatchfitError(
-            tr("unknown device {device!r}", device=device), hint=tr("use --device cuda or --device cpu")
-        )
-    if threads is not None and device != "cpu":
-        raise BatchfitError(tr("--threads applies to --device cpu"), hint=tr("drop it, or use --device cpu"))
-    if threads is not None and threads < 1:
-        raise BatchfitError(
-            tr("--threads must be at least 1, got {threads}", threads=threads), hint=tr("e.g. --threads 4")
-        )
-    if mode not in ("train", "inference"):
-        raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use --mode train or --mode inference"))
-    prec = parse_precision(precision)
-    if device == "cpu" and prec.name == "amp-fp16":
-        raise BatchfitError(tr("amp-fp16 with a GradScaler is a CUDA recipe"), hint=tr("use amp-bf16 on CPU"))
-    opt: OptimizerSpec = parse_optimizer(optimizer)
-    loop = parse_loop(loop)
-    if step is not None and loop != "pytorch":
-        raise BatchfitError(
-            tr("--step replaces the loop's iteration, so --loop {loop} does not apply", loop=loop),
-            hint=tr("write that library's step into your --step function, or drop --step"),
-        )
-    if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
-        try:
-            last_batch = int(last_batch)
-        except ValueError:
-            raise BatchfitError(
-                tr("cannot read --last-batch {last_batch!r}", last_batch=last_batch),
-                hint=tr("give a batch size, or auto (needs --dataset)"),
-            ) from None
-    if isinstance(last_batch, str):
-        last_batch = "auto"
-    for name, value in (("--last-batch", last_batch), ("--eval-batch-size", eval_batch_size)):
-        if isinstance(value, int) and value < 1:
-            raise BatchfitError(
-                tr("{name} must be at least 1, got {value}", name=name, value=value), hint=tr("e.g. 32")
-            )
-    spec = StepSpec(
-        device,
-        opt,
-        prec,
-        parse_loss(loss),
-        mode,
-        parse_step(step),
-        loop=loop,
-        last_batch=last_batch,
-        eval_batch_size=eval_batch_size,
-    )
-    if device == "cpu":
-        spec.threads = threads or torch.get_num_threads()
-    return spec
 
 
 def estimate_trace(
@@ -496,8 +465,8 @@ def _resolve_budget(
     if spec.device != "cuda":
         if gpu or memory or free or context is not None:
             raise BatchfitError(
-                tr("--gpu, --memory, --free and --context apply to --device cuda"),
-                hint=tr("drop them, or use --device cuda"),
+                tr("`gpu`, `memory`, `free` and `context_bytes` apply to `device='cuda'`"),
+                hint=tr("drop them, or use `device='cuda'`"),
             )
         return None
     from ._gpus import resolve_card
@@ -524,11 +493,12 @@ class Estimator:
         free: bool = False,
         alloc_conf: str | None = None,
         context_bytes: str | int | None = None,
+        dist: DistSpec | None = None,
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
-                tr("--last-batch auto needs the training set's size"),
-                hint=tr("add --dataset NAME, or give --last-batch N"),
+                tr("`last_batch='auto'` needs the training set's size"),
+                hint=tr("add `dataset=NAME`, or give `last_batch=N`"),
             )
         self.workload = workload
         self.spec = spec
@@ -537,6 +507,7 @@ class Estimator:
         card = self.budget.card if self.budget is not None else None
         self.cuda_workspaces = (card.cublas_workspace_bytes, card.conv_workspace_bytes) if card is not None else None
         self.compute_capability = card.compute_capability if card is not None else None
+        self.dist = dist  # several GPUs: each rank's step (_distributed); None: one GPU
         self._cache: dict[int, StepEstimate] = {}
 
     def trace(self, batch_size: int, *, window_only: bool = False) -> Trace:
@@ -550,6 +521,10 @@ class Estimator:
         )
 
     def at(self, batch_size: int) -> StepEstimate:
+        if self.dist is not None:
+            if batch_size not in self._cache:
+                self._cache[batch_size] = self._ranks(batch_size)
+            return self._cache[batch_size]
         if batch_size not in self._cache:
             try:
                 trace = self.trace(batch_size)
@@ -559,6 +534,26 @@ class Estimator:
                 return self._fallback(batch_size, exc)
             self._cache[batch_size] = estimate_trace(trace, self.workload, self.spec, self.budget, self.alloc_config)
         return self._cache[batch_size]
+
+    def _ranks(self, batch_size: int) -> StepEstimate:
+        """Every distinct rank's step; the peaking rank's estimate carries them all."""
+        from ._distributed import estimate_ranks
+
+        assert self.dist is not None
+        ranks = estimate_ranks(
+            self.workload,
+            batch_size,
+            self.spec,
+            self.dist,
+            budget=self.budget,
+            alloc_config=self.alloc_config,
+            cuda_workspaces=self.cuda_workspaces,
+            compute_capability=self.compute_capability,
+        )
+        peak = ranks.peak
+        out = peak.estimate
+        out.dist, out.ranks, out.peak_rank = self.dist, ranks.ranks, peak.rank
+        return out
 
     def _fallback(self, batch_size: int, exc: BatchfitError) -> StepEstimate:
         """Models that cannot run on fake tensors: real runs at batch 1 and 2, extrapolated."""
@@ -602,18 +597,19 @@ class Estimator:
         )
 
 
+@overload
 def estimate(
     model: str | nn.Module | Workload,
-    input_size: Any = None,
+    input_size: InputSize = None,
     *,
-    batch_size: int | Sequence[int] = 64,
-    optimizer: Any = "sgd",
+    batch_size: int = 64,
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     device: str = "cuda",
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     mode: str = "train",
     gpu: str | None = None,
     memory: str | int | None = None,
@@ -624,6 +620,64 @@ def estimate(
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+) -> StepEstimate: ...
+@overload
+def estimate(
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
+    *,
+    batch_size: Sequence[int],
+    optimizer: OptimizerLike = "sgd",
+    precision: str = "fp32",
+    device: str = "cuda",
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    loss: LossLike = None,
+    step: StepLike = None,
+    mode: str = "train",
+    gpu: str | None = None,
+    memory: str | int | None = None,
+    free: bool = False,
+    alloc_conf: str | None = None,
+    context_bytes: str | int | None = None,
+    threads: int | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
+) -> EstimateReport: ...
+def estimate(
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
+    *,
+    batch_size: int | Sequence[int] = 64,
+    optimizer: OptimizerLike = "sgd",
+    precision: str = "fp32",
+    device: str = "cuda",
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    loss: LossLike = None,
+    step: StepLike = None,
+    mode: str = "train",
+    gpu: str | None = None,
+    memory: str | int | None = None,
+    free: bool = False,
+    alloc_conf: str | None = None,
+    context_bytes: str | int | None = None,
+    threads: int | None = None,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
+    gpus: int | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+    static_graph: bool = False,
+    wrap: str | None = None,
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
@@ -636,7 +690,26 @@ def estimate(
     libraries' modules and handles; ``--context`` on the command line). ``loop``: the training loop
     (pytorch, hf-trainer, lightning); ``last_batch`` (a size or ``"auto"``) and ``eval_batch_size``
     add a training run's tail (docs/estimate.md).
+
+    ``gpus`` (per node) with ``nodes`` and ``strategy`` (ddp, zero1, fsdp, fsdp-hybrid) and their
+    options estimates each GPU of a distributed run (docs/distributed.md): ``batch_size`` is per
+    GPU, the figures are the peaking rank's, and ``.ranks`` holds every distinct rank's.
     """
+    from ._distributed import make_dist
+
+    dist = make_dist(
+        gpus,
+        nodes=nodes,
+        strategy=strategy,
+        reshard_after_forward=reshard_after_forward,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        cpu_offload=cpu_offload,
+        bucket_cap_mb=bucket_cap_mb,
+        gradient_as_bucket_view=gradient_as_bucket_view,
+        static_graph=static_graph,
+        wrap=wrap,
+    )
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(
         device,
@@ -651,11 +724,20 @@ def estimate(
         eval_batch_size=eval_batch_size,
     )
     est = Estimator(
-        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+        workload,
+        spec,
+        gpu=gpu,
+        memory=memory,
+        free=free,
+        alloc_conf=alloc_conf,
+        context_bytes=context_bytes,
+        dist=dist,
     )
     if isinstance(batch_size, int):
         return est.at(batch_size)
     sizes = list(batch_size)
     if not sizes:
         raise BatchfitError(tr("no batch size given"), hint=tr("e.g. batch_size=[64, 256]"))
-    return EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None)
+    return EstimateReport(
+        [est.at(b) for b in sizes], str(est.budget) if est.budget else None, budget=est.budget, spec=spec
+    )

@@ -108,9 +108,16 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
         # the whole sample reached this layer flattened: the model wants in_features values per sample
         matches = [d for d in DATASETS.values() if math.prod(d.shape) == module.in_features]
         if matches:
-            shape = ",".join(str(d) for d in matches[0].shape)
-            return tr("the model expects --input {shape} / --dataset {dataset}", shape=shape, dataset=matches[0].name)
-        return tr("the model expects {n} values per sample, e.g. --input {n}", n=module.in_features)
+            return tr(
+                "the model expects `input_size={shape}` / `dataset='{dataset}'`",
+                shape=tuple(matches[0].shape),
+                dataset=matches[0].name,
+            )
+        return tr(
+            "the model expects {n} values per sample, e.g. `input_size={shape}`",
+            n=module.in_features,
+            shape=(module.in_features,),
+        )
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and len(got) != len(module.kernel_size) + 2:
         rank = len(module.kernel_size)
         if len(sample.shape) == rank and sample.shape[0] == module.in_channels:
@@ -119,18 +126,20 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
             proposal = (module.in_channels, *sample.shape)  # the channels left out
         else:
             proposal = (module.in_channels, *(32,) * rank)
-        example = ",".join(str(d) for d in proposal)
         return tr(
-            "one sample is {layout} without the batch dimension, e.g. --input {example}",
+            "one sample is {layout} without the batch dimension, e.g. `input_size={example}`",
             layout=_conv_layout(rank, batch=False),
-            example=example,
+            example=proposal,
         )
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and got[1:] == sample.shape:
-        spatial = ",".join(str(d) for d in sample.shape[1:])
         names = [d.name for d in DATASETS.values() if d.shape[0] == module.in_channels]
-        also = tr(" (or --dataset {names})", names=" / ".join(names)) if names else ""
-        n = module.in_channels
-        return tr("the model expects {n} channels: --input {n},{spatial}{also}", n=n, spatial=spatial, also=also)
+        also = tr(" (or {names})", names=" / ".join(f"`dataset={n!r}`" for n in names)) if names else ""
+        return tr(
+            "the model expects {n} channels: `input_size={shape}`{also}",
+            n=module.in_channels,
+            shape=(module.in_channels, *sample.shape[1:]),
+            also=also,
+        )
     return None
 
 
@@ -148,7 +157,7 @@ def layer_failure(
         UnsupportedOperatorException,
     )
 
-    given = ", ".join(f"--input {s}" for s in workload.inputs) or "example inputs"
+    given = ", ".join(f"`input_size='{s}'`" for s in workload.inputs) or "example inputs"
     if module is None:
         return BatchfitError(
             tr(
@@ -182,7 +191,7 @@ def layer_failure(
         message = tr("{where} failed on {got}: {error}", where=where, got=got_text, error=first_line)
     hint = (_input_hint(workload, module, got) if got is not None else None) or (
         tr(
-            "check --input / --dataset (given: {given}): one sample's shape without the batch dimension; "
+            "check `input_size` / `dataset` (given: {given}): one sample's shape without the batch dimension; "
             "rerun with --debug for the traceback",
             given=given,
         )

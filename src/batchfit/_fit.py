@@ -9,6 +9,8 @@ timelines at 1 and 2 have the same structure (same storages, same order) every s
 is an exact affine function of the batch size, checked against the trace at the guess. Any
 batch size's timeline then follows without tracing, and each candidate costs one allocator
 replay (milliseconds). The three traces run side by side in forked children where fork exists.
+The code follows that order: :func:`_fit_from_traces` builds the timeline, searches it, confirms
+it by the third trace and assembles the answer, each step handing the next one small record.
 
 >>> r = fit("mlp", dataset="mnist", gpu="h100")
 >>> r.recommended_batch_size == 60000   # capped at MNIST's 60,000 training images
@@ -17,30 +19,34 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._child import Child, can_fork, fork_call
 from ._compose import compose
 from ._errors import BatchfitError, ExitCode
-from ._estimate import Estimator, StepEstimate, estimate_trace, make_spec, raw_peak, replay_on_card
+from ._estimate import Estimator, StepEstimate, estimate_trace, raw_peak, replay_on_card
 from ._events import Event
 from ._i18n import tr
 from ._models import load_workload
-from ._render import Table
-from ._step import tail_sizes
+from ._render import Rendered, Table
+from ._step import make_spec, tail_sizes
 from ._trace import Trace, frozen_heap
-from ._units import format_bytes
+from ._units import format_bytes, gib
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ._allocator import AllocatorConfig
+    from ._distributed import DistSpec
     from ._gpus import Budget
+    from ._models import InputSize, Workload
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 INT32_ELEMENTS = 2**31
@@ -147,7 +153,7 @@ class AffineTimeline:
 
 
 @dataclass
-class FitResult:
+class FitResult(Rendered):
     """The answer to the seed's question: how many images fit at once, and which batch size to use."""
 
     model: str
@@ -165,6 +171,7 @@ class FitResult:
     method: str = "affine"  # or "traced" when the timeline is not affine in the batch size
     dataset_size: int | None = None
     searched_up_to: int | None = None
+    dist: DistSpec | None = None  # several GPUs: the batch sizes are per GPU, the figures the peaking rank's
     # what fit() worked with, kept so that estimate_at() (batchfit plan) can sweep more sizes cheaply
     _estimator: Estimator | None = field(default=None, repr=False, compare=False)
     _timeline: AffineTimeline | None = field(default=None, repr=False, compare=False)
@@ -188,10 +195,39 @@ class FitResult:
             raise BatchfitError(
                 tr("this FitResult does not carry its estimator"), hint=tr("use the FitResult that fit() returned")
             )
-        timeline = self._timeline
-        if timeline is None or not timeline.ok:
+        if self._timeline is None or not self.affine:
             return est.at(batch_size)
-        return estimate_trace(timeline.trace_at(batch_size), est.workload, est.spec, est.budget, est.alloc_config)
+        trace = self._timeline.trace_at(batch_size)
+        return estimate_trace(trace, est.workload, est.spec, est.budget, est.alloc_config)
+
+    @property
+    def affine(self) -> bool:
+        """Whether another batch size costs one allocator replay of the fit's timeline (else a trace)."""
+        return self._timeline is not None and self._timeline.ok
+
+    def sweep(self, sizes: Iterable[int]) -> list[StepEstimate]:
+        """The step at each of ``sizes``, in order, on the fit's card and settings (what plan plots).
+
+        The fit's own estimates at the max and at the recommended size are reused; any other size
+        is :meth:`estimate_at` (one allocator replay when :attr:`affine`, else a trace).
+        """
+        known = {e.batch_size: e for e in (self.estimate_at_max, self.estimate_at_recommended) if e is not None}
+        return [known.get(b) or self.estimate_at(b) for b in sizes]
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in all (``--gpus`` x ``--nodes``); 1 without ``--gpus``."""
+        return self.dist.world_size if self.dist is not None else 1
+
+    @property
+    def global_max_batch_size(self) -> int:
+        """The largest batch per optimizer step over all GPUs: the per-GPU max x GPUs x nodes."""
+        return self.max_batch_size * self.world_size
+
+    @property
+    def global_recommended_batch_size(self) -> int:
+        """The recommended per-GPU batch x GPUs x nodes (what the data loader sees per step, in all)."""
+        return self.recommended_batch_size * self.world_size
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -218,17 +254,46 @@ class FitResult:
             "notes": list(self.notes),
             "estimate_at_max": self.estimate_at_max.to_dict() if self.estimate_at_max else None,
             "estimate_at_recommended": self.estimate_at_recommended.to_dict() if self.estimate_at_recommended else None,
+            **self._dist_dict(),
+        }
+
+    def _dist_dict(self) -> dict[str, Any]:
+        """Several GPUs: the setting, and the global batch (per-GPU batch x GPUs x nodes)."""
+        if self.dist is None:
+            return {}
+        return {
+            "distributed": self.dist.to_dict(),
+            "per_gpu": True,
+            "world_size": self.world_size,
+            "global_max_batch_size": self.global_max_batch_size,
+            "global_recommended_batch_size": self.global_recommended_batch_size,
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> Table:
+        dist = self.dist is not None
         rows = [
             [tr("card"), self.budget_description],
-            [tr("largest batch that fits"), f"{self.max_batch_size:,}"],
-            [tr("recommended ({safety:g} x max)", safety=self.safety), f"{self.recommended_batch_size:,}"],
+            *([[tr("GPUs"), self.dist.describe()]] if self.dist is not None else []),
+            [tr("largest batch per GPU that fits") if dist else tr("largest batch that fits"), f"{self.max_batch_size:,}"],
+            [
+                tr("recommended per GPU ({safety:g} x max)", safety=self.safety)
+                if dist
+                else tr("recommended ({safety:g} x max)", safety=self.safety),
+                f"{self.recommended_batch_size:,}",
+            ],
         ]
+        if self.dist is not None:
+            n = self.world_size
+            rows.append(
+                [
+                    tr("global batch (per GPU x GPUs)"),
+                    f"{self.recommended_batch_size:,} x {n} = {self.global_recommended_batch_size:,} "
+                    f"(max {self.max_batch_size:,} x {n} = {self.global_max_batch_size:,})",
+                ]
+            )
         rec = self.estimate_at_recommended
         if rec is not None and rec.total_bytes is not None:
             rows.append(
@@ -244,12 +309,12 @@ class FitResult:
             rows.append([tr("headroom"), format_bytes(self.headroom_bytes or 0, "GiB")])
         top = self.estimate_at_max
         if top is not None and top.total_bytes is not None:
-            rows.append(
-                [
-                    tr("at the max"),
-                    tr("{size} (peak: {where})", size=format_bytes(top.total_bytes, "GiB"), where=top.peak_where),
-                ]
-            )
+            size, where = format_bytes(top.total_bytes, "GiB"), top.peak_where
+            if self.dist is not None and top.peak_rank is not None:
+                peak = tr("{size} (peak: {where}; rank {rank} peaks)", size=size, where=where, rank=top.peak_rank)
+            else:
+                peak = tr("{size} (peak: {where})", size=size, where=where)
+            rows.append([tr("at the max"), peak])
         return Table(
             tr(
                 "{model}: batch size for {card} ({optimizer}, {precision}); GiB = 1024^3 bytes",
@@ -264,16 +329,8 @@ class FitResult:
             footer=[tr("note: {note}", note=n) for n in self.notes],
         )
 
-    def __str__(self) -> str:
-        return str(self.table())
-
-    def __rich__(self) -> Any:
-        return self.table().__rich__()
-
-    def _repr_html_(self) -> str:
-        from ._html import tables_fragment
-
-        return tables_fragment([self.table()])
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
     def save_report(self, path: str | Path) -> Path:
         """Write a self-contained HTML report (FILE.html): the plan around this answer."""
@@ -361,26 +418,44 @@ def search_max(
         start = max(first, upper // 2)
 
 
+def check_safety(safety: float) -> None:
+    """The fraction of the largest batch that fits to recommend (fit, plan, probe)."""
+    if not 0 < safety <= 1:
+        raise BatchfitError(tr("`safety` must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is `safety=0.8`"))
+
+
 def fit(
-    model: str | Any,
-    input_size: Any = None,
+    model: str | nn.Module | Workload,
+    input_size: InputSize = None,
     *,
     gpu: str | None = None,
     memory: str | int | None = None,
     free: bool = False,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
     safety: float = 0.8,
     dataset: str | None = None,
     num_classes: int | None = None,
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     alloc_conf: str | None = None,
     progress: Callable[[str], None] | None = None,
     context_bytes: str | int | None = None,
     loop: str = "pytorch",
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
+    gpus: int | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+    cpu_offload: bool = False,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+    static_graph: bool = False,
+    wrap: str | None = None,
+    dist: DistSpec | None = None,
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
@@ -389,10 +464,27 @@ def fit(
     outside the allocator (``--context``). ``loop``, ``last_batch`` and ``eval_batch_size`` as in
     :func:`batchfit._estimate`: with a training run's tail, the max and the recommendation are
     checked by tracing the whole run there (and lowered until it fits).
+
+    ``gpus`` (per node), ``nodes``, ``strategy`` and their options as in :func:`batchfit._estimate.estimate`
+    (or a ready ``dist``): the largest batch *per GPU* whose step fits on every rank, ``safety`` x
+    that, and the global batch (per-GPU batch x GPUs x nodes).
     """
-    if not 0 < safety <= 1:
-        raise BatchfitError(
-            tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8")
+    check_safety(safety)
+    if dist is None:
+        from ._distributed import make_dist
+
+        dist = make_dist(
+            gpus,
+            nodes=nodes,
+            strategy=strategy,
+            reshard_after_forward=reshard_after_forward,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            cpu_offload=cpu_offload,
+            bucket_cap_mb=bucket_cap_mb,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            static_graph=static_graph,
+            wrap=wrap,
         )
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
@@ -410,8 +502,16 @@ def fit(
     # batches are not (the last one is the dataset's size modulo the batch size): checked after
     spec = dataclasses.replace(run_spec, last_batch=None, eval_batch_size=None)
     est = Estimator(
-        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
+        workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes, dist=dist
     )
+    if dist is not None:
+        if run_spec.has_tail:
+            raise BatchfitError(
+                tr("`last_batch` / `eval_batch_size` with `gpus` are not modelled yet"),
+                hint=tr("drop them (the steady step per GPU), or fit one GPU"),
+                exit_code=ExitCode.UNSUPPORTED,
+            )
+        return _fit_ranks(est, safety, progress or (lambda text: None))
     if run_spec.has_tail:
         run_est = Estimator(
             workload, run_spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
@@ -443,15 +543,63 @@ def _fit_steady(est: Estimator, safety: float, progress: Callable[[str], None] |
                 early_check.cancel()  # not needed after all (or the search failed): stop and reap it
 
 
+@dataclass
+class _Timeline:
+    """Step 1 (build): the affine timeline, and the traces the later steps need beside it."""
+
+    timeline: AffineTimeline  # its ``first`` and ``second`` are the two full traces it is built from
+    first_size: int  # the smallest size searched: 1, or 2 when batch size 1 cannot train
+    at_first: Trace  # the whole step at ``first_size`` (batch 1 keeps its own trace: often shaped differently)
+    at_first_estimate: StepEstimate
+    template: Trace  # the whole step that window-only traces are composed onto
+    window_only: bool  # whether traces other than the template cover only the first forward and backward
+    notes: list[str]
+
+    def complete(self, est: Estimator, trace: Trace) -> Trace:
+        return _complete(est, self.template, trace)
+
+
+@dataclass
+class _Search:
+    """Step 2 (search): the boundary on the timeline, and where the search started."""
+
+    best: int
+    start: int  # the search's first guess (the third trace is taken there when no early guess came)
+    limit: int  # the search's cap: the 2^31-element size, or 2^16 when each size is traced
+    numel_limit: int
+    late: Child | None  # the trace at ``start`` running in a child, when there was no early guess
+
+
+@dataclass
+class _Confirmed:
+    """Step 3 (confirm): the boundary after the third trace checked the timeline."""
+
+    best: int
+    limit: int
+    numel_limit: int
+    method: str  # "affine", or "traced" when the timeline did not hold
+    at_max: StepEstimate
+
+
 def _fit_from_traces(
     est: Estimator,
     first_try: Trace | BatchfitError,
     t2: Trace,
-    early_check: _Child | None,
+    early_check: Child | None,
     safety: float,
     say: Callable[[str], None],
 ) -> FitResult:
-    workload, spec, budget = est.workload, est.spec, est.budget
+    """The fit from the first traces: build the timeline, search it, confirm by a trace, assemble."""
+    built = _build_timeline(est, first_try, t2)
+    found = _search(est, built, early_check, say)
+    confirmed = _confirm(est, built, found, early_check, say)
+    return _assemble(est, built, confirmed, safety)
+
+
+def _build_timeline(est: Estimator, first_try: Trace | BatchfitError, t2: Trace) -> _Timeline:
+    """The timeline from the traces at 1 and 2 (or at 2 and 3 when batch size 1 is shaped
+    differently or cannot train); :class:`DoesNotFit` when the smallest size does not fit."""
+    budget = est.budget
     assert budget is not None
     notes: list[str] = []
     b1 = 1
@@ -471,7 +619,7 @@ def _fit_from_traces(
         if composed is None:
             # batch size 1 is shaped differently: the whole step at 2 becomes the template, and the
             # timeline will need batch size 3 (traced meanwhile in a child)
-            ahead = _fork_trace(est, 3, short) if _can_fork() else None
+            ahead = fork_call(lambda: est.trace(3, window_only=short)) if can_fork() else None
             try:
                 composed = template = est.trace(2)
             except BaseException:
@@ -481,8 +629,7 @@ def _fit_from_traces(
             three = ahead.result() if ahead is not None else None
             t3_ahead = _complete(est, template, three) if three is not None else None
         t2 = composed
-    trace_b1 = t1
-    first = estimate_trace(t1, workload, spec, budget, est.alloc_config)
+    first = estimate_trace(t1, est.workload, est.spec, budget, est.alloc_config)
     if not first.fits:
         raise _does_not_fit(est, first)
     timeline = AffineTimeline(t1, t2)
@@ -491,15 +638,31 @@ def _fit_from_traces(
         # the timeline from the next two sizes, and keep batch 1's own trace for batch 1
         t3 = t3_ahead or _complete(est, template, est.trace(b1 + 2, window_only=short))
         timeline = AffineTimeline(t2, t3)
-        t1, t2 = t2, t3
-    method = "affine" if timeline.ok else "traced"
+    return _Timeline(timeline, b1, t1, first, template, short, notes)
+
+
+def _fits_at(est: Estimator, built: _Timeline) -> Callable[[int], bool]:
+    """Whether a batch size fits the card: one replay of the timeline (a trace once it no longer holds)."""
+    budget = est.budget
+    assert budget is not None
+    timeline = built.timeline
 
     def fits_at(b: int) -> bool:
-        if b == b1:
-            return bool(first.fits)
+        if b == built.first_size:
+            return bool(built.at_first_estimate.fits)
         events = timeline.events_at(b) if timeline.ok else est.trace(b).events
         return replay_on_card(events, budget, est.alloc_config, numbers=False)[1]
 
+    return fits_at
+
+
+def _search(est: Estimator, built: _Timeline, early_check: Child | None, say: Callable[[str], None]) -> _Search:
+    """The largest size that fits on the timeline, the search starting near the answer."""
+    budget = est.budget
+    assert budget is not None
+    timeline, b1 = built.timeline, built.first_size
+    t1, t2 = timeline.first, timeline.second
+    fits_at = _fits_at(est, built)
     # Above this size some tensor holds 2^31 elements or more: CUDA kernels that index with 32-bit
     # integers split their work or fail there, so the step changes shape; the search stops at it.
     numel_limit = _numel_limit(t1, t2)
@@ -513,20 +676,38 @@ def _fit_from_traces(
         start = _allocated_guess(timeline, t1.batch_size, start, budget, est.alloc_config, b1, limit)
     # A third trace checks the affine timeline near the answer: the one at the early guess (below
     # the 2^31-element limit), else one at this guess, in a forked child while the search runs
-    # here; either is compared with the timeline once both are done.
-    late = _fork_trace(est, start, short) if timeline.ok and early_check is None and _can_fork() else None
+    # here; either is compared with the timeline once both are done (step 3).
+    short = built.window_only
+    late = (
+        fork_call(lambda: est.trace(start, window_only=short))
+        if timeline.ok and early_check is None and can_fork()
+        else None
+    )
     say("searching the boundary")
     best, _calls = search_max(fits_at, start=start, limit=limit, first=b1, fits_many=_side_by_side(fits_at))
+    return _Search(best, start, limit, numel_limit, late)
+
+
+def _confirm(
+    est: Estimator, built: _Timeline, found: _Search, early_check: Child | None, say: Callable[[str], None]
+) -> _Confirmed:
+    """Check the timeline against a third trace (the early guess's, the search start's, or one at
+    the max); where they differ, search again by tracing each size."""
+    budget = est.budget
+    assert budget is not None
+    timeline, notes = built.timeline, built.notes
+    best, limit = found.best, found.limit
+    method = "affine" if timeline.ok else "traced"
     third: Trace | None = None
-    checked_at = start
+    checked_at = found.start
     if timeline.ok and early_check is not None:
         early = early_check.result()  # (the guess, its trace), or None when there was no guess
         if early is not None and early[0] <= limit:
             checked_at, third = early
-    elif late is not None:
-        third = late.result()
+    elif found.late is not None:
+        third = found.late.result()
     if third is not None:
-        third = _complete(est, template, third)
+        third = built.complete(est, third)
     if third is None and timeline.ok:
         say(f"confirming with a trace at batch size {best:,}")
         checked_at = best
@@ -541,18 +722,28 @@ def _fit_from_traces(
         else:
             notes.append("the step's timeline is not affine in the batch size; the boundary was re-checked by tracing")
             method = "traced"
-            timeline.ok = False
-            limit = min(2**16, numel_limit)
+            timeline.ok = False  # from here every size is traced (fits_at reads this)
+            limit = min(2**16, found.numel_limit)
+            fits_at = _fits_at(est, built)
             best, _calls = search_max(
-                fits_at, start=min(best, limit), limit=limit, first=b1, fits_many=_side_by_side(fits_at)
+                fits_at, start=min(best, limit), limit=limit, first=built.first_size, fits_many=_side_by_side(fits_at)
             )
-    if at_max_trace is None and best == b1:
-        at_max_trace = trace_b1
+    if at_max_trace is None and best == built.first_size:
+        at_max_trace = built.at_first
     if at_max_trace is None:
         at_max_trace = timeline.trace_at(best) if timeline.ok else est.trace(best)
-    at_max = estimate_trace(at_max_trace, workload, spec, budget, est.alloc_config)
+    at_max = estimate_trace(at_max_trace, est.workload, est.spec, budget, est.alloc_config)
+    return _Confirmed(best, limit, found.numel_limit, method, at_max)
+
+
+def _assemble(est: Estimator, built: _Timeline, confirmed: _Confirmed, safety: float) -> FitResult:
+    """The answer: the max, the recommendation (capped at the dataset's size), the estimates there, the notes."""
+    workload, spec, budget = est.workload, est.spec, est.budget
+    assert budget is not None
+    timeline, b1, notes = built.timeline, built.first_size, built.notes
+    best, limit, at_max = confirmed.best, confirmed.limit, confirmed.at_max
     if best >= limit:
-        if limit == numel_limit:
+        if limit == confirmed.numel_limit:
             notes.append(
                 tr(
                     "memory would allow larger batches, but above {limit:,} a tensor would hold 2^31 elements or "
@@ -578,7 +769,7 @@ def _fit_from_traces(
         )
         recommended = min(recommended, size)
     if recommended == b1:
-        at_rec = first
+        at_rec = built.at_first_estimate
     else:
         rec_trace = timeline.trace_at(recommended) if timeline.ok else est.trace(recommended)
         at_rec = estimate_trace(rec_trace, workload, spec, budget, est.alloc_config)
@@ -597,10 +788,67 @@ def _fit_from_traces(
         optimizer=str(spec.optimizer),
         precision=spec.precision.name,
         notes=notes,
-        method=method,
+        method=confirmed.method,
         dataset_size=size,
         _estimator=est,
         _timeline=timeline if timeline.ok else None,
+    )
+
+
+def _fit_ranks(est: Estimator, safety: float, say: Callable[[str], None]) -> FitResult:
+    """:func:`fit` on several GPUs: the largest batch per GPU whose step fits on every rank.
+
+    Each candidate size is one estimate of every distinct rank (:func:`batchfit._distributed.estimate_ranks`,
+    traced on the fake process group: no affine timeline across ranks yet), searched with the same
+    :func:`search_max` as one GPU, from a first guess made from batch sizes 1 and 2.
+    """
+    workload, budget, dist = est.workload, est.budget, est.dist
+    assert budget is not None and dist is not None
+
+    def fits_at(b: int) -> bool:
+        e = est.at(b)
+        return all(r.estimate.fits for r in e.ranks) if e.ranks else bool(e.fits)
+
+    say(f"estimating every rank at batch sizes 1 and 2 ({dist.describe()})")
+    first = est.at(1)
+    if not fits_at(1):
+        raise _does_not_fit(est, first)
+    second = est.at(2)
+    per_sample = (second.total_bytes or 0) - (first.total_bytes or 0)
+    guess = 1 + (budget.budget_bytes - (first.total_bytes or 0)) // per_sample if per_sample > 0 else 1
+    limit = 2**20  # each size is traced: the search does not look further
+    say("searching the boundary (every distinct rank at each size)")
+    best, calls = search_max(
+        fits_at, start=max(1, min(guess, limit)), limit=limit, fits_many=_side_by_side(fits_at)
+    )
+    notes: list[str] = [f"{calls} batch sizes estimated on every distinct rank (no affine timeline across ranks yet)"]
+    if best >= limit:
+        notes.append(f"the search stopped at {limit:,} per GPU: larger batches were not examined")
+    recommended = max(1, math.floor(safety * best))
+    size = workload.dataset.train_size if workload.dataset is not None else None
+    if size is not None and recommended * dist.world_size > size:
+        recommended = max(1, min(recommended, size // dist.world_size))
+        notes.append(
+            f"the global batch is capped at the {workload.dataset.name} training set ({size:,} samples): "  # type: ignore[union-attr]
+            f"{recommended:,} per GPU x {dist.world_size} GPUs"
+        )
+    return FitResult(
+        model=workload.name,
+        card=budget.card.name,
+        budget_bytes=budget.budget_bytes,
+        budget_description=str(budget),
+        max_batch_size=best,
+        recommended_batch_size=recommended,
+        safety=safety,
+        estimate_at_max=est.at(best),
+        estimate_at_recommended=est.at(recommended),
+        optimizer=str(est.spec.optimizer),
+        precision=est.spec.precision.name,
+        notes=notes,
+        method="traced",
+        dataset_size=size,
+        dist=dist,
+        _estimator=est,
     )
 
 
@@ -629,7 +877,7 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
         if not at(lowest).fits:
             plain = _does_not_fit(run_est, at(lowest))
             eval_size = run_est.spec.eval_batch_size
-            advice = [tr("a smaller --eval-batch-size than {size:,}", size=eval_size)] if eval_size else []
+            advice = [tr("a smaller `eval_batch_size` than {size:,}", size=eval_size)] if eval_size else []
             raise DoesNotFit(
                 tr(
                     "{message} (with the training run's tail: {where})",
@@ -646,7 +894,7 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
 
     say("tracing the whole run (with its tail) at the max and at the recommended size")
     # the recommended size is traced meanwhile in a forked child: it is usually still the answer
-    ahead = _fork_call(lambda: at(steady.recommended_batch_size)) if _can_fork() else None
+    ahead = fork_call(lambda: at(steady.recommended_batch_size)) if can_fork() else None
     try:
         best = largest_fitting(steady.max_batch_size)
         recommended = min(steady.recommended_batch_size, max(lowest, math.floor(safety * best)))
@@ -702,7 +950,7 @@ def _allocated_guess(
 
 def _trace_side_by_side(
     est: Estimator, a: int, b: int, c: Callable[[], int | None], window_only: bool
-) -> tuple[Trace | BatchfitError, Trace, _Child | None]:
+) -> tuple[Trace | BatchfitError, Trace, Child | None]:
     """Trace the whole step at ``a`` (its error returned, not raised) and at ``b`` (only the
     window when ``window_only``), side by side where possible; and start a child that works out
     the size ``c()`` and traces there like ``b``: it gives (size, trace), or None when ``c()`` is None.
@@ -711,9 +959,9 @@ def _trace_side_by_side(
     the model are already in memory), so a 2-core machine runs all three in about the time of the
     longest. Anything unusual in a child (an error, a crash) and the parent simply traces ``b`` itself.
     """
-    forks = _can_fork()
-    child = _fork_trace(est, b, window_only) if forks else None
-    later = _fork_call(lambda: _trace_at_guess(est, c, window_only)) if forks else None
+    forks = can_fork()
+    child = fork_call(lambda: est.trace(b, window_only=window_only)) if forks else None
+    later = fork_call(lambda: _trace_at_guess(est, c, window_only)) if forks else None
     try:
         first: Trace | BatchfitError
         try:
@@ -792,89 +1040,14 @@ def _early_guess(est: Estimator) -> int | None:
     return int(guess) if guess > 2 else None
 
 
-def _can_fork() -> bool:
-    """Side-by-side traces need fork (Linux, macOS); BATCHFIT_NO_FORK=1 turns them off."""
-    return hasattr(os, "fork") and not os.environ.get("BATCHFIT_NO_FORK")
-
-
-class _Child:
-    """A call running in a forked child; :meth:`result` waits for it, :meth:`cancel` stops it."""
-
-    def __init__(self, pid: int, read: int) -> None:
-        self.pid, self.read = pid, read
-        self.done = False
-
-    def result(self) -> Any:
-        """What the call returned, or None when it failed (the caller then does the work itself)."""
-        import pickle
-
-        if self.done:
-            return None
-        self.done = True
-        with os.fdopen(self.read, "rb") as pipe:
-            payload = pipe.read()
-        _, status = os.waitpid(self.pid, 0)
-        if status != 0 or not payload:
-            return None
-        try:
-            return pickle.loads(payload)
-        except Exception:
-            return None
-
-    def cancel(self) -> None:
-        """Stop a child whose result is no longer needed, and reap it."""
-        import signal
-
-        if self.done:
-            return
-        self.done = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.close(self.read)
-        os.waitpid(self.pid, 0)
-
-
-def _fork_call(call: Callable[[], Any]) -> _Child | None:
-    """Run ``call()`` in a forked child (the imports, model and traces are already in memory)."""
-    import pickle
-    import warnings
-
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process": the child only computes
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(read)
-            os.close(write)
-            return None
-    if pid == 0:  # the child: compute, send the result, leave without running any cleanup
-        code = 0
-        try:
-            os.close(read)
-            payload = pickle.dumps(call(), protocol=pickle.HIGHEST_PROTOCOL)
-            with os.fdopen(write, "wb") as pipe:
-                pipe.write(payload)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write)
-    return _Child(pid, read)
-
-
-def _fork_trace(est: Estimator, batch_size: int, window_only: bool = False) -> _Child | None:
-    return _fork_call(lambda: est.trace(batch_size, window_only=window_only))
-
-
 def _side_by_side(fits: Callable[[int], bool]) -> Callable[[list[int]], list[bool]] | None:
     """``fits`` over a list of sizes, half of them in a forked child (None where fork is not available)."""
-    if not _can_fork():
+    if not can_fork():
         return None
 
     def many(sizes: list[int]) -> list[bool]:
         theirs, mine = sizes[1::2], sizes[0::2]
-        child = _fork_call(lambda: [fits(b) for b in theirs])
+        child = fork_call(lambda: [fits(b) for b in theirs])
         try:
             here = [fits(b) for b in mine]
             there = child.result() if child is not None else None
@@ -914,7 +1087,6 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     fixed = {k: bd.get(k, 0) for k in ("parameters", "gradients", "optimizer_state")}
     model_states = sum(fixed.values())
     need = first.total_bytes or 0
-    gib = lambda n: format_bytes(n, "GiB")  # noqa: E731
     advice = []
     if fixed["optimizer_state"]:
         advice.append(
@@ -923,7 +1095,7 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     if est.spec.precision.name in ("fp32", "amp-bf16", "amp-fp16"):
         advice.append(
             tr(
-                "--precision bf16 stores parameters, gradients and optimizer state in 16 bits: saves about {size}",
+                "`precision='bf16'` stores parameters, gradients and optimizer state in 16 bits: saves about {size}",
                 size=gib(model_states // 2),
             )
         )
@@ -937,7 +1109,7 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
             ).at(1)
             advice.append(
                 tr(
-                    "--precision amp-bf16 needs {size} at batch size 1 (vs {need})",
+                    "`precision='amp-bf16'` needs {size} at batch size 1 (vs {need})",
                     size=gib(amp.total_bytes or 0),
                     need=gib(need),
                 )

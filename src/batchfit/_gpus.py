@@ -145,10 +145,6 @@ class GpuCard:
     provenance: dict[str, Provenance] = field(default_factory=dict, compare=False)
     peaks: Peaks | None = field(default=None, compare=False)  # None: the catalogue has no peaks for it
 
-    @property
-    def is_hopper_or_newer(self) -> bool:
-        return self.compute_capability is not None and self.compute_capability[0] >= 9
-
     def total_bytes(self, peak_reserved_bytes: int) -> int:
         """What nvidia-smi would show for the process: reserved segments + memory the allocator never sees."""
         return peak_reserved_bytes + self.non_allocator_bytes
@@ -267,7 +263,7 @@ class Catalogue:
         raise BatchfitError(
             tr("unknown GPU {name!r}", name=name),
             hint=(tr("did you mean {names}?", names=", ".join(repr(k) for k in keys)) + " " if keys else "")
-            + tr("see `batchfit gpus`, or give the card's memory with --memory (e.g. --memory 24GiB)"),
+            + tr("see `batchfit gpus`, or give the card's memory as `memory` (e.g. `memory='24GiB'`)"),
         )
 
     def by_torch_name(self, name: str) -> GpuCard | None:
@@ -516,12 +512,13 @@ def _with_context(budget: Budget, context: str | int | None) -> Budget:
             size = parse_size(context) if isinstance(context, str) else int(context)
         except (BatchfitError, ValueError):
             raise BatchfitError(
-                tr("--context must be a size, not {context!r}", context=context),
-                hint=tr("e.g. --context 600MiB (2^20 B each), or bytes"),
+                tr("`context_bytes` must be a size, not {context!r}", context=context),
+                hint=tr("e.g. `context_bytes='600MiB'` (2^20 B each), or bytes"),
             ) from None
         if size < 0:
             raise BatchfitError(
-                tr("--context must not be negative, not {context!r}", context=context), hint=tr("e.g. --context 600MiB")
+                tr("`context_bytes` must not be negative, not {context!r}", context=context),
+                hint=tr("e.g. `context_bytes='600MiB'`"),
             )
         nbytes, prov = size, Provenance("nominal", "--context")
     else:
@@ -589,15 +586,15 @@ def _resolve_card(
     if free:
         if gpu is not None or memory is not None:
             raise BatchfitError(
-                tr("--free measures the local GPU, so it cannot be combined with --gpu or --memory"),
-                hint=tr("drop --free to plan for another card, or drop --gpu/--memory"),
+                tr("`free` measures the local GPU, so it cannot be combined with `gpu` or `memory`"),
+                hint=tr("drop `free` to plan for another card, or drop `gpu`/`memory`"),
                 exit_code=ExitCode.USAGE,
             )
         found = probe_local_gpu() if local is _PROBE else local
         if found is None:
             raise BatchfitError(
-                tr("--free needs a CUDA GPU on this machine, and torch.cuda.is_available() is False"),
-                hint=tr("use --gpu NAME or --memory SIZE to plan for a card you do not have here"),
+                tr("`free` needs a CUDA GPU on this machine, and torch.cuda.is_available() is False"),
+                hint=tr("use `gpu=NAME` or `memory=SIZE` to plan for a card you do not have here"),
                 exit_code=ExitCode.NO_DEVICE,
             )
         card = card_for_local(found, catalogue)
@@ -661,7 +658,7 @@ def _parse_memory(memory: str | int) -> int:
     size = parse_size(memory) if isinstance(memory, str) else int(memory)
     if size <= 0:
         raise BatchfitError(
-            tr("--memory must be positive, not {memory!r}", memory=memory), hint=tr("e.g. --memory 24GiB")
+            tr("`memory` must be positive, not {memory!r}", memory=memory), hint=tr("e.g. `memory='24GiB'`")
         )
     return size
 

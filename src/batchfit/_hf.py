@@ -247,7 +247,7 @@ def _transformers() -> Any:
     except ImportError as exc:
         raise BatchfitError(
             tr("hf: models need the transformers package, which is not installed"),
-            hint=tr("pip install transformers (and peft for --lora)"),
+            hint=tr("pip install transformers (and peft for `lora`)"),
         ) from exc
     return transformers
 
@@ -423,7 +423,7 @@ def build_hf_model(
                 limit=limit,
                 name=cfg.name,
             ),
-            hint=tr("use --seq-len up to the model's max_position_embeddings ({limit})", limit=limit),
+            hint=tr("use `seq_len` up to the model's max_position_embeddings ({limit})", limit=limit),
         )
     kwargs = {"attn_implementation": implementation} if implementation is not None else {}
     try:
@@ -435,7 +435,7 @@ def build_hf_model(
             )
     except (ValueError, ImportError) as exc:
         raise BatchfitError(
-            tr("building {name} failed: {exc}", name=cfg.name, exc=exc), hint=tr("check --attn and --task")
+            tr("building {name} failed: {exc}", name=cfg.name, exc=exc), hint=tr("check `attn` and `task`")
         ) from exc
     if gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
@@ -445,7 +445,7 @@ def build_hf_model(
         if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
             raise BatchfitError(
                 tr("{name} does not support gradient checkpointing", name=type(model).__name__),
-                hint=tr("drop --gradient-checkpointing"),
+                hint=tr("drop `gradient_checkpointing`"),
             )
         enable()
         notes.append("gradient checkpointing on (the model's gradient_checkpointing_enable())")

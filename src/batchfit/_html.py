@@ -10,6 +10,7 @@ paths): no script, no font, no stylesheet or image is fetched when the page is v
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import math
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import BatchfitError, ExitCode
+from ._errors import BatchfitError, check_suffix
 from ._i18n import tr
 from ._render import Table
 from ._units import format_bytes
@@ -58,7 +59,7 @@ def table_html(table: Table, *, wrap: bool = False) -> str:
     """
     align = ["right" if r else "left" for r in table._right()]
 
-    def cells(tag: str, values: Sequence[str]) -> str:
+    def cells(tag: str, values: Sequence[object]) -> str:
         return "".join(f'<{tag} style="text-align:{a}">{esc(v)}</{tag}>' for v, a in zip(values, align))
 
     parts = [f'<table class="{"bf wrap" if wrap else "bf"}">']
@@ -88,11 +89,9 @@ def summary_html(s: ModelSummary) -> str:
     """The layer tree of :class:`~batchfit._summary.ModelSummary` and its totals."""
     if s.style == "classic" and s.classic is not None:
         return f"<pre>{esc(s.classic)}</pre>"
-    headers = s._HEADERS
-    rows = [[name, *s._cells(r)] for name, r in zip(s._names(), s.visible_rows(), strict=True)]
-    table = Table(s._header_line(), headers, rows, right=[i not in (0, 1, 6) for i in range(len(headers))])
-    totals = "".join(f"<li>{esc(line)}</li>" for line in s._totals_lines())
-    return table_html(table) + f'<ul class="muted">{totals}</ul>'
+    table = s.table()
+    totals = "".join(f"<li>{esc(line)}</li>" for line in table.footer)
+    return table_html(dataclasses.replace(table, footer=[])) + f'<ul class="muted">{totals}</ul>'
 
 
 def measurement_html(m: Measurement) -> str:
@@ -330,14 +329,12 @@ def assumptions_table(
 
 
 def check_report_path(path: str | Path) -> Path:
-    out = Path(path)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise BatchfitError(
-            tr("cannot write the report to {out!r}: it is one HTML page", out=str(out)),
-            hint=tr("name the file FILE.html, e.g. --report report.html"),
-            exit_code=ExitCode.USAGE,
-        )
-    return out
+    return check_suffix(
+        path,
+        (".html", ".htm"),
+        tr("cannot write the report to {path}: it is one HTML page"),
+        tr("name the file FILE.html, e.g. report.html"),
+    )
 
 
 def _page(title: str, body: Sequence[str]) -> str:

@@ -43,7 +43,7 @@ class LoraSpec:
         if isinstance(r, LoraSpec):
             return r
         if r < 1:
-            raise BatchfitError(tr("LoRA rank must be at least 1, got {r}", r=r), hint=tr("e.g. --lora 16"))
+            raise BatchfitError(tr("LoRA rank must be at least 1, got {r}", r=r), hint=tr("e.g. `lora=16`"))
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise BatchfitError(tr("LoRA dropout must be in [0, 1), got {dropout}", dropout=dropout))
         if isinstance(targets, str) and targets != "all-linear":
@@ -68,7 +68,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
         raise BatchfitError(
-            tr("--lora needs the peft package, which is not installed"), hint=tr("pip install peft")
+            tr("`lora` needs the peft package, which is not installed"), hint=tr("pip install peft")
         ) from exc
     # "all-linear": peft's own rule, every Linear/Conv1D but a transformers model's output layer
     # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
@@ -87,7 +87,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         raise BatchfitError(
             tr("peft could not add LoRA adapters: {exc}", exc=exc),
             hint=tr(
-                "name target modules with --lora-targets (this model's Linear layers: {names})",
+                "name target modules with `lora_targets` (this model's Linear layers: {names})",
                 names=", ".join(names[:12]),
             ),
         ) from exc

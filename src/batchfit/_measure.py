@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,19 @@ class Measurement:
         if self.steady_seconds:
             return self.batch_size / self.steady_seconds
         return self.batch_size * 2 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready values (``batchfit measure --json``'s results)."""
+        return {
+            "batch_size": self.batch_size,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_used_bytes": self.device_used_bytes,
+            "device": self.device,
+            "seconds": self.seconds,
+            "steady_seconds": self.steady_seconds,
+            "samples_per_second": self.samples_per_second,
+        }
 
     def _repr_html_(self) -> str:
         from ._html import fragment, measurement_html
@@ -113,6 +126,8 @@ def measure_step(
     *,
     keep_timeline: bool = False,
     explain_errors: bool = True,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    on_phase: Callable[[str, int], None] | None = None,
 ) -> Measurement:
     """Run the reference step for real on ``spec.device`` and measure its peak memory.
 
@@ -120,12 +135,14 @@ def measure_step(
     detection targets, sequence lengths). An exception raised while the step runs (the model's
     own code, the loss, the optimizer) becomes a :class:`BatchfitError` (exit code 3) carrying its
     message; ``explain_errors=False`` lets it through as raised (``probe`` tells out-of-memory from
-    other failures by the exception).
+    other failures by the exception). ``wrap(model)`` gives the module the loop calls (the
+    distributed probe's ``DistributedDataParallel``), made after the set-up, with ``on_phase("setup", 0)``
+    before it; ``on_phase(phase, iteration)`` is also called as each phase of the loop begins.
     """
     where = ["setting up"]  # the phase running, for the message when the step fails
     try:
         with cpu_threads(spec.threads if spec.device == "cpu" else None):
-            return _measure_step(workload, batch_size, spec, keep_timeline, where)
+            return _measure_step(workload, batch_size, spec, keep_timeline, where, wrap, on_phase)
     except BatchfitError:
         raise
     except Exception as exc:
@@ -142,19 +159,25 @@ def measure_step(
                 detail=": " + text if text else "",
             ),
             hint=tr(
-                "a real run uses your example_inputs' values (noise and zeros for --input shapes): check them and the model; rerun with --debug for the traceback"
+                "a real run uses your example_inputs' values (noise and zeros for `input_size` shapes): check them and the model; rerun with --debug for the traceback"
             ),
         ) from exc
 
 
 def _measure_step(
-    workload: Workload, batch_size: int, spec: StepSpec, keep_timeline: bool, where: list[str]
+    workload: Workload,
+    batch_size: int,
+    spec: StepSpec,
+    keep_timeline: bool,
+    where: list[str],
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    on_phase: Callable[[str, int], None] | None = None,
 ) -> Measurement:
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             tr("measuring on CUDA needs a GPU, and this machine has none"),
-            hint=tr("use `batchfit estimate` (no GPU needed), or `--device cpu` to measure a CPU run"),
+            hint=tr("use `batchfit estimate` (no GPU needed), or `device='cpu'` to measure a CPU run"),
             exit_code=ExitCode.NO_DEVICE,
         )
     model = workload.model
@@ -173,7 +196,7 @@ def _measure_step(
         if spec.mode == "train":
             params = unique_trainable(model)
             if not params:
-                raise BatchfitError(tr("the model has no trainable parameters"), hint=tr("use --mode inference"))
+                raise BatchfitError(tr("the model has no trainable parameters"), hint=tr("use `mode='inference'`"))
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":
@@ -190,17 +213,24 @@ def _measure_step(
         batch = Batch(inputs, labels)
         del inputs, labels  # the loop owns the batch: a new one can replace it
         dataset_size = workload.dataset.train_size if workload.dataset is not None else None
-        gc.collect()
         clock = _SteadyClock(device, spec.iterations if spec.mode == "train" else 0)
 
-        def on_phase(phase: str, iteration: int) -> None:
-            where[0] = f"in {phase}, iteration {iteration}"
+        def phase(name: str, iteration: int) -> None:
+            where[0] = f"in {name}, iteration {iteration}"
             clock.on_phase(iteration)
+            if on_phase is not None:
+                on_phase(name, iteration)
 
+        step_model = model
+        if wrap is not None:
+            where[0] = "wrapping the model"
+            phase("setup", 0)
+            step_model = wrap(model)
+        gc.collect()
         start = time.perf_counter()
         with runner:
             loss = run_step(
-                model,
+                step_model,
                 batch,
                 spec,
                 optimizer,
@@ -208,7 +238,7 @@ def _measure_step(
                 new_batch=batch_maker(workload, device, param_dtype, values=True),
                 tail=tail_sizes(spec, batch_size, dataset_size),
                 scaler=scaler,
-                on_phase=on_phase,
+                on_phase=phase,
             )
             clock.stop()
             del batch
@@ -220,7 +250,7 @@ def _measure_step(
         result.loss = loss
         result.steady_seconds = clock.seconds
         result.threads = torch.get_num_threads() if device.type == "cpu" else None
-        del state, optimizer, scaler
+        del state, optimizer, scaler, step_model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -79,8 +79,8 @@ class InputSpec:
         if dtype_name:
             if dtype_name.strip().lower() not in _DTYPES:
                 raise BatchfitError(
-                    tr("unknown dtype {dtype_name!r} in --input {text!r}", dtype_name=dtype_name, text=text),
-                    hint=tr("use one of {names}", names=", ".join(sorted(set(_DTYPES)))),
+                    tr("unknown dtype {dtype_name!r} in `input_size={text!r}`", dtype_name=dtype_name, text=text),
+                    hint=tr("use one of {names}", names=', '.join(sorted(set(_DTYPES)))),
                 )
             dtype = _DTYPES[dtype_name.strip().lower()]
         parts = [p for p in re.split(r"[,x× ]+", body.strip().strip("()[]")) if p]
@@ -91,9 +91,7 @@ class InputSpec:
         if not shape or any(d <= 0 for d in shape):
             raise BatchfitError(
                 tr("cannot read the input shape {text!r}", text=text),
-                hint=tr(
-                    "give one sample's shape without the batch dimension, e.g. --input 1,28,28 or --input 128:int64"
-                ),
+                hint=tr("give one sample's shape without the batch dimension, e.g. `input_size=(1, 28, 28)` or `input_size='128:int64'`"),
             )
         return cls(shape, dtype)
 
@@ -107,6 +105,8 @@ class InputSpec:
 
 
 ExampleInputs = Callable[[int], Any]  # returns a batch of inputs in one of the forms ModelInputs.of reads
+# one sample's shape without the batch dimension, several inputs' shapes, or their text (``"3,32,32"``)
+InputSize = Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None
 
 
 @dataclass(frozen=True)
@@ -201,11 +201,19 @@ class Workload:
                 with torch.device("meta"):
                     made = self.example_inputs(batch_size)
 
+            reused: set[int] = set()
+
             def fresh(t: Any) -> Any:
                 if not isinstance(t, torch.Tensor):
                     return t
                 if values and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                     return t.to(device)  # expanded: a copy into its layout would write elements twice
+                if values and _is_own_dense_storage(t, device) and t.untyped_storage().data_ptr() not in reused:
+                    # already on the device: ``x.to(device)`` in the user's loop returns it itself, so the
+                    # real run holds one copy, as the fake one does (a copy here would hold two at once
+                    # while the batch is made: a CPU run's peak rose by it mid-run, at a tail's new batch)
+                    reused.add(t.untyped_storage().data_ptr())
+                    return t
                 # the same layout as the fake run's tensor, so a real run holds the same bytes
                 out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
                 if values:
@@ -216,7 +224,7 @@ class Workload:
         if not self.inputs:
             raise BatchfitError(
                 tr("no input shape for model {name!r}", name=self.name),
-                hint=tr("give one sample's shape with --input (e.g. --input 3,224,224) or a preset with --dataset"),
+                hint=tr("give one sample's shape as `input_size` (e.g. `input_size=(3, 224, 224)`) or a preset as `dataset`"),
             )
         out = []
         for spec in self.inputs:
@@ -226,6 +234,16 @@ class Workload:
             else:
                 out.append(torch.zeros(shape, dtype=spec.dtype, device=device))
         return ModelInputs(tuple(out))
+
+
+def _is_own_dense_storage(t: torch.Tensor, device: torch.device | str) -> bool:
+    """``t`` is on ``device`` and its storage is exactly what ``empty_strided`` of its shape and
+    strides makes there (what the fake run allocates for it): no offset, no larger base."""
+    want = torch.device(device)
+    if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+        return False
+    span = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").untyped_storage().nbytes()
+    return bool(t.storage_offset() == 0 and t.untyped_storage().nbytes() == span)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,15 +282,13 @@ class CNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        logits: torch.Tensor = self.classifier(self.features(x))
+        return logits
 
 
 def _single_input(inputs: Sequence[InputSpec], model: str) -> InputSpec:
     if len(inputs) != 1:
-        raise BatchfitError(
-            tr("model {model!r} takes one input, got {n_inputs}", model=model, n_inputs=len(inputs)),
-            hint=tr("give --input once"),
-        )
+        raise BatchfitError(tr("model {model!r} takes one input, got {n}", model=model, n=len(inputs)), hint=tr("give one shape as `input_size`"))
     return inputs[0]
 
 
@@ -285,7 +301,7 @@ def _build_cnn(inputs: Sequence[InputSpec], num_classes: int) -> nn.Module:
     if len(spec.shape) != 3 or spec.shape[1] != spec.shape[2] or spec.shape[1] % 4:
         raise BatchfitError(
             tr("the cnn model needs square images whose side is a multiple of 4, got {spec}", spec=spec),
-            hint=tr("use --dataset mnist, --dataset cifar10 or e.g. --input 3,32,32"),
+            hint=tr("use `dataset='mnist'`, `dataset='cifar10'` or e.g. `input_size=(3, 32, 32)`"),
         )
     return CNN(spec.shape[0], spec.shape[1], num_classes)
 
@@ -330,7 +346,8 @@ def _torchvision_entry(name: str) -> ModelEntry:
         extra: dict[str, Any] = (
             {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
         )
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
+        model: nn.Module = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra, **kwargs)
+        return model
 
     return ModelEntry(
         build,
@@ -462,15 +479,8 @@ def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
             if num_classes is None or "num_classes" not in str(exc):
                 raise
             raise BatchfitError(
-                tr(
-                    "--num-classes {num_classes} was given, but {spec!r} takes no num_classes argument ({exc})",
-                    num_classes=num_classes,
-                    spec=spec,
-                    exc=exc,
-                ),
-                hint=tr(
-                    "drop --num-classes (your code builds the head), or give the class/function a num_classes parameter"
-                ),
+                tr("`num_classes={num_classes}` was given, but {spec!r} takes no num_classes argument ({exc})", num_classes=num_classes, spec=spec, exc=exc),
+                hint=tr("drop `num_classes` (your code builds the head), or give the class/function a num_classes parameter"),
             ) from exc
         if not isinstance(made, nn.Module):
             raise BatchfitError(tr("{spec!r} returned {name}, not an nn.Module", spec=spec, name=type(made).__name__))
@@ -505,7 +515,7 @@ def _resolve(name: str) -> tuple[ModelEntry, ExampleInputs | None]:
 
 def load_workload(
     model: str | nn.Module | Workload,
-    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
+    input_size: InputSize = None,
     *,
     dataset: str | DatasetInfo | None = None,
     num_classes: int | None = None,
@@ -561,8 +571,8 @@ def _hf_workload(
 
     if input_size is not None or dataset is not None:
         raise BatchfitError(
-            tr("hf: models take token ids: --input and --dataset do not apply"),
-            hint=tr("set the tokens per sample with --seq-len"),
+            tr("hf: models take token ids: `input_size` and `dataset` do not apply"),
+            hint=tr("set the tokens per sample with `seq_len`"),
         )
     built = build_hf_model(
         ref,

@@ -22,25 +22,26 @@ import dataclasses
 import gc
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._child import ChildFailed, run_module, serve
 from ._errors import BatchfitError, ExitCode
-from ._i18n import get_language, language_from_env, set_language, tr
-from ._render import Table
+from ._fit import check_safety
+from ._i18n import tr
+from ._render import Rendered, Table
 from ._units import format_bytes, mib_cell
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ._models import Workload
+    from ._fit import FitResult
+    from ._models import InputSize, Workload
+    from ._probe_dist import DistContext
     from ._step import StepSpec
+    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "oom", "error"]
@@ -75,6 +76,7 @@ class Attempt:
     estimated_peak_allocated_bytes: int | None = None
     estimated_peak_reserved_bytes: int | None = None
     estimated_total_bytes: int | None = None
+    ranks: list[dict[str, Any]] | None = None  # a distributed probe: each rank's status and figures
     steady_seconds: float | None = None
 
     @property
@@ -426,7 +428,7 @@ class AttemptConfig:
         )
 
     def spec(self) -> StepSpec:
-        from ._estimate import make_spec
+        from ._step import make_spec
 
         return make_spec(self.device, self.optimizer, self.precision, self.loss, self.step, self.mode)
 
@@ -458,99 +460,48 @@ def measure_runner(workload: Workload, spec: StepSpec) -> Runner:
     return guarded(step, cleanup)
 
 
-def src_root() -> Path:
-    """The directory holding the ``batchfit`` package (put on a child's ``PYTHONPATH``)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with batchfit importable, for ``subprocess`` children."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src_root()), path) if p)
-    env["LANGUAGE"] = get_language()  # the child's messages come back to the user: in the parent's language
-    env.update(extra or {})
-    return env
-
-
 def isolated_runner(config: AttemptConfig, *, timeout_s: float = 600.0) -> Runner:
     """Attempts in a fresh child process each (``python -m batchfit._probe``): nothing an attempt
     leaves behind (a broken CUDA context, cached blocks, cuDNN's chosen algorithms) reaches the next."""
 
     def run(batch_size: int) -> Attempt:
         start = time.perf_counter()
-        payload = json.dumps({"config": json.loads(config.to_json()), "batch_size": batch_size})
+        payload = {"config": dataclasses.asdict(config), "batch_size": batch_size}
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "batchfit._probe"],
-                input=payload,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env=child_env(),
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return Attempt(
-                batch_size, "error", seconds=time.perf_counter() - start, message=f"timed out after {timeout_s:g} s"
-            )
-        seconds = time.perf_counter() - start
-        result = _last_json_line(done.stdout)
-        if result is None or "status" not in result:
-            tail = _first_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "", 500)
-            return Attempt(
-                batch_size,
-                "error",
-                seconds=seconds,
-                message=f"the child process exited with code {done.returncode}: {tail or 'no output'}",
-            )
-        if result["status"] == "batchfit_error":
-            raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))
+            result = run_module("batchfit._probe", payload, timeout_s=timeout_s)
+        except ChildFailed as exc:
+            return Attempt(batch_size, "error", seconds=time.perf_counter() - start, message=str(exc))
         attempt = Attempt.from_dict(result)
-        attempt.seconds = seconds
+        attempt.seconds = time.perf_counter() - start
         return attempt
 
     return run
 
 
-def _last_json_line(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
-
-
 def run_child(payload: dict[str, Any]) -> dict[str, Any]:
     """One attempt (or, with ``"task": "fit"``, the estimated max), in a child process: the JSON
-    line :func:`isolated_runner` reads back."""
+    line :func:`isolated_runner` reads back (through :func:`batchfit._child.serve`)."""
     config = AttemptConfig.from_json(json.dumps(payload["config"]))
-    try:
-        if payload.get("task") == "fit":
-            notes: list[str] = []
-            best = _estimated_max(
-                config.workload(),
-                config.optimizer,
-                config.precision,
-                config.loss,
-                config.step,
-                payload["safety"],
-                payload["free"],
-                payload["alloc_conf"],
-                notes,
-            )
-            return {"status": "fit", "max_batch_size": best, "notes": notes}
-        if config.memory_fraction is not None:
-            import torch
+    if payload.get("task") == "fit":
+        notes: list[str] = []
+        best = _estimated_max(
+            config.workload(),
+            config.optimizer,
+            config.precision,
+            config.loss,
+            config.step,
+            payload["safety"],
+            payload["free"],
+            payload["alloc_conf"],
+            notes,
+        )
+        return {"status": "fit", "max_batch_size": best, "notes": notes}
+    if config.memory_fraction is not None:
+        import torch
 
-            torch.cuda.set_per_process_memory_fraction(config.memory_fraction)
-        runner = measure_runner(config.workload(), config.spec())
-        return runner(int(payload["batch_size"])).to_dict()
-    except BatchfitError as exc:
-        return {"status": "batchfit_error", "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
+        torch.cuda.set_per_process_memory_fraction(config.memory_fraction)
+    runner = measure_runner(config.workload(), config.spec())
+    return runner(int(payload["batch_size"])).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +509,7 @@ def run_child(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(Rendered):
     """What a probe measured: the exact boundary, every attempt beside its estimate, and the time."""
 
     model: str
@@ -579,6 +530,8 @@ class ProbeResult:
     capped: bool = False
     notes: list[str] = field(default_factory=list)
     torch_version: str | None = None
+    world_size: int = 1  # ranks that ran each attempt (torchrun); peaks are then the largest rank's
+    rank: int = 0  # this process's rank (each rank returns the same search; rank 0 reports it)
 
     @property
     def exact(self) -> bool:
@@ -623,6 +576,7 @@ class ProbeResult:
             "capped": self.capped,
             "notes": list(self.notes),
             "torch": self.torch_version,
+            "world_size": self.world_size,
         }
 
     def to_json(self) -> str:
@@ -681,6 +635,14 @@ class ProbeResult:
             *self._saturation_line(),
             f"{len(self.attempts)} attempts in {self.wall_seconds:.1f} s, starting at {self.start:,} "
             f"({self.start_source}); search: {how}" + ("; each attempt in its own process" if self.isolate else ""),
+            *(
+                [
+                    f"each attempt ran on {self.world_size} ranks at once (DistributedDataParallel); the measured "
+                    "peaks are the largest rank's (JSON: attempts[].ranks[] holds each rank's)"
+                ]
+                if self.world_size > 1
+                else []
+            ),
             *[f"note: {n}" for n in self.notes],
         ]
         return [Table(title, columns, rows, right=[True, True, False, *([True] * 8)], footer=footer)]
@@ -696,18 +658,8 @@ class ProbeResult:
             "measured (the steady iteration when timed)"
         ]
 
-    def __str__(self) -> str:
-        return "\n\n".join(str(t) for t in self.tables())
-
-    def __rich__(self) -> Any:
-        from rich.console import Group
-
-        return Group(*(t.__rich__() for t in self.tables()))
-
-    def _repr_html_(self) -> str:
-        from ._html import tables_fragment
-
-        return tables_fragment(self.tables())
+    def sections(self) -> list[Table]:
+        return self.tables()
 
 
 def cudnn_notes(attempts: list[Attempt], max_batch_size: int, workspace_bytes: int | None = None) -> list[str]:
@@ -757,14 +709,14 @@ def _torch_version() -> str:
 
 def probe(
     model: str | nn.Module | Workload,
-    input_size: Any = None,
+    input_size: InputSize = None,
     *,
     dataset: str | None = None,
     num_classes: int | None = None,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     precision: str = "fp32",
-    loss: Any = None,
-    step: Any = None,
+    loss: LossLike = None,
+    step: StepLike = None,
     mode: str = "train",
     safety: float = 0.8,
     start: int | None = None,
@@ -779,6 +731,9 @@ def probe(
     attempt_timeout_s: float = 600.0,
     progress: Progress | None = None,
     runner: Runner | None = None,
+    fit_with: Callable[..., FitResult] | None = None,
+    device: str = "cuda",
+    peer_timeout_s: float = 120.0,
 ) -> ProbeResult:
     """Find the exact largest batch size on this machine's CUDA GPU, starting from the estimate.
 
@@ -789,15 +744,27 @@ def probe(
     ``torch.cuda.set_per_process_memory_fraction``, to probe a smaller card's worth of memory.
     ``confirm`` also runs the recommended size (one more attempt; on a device that is not
     monotone it lowers the recommendation until a size runs). ``runner`` replaces the device
-    (tests: a stand-in); the CUDA check is then skipped.
+    (tests: a stand-in); the CUDA check is then skipped. ``fit_with`` replaces :func:`batchfit.fit`
+    for the start (tests: a stand-in; it runs in this process, also with ``isolate``).
+
+    Under ``torchrun`` (or with ``torch.distributed`` initialised) every rank runs each attempt,
+    the model wrapped in ``DistributedDataParallel``, and all ranks agree on its outcome before the
+    next one (:mod:`batchfit._probe_dist`); every rank returns the same search, rank 0 reports it.
+    ``peer_timeout_s`` bounds how long a rank waits in a collective for a rank that failed.
+    ``device="cpu"`` runs the step on the host (gloo across ranks): nothing runs out of memory
+    there short of the host's RAM, so it needs ``max_batch_size``.
     """
     import torch
 
-    if not 0 < safety <= 1:
+    check_safety(safety)
+    if device not in ("cuda", "cpu"):
+        raise BatchfitError(tr("probe runs on 'cuda' or 'cpu', not {device!r}", device=device), hint=tr("use `device='cuda'`"))
+    if device == "cpu" and runner is None and max_batch_size is None:
         raise BatchfitError(
-            tr("safety must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is 0.8")
+            tr("a probe on the CPU needs a cap: host memory does not run out the way a GPU's does"),
+            hint=tr("pass `max_batch_size=N`"),
         )
-    if runner is None and not torch.cuda.is_available():
+    if runner is None and device == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             tr("probe runs the training step on a CUDA GPU, and this machine has none"),
             hint=tr("use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine"),
@@ -810,6 +777,14 @@ def probe(
                 memory_fraction=memory_fraction,
             ),
             hint=tr("it changes a process-wide setting, so it is only applied inside the child processes"),
+        )
+    from ._probe_dist import launched
+
+    distributed = runner is None and launched()
+    if distributed and isolate:
+        raise BatchfitError(
+            tr("isolate does not combine with torchrun: every rank must run each attempt in its own process group"),
+            hint=tr("drop `isolate` (each attempt already gets a fresh process group on every rank)"),
         )
     if isolate and not isinstance(model, str) and runner is None:
         raise BatchfitError(
@@ -829,14 +804,82 @@ def probe(
             step=_plain(step, "step"),
             mode=mode,
             memory_fraction=memory_fraction,
+            device=device,
         )
-    say = progress or (lambda text: None)
+    ctx = None
+    if distributed:
+        from ._probe_dist import dist_context
+
+        ctx = dist_context(device, peer_timeout_s)
+    try:
+        return _probe(
+            model,
+            input_size,
+            dataset=dataset,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            precision=precision,
+            loss=loss,
+            step=step,
+            mode=mode,
+            safety=safety,
+            start=start,
+            from_batch=from_batch,
+            isolate=isolate,
+            max_batch_size=max_batch_size,
+            free=free,
+            alloc_conf=alloc_conf,
+            estimates=estimates,
+            confirm=confirm,
+            attempt_timeout_s=attempt_timeout_s,
+            progress=progress,
+            runner=runner,
+            fit_with=fit_with,
+            device=device,
+            config=config,
+            ctx=ctx,
+        )
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _probe(
+    model: str | nn.Module | Workload,
+    input_size: Any,
+    *,
+    dataset: str | None,
+    num_classes: int | None,
+    optimizer: Any,
+    precision: str,
+    loss: Any,
+    step: Any,
+    mode: str,
+    safety: float,
+    start: int | None,
+    from_batch: int | None,
+    isolate: bool,
+    max_batch_size: int | None,
+    free: bool,
+    alloc_conf: str | None,
+    estimates: bool,
+    confirm: bool,
+    attempt_timeout_s: float,
+    progress: Progress | None,
+    runner: Runner | None,
+    fit_with: Callable[..., FitResult] | None,
+    device: str,
+    config: AttemptConfig | None,
+    ctx: DistContext | None,
+) -> ProbeResult:
+    main = ctx is None or ctx.is_main
+    say = (progress if main else None) or (lambda text: None)
     began = time.perf_counter()
-    from ._estimate import make_spec
     from ._models import load_workload
+    from ._step import make_spec
 
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec("cuda", optimizer, precision, loss, step, mode)
+    spec = make_spec(device, optimizer, precision, loss, step, mode)
     notes: list[str] = []
 
     estimated_max: int | None = None
@@ -846,16 +889,36 @@ def probe(
         method, start_at, source = "estimate", start, "given"
     else:
         say("estimating the largest batch size (no GPU needed for this part)")
-        if config is not None:  # keep this process free of a CUDA context while children measure
+        if config is not None and fit_with is None:  # keep this process free of a CUDA context while children measure
             estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
+        elif ctx is not None:  # rank 0 estimates, every rank starts there
+
+            world = ctx.world_size
+
+            def on_main() -> tuple[int, list[str]]:
+                said: list[str] = []
+                best = _estimated_max(
+                    workload, optimizer, precision, loss, step, safety, free, alloc_conf, said, fit_with, world_size=world
+                )
+                return best, said
+
+            estimated_max, said = ctx.from_main(on_main)
+            notes.extend(said)
         else:
-            estimated_max = _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
+            estimated_max = _estimated_max(
+                workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes, fit_with
+            )
         method, start_at, source = "estimate", max(1, estimated_max), "estimate"
     if start_at < 1:
         raise BatchfitError(tr("the probe must start at batch size >= 1, not {start_at}", start_at=start_at))
 
-    device = "the given runner" if runner is not None else None
-    if runner is None:
+    where = "the given runner" if runner is not None else None
+    if runner is None and ctx is not None:
+        from ._probe_dist import distributed_runner
+
+        runner = distributed_runner(workload, spec, ctx)
+        where = f"{device} x {ctx.world_size} ranks (DDP over {ctx.backend})"
+    elif runner is None:
         runner = isolated_runner(config, timeout_s=attempt_timeout_s) if config else measure_runner(workload, spec)
 
     outcome = search(
@@ -884,22 +947,18 @@ def probe(
         recommended = confirm_recommended(runner, outcome, safety)
         if recommended == 0:
             raise BatchfitError(
-                tr(
-                    "{name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
-                    name=workload.name,
-                    best=best,
-                ),
-                hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with --isolate"),
+                tr("{name}: batch size {best:,} ran but every smaller size tried down to 1 failed", name=workload.name, best=best),
+                hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`"),
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
-    if estimates:
+    if estimates and main:
         _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
-    workspace = _conv_workspace_bytes(free, alloc_conf)
+    workspace = _conv_workspace_bytes(free)
     notes.extend(cudnn_notes(outcome.attempts, best, workspace))
     return ProbeResult(
         model=workload.name,
-        device=device or _device_name(),  # after the search: no CUDA context here before it
+        device=where or (_device_name() if device == "cuda" else device),  # after the search: no CUDA context before
         optimizer=str(spec.optimizer),
         precision=spec.precision.name,
         method=method,
@@ -916,6 +975,8 @@ def probe(
         capped=outcome.capped,
         notes=notes,
         torch_version=_torch_version(),
+        world_size=ctx.world_size if ctx is not None else 1,
+        rank=ctx.rank if ctx is not None else 0,
     )
 
 
@@ -955,11 +1016,17 @@ def _estimated_max(
     free: bool,
     alloc_conf: str | None,
     notes: list[str],
+    fit_with: Callable[..., FitResult] | None = None,
+    world_size: int = 1,
 ) -> int:
+    """fit's max for the local card; with ``world_size`` > 1, its per-GPU max under DDP on that many
+    GPUs (what the distributed probe runs), else, where that cannot be estimated, one GPU's."""
+    from ._distributed import make_dist
     from ._fit import fit
 
+    dist = make_dist(world_size) if world_size > 1 else None
     try:
-        result = fit(
+        result = (fit_with or fit)(
             workload,
             free=free,
             optimizer=optimizer,
@@ -968,12 +1035,18 @@ def _estimated_max(
             loss=loss,
             step=step,
             alloc_conf=alloc_conf,
+            dist=dist,
         )
     except BatchfitError as exc:
-        if exc.exit_code != ExitCode.DOES_NOT_FIT:
+        if exc.exit_code == ExitCode.DOES_NOT_FIT:
+            notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
+            return 1
+        if dist is None:
             raise
-        notes.append("the estimate says even batch size 1 does not fit; the probe starts at 1")
-        return 1
+        notes.append(f"the start is one GPU's estimate: DDP on {world_size} GPUs could not be estimated ({exc.message})")
+        return _estimated_max(workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes)
+    if dist is not None:
+        notes.append(f"the start is fit's per-GPU max under DDP on {world_size} GPUs (the local card)")
     return int(result.max_batch_size)
 
 
@@ -982,33 +1055,18 @@ def _child_fit(
 ) -> int:
     payload = {
         "task": "fit",
-        "config": json.loads(config.to_json()),
+        "config": dataclasses.asdict(config),
         "safety": safety,
         "free": free,
         "alloc_conf": alloc_conf,
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "batchfit._probe"],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=child_env(),
-        check=False,
-    )
-    result = _last_json_line(done.stdout)
-    if result is None or result.get("status") not in ("fit", "batchfit_error"):
-        tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+    try:
+        result = run_module("batchfit._probe", payload, timeout_s=timeout_s)
+    except ChildFailed as exc:
         raise BatchfitError(
-            tr(
-                "estimating the start in a child process failed (exit code {returncode}): {tail}",
-                returncode=done.returncode,
-                tail=tail,
-            ),
-            hint=tr("pass start=N (--start N) or from_batch=16 (--from 16)"),
-        )
-    if result["status"] == "batchfit_error":
-        raise BatchfitError(result["message"], hint=result.get("hint"), exit_code=ExitCode(result["exit_code"]))
+            tr("estimating the start in a child process failed: {exc}", exc=exc),
+            hint=tr("pass `start=N` or `from_batch=16`"),
+        ) from None
     notes.extend(result["notes"])
     return int(result["max_batch_size"])
 
@@ -1042,7 +1100,7 @@ def _attach_estimates(
         a.estimated_total_bytes = e.total_bytes
 
 
-def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
+def _conv_workspace_bytes(free: bool) -> int | None:
     try:
         from ._gpus import resolve_card
 
@@ -1051,15 +1109,8 @@ def _conv_workspace_bytes(free: bool, alloc_conf: str | None) -> int | None:
         return None
 
 
-def _main() -> None:
-    """Child entry point of :func:`isolated_runner`: JSON payload on stdin, one JSON line out."""
-    payload = json.loads(sys.stdin.read())
-    set_language(language_from_env())
-    print(json.dumps(run_child(payload)), flush=True)
-
-
-if __name__ == "__main__":
-    _main()
+if __name__ == "__main__":  # the child of isolated_runner and _child_fit: JSON payload on stdin, one JSON line out
+    serve(run_child)
 
 
 __all__ = [

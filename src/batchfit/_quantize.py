@@ -66,11 +66,11 @@ class QuantSpec:
             return cls(quant_type="fp4")
         if key in ("8bit", "8", "int8"):
             raise BatchfitError(
-                tr("--quantize 8bit (LLM.int8) is not modelled yet"),
-                hint=tr("use --quantize 4bit (QLoRA's NF4 with double quantisation)"),
+                tr("`quantize='8bit'` (LLM.int8) is not modelled yet"),
+                hint=tr("use `quantize='4bit'` (QLoRA's NF4 with double quantisation)"),
             )
         raise BatchfitError(
-            tr("unknown quantisation {value!r}", value=value), hint=tr("use --quantize 4bit (NF4), nf4 or fp4")
+            tr("unknown quantisation {value!r}", value=value), hint=tr("use `quantize='4bit'` (NF4), nf4 or fp4")
         )
 
     def __str__(self) -> str:
@@ -225,7 +225,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
-            tr("--quantize found no nn.Linear layer to quantise"),
+            tr("`quantize` found no nn.Linear layer to quantise"),
             hint=tr("it applies to models built of nn.Linear layers"),
         )
     for parent, name, child in replaced:
@@ -242,7 +242,7 @@ def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError as exc:
         raise BatchfitError(
-            tr("--quantize with --lora needs bitsandbytes (peft's QLoRA layers need it)"),
+            tr("`quantize` with `lora` needs bitsandbytes (peft's QLoRA layers need it)"),
             hint=tr("pip install bitsandbytes"),
         ) from exc
     return {Linear4bitModel: Linear4bit}

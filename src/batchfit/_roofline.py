@@ -39,7 +39,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ._errors import BatchfitError
-from ._render import Table
+from ._render import Rendered, Table
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def step_cost(
 ) -> StepCost:
     """Trace the step at one batch size and cost its steady iteration op by op.
 
-    >>> from batchfit._estimate import make_spec
+    >>> from batchfit._step import make_spec
     >>> from batchfit._models import load_workload
     >>> c = step_cost(load_workload("mlp", dataset="mnist"), make_spec("cuda"), 64)
     >>> c.flops == 2 * 64 * 784 * 128 * 2 + 2 * 64 * 128 * 10 * 3  # 784-128-10: the input needs no gradient
@@ -314,7 +314,7 @@ class RooflinePoint:
 
 
 @dataclass
-class Roofline:
+class Roofline(Rendered):
     """Roofline-estimated throughput by batch size on one card (an optimistic ceiling, not a measurement)."""
 
     model: str
@@ -389,8 +389,8 @@ class Roofline:
         columns = ["batch", "GFLOP/step", "moved/step", "time/step", "samples/s (est.)", "of best", "memory-bound"]
         return Table(title, columns, rows, footer=footer)
 
-    def __str__(self) -> str:
-        return str(self.table())
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
 
 def _duration(seconds: float) -> str:
@@ -430,7 +430,7 @@ def roofline(
 ) -> Roofline:
     """The roofline estimate of samples/s at each batch size on ``card`` (three traces when the costs are lines).
 
-    >>> from batchfit._estimate import make_spec
+    >>> from batchfit._step import make_spec
     >>> from batchfit._gpus import get_gpu
     >>> from batchfit._models import load_workload
     >>> r = roofline(load_workload("mlp", dataset="mnist"), make_spec("cuda"), get_gpu("h100"), [64, 1024, 16384])

@@ -27,7 +27,7 @@ from bisect import bisect_right
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import BatchfitError, ExitCode
+from ._errors import BatchfitError, ExitCode, check_suffix
 from ._events import Event
 from ._i18n import tr
 
@@ -88,7 +88,7 @@ def check_device(device: str) -> None:
     if device != "cuda":
         raise BatchfitError(
             tr("a memory snapshot is the CUDA caching allocator's picture; this step is on {device!r}", device=device),
-            hint=tr("estimate with --device cuda (the default; no GPU needed)"),
+            hint=tr("estimate with `device='cuda'` (the default; no GPU needed)"),
             exit_code=ExitCode.USAGE,
         )
 
@@ -191,17 +191,12 @@ def _to_pytorch(
 
 def check_snapshot_path(path: str | Path) -> Path:
     """The path to write a snapshot to; the pickle suffix is what PyTorch's tools expect."""
-    out = Path(path)
-    if out.suffix.lower() not in (".pickle", ".pkl"):
-        raise BatchfitError(
-            tr(
-                "cannot write a memory snapshot to {out!r}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)",
-                out=str(out),
-            ),
-            hint=tr("name the file FILE.pickle, e.g. --snapshot step.pickle"),
-            exit_code=ExitCode.USAGE,
-        )
-    return out
+    return check_suffix(
+        path,
+        (".pickle", ".pkl"),
+        tr("cannot write a memory snapshot to {path}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)"),
+        tr("name the file FILE.pickle, e.g. step.pickle"),
+    )
 
 
 def write_snapshot(estimate: StepEstimate, path: str | Path, *, at: At = "end") -> Path:

@@ -28,23 +28,35 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from ._errors import BatchfitError
 from ._i18n import tr
 from ._models import ModelInputs
 from ._training import (
     AUTO_LOSS,
     LOSSES,
     LossChoice,
+    LossLike,
     LossSpec,
+    OptimizerLike,
     OptimizerSpec,
     Precision,
     StepFn,
+    StepLike,
     choose_loss,
     first_tensor,
     output_is_loss,
+    parse_loss,
+    parse_optimizer,
+    parse_precision,
+    parse_step,
 )
 
 if TYPE_CHECKING:
     from ._models import Workload
+
+
+DEVICES = ("cuda", "cpu")
+MODES = ("train", "inference")  # a training step, or one forward under no_grad
 
 
 @dataclass
@@ -55,7 +67,7 @@ class StepSpec:
     optimizer: OptimizerSpec
     precision: Precision
     loss: LossSpec
-    mode: str = "train"  # or "inference"
+    mode: str = "train"  # or "inference" (MODES)
     step: StepFn | None = None
     iterations: int = 2
     threads: int | None = None  # CPU: torch's intra-op threads for the step (kernel scratch depends on it)
@@ -123,11 +135,13 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def train_mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Set train/eval for the step and give every submodule its own mode back afterwards."""
+def train_mode(model: nn.Module, train: bool | None) -> Iterator[None]:
+    """Set train/eval (``None``: leave each module as it is) for the step or forward, and give every
+    submodule its own mode back afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    model.train(train)
     try:
+        if train is not None:
+            model.train(train)  # through train() so that models overriding it behave as they would
         yield
     finally:
         for m, was_training in modes:
@@ -236,7 +250,6 @@ def tail_sizes(spec: StepSpec, batch_size: int, dataset_size: int | None) -> Tai
     The last batch is ``--last-batch N``, or with ``auto`` the training set's size modulo the batch
     size (``DataLoader(drop_last=False)``); None when the epoch divides evenly or it is not smaller.
 
-    >>> from batchfit._estimate import make_spec
     >>> tail_sizes(make_spec("cpu", last_batch="auto", eval_batch_size=256), 64, 60000)
     Tail(batch_size=64, last_batch=32, eval_batch_size=256)
     """
@@ -498,13 +511,92 @@ LOOPS: dict[str, Loop] = {
 def parse_loop(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
     if key not in LOOPS:
-        from ._errors import BatchfitError
-
         raise BatchfitError(
             tr("unknown loop {name!r}", name=name),
-            hint=tr("use one of {names}, or --step file.py:fn", names=", ".join(LOOPS)),
+            hint=tr("use one of {names}, or your own iteration as `step`", names=", ".join(LOOPS)),
         )
     return key
+
+
+def make_spec(
+    device: str = "cuda",
+    optimizer: OptimizerLike = "sgd",
+    precision: str | Precision = "fp32",
+    loss: LossLike = None,
+    step: StepLike = None,
+    mode: str = "train",
+    threads: int | None = None,
+    *,
+    loop: str = "pytorch",
+    last_batch: int | str | None = None,
+    eval_batch_size: int | None = None,
+) -> StepSpec:
+    """Validate the step's settings into a :class:`StepSpec` (one place for all verbs).
+
+    ``threads``: CPU only, torch's intra-op thread count of the run (default: this process's,
+    ``torch.get_num_threads()``); CPU kernels' scratch depends on it.
+    ``loop``: pytorch (the default), hf-trainer or lightning (see :data:`LOOPS`).
+    ``last_batch`` (a size, or ``"auto"``: the dataset's size modulo the batch size) and
+    ``eval_batch_size`` add a training run's tail to the step (docs/estimate.md). Messages name
+    the parameters (`device='cpu'`); the command line shows its flags instead (cli/_app.py).
+
+    >>> make_spec("cpu", "adam", threads=2).threads
+    2
+    """
+    if device not in DEVICES:
+        raise BatchfitError(
+            tr("unknown device {device!r}", device=device), hint=tr("use `device='cuda'` or `device='cpu'`")
+        )
+    if threads is not None and device != "cpu":
+        raise BatchfitError(tr("`threads` applies to `device='cpu'`"), hint=tr("drop it, or use `device='cpu'`"))
+    if threads is not None and threads < 1:
+        raise BatchfitError(
+            tr("`threads` must be at least 1, got {threads}", threads=threads), hint=tr("e.g. `threads=4`")
+        )
+    if mode not in MODES:
+        raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use `mode='train'` or `mode='inference'`"))
+    prec = parse_precision(precision)
+    if device == "cpu" and prec.name == "amp-fp16":
+        raise BatchfitError(
+            tr("amp-fp16 with a GradScaler is a CUDA recipe"), hint=tr("use `precision='amp-bf16'` on CPU")
+        )
+    opt: OptimizerSpec = parse_optimizer(optimizer)
+    loop = parse_loop(loop)
+    if step is not None and loop != "pytorch":
+        raise BatchfitError(
+            tr("`step` replaces the loop's iteration, so `loop='{loop}'` does not apply", loop=loop),
+            hint=tr("write that library's step into your `step` function, or drop `step`"),
+        )
+    if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
+        try:
+            last_batch = int(last_batch)
+        except ValueError:
+            raise BatchfitError(
+                tr("cannot read `last_batch={last_batch!r}`", last_batch=last_batch),
+                hint=tr("give a batch size, or auto (needs `dataset`)"),
+            ) from None
+    if isinstance(last_batch, str):
+        last_batch = "auto"
+    for name, value in (("last_batch", last_batch), ("eval_batch_size", eval_batch_size)):
+        if isinstance(value, int) and value < 1:
+            raise BatchfitError(
+                tr("`{name}` must be at least 1, got {value}", name=name, value=value),
+                hint=tr("e.g. `{name}=32`", name=name),
+            )
+    spec = StepSpec(
+        device,
+        opt,
+        prec,
+        parse_loss(loss),
+        mode,
+        parse_step(step),
+        loop=loop,
+        last_batch=last_batch,
+        eval_batch_size=eval_batch_size,
+    )
+    if device == "cpu":
+        spec.threads = threads or torch.get_num_threads()
+    return spec
 
 
 def run_step(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,22 +37,23 @@ from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._i18n import tr
-from ._models import InputSpec, ModelInputs, Workload, fake_state, load_workload
-from ._render import pad
+from ._models import InputSize, ModelInputs, Workload, fake_state, load_workload
+from ._render import Cell, Rendered, Section, Styled, Table, Text, pad
+from ._step import train_mode
 from ._units import format_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "mode" became "module_mode" (estimate's "mode" is train/inference)
 
 Style = Literal["default", "classic"]
-ModeName = Literal["eval", "train", "same"]
+ModuleMode = Literal["eval", "train", "same"]  # the modules' train/eval mode in the forward
 
 #: torchsummary runs its forward at batch 2 (so that BatchNorm works in train mode).
 CLASSIC_FORWARD_BATCH = 2
 
 # style -> the mode the forward runs in when none is asked for. The classic layout leaves the
 # model's own mode alone, as torchsummary does; the default describes inference, as torchinfo does.
-_DEFAULT_MODE: dict[str, ModeName] = {"default": "eval", "classic": "same"}
-_MODES: dict[str, bool | None] = {"eval": False, "train": True, "same": None}
+_DEFAULT_MODULE_MODE: dict[str, ModuleMode] = {"default": "eval", "classic": "same"}
+_MODULE_MODES: dict[str, bool | None] = {"eval": False, "train": True, "same": None}
 
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel that scaled_dot_product_attention
@@ -148,7 +149,7 @@ def _classic_info(module: nn.Module, output: Any, batch_size: int) -> _ClassicIn
     return _ClassicInfo(_classic_class_name(module), shape, nb_params, trainable, compatible)
 
 
-class _Recorder:
+class _ModuleCallRecorder:
     """Forward hooks on every module of ``model`` that record each call, removed on exit."""
 
     def __init__(self, model: nn.Module, *, classic_batch: int | None = None) -> None:
@@ -162,7 +163,7 @@ class _Recorder:
         self.flops: Callable[[], int] = lambda: 0
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _Recorder:
+    def __enter__(self) -> _ModuleCallRecorder:
         try:
             scripted = set()
             for module in self.model.modules():
@@ -230,24 +231,6 @@ class _Recorder:
             call.classic = _classic_info(module, output, self.classic_batch)
 
 
-@contextlib.contextmanager
-def _model_mode(model: nn.Module, mode: ModeName) -> Iterator[None]:
-    """Put ``model`` in train/eval mode for the forward, and give every module its own flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        training = _MODES[mode]
-        if training is not None:
-            model.train(training)  # through train() so that models overriding it behave as they would
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        for p, grad in grads:
-            if p.grad is not grad:
-                p.grad = grad
-
-
 def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> ModelInputs:
     """The inputs as fake tensors (call inside the FakeTensorMode); ``input_data`` in any form
     :meth:`ModelInputs.of` reads."""
@@ -265,23 +248,23 @@ def _fake_inputs(workload: Workload, batch_size: int, input_data: Any) -> ModelI
 def _record(
     workload: Workload,
     batch_size: int,
-    mode: ModeName,
+    module_mode: ModuleMode,
     *,
     count_flops: bool,
     classic_batch: int | None = None,
     input_data: Any = None,
-) -> tuple[_Recorder, list[tuple[tuple[int, ...], torch.dtype]]]:
+) -> tuple[_ModuleCallRecorder, list[tuple[tuple[int, ...], torch.dtype]]]:
     """Run one forward of ``workload`` on fake tensors with every module call recorded."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     model = workload.model
-    recorder = _Recorder(model, classic_batch=classic_batch)
+    recorder = _ModuleCallRecorder(model, classic_batch=classic_batch)
     inputs: list[tuple[tuple[int, ...], torch.dtype]] = []
     try:
         with (
             quiet_fake_tensor_logs(),
-            _model_mode(model, mode),
+            train_mode(model, _MODULE_MODES[module_mode]),
             FakeTensorMode(allow_non_fake_inputs=True),
         ):
             state = fake_state(model, "cpu")
@@ -307,7 +290,7 @@ def _record(
 # Explaining a failed forward
 
 
-def _explain_failure(workload: Workload, recorder: _Recorder, exc: Exception) -> BatchfitError:
+def _explain_failure(workload: Workload, recorder: _ModuleCallRecorder, exc: Exception) -> BatchfitError:
     """Name the layer whose forward failed, what it got, what it expected, and the likely fix."""
     if not recorder.stack:
         return layer_failure(workload, None, None, None, exc)
@@ -388,7 +371,7 @@ class _Node:
     children: list[_Node] = field(default_factory=list)
 
 
-def _build_rows(recorder: _Recorder) -> list[LayerRow]:
+def _build_rows(recorder: _ModuleCallRecorder) -> list[LayerRow]:
     calls = recorder.calls
     if not calls:
         return []
@@ -592,12 +575,12 @@ def _flat_ints(shape: list[Any]) -> list[int]:
     return out
 
 
-def _classic(workload: Workload, mode: ModeName, batch_size: int | None, input_data: Any) -> ClassicSummary:
+def _classic(workload: Workload, module_mode: ModuleMode, batch_size: int | None, input_data: Any) -> ClassicSummary:
     display_batch = -1 if batch_size is None else batch_size
     recorder, inputs = _record(
         workload,
         CLASSIC_FORWARD_BATCH,
-        mode,
+        module_mode,
         count_flops=False,
         classic_batch=display_batch,
         input_data=input_data,
@@ -625,7 +608,7 @@ _UNITS_NOTE = "KiB = 1024 B, MiB = 1024^2 B, GiB = 1024^3 B; MB = 10^6 B"
 
 
 @dataclass
-class ModelSummary:
+class ModelSummary(Rendered):
     """What ``batchfit summary`` prints: rows, totals, and (for ``style="classic"``) torchsummary's table.
 
     ``str()`` is plain text in the chosen style; in a rich console the default style is a table.
@@ -635,7 +618,7 @@ class ModelSummary:
     model: str
     style: Style
     batch_size: int
-    mode: ModeName
+    module_mode: ModuleMode
     depth: int
     inputs: list[tuple[tuple[int, ...], str]]
     rows: list[LayerRow]
@@ -725,7 +708,7 @@ class ModelSummary:
         shapes = ", ".join(f"{_fmt_shape(s)} {d}" for s, d in self.inputs)
         classes = f", {self.num_classes:,} classes" if self.num_classes is not None else ""
         return (
-            f"{self.model}: input {shapes}{classes}, batch size {self.batch_size}, {self.mode} mode, depth {self.depth}"
+            f"{self.model}: input {shapes}{classes}, batch size {self.batch_size}, {self.module_mode} mode, depth {self.depth}"
         )
 
     def _totals_lines(self) -> list[str]:
@@ -745,53 +728,40 @@ class ModelSummary:
             f"Units: {_UNITS_NOTE}",
         ]
 
-    def to_text(self) -> str:
-        """The default layout as plain, fixed-width text (no terminal needed)."""
+    def table(self) -> Table:
+        """The default layout: the call tree's rows, framed (``=`` rules) with the totals below."""
+        rows: list[list[Cell]] = []
+        styles: list[str | None] = []
+        for name, row in zip(self._names(), self.visible_rows(), strict=True):
+            cells: list[Cell] = [name, *self._cells(row)]
+            if cells[-1] == "frozen":
+                cells[-1] = Styled("frozen", "cyan")
+            rows.append(cells)
+            styles.append("dim" if not row.called or row.call > 1 else None)
+        return Table(
+            self._header_line(),
+            self._HEADERS,
+            rows,
+            right=[i not in (0, 1, 6) for i in range(len(self._HEADERS))],
+            footer=self._totals_lines(),
+            styles=styles,
+            no_wrap=(0,),
+            rule="=",
+        )
+
+    def sections(self) -> list[Section]:
         if self.style == "classic" and self.classic is not None:
-            return str(self.classic)
-        names = self._names()
-        cells = [[name, *self._cells(r)] for name, r in zip(names, self.visible_rows(), strict=True)]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(self._HEADERS)]
-        left = {0, 1, 6}
+            return [Text(str(self.classic))]
+        return [self.table()]
 
-        def line(values: Sequence[str]) -> str:
-            parts = [
-                v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
-            ]
-            return "  ".join(parts).rstrip()
-
-        total_width = sum(widths) + 2 * (len(widths) - 1)
-        out = [self._header_line(), "=" * total_width, line(self._HEADERS), "=" * total_width]
-        out += [line(c) for c in cells]
-        out += ["=" * total_width, *self._totals_lines(), "=" * total_width]
-        return "\n".join(out)
-
-    def __str__(self) -> str:
-        return self.to_text()
+    def to_text(self) -> str:
+        """The chosen layout as plain, fixed-width text (no terminal needed)."""
+        return str(self)
 
     def _repr_html_(self) -> str:
         from ._html import fragment, summary_html
 
         return fragment(summary_html(self))
-
-    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
-        from rich.table import Table
-        from rich.text import Text
-
-        if self.style == "classic" and self.classic is not None:
-            yield Text(str(self.classic))
-            return
-        table = Table(title=self._header_line(), title_justify="left", show_lines=False)
-        for i, header in enumerate(self._HEADERS):
-            table.add_column(header, justify="left" if i in (0, 1, 6) else "right", no_wrap=i == 0)
-        for name, row in zip(self._names(), self.visible_rows(), strict=True):
-            cells = self._cells(row)
-            style = "dim" if not row.called or row.call > 1 else None
-            if cells[-1] == "frozen":
-                cells[-1] = "[cyan]frozen[/]"
-            table.add_row(name, *cells, style=style)
-        yield table
-        yield Text("\n".join(self._totals_lines()))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (see docs/summary.md for the schema)."""
@@ -800,7 +770,7 @@ class ModelSummary:
             "model": self.model,
             "style": self.style,
             "batch_size": self.batch_size,
-            "mode": self.mode,
+            "module_mode": self.module_mode,
             "inputs": [{"shape": list(s), "dtype": d} for s, d in self.inputs],
             "num_classes": self.num_classes,
             "total_params": self.total_params,
@@ -823,41 +793,40 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_options(style: str, mode: str | None, depth: int = 0, batch_size: int | None = None) -> ModeName:
-    """Validate the options before any model is built; returns the mode the forward will run in.
+def check_options(
+    style: str, module_mode: str | None, depth: int = 0, batch_size: int | None = None
+) -> ModuleMode:
+    """Validate the options before any model is built; returns the module mode the forward runs in.
 
     >>> check_options("classic", None)
     'same'
     """
-    if style not in _DEFAULT_MODE:
+    if style not in _DEFAULT_MODULE_MODE:
         raise BatchfitError(
-            tr("unknown style {style!r}", style=style),
-            hint=tr("use --style {names}", names=" or --style ".join(_DEFAULT_MODE)),
+            tr("unknown style {style!r}", style=style), hint=tr("use {names}", names=' or '.join(f'`style={s!r}`' for s in _DEFAULT_MODULE_MODE))
         )
-    mode = mode or _DEFAULT_MODE[style]
-    if mode not in _MODES:
+    module_mode = module_mode or _DEFAULT_MODULE_MODE[style]
+    if module_mode not in _MODULE_MODES:
         raise BatchfitError(
-            tr("unknown mode {mode!r}", mode=mode), hint=tr("use one of {names}", names=", ".join(_MODES))
+            tr("unknown module mode {module_mode!r}", module_mode=module_mode),
+            hint=tr("use {names}", names=', '.join(f'`module_mode={m!r}`' for m in _MODULE_MODES)),
         )
     if depth < 0:
-        raise BatchfitError(tr("depth must be 0 or more, got {depth}", depth=depth), hint=tr("e.g. --depth 3"))
+        raise BatchfitError(tr("`depth` must be 0 or more, got {depth}", depth=depth), hint=tr("e.g. `depth=3`"))
     if batch_size is not None and batch_size < 1:
-        raise BatchfitError(
-            tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size),
-            hint=tr("e.g. --batch-size 64"),
-        )
-    return mode  # type: ignore[return-value]
+        raise BatchfitError(tr("`batch_size` must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. `batch_size=64`"))
+    return module_mode  # type: ignore[return-value]
 
 
 def summary(
     model: str | nn.Module | Workload,
-    input_size: Sequence[int] | Sequence[Sequence[int] | InputSpec | str] | str | InputSpec | None = None,
+    input_size: InputSize = None,
     *,
     dataset: str | None = None,
     batch_size: int | None = None,
     depth: int = 3,
     style: Style = "default",
-    mode: ModeName | None = None,
+    module_mode: ModuleMode | None = None,
     num_classes: int | None = None,
     input_data: Any = None,
     **model_kwargs: Any,
@@ -868,23 +837,28 @@ def summary(
     inputs); ``dataset`` a preset that gives it. ``input_data`` instead passes example inputs
     (a tensor, a tuple of positional inputs, or a dict of keyword inputs; only shapes and dtypes
     are used). ``batch_size`` is the batch the default style shows (default 1); in the classic
-    style it is what torchsummary's own ``batch_size`` argument does (default -1). ``mode`` is the
-    mode the forward runs in: ``eval`` (default style), ``train``, or ``same`` (the model's own,
-    the classic default). Your model is never changed.
+    style it is what torchsummary's own ``batch_size`` argument does (default -1). ``module_mode``
+    is the train/eval mode the modules run the forward in: ``eval`` (default style), ``train``, or
+    ``same`` (the model's own, the classic default). Your model is never changed.
 
     >>> s = summary(nn.Sequential(nn.Linear(4, 3)), input_size=(4,), batch_size=8)
     >>> s.rows[1].output_shapes, s.total_mult_adds
     ([(8, 3)], 96)
     """
-    mode = check_options(style, mode, depth, batch_size)
+    if "mode" in model_kwargs:  # else it would reach the model's constructor, or be ignored
+        raise BatchfitError(
+            tr("summary() calls the modules' train/eval mode `module_mode` (`mode` is estimate's train/inference)"),
+            hint=tr("use `module_mode='eval'`, 'train' or 'same'"),
+        )
+    module_mode = check_options(style, module_mode, depth, batch_size)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
     if input_data is None and not workload.inputs and workload.example_inputs is None:
         raise BatchfitError(
             tr("no input shape for model {name!r}", name=workload.name),
-            hint=tr("give one sample's shape (input_size=(3, 224, 224), --input 3,224,224) or a --dataset"),
+            hint=tr("give one sample's shape (`input_size=(3, 224, 224)`) or a `dataset`"),
         )
     shown_batch = batch_size or 1
-    recorder, inputs = _record(workload, shown_batch, mode, count_flops=True, input_data=input_data)
+    recorder, inputs = _record(workload, shown_batch, module_mode, count_flops=True, input_data=input_data)
     rows = _build_rows(recorder)
     params = dict(workload.model.named_parameters())
     buffers = dict(workload.model.named_buffers())
@@ -893,7 +867,7 @@ def summary(
         model=workload.name,
         style=style,
         batch_size=inputs[0][0][0] if input_data is not None and inputs and inputs[0][0] else shown_batch,
-        mode=mode,
+        module_mode=module_mode,
         depth=depth,
         inputs=[(s, _dtype_name(d)) for s, d in inputs],
         rows=rows,
@@ -906,7 +880,7 @@ def summary(
         num_classes=workload.num_classes,
     )
     if style == "classic":
-        result.classic = _classic(workload, mode, batch_size, input_data)
+        result.classic = _classic(workload, module_mode, batch_size, input_data)
     return result
 
 

@@ -36,7 +36,7 @@ from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError, ExitCode
 from ._i18n import tr
 from ._noise import NoiseScale, noise_scale
-from ._render import Table
+from ._render import Rendered, Table
 from ._roofline import SATURATION, smallest_within
 from ._units import format_bytes
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ._models import Workload
+    from ._training import OptimizerLike
 
 SCHEMA_VERSION = 1
 MIN_BATCH = 16  # the lesson: "start at 16"
@@ -162,7 +163,9 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
         except ImportError:
             raise BatchfitError(
                 tr("the digits dataset ships with scikit-learn, which is not installed"),
-                hint=tr("pip install scikit-learn (a dependency of batchfit), or use --dataset mnist --root DIR"),
+                hint=tr(
+                    "pip install scikit-learn (a dependency of batchfit), or use `dataset='mnist'` with `root=DIR`"
+                ),
             ) from None
         images, labels = load_digits(return_X_y=True)
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
@@ -205,7 +208,7 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
             raise BatchfitError(
                 exc.message,
                 hint=tr(
-                    "point --root at the folder that holds them, or fetch them once with `batchfit show {name} --download --root DIR` (sweep never downloads)",
+                    "point `root` at the folder that holds them, or fetch them once with `batchfit show {name} --download --root DIR` (sweep never downloads)",
                     name=info.name,
                 ),
             ) from None
@@ -471,12 +474,12 @@ def choose(
     ``tolerance``: points of accuracy (default 1) or a fraction of the best loss (default 0.02).
     """
     if not runs:
-        raise BatchfitError(tr("no runs to choose from"), hint=tr("lower --min-batch or raise --max-batch"))
+        raise BatchfitError(tr("no runs to choose from"), hint=tr("lower `min_batch` or raise `max_batch`"))
     if metric not in ("accuracy", "loss"):
         raise BatchfitError(tr("unknown metric {metric!r}", metric=metric), hint=tr("use accuracy or loss"))
     if tolerance is not None and tolerance < 0:
         raise BatchfitError(
-            tr("--tolerance must be 0 or more, got {tolerance}", tolerance=tolerance), hint=tr("e.g. --tolerance 1")
+            tr("`tolerance` must be 0 or more, got {tolerance}", tolerance=tolerance), hint=tr("e.g. `tolerance=1`")
         )
     ordered = sorted(runs, key=lambda r: r.batch_size)
     if metric == "accuracy":
@@ -506,7 +509,7 @@ def choose(
     if not good:
         raise BatchfitError(
             tr("every run diverged (its loss is not finite): no batch size trains at these settings"),
-            hint=tr("lower --lr, or use --lr-scaling sqrt or none"),
+            hint=tr("lower `lr`, or use `lr_scaling='sqrt'` or `lr_scaling='none'`"),
         )
     first = good[0]
     last = first
@@ -558,7 +561,7 @@ def choose(
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Rendered):
     """Every run, the noise scale and the answer; renders as a table, JSON and a plot."""
 
     model: str
@@ -749,11 +752,8 @@ class SweepResult:
             footer=[tr("train loss: the mean over the run's last steps; val: the validation set after training")],
         )
 
-    def __str__(self) -> str:
-        return str(self.table())
-
-    def __rich__(self) -> Any:
-        return self.table().__rich__()
+    def sections(self) -> list[Table]:
+        return [self.table()]
 
     # -- the plot --------------------------------------------------------------------------------
 
@@ -835,7 +835,7 @@ def sweep(
     root: str | Path | None = None,
     data: TrainData | None = None,
     num_classes: int | None = None,
-    optimizer: Any = "sgd",
+    optimizer: OptimizerLike = "sgd",
     lr: float | None = None,
     lr_scaling: str = "linear",
     warmup: float = 0.1,
@@ -863,21 +863,21 @@ def sweep(
     ``warmup`` fraction of each run's steps; ``device`` defaults to CUDA when there is a GPU. ``memory``
     measures one reference step per size beside batchfit's estimate of it.
     """
-    from ._estimate import make_spec
     from ._models import load_workload
+    from ._step import make_spec
 
     if lr_scaling not in LR_SCALING:
         raise BatchfitError(
-            tr("unknown --lr-scaling {lr_scaling!r}", lr_scaling=lr_scaling),
+            tr("unknown `lr_scaling={lr_scaling!r}`", lr_scaling=lr_scaling),
             hint=tr("use one of {names}", names=", ".join(LR_SCALING)),
         )
     if not 0 <= warmup < 1:
         raise BatchfitError(
-            tr("--warmup must be a fraction in [0, 1), got {warmup}", warmup=warmup), hint=tr("e.g. --warmup 0.1")
+            tr("`warmup` must be a fraction in [0, 1), got {warmup}", warmup=warmup), hint=tr("e.g. `warmup=0.1`")
         )
     if min_batch < 1:
         raise BatchfitError(
-            tr("--min-batch must be at least 1, got {min_batch}", min_batch=min_batch),
+            tr("`min_batch` must be at least 1, got {min_batch}", min_batch=min_batch),
             hint=tr("the lesson starts at 16"),
         )
     try:
@@ -886,12 +886,12 @@ def sweep(
         dev = torch.device("meta")  # not a device sweep trains on: refused below
     if dev.type not in ("cpu", "cuda"):
         raise BatchfitError(
-            tr("cannot train on device {device!r}", device=device), hint=tr("use --device cpu or --device cuda")
+            tr("cannot train on device {device!r}", device=device), hint=tr("use `device='cpu'` or `device='cuda'`")
         )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
             tr("training on CUDA needs a GPU, and this machine has none"),
-            hint=tr("leave --device out (the CPU is used)"),
+            hint=tr("leave `device` out (the CPU is used)"),
             exit_code=ExitCode.NO_DEVICE,
         )
     if data is None:
@@ -904,7 +904,7 @@ def sweep(
         samples = round((epochs if epochs is not None else DEFAULT_EPOCHS) * data.train_size)
     if samples < 1:
         raise BatchfitError(
-            tr("the budget must be at least one sample, got {samples}", samples=samples), hint=tr("e.g. --epochs 2")
+            tr("the budget must be at least one sample, got {samples}", samples=samples), hint=tr("e.g. `epochs=2`")
         )
     say = progress or (lambda what, done, total: None)
     notes: list[str] = []
@@ -939,7 +939,7 @@ def sweep(
                     sizes=sizes[-1],
                 ),
                 hint=tr(
-                    "raise --samples/--epochs to at least {sizes:,} samples, or lower --max-batch", sizes=sizes[-1]
+                    "raise `samples`/`epochs` to at least {sizes:,} samples, or lower `max_batch`", sizes=sizes[-1]
                 ),
             )
         warm_samples = max(min_batch, round(warmup * samples)) if noise_samples else 0

@@ -78,6 +78,8 @@ _CUBLAS_OPS = frozenset(
 _PRIM_DEVICE = torch.ops.prim.device.default
 _ITEM = torch.ops.aten._local_scalar_dense.default
 _ANSWERED_HERE = frozenset((_PRIM_DEVICE, _ITEM))
+_RESIZE_OPS = frozenset((torch.ops.aten.resize_.default, torch.ops.aten.resize_as_.default))
+_COLLECTIVE_NAMESPACES = frozenset(("c10d", "_c10d_functional", "_dtensor"))
 _CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "aten.cudnn_convolution"))
 
 
@@ -97,6 +99,20 @@ class _Storage:
     module: str
     category: str  # provisional until the end of the trace
     iteration: int
+    dormant: bool = False  # resized to nothing (``UntypedStorage.resize_(0)``): its free is already recorded
+
+
+@dataclass
+class Placed:
+    """What a placement (see :func:`trace_step`) tells the tracer about the model it set up."""
+
+    # called at each phase's start with ``mark(tensor, category)``: categories the wrapper knows
+    labeller: Callable[[Callable[[torch.Tensor, str], None]], None] | None = None
+    # builds the optimizer instead of ``StepSpec.optimizer`` (ZeroRedundancyOptimizer around it)
+    build_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None
+
+
+Placement = Callable[[nn.Module, torch.device, "torch.dtype | None"], contextlib.AbstractContextManager[Placed]]
 
 
 @dataclass
@@ -134,11 +150,13 @@ class _Holder:
         self.tensor: torch.Tensor | None = tensor
 
 
-class _Recorder(TorchDispatchMode):
+class _StorageBirthRecorder(TorchDispatchMode):
     """Sees every aten op's outputs and registers storages it has not seen yet."""
 
     def __init__(self, tracer: _Tracer) -> None:
-        super().__init__()
+        # TorchDispatchMode.__init__ has no annotations (torch/utils/_python_dispatch.py), and mypy's
+        # untyped_calls_exclude does not reach a call through super()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.tracer = tracer
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -174,6 +192,13 @@ class _Recorder(TorchDispatchMode):
         tracer.values.follow(func, args, kwargs, out)
         if tracer.observe is not None:
             tracer.observe(func, args, kwargs, out, tracer.phase, tracer.iteration)
+        if tracer.collectives and func in _RESIZE_OPS:
+            # a tensor's storage grown in place (an ``out=`` result, ``resize_``): its bytes are new memory
+            tracer.storage_resized(args[0].untyped_storage(), args[0].untyped_storage().nbytes())
+        if tracer.collectives and func.namespace in _COLLECTIVE_NAMESPACES:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    tracer.mark(t, "communication")
         if isinstance(out, torch.Tensor):
             tracer.track(out)
         else:
@@ -231,11 +256,22 @@ class _Tracer:
         self.live_scalars: set[int] = set()
         # a user's step: phases follow what runs (the model's forward, a backward, an optimizer step)
         self.on_phase: Callable[[str], None] | None = None
+        # a distributed run (_distributed): categories its wrapper knows, given at each phase's start
+        # (sharded gradients, gathered parameters); collectives' tensors are communication buffers
+        self.labeller: Callable[[Callable[[torch.Tensor, str], None]], None] | None = None
+        self.collectives = False
+        # hooks registered on non-leaf tensors (Tensor.register_hook), by the node they run before:
+        # (the tensor's output number, its hook dict); recorded in distributed runs (FSDP2's pre-backward)
+        # (nodes take no weak references: an entry goes when its node runs)
+        self.tensor_hooks: dict[Any, list[tuple[int, Any]]] = {}
         # sees every op after it ran: (func, args, kwargs, out, phase, iteration); _roofline counts with it
         self.observe: Observer | None = None
 
     # -- storages ---------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
+        local = getattr(t, "_local_tensor", None)  # a DTensor (FSDP2's sharded parameters): its shard's storage
+        if isinstance(local, torch.Tensor):
+            t = local
         if t.device.type != self.device_type:
             return  # e.g. optimizer step counters, which live on the CPU in a CUDA run
         try:
@@ -256,8 +292,26 @@ class _Tracer:
 
     def _freed(self, ref: weakref.ref[Any]) -> None:
         rec = self.storages.pop(self.refs.pop(ref), None)
-        if rec is not None:
+        if rec is not None and not rec.dormant:
             self.raw.append(("free", rec))
+
+    def storage_resized(self, storage: Any, nbytes: int) -> None:
+        """``UntypedStorage.resize_``: the old bytes die and new ones are born under the same storage
+        (FSDP2 frees an unsharded parameter with ``resize_(0)`` and gathers into it after ``resize_(n)``,
+        torch/distributed/fsdp/_fully_shard/_fsdp_param.py ``free_storage`` / ``alloc_storage``); the
+        category stays with the storage."""
+        key = storage._cdata
+        rec = self.storages.get(key)
+        if rec is None or (rec.nbytes == nbytes and not rec.dormant):
+            return
+        if not rec.dormant:
+            self.raw.append(("free", rec))
+        new = _Storage(next(self.ids), nbytes, self.phase, self.module_stack[-1], rec.category, self.iteration)
+        new.dormant = nbytes == 0
+        self.storages[key] = new
+        if not new.dormant:
+            self.numels[new.sid] = self.numels.get(rec.sid, 0) * nbytes // max(rec.nbytes, 1)
+            self.raw.append(("alloc", new))
 
     def _provisional(self) -> str:
         return self.setup_category if self.phase == "setup" else "temporaries"
@@ -274,14 +328,19 @@ class _Tracer:
         return True
 
     def storage_of(self, t: torch.Tensor) -> _Storage | None:
+        local = getattr(t, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            t = local
         try:
             return self.storages.get(t.untyped_storage()._cdata)
         except (RuntimeError, NotImplementedError):
             return None
 
-    def mark(self, t: torch.Tensor, category: str) -> None:
+    def mark(self, t: torch.Tensor, category: str, *, wrapper: bool = False) -> None:
         rec = self.storage_of(t)
-        if rec is not None and rec.category not in _SETUP_CATEGORIES:
+        # a distributed wrapper's buffers made before the window (DDP's buckets) are filed as set-up
+        # memory at birth; the wrapper's own label (``wrapper``) is final
+        if rec is not None and (rec.category not in _SETUP_CATEGORIES or wrapper):
             rec.category = category
 
     def cuda_workspace(self, func: Any) -> None:
@@ -572,7 +631,7 @@ class _Replay:
         if loss.grad_fn is None:
             raise BatchfitError(
                 tr("the loss does not depend on any trainable parameter"),
-                hint=tr("check that some parameters have requires_grad=True, or use --mode inference"),
+                hint=tr("check that some parameters have requires_grad=True, or use `mode='inference'`"),
             )
         loss.backward()
 
@@ -724,6 +783,13 @@ class _Replay:
                     self._accumulate(node.variable, grad)
                 del grad, inputs_, node
                 continue
+            for nr, hooks in tracer.tensor_hooks.pop(node, ()) if tracer.tensor_hooks else ():
+                # engine.cpp call_tensor_pre_hooks: a tensor's hooks see its gradient, and may replace it
+                for hook in list(hooks.values()):
+                    if inputs_[nr] is not None:
+                        changed = hook(inputs_[nr])
+                        if changed is not None:
+                            inputs_[nr] = changed
             depth = len(tracer.module_stack)
             tracer.current_holders = []
             edges, outs = _call_node(node, inputs_)
@@ -773,6 +839,11 @@ class _Replay:
         rec = self.tracer.storage_of(variable)
         if rec is not None and rec.category == "parameters":
             self.tracer.mark(variable.grad, "gradients")
+        # the engine runs a leaf's post-accumulate hooks (Tensor.register_post_accumulate_grad_hook)
+        # right after AccumulateGrad (accumulate_grad.cpp, PostAccumulateGradHook)
+        hooks = getattr(variable, "_post_accumulate_grad_hooks", None)
+        for hook in list(hooks.values()) if hooks else ():
+            hook(variable)
 
     def _release(self, node: Any) -> None:
         """Drop what the node saved, as Node::release_variables does once it has run.
@@ -956,6 +1027,44 @@ def _engine_replaced(replay: _Replay) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _tensor_hooks_tracked(tracer: _Tracer) -> Iterator[None]:
+    """Record hooks put on non-leaf tensors, which the replay runs before their node (the engine
+    keeps them on the node, where Python cannot read them)."""
+    real = torch.Tensor.register_hook
+
+    def register_hook(t: torch.Tensor, hook: Any) -> Any:
+        handle = real(t, hook)  # type: ignore[no-untyped-call]  # torch leaves Tensor.register_hook unannotated
+        if t.grad_fn is not None:
+            entries = tracer.tensor_hooks.setdefault(t.grad_fn, [])
+            if all(d is not t._backward_hooks for _, d in entries):
+                entries.append((t.output_nr, t._backward_hooks))
+        return handle
+
+    torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.register_hook = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _storage_resizes_tracked(tracer: _Tracer) -> Iterator[None]:
+    """Report ``UntypedStorage.resize_`` (a Python-level storage method, below no dispatcher) to the tracer."""
+    real = torch.UntypedStorage.resize_
+
+    def resize_(storage: Any, size: int) -> Any:
+        out = real(storage, size)
+        tracer.storage_resized(storage, size)
+        return out
+
+    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def _rng_states_tracked(tracer: _Tracer) -> Iterator[None]:
     """CPU: ``torch.get_rng_state()`` makes a real host tensor (the generator's state, 5,056 bytes
     for mt19937) outside the dispatcher; checkpointing keeps one per checkpointed call to replay
@@ -1047,6 +1156,7 @@ def trace_step(
     window_only: bool = False,
     compute_capability: tuple[int, int] | None = None,
     observe: Observer | None = None,
+    placement: Placement | None = None,
 ) -> Trace:
     """Trace the reference step at one batch size on fake tensors (see docs/architecture.md).
 
@@ -1054,11 +1164,16 @@ def trace_step(
     bytes adds the library workspaces a CUDA run takes through the caching allocator, and the
     buffers CUDA kernels take inside an op (``_cuda_scratch``; ``compute_capability`` picks the
     kernels, sm80 when not given). ``observe`` sees every aten op after it ran (``_roofline``).
+    ``placement(model, device, dtype)``: a context manager that gives the model fake parameters and
+    buffers in its own way (a distributed wrapper's sharded ones, ``_distributed``) instead of
+    :func:`fake_state` put in place by reparametrization; it runs inside the fake mode, filed as setup.
     ``window_only``: run only the first iteration's forward and backward (about half the work);
     :func:`batchfit._compose.compose` completes such a trace from a full one at another size.
     """
     with frozen_heap(), quiet_fake_tensor_logs(), cpu_threads(spec.threads if spec.device == "cpu" else None):
-        return _trace_step(workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, observe)
+        return _trace_step(
+            workload, batch_size, spec, cuda_workspaces, window_only, compute_capability, observe, placement
+        )
 
 
 def _trace_step(
@@ -1069,6 +1184,7 @@ def _trace_step(
     window_only: bool,
     compute_capability: tuple[int, int] | None = None,
     observe: Observer | None = None,
+    placement: Placement | None = None,
 ) -> Trace:
     if window_only and (spec.mode != "train" or spec.step is not None):
         raise ValueError("window_only traces need the reference training step (no custom step)")
@@ -1091,6 +1207,8 @@ def _trace_step(
         return labels
 
     def on_phase(phase: str, iteration: int) -> None:
+        if tracer.labeller is not None:
+            tracer.labeller(functools.partial(tracer.mark, wrapper=True))
         tracer.marks.append((phase, iteration, len(tracer.raw)))
         tracer.phase, tracer.iteration = phase, iteration
         tracer.module_stack[-1] = "optimizer" if phase == "optimizer" else ""
@@ -1101,19 +1219,33 @@ def _trace_step(
             # nn.RNNBase asks its (fake) weights for data pointers; harmless here
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             stack.enter_context(real_tensor_paths())
-            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
-            stack.enter_context(_Recorder(tracer))
+            # values drawn for real (a single random draw, _values.Values.follow) use the CPU's
+            # generator: its state is saved before the fake mode starts and restored afterwards
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            # a placement turns meta tensors (a wrapper built them outside the mode) into fake ones
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=placement is not None))
+            stack.enter_context(_StorageBirthRecorder(tracer))
             stack.enter_context(train_mode(model, spec.mode == "train"))
             # before the window: parameters, buffers, the batch, the optimizer (no state yet)
             tracer.setup_category = "parameters"
-            state = fake_state(model, device, dtype=param_dtype)
+            placed = Placed()
+            if placement is not None:
+                placed = stack.enter_context(placement(model, device, param_dtype))
+                tracer.labeller = placed.labeller
+                tracer.collectives = True
+                stack.enter_context(_storage_resizes_tracked(tracer))
+                stack.enter_context(_tensor_hooks_tracked(tracer))
+                state = dict(model.named_buffers(remove_duplicate=False))
+            else:
+                state = fake_state(model, device, dtype=param_dtype)
             for name, t in state.items():
                 rec = tracer.storage_of(t)
                 if rec is not None and name in buffer_names:
                     rec.category = "buffers"
             tracer.setup_category = "inputs"
             inputs = batch_inputs(workload, batch_size, device, param_dtype)
-            stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
+            if placement is None:
+                stack.enter_context(_reparametrize_module(model, state, tie_weights=True))
             del state
             optimizer = None
             if spec.mode == "train":
@@ -1121,10 +1253,13 @@ def _trace_step(
                 if not params:
                     raise BatchfitError(
                         tr("the model has no trainable parameters"),
-                        hint=tr("unfreeze some parameters, or use --mode inference"),
+                        hint=tr("unfreeze some parameters, or use `mode='inference'`"),
                     )
                 tracer.setup_category = "optimizer_state"  # what a constructor allocates (bitsandbytes' maps)
-                optimizer = spec.optimizer.build(params, device_type=device.type)
+                if placed.build_optimizer is not None:
+                    optimizer = placed.build_optimizer(params)
+                else:
+                    optimizer = spec.optimizer.build(params, device_type=device.type)
                 tracer.setup_category = "inputs"
                 del params
             labels = None
@@ -1279,7 +1414,7 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
         hint = tr(
             "something in the step asks the CUDA driver (e.g. torch.cuda.synchronize(), a real "
             "torch.cuda call or a CUDA stream), which fake CUDA tensors cannot answer; guard it with "
-            "torch.cuda.is_available(), or use --device cpu; {hint}",
+            "torch.cuda.is_available(), or use `device='cpu'`; {hint}",
             hint=hint,
         )
     return BatchfitError(

@@ -122,7 +122,7 @@ def _optim_classes() -> dict[str, type[torch.optim.Optimizer]]:
     }
 
 
-def parse_optimizer(spec: str | OptimizerSpec | type | Callable[..., Any]) -> OptimizerSpec:
+def parse_optimizer(spec: OptimizerLike) -> OptimizerSpec:
     """A registry name (``adam``), ``"SGD(lr=0.1, momentum=0.9)"``, a ``torch.optim`` class or a factory."""
     if isinstance(spec, OptimizerSpec):
         return spec
@@ -214,9 +214,9 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 def _question() -> str:
     return tr(
-        "give it: --loss cross-entropy (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
-        "segmentation logits), --loss token-cross-entropy (classes on the last dimension), --loss mse, "
-        "--loss path/to/file.py:fn (your fn(output, labels)) or --step path/to/file.py:fn (your whole step)"
+        "give it: `loss='cross-entropy'` (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
+        "segmentation logits), `loss='token-cross-entropy'` (classes on the last dimension), `loss='mse'`, "
+        "`loss='path/to/file.py:fn'` (your fn(output, labels)) or `step='path/to/file.py:fn'` (your whole step)"
     )
 
 
@@ -296,8 +296,8 @@ def _named_target(output: Any) -> tuple[torch.Tensor, str]:
     found = _located(output)
     if found is None or found[0].dim() == 0:
         raise BatchfitError(
-            tr("--loss needs the model's logits, and its output is {what}", what=_what(output)),
-            hint=tr("give --loss path/to/file.py:fn (it gets the whole output) or --step path/to/file.py:fn"),
+            tr("`loss` needs the model's logits, and its output is {what}", what=_what(output)),
+            hint=tr("give `loss='path/to/file.py:fn'` (it gets the whole output) or `step='path/to/file.py:fn'`"),
         )
     return found
 
@@ -332,7 +332,7 @@ def first_tensor(output: Any) -> tuple[torch.Tensor, str]:
             return leaf, "output's first tensor"
     raise BatchfitError(
         tr("the model's output holds no tensor to compute a loss from"),
-        hint=tr("return a tensor, or pass --loss / --step"),
+        hint=tr("return a tensor, or pass `loss` / `step`"),
     )
 
 
@@ -435,7 +435,7 @@ def _auto(output: Any, labels: Any) -> torch.Tensor:
 AUTO_LOSS = LossSpec("auto", _auto, _ce_labels, _certain_logits)
 
 
-def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
+def parse_loss(spec: LossLike) -> LossSpec:
     """``None``/``"auto"``, ``"cross-entropy"``, ``"token-cross-entropy"``, ``"mse"``, ``"file.py:fn"``,
     or a callable ``fn(output, labels)``."""
     if spec is None:
@@ -465,9 +465,13 @@ def parse_loss(spec: str | LossSpec | Callable[..., Any] | None) -> LossSpec:
 
 
 StepFn = Callable[[nn.Module, tuple[torch.Tensor, ...], Any, torch.optim.Optimizer], Any]
+# what the verbs' ``optimizer=``, ``loss=`` and ``step=`` accept (parse_optimizer, parse_loss, parse_step)
+OptimizerLike = str | OptimizerSpec | type | Callable[..., Any]
+LossLike = str | LossSpec | Callable[..., Any] | None
+StepLike = str | StepFn | None
 
 
-def parse_step(spec: str | StepFn | None) -> StepFn | None:
+def parse_step(spec: StepLike) -> StepFn | None:
     """A user's own training step ``fn(model, inputs, labels, optimizer)`` from ``file.py:fn``."""
     if spec is None or callable(spec):
         return spec

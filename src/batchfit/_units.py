@@ -43,6 +43,15 @@ def format_bytes(n: int | float, unit: Unit = "auto", digits: int = 2) -> str:
     return f"{n / _FACTORS[unit]:,.{digits}f} {unit}"
 
 
+def gib(n: int | float) -> str:
+    """GiB in prose (advice, plot labels).
+
+    >>> gib(3 * 2**30)
+    '3.00 GiB'
+    """
+    return format_bytes(n, "GiB")
+
+
 def mib_cell(n: int | None) -> str:
     """A table cell in MiB without the unit (the column header or title says MiB); ``-`` for None.
 

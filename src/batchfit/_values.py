@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -79,6 +80,12 @@ class Values:
         """The real value of fake tensor ``t``, or None where it is not known."""
         value = getattr(t, _ATTR, None)
         if value is None:
+            if not isinstance(t, FakeTensor) and t.device.type == "cpu":
+                # a literal on its way into the fake mode (``torch.tensor([-1, 0])`` reaches
+                # ``aten.lift_fresh`` as a real tensor): transformers 4.4x's padding check,
+                # ``pad_token_id in input_ids[:, [-1, 0]]`` (modeling_utils.py,
+                # ``warn_if_padding_and_no_attention_mask``), indexes with one
+                return t
             return getattr(t, "constant", None)  # a FakeTensor's small torch.tensor(...) constant
         if self._dead and value.untyped_storage().data_ptr() in self._dead:
             return None
@@ -182,11 +189,12 @@ class Values:
             self._forget(writes, args, kwargs)
             return
         fakes = [out] if isinstance(out, torch.Tensor) else tree_leaves(out)
-        if torch.Tag.nondeterministic_seeded in func.tags or any(
-            isinstance(f, torch.Tensor) and f.numel() > MAX_VALUE_ELEMENTS for f in fakes
-        ):
-            # noise (rand, uniform_, dropout's mask) is never a value a model decides on; and a
-            # value as large as a whole batch of activations would cost its real memory
+        noise = torch.Tag.nondeterministic_seeded in func.tags
+        if any(isinstance(f, torch.Tensor) and f.numel() > (1 if noise else MAX_VALUE_ELEMENTS) for f in fakes):
+            # a tensor of noise (rand inputs, uniform_, dropout's mask) is never a value a model
+            # decides on, but a single draw is (OPT's LayerDrop, modeling_opt.py OPTDecoder.forward:
+            # `dropout_probability = torch.rand([])`, `if dropout_probability < self.layerdrop`);
+            # and a value as large as a whole batch of activations would cost its real memory
             self._forget(writes, args, kwargs)
             return
         real = self._real(args, kwargs)
@@ -195,7 +203,8 @@ class Values:
             return
         try:
             # one thread: values are small, and a forked tracer (fit) must not enter the OpenMP
-            # pool its parent started (a forked child's parallel region waits forever)
+            # pool its parent started (a forked child's parallel region waits forever); a draw
+            # uses the CPU generator, whose state the trace restores when it ends (_trace.trace_step)
             with no_dispatch(), torch.no_grad(), cpu_threads(1):
                 real_out = func(*real[0], **real[1])
         except Exception:  # a value we cannot compute is a value we do not know

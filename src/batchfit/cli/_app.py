@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+import typer.models
 from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
@@ -93,6 +96,56 @@ class _Command(TyperCommand):
         )
 
 
+# The library names its parameters in messages, in backticks: `threads` or `device='cpu'`. On the
+# command line the same words are the running command's flags: `device='cpu'` -> --device cpu,
+# `free=True` -> --free, `input_size=(3, 32, 32)` -> --input 3,32,32. A name that is no option of
+# the command stays as the library wrote it.
+_PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
+# where a command's option is called otherwise than the library's parameter it fills
+_CLI_NAMES = {"input_size": "inputs", "context_bytes": "context", "max_batch_size": "max_batch"}
+
+
+def command_flags(fn: Callable[..., Any]) -> dict[str, str]:
+    """Each option of a command function's signature by its parameter name: ``{"batch_size": "--batch-size"}``."""
+    flags = {}
+    for name, hint in typing.get_type_hints(fn, include_extras=True).items():
+        for info in getattr(hint, "__metadata__", ()):
+            if not isinstance(info, typer.models.OptionInfo):
+                continue
+            # with Annotated, typer.Option("--name", ...) keeps the first declaration in `default`
+            decls = [info.default, *(info.param_decls or ())]
+            longs = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+            if longs:
+                flags[name] = longs[0]
+    return flags
+
+
+def as_flags(text: str, flags: dict[str, str]) -> str:
+    """Library words in command-line words.
+
+    >>> as_flags("use `device='cuda'` or drop `free`", {"device": "--device", "free": "--free"})
+    'use --device cuda or drop --free'
+    >>> as_flags("give `input_size=(3, 32, 32)`, not `example_inputs`", {"inputs": "--input"})
+    'give --input 3,32,32, not `example_inputs`'
+    """
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        option = flags.get(_CLI_NAMES.get(name, name))
+        if option is None:
+            return match.group(0)
+        if value is None or value == "True":
+            return option
+        value = value.strip()
+        if value[:1] in ("(", "[") and value[-1:] in (")", "]"):
+            value = ",".join(v.strip() for v in value[1:-1].split(",") if v.strip())
+        elif len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{option} {value}"
+
+    return _PARAMETER.sub(flag, text)
+
+
 def handle_errors(fn: F) -> F:
     """Run a command body with batchfit's error policy."""
 
@@ -110,9 +163,10 @@ def handle_errors(fn: F) -> F:
         except BatchfitError as exc:
             if debug_enabled():
                 raise
-            err_console.print(f"[bold red]{tr('error:')}[/] {exc.message}", soft_wrap=True)
+            flags = command_flags(fn)
+            err_console.print(f"[bold red]{tr('error:')}[/] {as_flags(exc.message, flags)}", soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[bold]{tr('hint:')}[/] {exc.hint}", soft_wrap=True)
+                err_console.print(f"[bold]{tr('hint:')}[/] {as_flags(exc.hint, flags)}", soft_wrap=True)
             raise typer.Exit(int(exc.exit_code)) from None
         except Exception as exc:
             if debug_enabled():

@@ -327,3 +327,102 @@ def _quiet_libraries() -> None:
     except ImportError:
         return
     transformers.logging.set_verbosity_error()
+
+
+# -- several GPUs: one definition of the distributed options (estimate; fit, plan and probe too) --
+
+_DIST_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
+    "gpus": (
+        Optional[int],  # noqa: UP045
+        None,
+        typer.Option(
+            "--gpus",
+            help="GPUs per node of a distributed run (with --device cpu: gloo processes); figures are per GPU "
+            "and the batch size is per GPU (docs/distributed.md).",
+            show_default=False,
+        ),
+    ),
+    "nodes": (int, 1, typer.Option("--nodes", help="Nodes (machines); the world size is --gpus times --nodes.")),
+    "strategy": (
+        Optional[str],  # noqa: UP045
+        None,
+        typer.Option("--strategy", help="ddp (default), zero1, fsdp (FSDP2, fully_shard) or fsdp-hybrid."),
+    ),
+    "no_reshard": (
+        bool,
+        False,
+        typer.Option(
+            "--no-reshard", help="FSDP2: reshard_after_forward=False (keep gathered parameters until backward)."
+        ),
+    ),
+    "param_dtype": (
+        Optional[str],  # noqa: UP045
+        None,
+        typer.Option("--param-dtype", help="FSDP2 MixedPrecisionPolicy param_dtype: bf16, fp16 or fp32."),
+    ),
+    "reduce_dtype": (
+        Optional[str],  # noqa: UP045
+        None,
+        typer.Option("--reduce-dtype", help="FSDP2 MixedPrecisionPolicy reduce_dtype: bf16, fp16 or fp32."),
+    ),
+    "cpu_offload": (
+        bool,
+        False,
+        typer.Option("--cpu-offload", help="FSDP2: CPUOffloadPolicy (parameters on the host)."),
+    ),
+    "bucket_cap_mb": (
+        Optional[float],  # noqa: UP045
+        None,
+        typer.Option("--bucket-cap-mb", help="DDP: bucket_cap_mb (default 25, with a 1 MiB first bucket)."),
+    ),
+    "gradient_as_bucket_view": (
+        bool,
+        False,
+        typer.Option(
+            "--gradient-as-bucket-view", help="DDP: gradient_as_bucket_view=True (gradients live in the buckets)."
+        ),
+    ),
+    "static_graph": (bool, False, typer.Option("--static-graph", help="DDP: static_graph=True.")),
+    "wrap": (
+        Optional[str],  # noqa: UP045
+        None,
+        typer.Option(
+            "--wrap", help="FSDP2: the module class to shard per block (default: the model's repeated blocks)."
+        ),
+    ),
+}
+
+
+def dist_options(fn: F) -> F:
+    """Give a command the distributed options; it receives a ``DistSpec`` or None as ``dist``."""
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "dist"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+        for name, (kind, default, option) in _DIST_OPTIONS.items()
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .._distributed import make_dist
+
+        given = {name: kwargs.pop(name, default) for name, (_, default, _) in _DIST_OPTIONS.items()}
+        dist = make_dist(
+            given["gpus"],
+            nodes=given["nodes"],
+            strategy=given["strategy"],
+            reshard_after_forward=not given["no_reshard"],
+            param_dtype=given["param_dtype"],
+            reduce_dtype=given["reduce_dtype"],
+            cpu_offload=given["cpu_offload"],
+            bucket_cap_mb=given["bucket_cap_mb"],
+            gradient_as_bucket_view=given["gradient_as_bucket_view"],
+            static_graph=given["static_graph"],
+            wrap=given["wrap"],
+        )
+        return fn(*args, **kwargs, dist=dist)
+
+    wrapper.__signature__ = signature.replace(parameters=[*params, *added])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*params, *added]}
+    return wrapper  # type: ignore[return-value]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def run_default() -> None:
-    """Print :func:`batchfit._plan.answer_key` (rich in a terminal, plain text when piped)."""
+    """Print :func:`batchfit._answer_key.answer_key` (rich in a terminal, plain text when piped)."""
+    from .._answer_key import answer_key
     from .._i18n import tr
-    from .._plan import answer_key
     from .._render import show
     from ._app import err_console, handle_errors
 

@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._distributed import DistSpec
 from .._errors import BatchfitError, ExitCode
-from .._estimate import EstimateReport, Estimator, make_spec, threads_text
+from .._estimate import EstimateReport, estimate, threads_text
 from .._i18n import tr
+from .._models import Workload
 from .._render import Table, show
-from .._step import StepSpec
+from .._step import StepSpec, make_spec
 from .._units import format_bytes
 from ._app import command
 from ._common import (
@@ -37,6 +39,7 @@ from ._common import (
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    dist_options,
     model_options,
     parse_int_list,
     workload_from_options,
@@ -56,6 +59,7 @@ ThreadsOpt = Annotated[
 
 @command("estimate")
 @model_options
+@dist_options
 def estimate_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -86,26 +90,38 @@ def estimate_cmd(
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
+    dist: DistSpec | None = None,
 ) -> None:
     """Simulate the memory of one training step per batch size, on fake tensors (no GPU needed)."""
     check_paths(snapshot_path, report_path, device)
+    if dist is not None and compare:
+        raise BatchfitError(
+            tr("--compare with --gpus is not available"),
+            hint=tr("the gloo ground truth is in tests/test_distributed.py"),
+        )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
-    spec = make_spec(
-        device,
-        optimizer,
-        precision,
-        loss,
-        step,
-        mode,
-        threads,
+    report = estimate(
+        workload,
+        batch_size=parse_int_list(batch_size),
+        optimizer=optimizer,
+        precision=precision,
+        device=device,
+        loss=loss,
+        step=step,
+        mode=mode,
+        gpu=gpu,
+        memory=memory,
+        free=free,
+        alloc_conf=alloc_conf,
+        context_bytes=context,
+        threads=threads,
         loop=loop,
         last_batch=last_batch,
         eval_batch_size=eval_batch_size,
+        **(dist.options() if dist is not None else {}),
     )
-    est = Estimator(workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context)
-    sizes = parse_int_list(batch_size)
-    report = EstimateReport([est.at(b) for b in sizes], str(est.budget) if est.budget else None, per_layer=per_layer)
-    comparison = _compare(report, workload, spec) if compare else None
+    report.per_layer = per_layer
+    comparison = _compare(report, workload) if compare else None
     if as_json:
         out = report.to_dict(events=events)
         if comparison is not None:
@@ -115,12 +131,14 @@ def estimate_cmd(
         show(report, *([comparison[0]] if comparison else []))
     # the files after the answer: a file that cannot be made does not hide the answer
     write_snapshots(snapshot_path, report.results)
-    write_report(report_path, report, workload=workload, budget=est.budget)
+    write_report(report_path, report, workload=workload, budget=report.budget)
 
 
-def _compare(report: EstimateReport, workload, spec) -> tuple[Table, list[dict]]:  # type: ignore[no-untyped-def]
+def _compare(report: EstimateReport, workload: Workload) -> tuple[Table, list[dict[str, int]]]:
     from .._measure import measure_step
 
+    spec = report.spec
+    assert spec is not None  # estimate() keeps the step it simulated
     rows = []
     data = []
     for r in report:
@@ -200,19 +218,7 @@ def measure_cmd(
                     "precision": spec.precision.name,
                     "threads": spec.threads,
                     "loss": results[0].loss if results else None,
-                    "results": [
-                        {
-                            "batch_size": m.batch_size,
-                            "peak_allocated_bytes": m.peak_allocated_bytes,
-                            "peak_reserved_bytes": m.peak_reserved_bytes,
-                            "device_used_bytes": m.device_used_bytes,
-                            "device": dev,
-                            "seconds": m.seconds,
-                            "steady_seconds": m.steady_seconds,
-                            "samples_per_second": m.samples_per_second,
-                        }
-                        for m in results
-                    ],
+                    "results": [m.to_dict() for m in results],
                 },
                 indent=2,
             )

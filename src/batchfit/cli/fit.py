@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from .._distributed import DistSpec
 from .._fit import fit
 from .._render import show
 from ._app import command, err_console
@@ -29,6 +30,7 @@ from ._common import (
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    dist_options,
     model_options,
     workload_from_options,
 )
@@ -41,6 +43,7 @@ SafetyOpt = Annotated[
 
 @command("fit")
 @model_options
+@dist_options
 def fit_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -63,6 +66,7 @@ def fit_cmd(
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
+    dist: DistSpec | None = None,
 ) -> None:
     """Find the largest batch size whose training step fits the GPU, and recommend safety x that.
 
@@ -88,6 +92,7 @@ def fit_cmd(
             loop=loop,
             last_batch=last_batch,
             eval_batch_size=eval_batch_size,
+            dist=dist,
         )
     if as_json:
         print(result.to_json())

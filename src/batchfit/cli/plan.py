@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._distributed import DistSpec
 from .._i18n import tr
 from .._plan import check_plot_path, plan
 from .._render import show
@@ -28,6 +29,7 @@ from ._common import (
     OptimizerOpt,
     PrecisionOpt,
     StepOpt,
+    dist_options,
     model_options,
     workload_from_options,
 )
@@ -55,6 +57,7 @@ ThroughputOpt = Annotated[
 
 @command("plan")
 @model_options
+@dist_options
 def plan_cmd(
     model: ModelArg,
     inputs: InputOpt = None,
@@ -76,6 +79,7 @@ def plan_cmd(
     snapshot_path: SnapshotOpt = None,
     report_path: ReportOpt = None,
     extras: ModelExtras = NO_EXTRAS,
+    dist: DistSpec | None = None,
 ) -> None:
     """The one-screen answer: model totals, the largest and the recommended batch size, the memory
     breakdown, a table at standard batch sizes, the roofline estimate of samples/s by batch size
@@ -102,6 +106,7 @@ def plan_cmd(
             step=step,
             alloc_conf=alloc_conf,
             progress=lambda text: status.update(text),
+            dist=dist,
             throughput=throughput,
         )
         if plot is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -63,6 +65,21 @@ def probe_cmd(
     confirm: Annotated[
         bool, typer.Option("--confirm", help="Also run the recommended size once (one more attempt).")
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Where the attempts run: cuda, or cpu (host memory, which does not run out like a GPU's: needs --max).",
+        ),
+    ] = "cuda",
+    peer_timeout: Annotated[
+        float,
+        typer.Option(
+            "--peer-timeout",
+            help="Under torchrun: seconds a rank waits inside a collective for a rank that failed.",
+            min=1,
+        ),
+    ] = 120.0,
     no_estimates: Annotated[
         bool, typer.Option("--no-estimates", help="Do not compute the estimate beside each attempt.")
     ] = False,
@@ -71,11 +88,13 @@ def probe_cmd(
     """Find the exact largest batch size on this machine's CUDA GPU (a size that runs, + 1 failing).
 
     Starts at batchfit's estimated max, gallops with a growing step, then bisects: 2 attempts when
-    the estimate is exact.
+    the estimate is exact. Under torchrun every rank runs each attempt (DDP) and rank 0 reports.
     """
     from .._probe import probe
 
-    with err_console.status("probing", spinner="dots") as status:
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
+    spinner = contextlib.nullcontext(None) if quiet else err_console.status("probing", spinner="dots")
+    with spinner as status:
         result = probe(
             model,
             inputs or None,
@@ -95,8 +114,12 @@ def probe_cmd(
             alloc_conf=alloc_conf,
             estimates=not no_estimates,
             confirm=confirm,
-            progress=lambda text: status.update(text),
+            progress=(lambda text: status.update(text)) if status is not None else None,
+            device=device,
+            peer_timeout_s=peer_timeout,
         )
+    if result.rank != 0:
+        return
     if as_json:
         print(result.to_json())
         return

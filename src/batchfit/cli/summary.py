@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from .._summary import check_options, summary
-from ._app import command, is_terminal
+from ._app import command, err_console, is_terminal
 from ._common import (
     NO_EXTRAS,
     ClassesOpt,
@@ -47,27 +47,35 @@ def summary_cmd(
             "--style", help="default: the tree with mult-adds and bytes; classic: torchsummary 1.5.1's table."
         ),
     ] = "default",
-    mode: Annotated[
+    module_mode: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            "--mode",
-            help="Mode the forward runs in: eval, train, or same (the model's own). "
+            "--module-mode",
+            help="The modules' train/eval mode in the forward: eval, train, or same (the model's own). "
             "Default: eval for the default style, same for classic.",
             show_default=False,
         ),
+    ] = None,
+    old_mode: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--mode", hidden=True, help="Deprecated: --module-mode."),
     ] = None,
     as_json: JsonOpt = False,
     extras: ModelExtras = NO_EXTRAS,
 ) -> None:
     """Layers, output shapes, parameters and multiply-adds of MODEL (no GPU, no memory: fake tensors)."""
-    check_options(style, mode, depth, batch_size)  # before building a model that may take seconds
+    if old_mode is not None:
+        # the name docs/summary.md gave it until --mode came to mean estimate's train/inference only
+        err_console.print("[bold yellow]deprecated:[/] summary's --mode is now --module-mode", soft_wrap=True)
+        module_mode = module_mode or old_mode
+    check_options(style, module_mode, depth, batch_size)  # before building a model that may take seconds
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     result = summary(
         workload,
         batch_size=batch_size,
         depth=depth,
         style=style,  # type: ignore[arg-type]  # checked by summary()
-        mode=mode,  # type: ignore[arg-type]
+        module_mode=module_mode,  # type: ignore[arg-type]  # checked by check_options()
     )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))

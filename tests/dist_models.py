@@ -1,0 +1,36 @@
+"""Small models for the distributed tests (loaded by path in each gloo process: ``tests/dist_models.py:Blocks``).
+
+Sizes are chosen so that dimension 0 of most parameters does not divide by 2 or 3 (uneven FSDP2
+shards), and the ZeRO-1 partition differs between ranks.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return x + self.down(self.act(self.up(x)))
+
+
+class Blocks(nn.Module):
+    """Linear(12, 29), three residual blocks (29 -> 61 -> 29), a 7-way head."""
+
+    def __init__(self, features: int = 12, dim: int = 29, hidden: int = 61, depth: int = 3, classes: int = 7) -> None:
+        super().__init__()
+        self.inp = nn.Linear(features, dim)
+        self.blocks = nn.ModuleList(Block(dim, hidden) for _ in range(depth))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)

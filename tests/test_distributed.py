@@ -1,0 +1,173 @@
+"""Several GPUs: each rank's estimate (one process, PyTorch's fake process group) against real gloo
+processes on this machine's CPU running the same reference loop (docs/distributed.md).
+
+The gloo runs start once per world size (2 and 3 together) in a module fixture; the estimates
+take about a second each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from batchfit import BatchfitError
+from batchfit._dist_measure import measure_ranks
+from batchfit._distributed import DistSpec, distinct_ranks, estimate_ranks, fake_group, make_dist, wrap_model
+from batchfit._estimate import make_spec
+from batchfit._models import load_workload
+from batchfit.cli import app
+
+MODEL = f"{Path(__file__).with_name('dist_models.py')}:Blocks"
+INPUT = [12]
+BATCH = 8
+SETTINGS = {
+    "ddp": {"strategy": "ddp"},
+    "ddp-bucket-view": {"strategy": "ddp", "gradient_as_bucket_view": True},
+    "zero1": {"strategy": "zero1"},
+    "fsdp": {"strategy": "fsdp"},
+    "fsdp-no-reshard": {"strategy": "fsdp", "reshard_after_forward": False},
+}
+WORLDS = (2, 3)
+
+
+def _spec():  # type: ignore[no-untyped-def]
+    return make_spec("cpu", "adam", threads=1)
+
+
+@pytest.fixture(scope="module")
+def truth() -> dict[tuple[str, int], list[int]]:
+    """Each rank's measured peak, by (setting, world size): real gloo processes on 127.0.0.1."""
+    keys = [(name, world) for world in WORLDS for name in SETTINGS]
+    dists = [DistSpec(world, **SETTINGS[name]) for name, world in keys]  # type: ignore[arg-type]
+    # the lowest of three counts per setting: a free on a gloo worker thread is missing from the
+    # profiler's records now and then (seen: +4 bytes on one rank in one run of three), and a missing
+    # free can only make a count too high (docs/distributed.md)
+    measured = measure_ranks(MODEL, BATCH, _spec(), dists, input_size=INPUT, repeats=3)
+    return {key: [m.peak_allocated_bytes for m in ranks] for key, ranks in zip(keys, measured)}
+
+
+# Settings whose estimate is not yet equal to the gloo truth: the measured gap (truth - estimate,
+# every rank) is reported in docs/distributed.md ("Differences"), not absorbed. strict: when a fix
+# makes one exact, the test says so.
+NOT_YET_EXACT = {
+    "ddp-bucket-view": "the measured peak is 4 bytes higher on every rank (not explained yet)",
+    "fsdp": "the measured peak is 4 x world size bytes higher on every rank: an 8/12-byte block born in "
+    "aten::resize_ on the main thread, outside any c10d op, that the fake run does not make (not explained yet)",
+    "fsdp-no-reshard": "the measured peak is 484 (world 2) / 368 (world 3) bytes higher (not explained yet)",
+}
+
+
+def _estimated(name: str, world: int) -> tuple[list[int], int]:
+    workload = load_workload(MODEL, INPUT)
+    result = estimate_ranks(workload, BATCH, _spec(), DistSpec(world, **SETTINGS[name]))  # type: ignore[arg-type]
+    by_rank = {r: rank.estimate.peak_allocated_bytes for rank in result.ranks for r in rank.same_as}
+    return [by_rank[r] for r in range(world)], result.peak.estimate.peak_allocated_bytes
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_EXACT[name]))
+        if name in NOT_YET_EXACT
+        else name
+        for name in SETTINGS
+    ],
+)
+def test_each_rank_matches_real_gloo_processes(truth: dict[tuple[str, int], list[int]], name: str, world: int) -> None:
+    per_rank, peak = _estimated(name, world)
+    assert per_rank == truth[(name, world)]
+    assert peak == max(truth[(name, world)])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", list(NOT_YET_EXACT))
+def test_gaps_not_yet_explained_stay_small(truth: dict[tuple[str, int], list[int]], name: str, world: int) -> None:
+    # a guard, not a claim: the gaps above are a few hundred bytes on peaks of 120-210 kB; a change
+    # that moves them past 0.5% (a whole buffer) is a new error
+    per_rank, _ = _estimated(name, world)
+    for est, real in zip(per_rank, truth[(name, world)]):
+        assert 0 <= real - est <= real * 0.005
+
+
+def test_ranks_differ_where_shards_are_uneven(truth: dict[tuple[str, int], list[int]]) -> None:
+    # a check that the comparison above can tell ranks apart: at world 3 FSDP2's and ZeRO-1's
+    # ranks hold different amounts (dim 0 of 29, 61 and 7 does not divide by 3)
+    assert len(set(truth[("fsdp", 3)])) > 1
+    assert len(set(truth[("zero1", 3)])) > 1
+
+
+def test_fsdp_shards_as_fully_shard_does() -> None:
+    """distinct_ranks' shard sizes against the local shards fully_shard makes for each rank."""
+    workload = load_workload(MODEL, INPUT)
+    dist = DistSpec(3, strategy="fsdp")
+    groups = distinct_ranks(workload.model, dist)
+    local: dict[int, list[tuple[int, ...]]] = {}
+    for rank in range(3):
+        with fake_group(rank, 3):
+            model = wrap_model(load_workload(MODEL, INPUT).model.to("meta"), dist, "cpu")
+            local[rank] = [tuple(p.to_local().shape) for p in model.parameters()]  # type: ignore[operator]
+    for group in groups:
+        assert all(local[r] == local[group[0]] for r in group)
+    firsts = [g[0] for g in groups]
+    assert len({tuple(local[r]) for r in firsts}) == len(groups)
+
+
+def test_zero1_partition_as_zero_redundancy_optimizer_does() -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from batchfit._distributed import _zero_partition
+
+    workload = load_workload(MODEL, INPUT)
+    params = list(workload.model.parameters())
+    for rank in range(3):
+        with fake_group(rank, 3):
+            real = [torch.nn.Parameter(torch.empty(p.shape)) for p in params]
+            opt = ZeroRedundancyOptimizer(real, optimizer_class=torch.optim.Adam)
+            owned = {id(p) for p in opt.optim.param_groups[0]["params"]}
+            mine = [i for i, o in enumerate(_zero_partition(params, 3)) if o == rank]
+            assert {id(real[i]) for i in mine} == owned
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"gpus": 0}, "at least 1"),
+        ({"gpus": 2, "strategy": "zero3"}, "unknown strategy"),
+        ({"gpus": 2, "strategy": "ddp", "reshard_after_forward": False}, "--no-reshard applies to"),
+        ({"gpus": 2, "strategy": "fsdp", "bucket_cap_mb": 10}, "--bucket-cap-mb applies to"),
+        ({"gpus": 2, "strategy": "fsdp-hybrid"}, "needs --nodes 2"),
+        ({"strategy": "fsdp"}, "need --gpus"),
+        ({"gpus": 2, "strategy": "fsdp", "param_dtype": "fp8"}, "unknown --param-dtype"),
+    ],
+)
+def test_bad_settings_say_what_to_do(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(BatchfitError) as err:
+        make_dist(**kwargs)  # type: ignore[arg-type]
+    assert words in err.value.message and err.value.hint
+
+
+def test_wrap_names_a_class_the_model_has() -> None:
+    workload = load_workload(MODEL, INPUT)
+    with pytest.raises(BatchfitError, match="no module of class"):
+        estimate_ranks(workload, 2, _spec(), DistSpec(2, strategy="fsdp", wrap="LlamaDecoderLayer"))
+
+
+def test_cli_json_gives_every_rank_and_the_peaking_ones_figures() -> None:
+    args = ["estimate", MODEL, "--input", "12", "--device", "cpu", "--threads", "1", "--optimizer", "adam"]
+    args += ["-b", "8", "--gpus", "3", "--strategy", "fsdp", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)["results"][0]
+    ranks = out["ranks"]
+    assert sorted(r for entry in ranks for r in entry["ranks"]) == [0, 1, 2]
+    peak = max(ranks, key=lambda r: r["peak_allocated_bytes"])
+    assert out["peak_allocated_bytes"] == peak["peak_allocated_bytes"]
+    assert out["peak_rank"] == peak["rank"] and out["global_batch_size"] == 24
+    # the breakdown adds up to the peak, sharded and gathered parameters apart
+    assert sum(peak["breakdown"].values()) == peak["peak_allocated_bytes"]
+    assert {"parameters", "gathered_parameters", "communication"} <= set(peak["breakdown"])
