@@ -111,15 +111,15 @@ def test_the_start_under_torchrun_is_fits_per_gpu_max_under_ddp(monkeypatch: pyt
     def fake_fit(workload: Any, **kwargs: Any) -> Any:
         seen.append(kwargs["dist"])
         if kwargs["dist"] is not None and kwargs["step"] == "unsupported":
-            raise BatchfitError("--step with --gpus is not simulated yet", exit_code=ExitCode.UNSUPPORTED)
+            raise BatchfitError("`step` with `gpus` is not simulated yet", exit_code=ExitCode.UNSUPPORTED)
         return types.SimpleNamespace(max_batch_size=100 if kwargs["dist"] is None else 90)
 
     monkeypatch.setitem(sys.modules, "batchfit._fit", types.SimpleNamespace(fit=fake_fit))
     w = load_workload("mlp", dataset="mnist")
     notes: list[str] = []
-    assert _estimated_max(w, "adam", "fp32", None, None, 0.8, False, None, notes, 4) == 90
+    assert _estimated_max(w, "adam", "fp32", None, None, 0.8, False, None, notes, world_size=4) == 90
     assert seen[-1].world_size == 4 and seen[-1].strategy == "ddp"
     assert "per-GPU max under DDP on 4 GPUs" in notes[-1]
     # where DDP cannot be estimated, one GPU's max, and a note that says so
-    assert _estimated_max(w, "adam", "fp32", None, "unsupported", 0.8, False, None, notes, 4) == 100
+    assert _estimated_max(w, "adam", "fp32", None, "unsupported", 0.8, False, None, notes, world_size=4) == 100
     assert seen[-1] is None and "could not be estimated" in notes[-1]

@@ -128,7 +128,7 @@ def dist_context(device: str, peer_timeout_s: float = 120.0) -> DistContext:
                     local_rank=local_rank,
                     device_count=torch.cuda.device_count(),
                 ),
-                hint=tr("start at most one process per GPU (torchrun's nproc-per-node <= the GPU count)"),
+                hint=tr("start at most one process per GPU (torchrun's nproc-per-node at most the GPU count)"),
                 exit_code=ExitCode.NO_DEVICE,
             )
         torch.cuda.set_device(local_rank)
