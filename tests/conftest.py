@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The command line speaks the locale's language (LANG=zh_CN.UTF-8 prints Chinese, batchfit._i18n); the tests
+# compare English output, so they pin it (LANGUAGE comes first in gettext's order). tests/test_i18n.py sets its own.
+os.environ["LANGUAGE"] = "en"
 
 GOLDEN = Path(__file__).parent / "golden"
 

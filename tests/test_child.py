@@ -59,4 +59,4 @@ def test_the_probes_start_in_a_child_past_its_time_is_a_batchfit_error() -> None
     # it was a raw subprocess.TimeoutExpired before the protocol was written once
     with pytest.raises(BatchfitError, match="timed out") as info:
         _child_fit(AttemptConfig("mlp", dataset="mnist"), 0.8, False, None, [], 0.01)
-    assert "--start" in (info.value.hint or "")
+    assert "`start=N`" in (info.value.hint or "")  # the library names its parameter (the CLI shows --start)

@@ -73,5 +73,5 @@ def test_plan_cli_with_gpus_json() -> None:
 def test_distributed_options_need_gpus() -> None:
     from batchfit._errors import BatchfitError
 
-    with pytest.raises(BatchfitError, match="need `gpus=N`"):
+    with pytest.raises(BatchfitError, match="need `gpus=N`"):  # the library names its parameter
         fit("mlp", dataset="mnist", strategy="fsdp")

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
+from ._i18n import tr
 from ._render import Cell, Rendered, Styled, Table
 from ._units import format_bytes
 
@@ -66,9 +67,12 @@ Environ = Mapping[str, str]
 
 def _config_error(text: str, problem: str) -> BatchfitError:
     return BatchfitError(
-        f"cannot read the allocator settings {text!r}: {problem}",
-        hint="write them as PYTORCH_CUDA_ALLOC_CONF does, comma-separated key:value pairs, e.g. "
-        "max_split_size_mb:128,expandable_segments:True (keys: " + ", ".join(sorted(_PARSERS)) + ")",
+        tr("cannot read the allocator settings {text!r}: {problem}", text=text, problem=problem),
+        hint=tr(
+            "write them as PYTORCH_CUDA_ALLOC_CONF does, comma-separated key:value pairs, e.g. "
+            "max_split_size_mb:128,expandable_segments:True (keys: {keys})",
+            keys=", ".join(sorted(_PARSERS)),
+        ),
     )
 
 
@@ -105,31 +109,33 @@ class _Tokens:
 
     def get(self, i: int, what: str) -> str:
         if i >= len(self.items):
-            raise _config_error(self.text, f"expected {what} at the end")
+            raise _config_error(self.text, tr("expected {what} at the end", what=what))
         return self.items[i]
 
     def expect(self, i: int, token: str) -> None:
         got = self.get(i, repr(token))
         if got != token:
-            raise _config_error(self.text, f"expected {token!r} but found {got!r}")
+            raise _config_error(self.text, tr("expected {token!r} but found {got!r}", token=token, got=got))
 
     def size_t(self, i: int, key: str) -> int:
-        got = self.get(i, f"a value for {key}")
+        got = self.get(i, tr("a value for {key}", key=key))
         if not got.isdigit():
-            raise _config_error(self.text, f"{key} needs a non-negative integer, not {got!r}")
+            raise _config_error(self.text, tr("{key} needs a non-negative integer, not {got!r}", key=key, got=got))
         return int(got)
 
     def double(self, i: int, key: str) -> float:
-        got = self.get(i, f"a value for {key}")
+        got = self.get(i, tr("a value for {key}", key=key))
         try:
             return float(got)
         except ValueError:
-            raise _config_error(self.text, f"{key} needs a number, not {got!r}") from None
+            raise _config_error(self.text, tr("{key} needs a number, not {got!r}", key=key, got=got)) from None
 
     def boolean(self, i: int, key: str) -> bool:
-        got = self.get(i, f"True or False for {key}")
+        got = self.get(i, tr("True or False for {key}", key=key))
         if got not in ("True", "False"):
-            raise _config_error(self.text, f"{key} takes 'True' or 'False' (capitalised), not {got!r}")
+            raise _config_error(
+                self.text, tr("{key} takes 'True' or 'False' (capitalised), not {got!r}", key=key, got=got)
+            )
         return got == "True"
 
 
@@ -142,7 +148,10 @@ def _parse_large_segment(tok: _Tokens, i: int, out: dict[str, Any]) -> int:
     tok.expect(i + 1, ":")
     value = tok.size_t(i + 2, "large_segment_size_mb")
     if value <= K_MIN_LARGE_ALLOC // _MB:
-        raise _config_error(tok.text, f"large_segment_size_mb must be > {K_MIN_LARGE_ALLOC // _MB}")
+        raise _config_error(
+            tok.text,
+            tr("large_segment_size_mb must be > {k_min_large_alloc}", k_min_large_alloc=K_MIN_LARGE_ALLOC // _MB),
+        )
     out["large_segment_size_bytes"] = value * _MB
     return i + 2
 
@@ -152,7 +161,7 @@ def _mb_at_least_segment(tok: _Tokens, i: int, out: dict[str, Any], key: str) ->
     value = tok.size_t(i + 2, key)
     floor_mb = out.get("large_segment_size_bytes", K_LARGE_BUFFER) // _MB
     if value < floor_mb:
-        raise _config_error(tok.text, f"{key} too small, must be >= {floor_mb}")
+        raise _config_error(tok.text, tr("{key} too small, must be >= {floor_mb}", key=key, floor_mb=floor_mb))
     return value * _MB
 
 
@@ -170,7 +179,7 @@ def _parse_gc_threshold(tok: _Tokens, i: int, out: dict[str, Any]) -> int:
     tok.expect(i + 1, ":")
     value = tok.double(i + 2, "garbage_collection_threshold")
     if not 0.0 < value < 1.0:
-        raise _config_error(tok.text, "garbage_collection_threshold must be in (0.0, 1.0)")
+        raise _config_error(tok.text, tr("garbage_collection_threshold must be in (0.0, 1.0)"))
     out["garbage_collection_threshold"] = value
     return i + 2
 
@@ -180,29 +189,31 @@ def _parse_roundup(tok: _Tokens, i: int, out: dict[str, Any]) -> int:
     tok.expect(i + 1, ":")
     i += 2
     divisions = [0] * _ROUNDUP_INTERVALS
-    if tok.get(i, "a value for roundup_power2_divisions") != "[":
+    if tok.get(i, tr("a value for {key}", key="roundup_power2_divisions")) != "[":
         value = tok.size_t(i, "roundup_power2_divisions")
         if not _is_pow2(value):
-            raise _config_error(tok.text, "roundup_power2_divisions must be a power of 2")
+            raise _config_error(tok.text, tr("roundup_power2_divisions must be a power of 2"))
         out["roundup_power2_divisions"] = (value,) * _ROUNDUP_INTERVALS
         return i
     first, last_index = True, 0
     while True:
         i += 1
-        boundary = tok.get(i, "']' closing roundup_power2_divisions")
+        boundary = tok.get(i, tr("']' closing {key}", key="roundup_power2_divisions"))
         if boundary == "]":
             break
         tok.expect(i + 1, ":")
         value = tok.size_t(i + 2, "roundup_power2_divisions")
         i += 2
         if value != 0 and not _is_pow2(value):
-            raise _config_error(tok.text, "roundup divisions must be a power of 2, or 0 to disable rounding")
+            raise _config_error(tok.text, tr("roundup divisions must be a power of 2, or 0 to disable rounding"))
         if boundary == ">":
             for j in range(last_index + 1, _ROUNDUP_INTERVALS):
                 divisions[j] = value
         else:
             if not boundary.isdigit() or not _is_pow2(int(boundary)):
-                raise _config_error(tok.text, f"roundup intervals must be powers of 2 (in MB), not {boundary!r}")
+                raise _config_error(
+                    tok.text, tr("roundup intervals must be powers of 2 (in MB), not {boundary!r}", boundary=boundary)
+                )
             index = min(int(boundary).bit_length() - 1, _ROUNDUP_INTERVALS - 1)
             if first:  # the first entry also covers every smaller interval
                 for j in range(index):
@@ -210,7 +221,7 @@ def _parse_roundup(tok: _Tokens, i: int, out: dict[str, Any]) -> int:
                 first = False
             divisions[index] = value
             last_index = index
-        if tok.get(i + 1, "']' closing roundup_power2_divisions") != "]":
+        if tok.get(i + 1, tr("']' closing {key}", key="roundup_power2_divisions")) != "]":
             tok.expect(i + 1, ",")
             i += 1
     out["roundup_power2_divisions"] = tuple(divisions)
@@ -230,9 +241,11 @@ def _parse_bool(key: str, field_name: str | None) -> _Parser:
 
 def _parse_backend(tok: _Tokens, i: int, out: dict[str, Any]) -> int:
     tok.expect(i + 1, ":")
-    value = tok.get(i + 2, "a value for backend")
+    value = tok.get(i + 2, tr("a value for {key}", key="backend"))
     if value not in ("native", "cudaMallocAsync"):
-        raise _config_error(tok.text, f"unknown allocator backend {value!r}; options are native and cudaMallocAsync")
+        raise _config_error(
+            tok.text, tr("unknown allocator backend {value!r}; options are native and cudaMallocAsync", value=value)
+        )
     out["backend"] = value
     return i + 2
 
@@ -242,9 +255,9 @@ def _parse_positive_pow2(key: str) -> _Parser:
         tok.expect(i + 1, ":")
         value = tok.size_t(i + 2, key)
         if key == "pinned_num_register_threads" and not _is_pow2(value):
-            raise _config_error(tok.text, f"{key} has to be a power of 2")
+            raise _config_error(tok.text, tr("{key} has to be a power of 2", key=key))
         if value == 0:
-            raise _config_error(tok.text, f"{key} has to be greater than 0")
+            raise _config_error(tok.text, tr("{key} has to be greater than 0", key=key))
         return i + 2
 
     return parse
@@ -295,15 +308,21 @@ class AllocatorConfig:
     def __post_init__(self) -> None:
         if len(self.roundup_power2_divisions) != _ROUNDUP_INTERVALS:
             raise BatchfitError(
-                f"roundup_power2_divisions needs {_ROUNDUP_INTERVALS} entries (1 MiB .. 64 GiB), "
-                f"not {len(self.roundup_power2_divisions)}",
-                hint="use AllocatorConfig.parse('roundup_power2_divisions:4') or a 16-tuple",
+                tr(
+                    "roundup_power2_divisions needs {roundup_intervals} entries (1 MiB .. 64 GiB), not {n_roundup_power2_divisions}",
+                    roundup_intervals=_ROUNDUP_INTERVALS,
+                    n_roundup_power2_divisions=len(self.roundup_power2_divisions),
+                ),
+                hint=tr("use AllocatorConfig.parse('roundup_power2_divisions:4') or a 16-tuple"),
             )
         if self.max_split_size_bytes is not None and self.max_split_size_bytes < self.large_segment_size_bytes:
             raise BatchfitError(
-                f"max_split_size ({format_bytes(self.max_split_size_bytes)}) is below the large segment size "
-                f"({format_bytes(self.large_segment_size_bytes)})",
-                hint="PyTorch requires max_split_size_mb >= 20 (or >= large_segment_size_mb)",
+                tr(
+                    "max_split_size ({max_split_size_bytes}) is below the large segment size ({large_segment_size_bytes})",
+                    max_split_size_bytes=format_bytes(self.max_split_size_bytes),
+                    large_segment_size_bytes=format_bytes(self.large_segment_size_bytes),
+                ),
+                hint=tr("PyTorch requires max_split_size_mb >= 20 (or >= large_segment_size_mb)"),
             )
 
     # -- parsing ------------------------------------------------------------------------------
@@ -324,7 +343,11 @@ class AllocatorConfig:
             parser = _PARSERS.get(key)
             if parser is None:
                 close = difflib.get_close_matches(key, list(_PARSERS), n=1)
-                problem = f"unrecognised key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                problem = (
+                    tr("unrecognised key {key!r} (did you mean {close!r}?)", key=key, close=close[0])
+                    if close
+                    else tr("unrecognised key {key!r}", key=key)
+                )
                 raise _config_error(text, problem)
             i = parser(tok, i, out)
             if i + 1 < len(tok):
@@ -1072,8 +1095,11 @@ def simulate(
     cfg = AllocatorConfig() if config is None else config
     if cfg.backend != "native":
         raise BatchfitError(
-            f"the allocator backend {cfg.backend!r} is not modelled (it is CUDA's own stream-ordered allocator)",
-            hint="drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for the estimate",
+            tr(
+                "the allocator backend {backend!r} is not modelled (it is CUDA's own stream-ordered allocator)",
+                backend=cfg.backend,
+            ),
+            hint=tr("drop backend:cudaMallocAsync from PYTORCH_CUDA_ALLOC_CONF for the estimate"),
             exit_code=ExitCode.UNSUPPORTED,
         )
     recorder = _RecordingAllocator(cfg, device_limit_bytes, allowed_bytes) if history else None
@@ -1101,7 +1127,7 @@ def simulate(
         storage = ev.storage
         if ev.action == "alloc":
             if storage in live or storage in zero_sized:
-                raise _trace_error(ev, "allocates a storage that is already alive")
+                raise _trace_error(ev, tr("allocates a storage that is already alive"))
             if ev.nbytes <= 0:
                 zero_sized.add(storage)
             else:
@@ -1133,7 +1159,7 @@ def simulate(
             elif storage in zero_sized:
                 zero_sized.discard(storage)
             else:
-                raise _trace_error(ev, "frees a storage that is not alive")
+                raise _trace_error(ev, tr("frees a storage that is not alive"))
         if record_series:
             series_seq.append(ev.seq)
             series_alloc.append(state.allocated)
@@ -1168,8 +1194,14 @@ def simulate(
 
 def _trace_error(ev: Event, problem: str) -> BatchfitError:
     return BatchfitError(
-        f"event {ev.seq} ({ev.action} of storage {ev.storage}) {problem}",
-        hint="a timeline needs exactly one alloc per storage and at most one free after it",
+        tr(
+            "event {seq} ({action} of storage {storage}) {problem}",
+            seq=ev.seq,
+            action=ev.action,
+            storage=ev.storage,
+            problem=problem,
+        ),
+        hint=tr("a timeline needs exactly one alloc per storage and at most one free after it"),
     )
 
 

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from ._datasets import get_dataset
 from ._estimate import Estimator, StepEstimate
 from ._fit import FitResult, fit
+from ._i18n import tr
 from ._models import load_workload
-from ._render import Rendered, Table
+from ._render import Rendered, Table, cell_len
 from ._step import make_spec
 from ._summary import ModelSummary, summary
 from ._units import format_bytes
@@ -141,22 +142,42 @@ class AnswerKey(Rendered):
         label_w = max(len(lin.label) for lin in self.linears)
         expr_w = max(len(lin.expression) for lin in self.linears)
         num_w = len(f"{n:,}")
-        lines = ["The parameters, counted by hand as the lesson does:"]
+        total = tr("total")
+        label_w = max(label_w, cell_len(total))
+        lines = [tr("The parameters, counted by hand as the lesson does:")]
         lines += [
             f"  {lin.label.ljust(label_w)}  {lin.expression.rjust(expr_w)} = {lin.params:>{num_w},}"
             for lin in self.linears
         ]
         lines.append(
-            f"  {'total'.ljust(label_w)}  {''.rjust(expr_w)}   {n:,}  (the summary counts {self.summary.total_params:,})"
+            f"  {total}{' ' * (label_w - cell_len(total))}  {''.rjust(expr_w)}   {n:,}  "
+            + tr("(the summary counts {n:,})", n=self.summary.total_params)
         )
         b = self.param_bytes
         exact = f"{b:,} B = {format_bytes(b, 'KiB', 1)} = {format_bytes(b, 'KB', 1)}"
         lines += [
-            f"  bytes: {n:,} x {size} B = {exact}   (the lesson: {SEED_PARAM_BYTES})",
-            f"  gradients: the same count and dtype, {b:,} B; parameters + gradients = {2 * b:,} B = "
-            f"{format_bytes(2 * b, 'KiB', 1)} = {format_bytes(2 * b, 'KB', 1)}   (the lesson: {SEED_MODEL_STATES})",
-            f"  optimizer state: SGD keeps none; Adam keeps two values per parameter, {2 * b:,} B",
-            f"  one image: {self.sample_numel:,} B as uint8, {self.sample_numel * 4:,} B as float32",
+            tr(
+                "  bytes: {n:,} x {size} B = {exact}   (the lesson: {lesson})",
+                n=n,
+                size=size,
+                exact=exact,
+                lesson=SEED_PARAM_BYTES,
+            ),
+            tr(
+                "  gradients: the same count and dtype, {b:,} B; parameters + gradients = {b2:,} B = {kib} = {kb}"
+                "   (the lesson: {lesson})",
+                b=b,
+                b2=2 * b,
+                kib=format_bytes(2 * b, "KiB", 1),
+                kb=format_bytes(2 * b, "KB", 1),
+                lesson=SEED_MODEL_STATES,
+            ),
+            tr("  optimizer state: SGD keeps none; Adam keeps two values per parameter, {b2:,} B", b2=2 * b),
+            tr(
+                "  one image: {n:,} B as uint8, {n4:,} B as float32",
+                n=self.sample_numel,
+                n4=self.sample_numel * 4,
+            ),
         ]
         return "\n".join(lines)
 
@@ -177,22 +198,26 @@ class AnswerKey(Rendered):
                 ]
             )
         return Table(
-            "The lesson's table (SGD) as the lesson states it, beside batchfit's CPU step (exact; its peak)",
+            tr("The lesson's table (SGD) as the lesson states it, beside batchfit's CPU step (exact; its peak)"),
             [
-                "batch",
-                "data (lesson)",
-                "inputs",
-                "intermediates (lesson)",
-                "activ. + temps",
-                "total (lesson)",
-                "one CPU step",
-                "in MB",
+                tr("batch"),
+                tr("data (lesson)"),
+                tr("inputs"),
+                tr("intermediates (lesson)"),
+                tr("activ. + temps"),
+                tr("total (lesson)"),
+                tr("one CPU step"),
+                tr("in MB"),
             ],
             rows,
             footer=[
-                "inputs: the images and their int64 labels; activ. + temps: saved for backward + everything else "
-                "alive at the peak (parameters and gradients make up the rest)",
-                "KiB = 1024 B, MiB = 1024^2 B; MB = 10^6 B. A real CPU training step measures the same, to the byte.",
+                tr(
+                    "inputs: the images and their int64 labels; activ. + temps: saved for backward + everything else "
+                    "alive at the peak (parameters and gradients make up the rest)"
+                ),
+                tr(
+                    "KiB = 1024 B, MiB = 1024^2 B; MB = 10^6 B. A real CPU training step measures the same, to the byte."
+                ),
             ],
         )
 
@@ -212,17 +237,17 @@ class AnswerKey(Rendered):
                 ]
             )
         return Table(
-            f"The same steps on a GPU: {self.fit.card} (simulated)",
+            tr("The same steps on a GPU: {card} (simulated)", card=self.fit.card),
             [
-                "batch",
-                "allocated (max_memory_allocated)",
-                "of which cuBLAS",
-                "reserved (max_memory_reserved)",
-                "CUDA context",
-                "total (nvidia-smi)",
+                tr("batch"),
+                tr("allocated (max_memory_allocated)"),
+                tr("of which cuBLAS"),
+                tr("reserved (max_memory_reserved)"),
+                tr("CUDA context"),
+                tr("total (nvidia-smi)"),
             ],
             rows,
-            footer=[f"card: {self.fit.budget_description}"],
+            footer=[tr("card: {card}", card=self.fit.budget_description)],
         )
 
     def _misses(self) -> str:
@@ -232,38 +257,60 @@ class AnswerKey(Rendered):
         card = budget.card if budget is not None else None
         params_cpu = first_cpu.breakdown["parameters"]
         params_cuda = first_cuda.breakdown["parameters"]
-        lines = ["What the hand count misses:"]
+        lines = [tr("What the hand count misses:")]
 
         def temps(e: StepEstimate) -> str:
             return format_bytes(e.breakdown.get("temporaries", 0))
 
         lines.append(
-            "  1. The backward pass's temporaries. The step's peak is in the backward pass, where the gradients "
-            "of the activations and the weight gradient being computed are alive while the saved activations "
-            f"still are: at batch {first_cpu.batch_size:,} the peak is {first_cpu.peak_where} "
-            f"({temps(first_cpu)} of temporaries, {format_bytes(first_cpu.breakdown['gradients'])} of gradients); "
-            f"at batch {last_cpu.batch_size:,} it is {last_cpu.peak_where} ({temps(last_cpu)} of temporaries "
-            f"beside {format_bytes(last_cpu.breakdown['activations'])} of saved activations)."
+            tr(
+                "  1. The backward pass's temporaries. The step's peak is in the backward pass, where the gradients "
+                "of the activations and the weight gradient being computed are alive while the saved activations "
+                "still are: at batch {b1:,} the peak is {where1} ({temps1} of temporaries, {grads1} of gradients); "
+                "at batch {b2:,} it is {where2} ({temps2} of temporaries beside {acts2} of saved activations).",
+                b1=first_cpu.batch_size,
+                where1=first_cpu.peak_where,
+                temps1=temps(first_cpu),
+                grads1=format_bytes(first_cpu.breakdown["gradients"]),
+                b2=last_cpu.batch_size,
+                where2=last_cpu.peak_where,
+                temps2=temps(last_cpu),
+                acts2=format_bytes(last_cpu.breakdown["activations"]),
+            )
         )
         reserve = (last_cuda.peak_reserved_bytes or 0) - last_cuda.peak_allocated_bytes
         lines.append(
-            f"  2. The caching allocator (CUDA). Every block is rounded up to 512 B (the {self.param_tensors} parameter "
-            f"tensors take {params_cuda:,} B instead of {params_cpu:,} B) and blocks come from cached "
-            f"segments (2 MiB for requests up to 1 MiB, 20 MiB for 1-10 MiB): at batch {last_cuda.batch_size:,} "
-            f"the allocator reserves {format_bytes(reserve, 'MiB')} more than the tensors need."
+            tr(
+                "  2. The caching allocator (CUDA). Every block is rounded up to 512 B (the {tensors} parameter "
+                "tensors take {cuda:,} B instead of {cpu:,} B) and blocks come from cached segments (2 MiB for "
+                "requests up to 1 MiB, 20 MiB for 1-10 MiB): at batch {batch:,} the allocator reserves {reserve} "
+                "more than the tensors need.",
+                tensors=self.param_tensors,
+                cuda=params_cuda,
+                cpu=params_cpu,
+                batch=last_cuda.batch_size,
+                reserve=format_bytes(reserve, "MiB"),
+            )
         )
         if card is not None:
             workspaces = first_cuda.breakdown.get("workspaces", 0)
             lines.append(
-                f"  3. The cuBLAS workspaces: {format_bytes(card.cublas_workspace_bytes, 'MiB')} per cuBLAS handle "
-                f"on this card, taken through the allocator ({format_bytes(workspaces, 'MiB')} in this step, "
-                "the forward runs on the calling thread and the backward on autograd's, each with its own handle), "
-                "at every batch size."
+                tr(
+                    "  3. The cuBLAS workspaces: {each} per cuBLAS handle on this card, taken through the allocator "
+                    "({total} in this step, the forward runs on the calling thread and the backward on autograd's, "
+                    "each with its own handle), at every batch size.",
+                    each=format_bytes(card.cublas_workspace_bytes, "MiB"),
+                    total=format_bytes(workspaces, "MiB"),
+                )
             )
             lines.append(
-                f"  4. The CUDA context: {format_bytes(card.non_allocator_bytes, 'MiB')} that PyTorch's allocator never "
-                "sees (kernels, driver state) but nvidia-smi shows: torch.cuda.max_memory_allocated() leaves it "
-                f"out [the catalogue's figure: {card.provenance.get('non_allocator', '?')}]."
+                tr(
+                    "  4. The CUDA context: {size} that PyTorch's allocator never sees (kernels, driver state) but "
+                    "nvidia-smi shows: torch.cuda.max_memory_allocated() leaves it out [the catalogue's figure: "
+                    "{status}].",
+                    size=format_bytes(card.non_allocator_bytes, "MiB"),
+                    status=card.provenance.get("non_allocator", "?"),
+                )
             )
         return "\n".join(lines)
 
@@ -271,25 +318,47 @@ class AnswerKey(Rendered):
         f = self.fit
         raw = math.floor(f.safety * f.max_batch_size)
         lines = [
-            f"The batch size to use (the lesson's rule: about {f.safety:g} x the largest batch that fits):",
-            f"  card: {f.budget_description}",
-            f"  largest batch that fits: {f.max_batch_size:,}; {f.safety:g} x {f.max_batch_size:,} = {raw:,}",
+            tr(
+                "The batch size to use (the lesson's rule: about {safety:g} x the largest batch that fits):",
+                safety=f.safety,
+            ),
+            "  " + tr("card: {card}", card=f.budget_description),
+            tr(
+                "  largest batch that fits: {max:,}; {safety:g} x {max:,} = {raw:,}",
+                max=f.max_batch_size,
+                safety=f.safety,
+                raw=raw,
+            ),
         ]
         rec = f.estimate_at_recommended
-        at = f" ({format_bytes(rec.total_bytes, 'GiB')} on the card, GiB = 1024^3 B)" if rec and rec.total_bytes else ""
-        lines += [f"  note: {n}" for n in f.notes]
+        at = (
+            tr(" ({size} on the card, GiB = 1024^3 B)", size=format_bytes(rec.total_bytes, "GiB"))
+            if rec and rec.total_bytes
+            else ""
+        )
+        lines += [tr("  note: {note}", note=n) for n in f.notes]
         if self.training is None:
-            lines.append(f"  => use batch size {f.recommended_batch_size:,}{at}")
+            lines.append(tr("  => use batch size {batch:,}{at}", batch=f.recommended_batch_size, at=at))
         else:
-            lines.append(f"  => memory allows batch size {f.recommended_batch_size:,}{at}")
+            lines.append(tr("  => memory allows batch size {batch:,}{at}", batch=f.recommended_batch_size, at=at))
         return "\n".join(lines)
 
     def training_table(self) -> Table:
         t = self.training
         assert t is not None
         return t.runs_table(
-            f"Training by batch size: {t.samples:,} samples ({t.budget_text}) each, {t.optimizer}, lr {t.base_lr:g} "
-            f"at batch {t.base_batch} scaled {t.lr_scaling} with warm-up, seed {t.seed}, on this machine's {t.device}",
+            tr(
+                "Training by batch size: {samples:,} samples ({budget}) each, {optimizer}, lr {lr:g} at batch {batch} "
+                "scaled {scaling} with warm-up, seed {seed}, on this machine's {device}",
+                samples=t.samples,
+                budget=t.budget_text,
+                optimizer=t.optimizer,
+                lr=t.base_lr,
+                batch=t.base_batch,
+                scaling=t.lr_scaling,
+                seed=t.seed,
+                device=t.device,
+            ),
             speed=False,
         )
 
@@ -299,20 +368,29 @@ class AnswerKey(Rendered):
         f = self.fit
         return "\n".join(
             [
-                "The other half of the lesson's rule: raise the batch size until memory runs out OR until the "
-                "training effect drops, and check the choice by the training effect.",
-                f"  The memory rule alone gives {f.recommended_batch_size:,}"
-                + (
-                    " - the whole MNIST training set in one step, one update per epoch."
-                    if f.dataset_size and f.recommended_batch_size >= f.dataset_size
-                    else "."
+                tr(
+                    "The other half of the lesson's rule: raise the batch size until memory runs out OR until the "
+                    "training effect drops, and check the choice by the training effect."
                 ),
-                "  What was computed, and on what: real training runs on scikit-learn's bundled 8x8 digits "
-                f"({t.train_size:,} training and 360 validation images; no MNIST files ship with batchfit and "
-                "nothing is downloaded), with the lesson's MLP adapted to 8x8 inputs: Flatten -> Linear(64, 128) "
-                f"-> ReLU -> Linear(128, 10), {64 * 128 + 128 + 128 * 10 + 10:,} parameters. Each batch size "
-                "trains from the same initialisation on the same samples; the learning rate grows with the batch "
-                "(linear rule, Goyal et al. 2017).",
+                (
+                    tr(
+                        "  The memory rule alone gives {batch:,} - the whole MNIST training set in one step, one "
+                        "update per epoch.",
+                        batch=f.recommended_batch_size,
+                    )
+                    if f.dataset_size and f.recommended_batch_size >= f.dataset_size
+                    else tr("  The memory rule alone gives {batch:,}.", batch=f.recommended_batch_size)
+                ),
+                tr(
+                    "  What was computed, and on what: real training runs on scikit-learn's bundled 8x8 digits "
+                    "({train:,} training and 360 validation images; no MNIST files ship with batchfit and "
+                    "nothing is downloaded), with the lesson's MLP adapted to 8x8 inputs: Flatten -> Linear(64, 128) "
+                    "-> ReLU -> Linear(128, 10), {params:,} parameters. Each batch size trains from the same "
+                    "initialisation on the same samples; the learning rate grows with the batch "
+                    "(linear rule, Goyal et al. 2017).",
+                    train=t.train_size,
+                    params=64 * 128 + 128 + 128 * 10 + 10,
+                ),
             ]
         )
 
@@ -321,38 +399,48 @@ class AnswerKey(Rendered):
         assert t is not None
         f = self.fit
         lines = [
-            f"  gradient noise scale (McCandlish et al. 2018), {t.noise[0].samples:,} examples:" if t.noise else ""
+            tr("  gradient noise scale (McCandlish et al. 2018), {n:,} examples:", n=t.noise[0].samples)
+            if t.noise
+            else ""
         ]
         for n in t.noise:
-            value = f"{n.b_simple:,.0f}" if n.resolved else "not resolved"
+            value = f"{n.b_simple:,.0f}" if n.resolved else tr("not resolved")
             lines.append(f"    B_simple = {value} {n.when}")
         if t.noise:
             lines.append(
-                "    (batches much larger than B_simple mostly average away noise that is already small: "
-                "more samples per step, little more progress per step)"
+                tr(
+                    "    (batches much larger than B_simple mostly average away noise that is already small: "
+                    "more samples per step, little more progress per step)"
+                )
             )
-        lines.append(f"  the sweep: {t.reason}")
+        lines.append(tr("  the sweep: {reason}", reason=t.reason))
         final = self.recommended_batch_size
         if final < f.recommended_batch_size:
-            why = (
-                f"memory allows {f.recommended_batch_size:,}, but with a fixed budget of samples a larger batch "
-                f"means fewer updates, and on the digits the validation accuracy holds up to {final:,} only"
+            why = tr(
+                "memory allows {memory:,}, but with a fixed budget of samples a larger batch means fewer updates, "
+                "and on the digits the validation accuracy holds up to {final:,} only",
+                memory=f.recommended_batch_size,
+                final=final,
             )
         else:
-            why = "memory, not the training effect, sets the limit here"
-        lines.append(f"  => use batch size {final:,}: {why}.")
+            why = tr("memory, not the training effect, sets the limit here")
+        lines.append(tr("  => use batch size {batch:,}: {why}.", batch=final, why=why))
         mnist, digits = get_dataset(SEED_DATASET), get_dataset(t.dataset)
         pixels = math.prod(mnist.shape) / math.prod(digits.shape)
         lines.append(
-            f"  Limits: the digits stand in for MNIST (handwritten digits too, with {pixels:.0f} times fewer pixels "
-            f"and {mnist.train_size / t.train_size:.0f} times fewer training images); MNIST's own answer may differ "
-            "- check it with `batchfit sweep mlp --dataset mnist --root DIR`. The best size also moves with the "
-            "learning rate and the budget (see docs/sweep.md)."
+            tr(
+                "  Limits: the digits stand in for MNIST (handwritten digits too, with {pixels:.0f} times fewer "
+                "pixels and {images:.0f} times fewer training images); MNIST's own answer may differ - check it "
+                "with `batchfit sweep mlp --dataset mnist --root DIR`. The best size also moves with the learning "
+                "rate and the budget (see docs/sweep.md).",
+                pixels=pixels,
+                images=mnist.train_size / t.train_size,
+            )
         )
         return "\n".join(line for line in lines if line)
 
     def _title(self) -> str:
-        return (
+        return tr(
             "batchfit: the lesson's answer key - the MNIST MLP (Flatten -> Linear(784, 128) -> ReLU -> "
             "Linear(128, 10)), one training step with SGD, fp32"
         )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 
 def bitsandbytes() -> Any:
@@ -34,7 +35,7 @@ def bitsandbytes() -> Any:
         import bitsandbytes as bnb
     except ImportError as exc:
         raise BatchfitError(
-            "this option needs bitsandbytes, which is not installed", hint="pip install bitsandbytes"
+            tr("this option needs bitsandbytes, which is not installed"), hint=tr("pip install bitsandbytes")
         ) from exc
     return bnb
 

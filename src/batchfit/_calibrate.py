@@ -23,6 +23,7 @@ from typing import Any, TypedDict
 
 from ._allocator import AllocatorConfig
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 
 SCHEMA_VERSION = 1
 
@@ -108,7 +109,10 @@ def calibrate(
     seen when they are created.
     """
     if not device.startswith("cuda"):
-        raise BatchfitError(f"calibration measures a CUDA device, not {device!r}", hint="use device='cuda' or 'cuda:N'")
+        raise BatchfitError(
+            tr("calibration measures a CUDA device, not {device!r}", device=device),
+            hint=tr("use device='cuda' or 'cuda:N'"),
+        )
     import torch
 
     if dry_run is None:
@@ -131,8 +135,8 @@ def calibrate(
         }
     if not torch.cuda.is_available():
         raise BatchfitError(
-            "calibration needs a CUDA GPU and torch.cuda.is_available() is False",
-            hint="run it on a GPU machine, or call calibrate(dry_run=True) to see the plan",
+            tr("calibration needs a CUDA GPU and torch.cuda.is_available() is False"),
+            hint=tr("run it on a GPU machine, or call calibrate(dry_run=True) to see the plan"),
             exit_code=ExitCode.NO_DEVICE,
         )
     return _measure(torch, torch.device(device), conv_shapes, head)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import get_language, language_from_env, set_language
 
 # -- a forked child ------------------------------------------------------------------------------
 
@@ -117,6 +118,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src_root()), path) if p)
+    env["LANGUAGE"] = get_language()  # the child's messages come back to the user: in the parent's language
     env.update(extra or {})
     return env
 
@@ -152,6 +154,7 @@ def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """A child's side of :func:`run_module`: read the payload, print ``handle(payload)`` as one
     JSON line (a :class:`BatchfitError` as ``{"status": "batchfit_error", ...}``)."""
     payload = json.loads(sys.stdin.read())
+    set_language(language_from_env())  # the parent's language, passed in LANGUAGE by child_env
     try:
         reply = handle(payload)
     except BatchfitError as exc:

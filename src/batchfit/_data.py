@@ -31,6 +31,7 @@ from rich.console import Console
 
 from ._datasets import DATASETS, DatasetInfo, get_dataset
 from ._errors import BatchfitError
+from ._i18n import tr
 from ._render import Facts, Rendered, Section, Table, Text
 from ._units import format_bytes
 
@@ -98,14 +99,15 @@ def _torchvision_class(info: DatasetInfo) -> type:
 
     if info.name == "digits":  # registered for batchfit.sweep, which reads scikit-learn's copy
         raise BatchfitError(
-            "the digits ship inside scikit-learn as an array, not as torchvision files or image folders",
-            hint="use them with `batchfit sweep MODEL --dataset digits`, or pick mnist, fashion-mnist or cifar10 here",
+            tr("the digits ship inside scikit-learn as an array, not as torchvision files or image folders"),
+            hint=tr(
+                "use them with `batchfit sweep MODEL --dataset digits`, or pick mnist, fashion-mnist or cifar10 here"
+            ),
         )
     if info.torchvision_class is None or info.torchvision_class not in _REQUIRED_FILES:
         raise BatchfitError(
-            f"batchfit cannot load {info.name!r} by itself (torchvision does not download it)",
-            hint=f"extract it and pass the folder of class sub-folders, e.g. `batchfit show path/to/{info.name}/train "
-            f"--size {info.shape[-1]}`",
+            tr("batchfit cannot load {name!r} by itself (torchvision does not download it)", name=info.name),
+            hint=tr("extract it and pass the folder of class sub-folders, e.g. `batchfit show path/to/{name}/train --size {shape}`", name=info.name, shape=info.shape[-1]),
         )
     return getattr(torchvision.datasets, info.torchvision_class)  # type: ignore[no-any-return]
 
@@ -205,20 +207,25 @@ def load_dataset(
     ``mean``/``std`` replace the normalisation (presets: the seed's; folders: 0.5 per channel).
     """
     if size is not None and size < 1:
-        raise BatchfitError(f"`size` must be a positive number of pixels, not {size}", hint="e.g. `size=64`")
+        raise BatchfitError(tr("`size` must be a positive number of pixels, not {size}", size=size), hint=tr("e.g. `size=64`"))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _load_folder(path, split, size, mean, std)
     text = str(name_or_path)
     if os.sep in text or "/" in text or text.startswith((".", "~")) or path.exists():
         raise BatchfitError(
-            f"{text!r} is not a folder",
-            hint="give a folder with one sub-folder of images per class, or a preset: " + ", ".join(_loadable()),
+            tr("{text!r} is not a folder", text=text),
+            hint=tr(
+                "give a folder with one sub-folder of images per class, or a preset: {names}",
+                names=", ".join(_loadable()),
+            ),
         )
     try:
         info = get_dataset(text)
     except BatchfitError as exc:
-        raise BatchfitError(exc.message, hint=f"{exc.hint}; or give a folder of class sub-folders") from None
+        raise BatchfitError(
+            exc.message, hint=tr("{hint}; or give a folder of class sub-folders", hint=exc.hint)
+        ) from None
     return _load_preset(info, Path(root) if root is not None else default_root(), split, download, size, mean, std)
 
 
@@ -229,7 +236,9 @@ def _loadable() -> list[str]:
 def _check_split(split: str | None) -> str:
     split = split or "train"
     if split not in SPLITS:
-        raise BatchfitError(f"unknown split {split!r}", hint=f"use one of {', '.join(SPLITS)}")
+        raise BatchfitError(
+            tr("unknown split {split!r}", split=split), hint=tr("use one of {names}", names=", ".join(SPLITS))
+        )
     return split
 
 
@@ -245,11 +254,16 @@ def _normalization(
     for what, values in (("mean", m), ("std", s)):
         if len(values) not in (1, channels):
             raise BatchfitError(
-                f"--{what} has {len(values)} values for images with {channels} channel(s)",
-                hint=f"give one value, or one per channel ({channels})",
+                tr(
+                    "--{what} has {n_values} values for images with {channels} channel(s)",
+                    what=what,
+                    n_values=len(values),
+                    channels=channels,
+                ),
+                hint=tr("give one value, or one per channel ({channels})", channels=channels),
             )
     if any(v <= 0 for v in s):
-        raise BatchfitError(f"`std` must be positive, got {s}", hint="e.g. `std=(0.5,)`")
+        raise BatchfitError(tr("`std` must be positive, got {s}", s=s), hint=tr("e.g. `std=(0.5,)`"))
     # Normalize broadcasts a single value over channels; report one value per channel.
     return (m * channels if len(m) == 1 else m), (s * channels if len(s) == 1 else s)
 
@@ -279,11 +293,8 @@ def _load_preset(
         if missing:
             folder = os.path.commonpath([str(f.parent) for f in files])
             raise BatchfitError(
-                f"{info.name} is not in {root.resolve()}: missing {', '.join(f.name for f in missing)} "
-                f"(expected in {Path(folder).resolve()}; torchvision needs all of "
-                f"{', '.join(f.name for f in files)})",
-                hint=f"add `download=True` to fetch it into {root.resolve()}, or point `root` (or ${ENV_ROOT}) "
-                "at the directory that holds it",
+                tr("{name} is not in {root}: missing {missing} (expected in {folder}; torchvision needs all of {files})", name=info.name, root=root.resolve(), missing=', '.join(f.name for f in missing), folder=Path(folder).resolve(), files=', '.join(f.name for f in files)),
+                hint=tr("add `download=True` to fetch it into {resolve}, or point `root` (or ${ENV_ROOT}) at the directory that holds it", resolve=root.resolve(), ENV_ROOT=ENV_ROOT),
             )
     m, s = _normalization(info.mean, info.std, mean, std, info.shape[0])
     pre = (*_resize(size), transforms.ToTensor())
@@ -294,13 +305,13 @@ def _load_preset(
         dataset = cls(root=str(root), train=SPLITS[split], download=download, transform=transform)
     except OSError as exc:  # URLError and socket errors are OSErrors
         raise BatchfitError(
-            f"could not download {info.name} into {root.resolve()}: {exc}",
-            hint="check the network connection, or place the files there by hand (see docs/data.md)",
+            tr("could not download {name} into {resolve}: {exc}", name=info.name, resolve=root.resolve(), exc=exc),
+            hint=tr("check the network connection, or place the files there by hand (see docs/data.md)"),
         ) from None
     except (RuntimeError, AssertionError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         raise BatchfitError(
-            f"the {info.name} files in {root.resolve()} are incomplete or corrupted: {exc}",
-            hint=f"delete {files[0].parent.resolve()} and fetch it again with `download=True`",
+            tr("the {name} files in {resolve} are incomplete or corrupted: {exc}", name=info.name, resolve=root.resolve(), exc=exc),
+            hint=tr("delete {resolve} and fetch it again with `download=True`", resolve=files[0].parent.resolve()),
         ) from None
     classes = tuple(str(c) for c in getattr(dataset, "classes", info.classes))
     return LoadedDataset(
@@ -332,7 +343,7 @@ def _load_folder(
         folder = path / split
         if not folder.is_dir():
             raise BatchfitError(
-                f"{path} has no {split!r} sub-folder", hint="leave `split` out to use the folder as it is"
+                tr("{path} has no {split!r} sub-folder", path=path, split=split), hint=tr("leave `split` out to use the folder as it is")
             )
     # ImageFolder's loader converts every image to RGB: three channels.
     m, s = _normalization((FOLDER_MEAN_STD,), (FOLDER_MEAN_STD,), mean, std, 3)
@@ -341,8 +352,8 @@ def _load_folder(
         dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose([*pre, transforms.Normalize(m, s)]))
     except FileNotFoundError as exc:
         raise BatchfitError(
-            f"no images found in {folder}: {exc}",
-            hint="the folder needs one sub-folder per class with image files in it (e.g. cats/1.png, dogs/2.png)",
+            tr("no images found in {folder}: {exc}", folder=folder, exc=exc),
+            hint=tr("the folder needs one sub-folder per class with image files in it (e.g. cats/1.png, dogs/2.png)"),
         ) from None
     return LoadedDataset(
         name=str(path),
@@ -390,7 +401,7 @@ def sample_indices(num_samples: int, n: int, seed: int = DEFAULT_GRID_SEED) -> l
     True
     """
     if n < 1:
-        raise BatchfitError(f"the grid needs at least one image, not {n}", hint="e.g. 16 (`batchfit show --grid 0` draws none)")
+        raise BatchfitError(tr("the grid needs at least one image, not {n}", n=n), hint=tr("e.g. 16 (`batchfit show --grid 0` draws none)"))
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_samples, generator=generator)[: min(n, num_samples)].tolist()
 
@@ -525,7 +536,7 @@ def channel_stats(
         if owned and bar is not None:
             bar.stop()
     if mean is None or m2 is None:
-        raise BatchfitError(f"{data.name} has no samples", hint="check the folder or split")
+        raise BatchfitError(tr("{name} has no samples", name=data.name), hint=tr("check the folder or split"))
     std = torch.sqrt(m2 / count)
     return ChannelStats(tuple(mean.tolist()), tuple(std.tolist()), samples, count)
 
@@ -652,13 +663,13 @@ def host_memory(
     the dataset holds the whole dataset, as a DataLoader would yield it.
     """
     if batch_size < 1:
-        raise BatchfitError(f"`batch_size` must be at least 1, not {batch_size}", hint="e.g. `batch_size=64`")
+        raise BatchfitError(tr("`batch_size` must be at least 1, not {batch_size}", batch_size=batch_size), hint=tr("e.g. `batch_size=64`"))
     if num_workers < 0:
-        raise BatchfitError(f"`num_workers` must be 0 or more, not {num_workers}", hint="e.g. `num_workers=4`")
+        raise BatchfitError(tr("`num_workers` must be 0 or more, not {num_workers}", num_workers=num_workers), hint=tr("e.g. `num_workers=4`"))
     if prefetch_factor is not None and (num_workers == 0 or prefetch_factor < 1):
         raise BatchfitError(
-            f"prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})",
-            hint="give `num_workers` 1 or more, or leave `prefetch_factor` out (DataLoader's own rule)",
+            tr("prefetch_factor={prefetch_factor} needs worker processes (num_workers={num_workers})", prefetch_factor=prefetch_factor, num_workers=num_workers),
+            hint=tr("give `num_workers` 1 or more, or leave `prefetch_factor` out (DataLoader's own rule)"),
         )
     if isinstance(dataset, LoadedDataset):
         name = dataset.name
@@ -901,10 +912,10 @@ def describe(
     if isinstance(data, (str, Path)):
         data = load_dataset(data)
     if not batch_sizes:
-        raise BatchfitError("no batch sizes given", hint="e.g. `batch_sizes=(64, 256, 1024, 4096)`")
+        raise BatchfitError(tr("no batch sizes given"), hint=tr("e.g. `batch_sizes=(64, 256, 1024, 4096)`"))
     num = len(data)
     if num == 0:
-        raise BatchfitError(f"{data.name} has no samples", hint="check the folder or split")
+        raise BatchfitError(tr("{name} has no samples", name=data.name), hint=tr("check the folder or split"))
     probe = min(min(batch_sizes), num, 64)
     # Same first samples through both transforms: the values before and after Normalize.
     try:
@@ -912,8 +923,8 @@ def describe(
         raw, _ = next(iter(DataLoader(data.unnormalized(), batch_size=probe, shuffle=False)))
     except RuntimeError as exc:  # default_collate cannot stack images of different sizes
         raise BatchfitError(
-            f"the images in {data.name} have different sizes, so a DataLoader cannot batch them ({exc})",
-            hint="give `size=N` to resize and centre-crop them all to N x N",
+            tr("the images in {name} have different sizes, so a DataLoader cannot batch them ({exc})", name=data.name, exc=exc),
+            hint=tr("give `size=N` to resize and centre-crop them all to N x N"),
         ) from None
     rows = []
     for bs in batch_sizes:

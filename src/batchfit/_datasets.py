@@ -13,6 +13,7 @@ import difflib
 from dataclasses import dataclass
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 
 @dataclass(frozen=True)
@@ -126,5 +127,9 @@ def get_dataset(name: str) -> DatasetInfo:
     if key in DATASETS:
         return DATASETS[key]
     close = difflib.get_close_matches(key, list(DATASETS), n=3)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {', '.join(DATASETS)}"
-    raise BatchfitError(f"unknown dataset {name!r}", hint=hint)
+    hint = (
+        tr("did you mean {names}?", names=", ".join(repr(c) for c in close))
+        if close
+        else tr("known: {names}", names=", ".join(DATASETS))
+    )
+    raise BatchfitError(tr("unknown dataset {name!r}", name=name), hint=hint)

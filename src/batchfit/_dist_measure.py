@@ -29,6 +29,7 @@ from torch import nn
 
 from ._distributed import DistSpec, wrap_model
 from ._errors import BatchfitError
+from ._i18n import tr
 from ._step import Batch, StepSpec, batch_inputs, batch_maker, label_choice, run_step, unique_trainable
 
 
@@ -67,7 +68,9 @@ def measure_ranks(
     import torch.multiprocessing as mp
 
     if spec.device != "cpu":
-        raise BatchfitError("the distributed ground truth runs on CPU processes (gloo)", hint="use `device='cpu'`")
+        raise BatchfitError(
+            tr("the distributed ground truth runs on CPU processes (gloo)"), hint=tr("use `device='cpu'`")
+        )
     worlds = sorted({d.world_size for d in dists})
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +91,9 @@ def measure_ranks(
             if p.is_alive():
                 p.kill()
         if failed:
-            raise BatchfitError(f"the gloo run failed ({', '.join(failed)})", hint="rerun with --debug")
+            raise BatchfitError(
+                tr("the gloo run failed ({names})", names=", ".join(failed)), hint=tr("rerun with --debug")
+            )
         measured: dict[int, list[list[RankMeasurement]]] = {}
         for world in worlds:
             for rank in range(world):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 if TYPE_CHECKING:
     from ._allocator import AllocatorConfig
@@ -65,7 +66,9 @@ def parse_dtype(value: str | torch.dtype | None, option: str) -> torch.dtype | N
         key, key
     )
     if key not in _DTYPES:
-        raise BatchfitError(f"unknown {option} {value!r}", hint="use bf16, fp16 or fp32")
+        raise BatchfitError(
+            tr("unknown {option} {value!r}", option=option, value=value), hint=tr("use bf16, fp16 or fp32")
+        )
     return _DTYPES[key]
 
 
@@ -112,13 +115,22 @@ class DistSpec:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise BatchfitError(f"unknown strategy {self.strategy!r}", hint=f"use one of {', '.join(STRATEGIES)}")
+            raise BatchfitError(
+                tr("unknown strategy {strategy!r}", strategy=self.strategy),
+                hint=tr("use one of {names}", names=", ".join(STRATEGIES)),
+            )
         if self.world_size < 1:
-            raise BatchfitError(f"`gpus` must be at least 1, got {self.world_size}", hint="e.g. `gpus=8`")
+            raise BatchfitError(
+                tr("`gpus` must be at least 1, got {world_size}", world_size=self.world_size), hint=tr("e.g. `gpus=8`")
+            )
         if self.nodes < 1 or self.world_size % self.nodes:
             raise BatchfitError(
-                f"{self.world_size} GPUs cannot be spread evenly over {self.nodes} nodes",
-                hint="`gpus` is per node: the world size is `gpus` times `nodes`",
+                tr(
+                    "{world_size} GPUs cannot be spread evenly over {nodes} nodes",
+                    world_size=self.world_size,
+                    nodes=self.nodes,
+                ),
+                hint=tr("`gpus` is per node: the world size is `gpus` times `nodes`"),
             )
         fsdp = self.strategy.startswith("fsdp")
         fsdp_options = (
@@ -136,13 +148,19 @@ class DistSpec:
         for name, given in fsdp_options if not fsdp else ddp_options:
             if given:
                 applies = "`strategy='fsdp'` or 'fsdp-hybrid'" if not fsdp else "`strategy='ddp'` or 'zero1'"
-                raise BatchfitError(f"{name} applies to {applies}", hint=f"drop it, or use {applies}")
+                raise BatchfitError(
+                    tr("{name} applies to {applies}", name=name, applies=applies),
+                    hint=tr("drop it, or use {applies}", applies=applies),
+                )
         if self.bucket_cap_mb is not None and self.bucket_cap_mb <= 0:
-            raise BatchfitError(f"`bucket_cap_mb` must be positive, got {self.bucket_cap_mb}", hint="e.g. 25")
+            raise BatchfitError(
+                tr("`bucket_cap_mb` must be positive, got {bucket_cap_mb}", bucket_cap_mb=self.bucket_cap_mb),
+                hint=tr("e.g. 25"),
+            )
         if self.strategy == "fsdp-hybrid" and self.nodes < 2:
             raise BatchfitError(
-                "fsdp-hybrid shards within a node and replicates across nodes: it needs `nodes=2` or more",
-                hint="add `nodes=M`, or use `strategy='fsdp'`",
+                tr("fsdp-hybrid shards within a node and replicates across nodes: it needs `nodes=2` or more"),
+                hint=tr("add `nodes=M`, or use `strategy='fsdp'`"),
             )
 
     @property
@@ -284,8 +302,8 @@ def fake_group(rank: int, world_size: int) -> Iterator[None]:
 
     if dist.is_initialized():
         raise BatchfitError(
-            "a process group is already initialized in this process",
-            hint="estimate outside torchrun (the estimate simulates every rank in one process)",
+            tr("a process group is already initialized in this process"),
+            hint=tr("estimate outside torchrun (the estimate simulates every rank in one process)"),
         )
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -400,8 +418,8 @@ def block_class(model: nn.Module, wrap: str | None) -> str | None:
     if wrap is not None:
         if wrap not in classes:
             raise BatchfitError(
-                f"the model has no module of class {wrap!r} to wrap",
-                hint="use one of " + ", ".join(sorted(classes)[:12]),
+                tr("the model has no module of class {wrap!r} to wrap", wrap=wrap),
+                hint=tr("use one of {names}", names=", ".join(sorted(classes)[:12])),
             )
         return wrap
     best: tuple[int, str] | None = None
@@ -599,8 +617,8 @@ def _zero_optimizer(params: list[torch.Tensor], spec: StepSpec, device: torch.de
     opt = spec.optimizer
     if opt.cls is None:
         raise BatchfitError(
-            f"ZeRO-1 wraps a torch.optim class; {opt.name} is built by a factory",
-            hint="use a torch.optim optimizer (sgd, adam, adamw, ...), or `strategy='ddp'`",
+            tr("ZeRO-1 wraps a torch.optim class; {name} is built by a factory", name=opt.name),
+            hint=tr("use a torch.optim optimizer (sgd, adam, adamw, ...), or `strategy='ddp'`"),
         )
     kwargs = dict(opt.kwargs)
     return ZeroRedundancyOptimizer(params, optimizer_class=opt.cls, **kwargs)
@@ -626,15 +644,15 @@ def estimate_ranks(
     from ._trace import trace_step
 
     if spec.mode != "train":
-        raise BatchfitError("`gpus` applies to training steps", hint="drop `gpus` for `mode='inference'`")
+        raise BatchfitError(tr("`gpus` applies to training steps"), hint=tr("drop `gpus` for `mode='inference'`"))
     if spec.step is not None:
         raise BatchfitError(
-            "`step` with `gpus` is not simulated yet", hint="use the reference loop, or estimate one GPU"
+            tr("`step` with `gpus` is not simulated yet"), hint=tr("use the reference loop, or estimate one GPU")
         )
     if dist.cpu_offload and spec.device != "cuda":
         raise BatchfitError(
-            "`cpu_offload` moves FSDP2's parameters off the GPU to the host: it applies to `device='cuda'`",
-            hint="drop `cpu_offload`, or use `device='cuda'`",
+            tr("`cpu_offload` moves FSDP2's parameters off the GPU to the host: it applies to `device='cuda'`"),
+            hint=tr("drop `cpu_offload`, or use `device='cuda'`"),
         )
     out = RankEstimates(dist)
     for group in distinct_ranks(workload.model, dist):
@@ -704,7 +722,7 @@ def make_dist(
     if gpus is None:
         if others:
             raise BatchfitError(
-                "distributed options need `gpus=N` (GPUs per node)", hint="add `gpus=2` (or more), or drop them"
+                tr("distributed options need `gpus=N` (GPUs per node)"), hint=tr("add `gpus=2` (or more), or drop them")
             )
         return None
     return DistSpec(

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
+from ._i18n import phase_word, tr
 from ._models import InputSize, Workload, load_workload
 from ._render import Rendered, Table
 from ._step import StepSpec, make_spec
@@ -95,13 +96,18 @@ class StepEstimate(Rendered):
         """Where the peak happens, in words: phase, iteration and module (with its class)."""
         module = self.peak_module
         if module == "optimizer":
-            where = "in optimizer.step()"
+            where = tr("in optimizer.step()")
         elif module:
             kind = self.module_types.get(module)
-            where = f"in module {module!r}" + (f" ({kind})" if kind else "")
+            where = tr("in module {module!r}", module=module) + (f" ({kind})" if kind else "")
         else:
-            where = "at the top level"
-        return f"{self.peak_phase}, iteration {self.peak_iteration}, {where}"
+            where = tr("at the top level")
+        return tr(
+            "{phase}, iteration {iteration}, {where}",
+            phase=phase_word(self.peak_phase),
+            iteration=self.peak_iteration,
+            where=where,
+        )
 
     @property
     def fits(self) -> bool | None:
@@ -225,9 +231,9 @@ class EstimateReport(Rendered, Sequence[StepEstimate]):
 
         known = (*(CUDA_CATEGORIES if cuda else CATEGORIES), *DIST_CATEGORIES)
         cats = [c for c in known if any(r.breakdown.get(c) for r in self.results)]
-        columns = ["batch", *[short_category(c) for c in cats], "peak alloc"]
+        columns = [tr("batch"), *[short_category(c) for c in cats], tr("peak alloc")]
         if cuda:
-            columns += ["reserved", "total", "fits"]
+            columns += [tr("reserved"), tr("total"), tr("fits")]
         rows = []
         for r in self.results:
             row = [
@@ -240,21 +246,37 @@ class EstimateReport(Rendered, Sequence[StepEstimate]):
                 row += [
                     mib_cell(r.peak_reserved_bytes or 0),
                     mib_cell(r.total_bytes or 0),
-                    "-" if fits is None else "yes" if fits else "NO",
+                    "-" if fits is None else tr("yes") if fits else tr("NO"),
                 ]
             rows.append(row)
-        where = "; ".join(f"batch {r.batch_size:,}: {r.peak_where}" for r in self.results)
-        device = f"CUDA, simulating {first.card}" if cuda else f"CPU (host memory, {threads_text(first.threads)})"
-        title = (
-            f"{first.model}: one training step ({first.mode}), {first.optimizer}, {first.precision}, {device} "
-            f"- MiB (1 MiB = 1024^2 bytes), breakdown at the peak"
-            if first.mode == "train"
-            else f"{first.model}: one forward under no_grad, {first.precision}, {device} - MiB (1024^2 bytes)"
+        where = "; ".join(tr("batch {batch:,}: {where}", batch=r.batch_size, where=r.peak_where) for r in self.results)
+        device = (
+            tr("CUDA, simulating {card}", card=first.card)
+            if cuda
+            else tr("CPU (host memory, {threads})", threads=threads_text(first.threads))
         )
-        footer = [f"peak: {where}"]
-        footer += [f"loss: {text}" for text in dict.fromkeys(r.loss for r in self.results) if text]
+        title = (
+            tr(
+                "{model}: one training step ({mode}), {optimizer}, {precision}, {device} "
+                "- MiB (1 MiB = 1024^2 bytes), breakdown at the peak",
+                model=first.model,
+                mode=first.mode,
+                optimizer=first.optimizer,
+                precision=first.precision,
+                device=device,
+            )
+            if first.mode == "train"
+            else tr(
+                "{model}: one forward under no_grad, {precision}, {device} - MiB (1024^2 bytes)",
+                model=first.model,
+                precision=first.precision,
+                device=device,
+            )
+        )
+        footer = [tr("peak: {where}", where=where)]
+        footer += [tr("loss: {loss}", loss=text) for text in dict.fromkeys(r.loss for r in self.results) if text]
         if cuda and self.budget_description:
-            footer.append(f"card: {self.budget_description}")
+            footer.append(tr("card: {card}", card=self.budget_description))
         notes = sorted({n for r in self.results for n in r.notes})
         footer += [f"note: {n}" for n in notes]
         if first.dist is not None:
@@ -265,13 +287,16 @@ class EstimateReport(Rendered, Sequence[StepEstimate]):
         if self.per_layer:
             last = self.results[-1]
             layer_rows = [
-                [name or "(top level)", f"{nbytes:,}", mib_cell(nbytes)]
+                [name or tr("(top level)"), f"{nbytes:,}", mib_cell(nbytes)]
                 for name, nbytes in sorted(last.activation_bytes_by_module.items(), key=lambda kv: -kv[1])
             ]
             out.append(
                 Table(
-                    f"saved activations per module at batch {last.batch_size:,} (bytes saved for backward, one iteration)",
-                    ["module", "bytes", "MiB"],
+                    tr(
+                        "saved activations per module at batch {batch:,} (bytes saved for backward, one iteration)",
+                        batch=last.batch_size,
+                    ),
+                    [tr("module"), tr("bytes"), "MiB"],
                     layer_rows,
                 )
             )
@@ -292,7 +317,8 @@ class EstimateReport(Rendered, Sequence[StepEstimate]):
 def rank_table(r: StepEstimate, cats: list[str]) -> Table:
     """Each distinct rank's figures at one batch size (``ranks``: the ranks it stands for)."""
     cuda = r.device == "cuda"
-    columns = ["ranks", *[short_category(c) for c in cats], "peak alloc"] + (["reserved", "total"] if cuda else [])
+    columns = [tr("ranks"), *[short_category(c) for c in cats], tr("peak alloc")]
+    columns += [tr("reserved"), tr("total")] if cuda else []
     rows = []
     for rank in r.ranks:
         e = rank.estimate
@@ -332,12 +358,26 @@ _SHORT = {
 
 
 def short_category(category: str) -> str:
-    return _SHORT.get(category, category)
+    """A breakdown category's column heading, in the current language."""
+    words = {
+        "params": tr("params"),
+        "buffers": tr("buffers"),
+        "grads": tr("grads"),
+        "optim": tr("optim"),
+        "inputs": tr("inputs"),
+        "activ.": tr("activ."),
+        "temps": tr("temps"),
+        "wkspace": tr("wkspace"),
+    }
+    short = _SHORT.get(category, category)
+    return words.get(short, short)
 
 
 def threads_text(n: int | None) -> str:
     """``2 threads`` (beside CPU results)."""
-    return "threads unknown" if n is None else f"{n} thread{'s' if n != 1 else ''}"
+    if n is None:
+        return tr("threads unknown")
+    return tr("{n} threads", n=n) if n != 1 else tr("{n} thread", n=n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +485,8 @@ def _resolve_budget(
     if spec.device != "cuda":
         if gpu or memory or free or context is not None:
             raise BatchfitError(
-                "`gpu`, `memory`, `free` and `context_bytes` apply to `device='cuda'`",
-                hint="drop them, or use `device='cuda'`",
+                tr("`gpu`, `memory`, `free` and `context_bytes` apply to `device='cuda'`"),
+                hint=tr("drop them, or use `device='cuda'`"),
             )
         return None
     from ._gpus import resolve_card
@@ -477,8 +517,8 @@ class Estimator:
     ) -> None:
         if spec.last_batch == "auto" and workload.dataset is None:
             raise BatchfitError(
-                "`last_batch='auto'` needs the training set's size",
-                hint="add `dataset=NAME`, or give `last_batch=N`",
+                tr("`last_batch='auto'` needs the training set's size"),
+                hint=tr("add `dataset=NAME`, or give `last_batch=N`"),
             )
         self.workload = workload
         self.spec = spec
@@ -744,7 +784,7 @@ def estimate(
         return est.at(batch_size)
     sizes = list(batch_size)
     if not sizes:
-        raise BatchfitError("no batch size given", hint="e.g. batch_size=[64, 256]")
+        raise BatchfitError(tr("no batch size given"), hint=tr("e.g. batch_size=[64, 256]"))
     return EstimateReport(
         [est.at(b) for b in sizes], str(est.budget) if est.budget else None, budget=est.budget, spec=spec
     )

@@ -15,6 +15,7 @@ from torch import nn
 
 from ._datasets import DATASETS
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._models import Workload
 
 _torch_logs = {"shown": False}
@@ -49,7 +50,7 @@ Expectation = Callable[[Any, tuple[int, ...]], str | None]
 
 
 def _expect_linear(m: nn.Linear, shape: tuple[int, ...]) -> str | None:
-    return None if shape and shape[-1] == m.in_features else f"expected last dim {m.in_features}"
+    return None if shape and shape[-1] == m.in_features else tr("expected last dim {n}", n=m.in_features)
 
 
 def _expect_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> str | None:
@@ -57,8 +58,8 @@ def _expect_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> str | No
     # not an unbatched call
     spatial = len(m.kernel_size)
     if len(shape) != spatial + 2:
-        return f"expected a {spatial + 2}-d input {_conv_layout(spatial, batch=True)}"
-    return None if shape[1] == m.in_channels else f"expected {m.in_channels} input channels (dim 1)"
+        return tr("expected a {rank}-d input {layout}", rank=spatial + 2, layout=_conv_layout(spatial, batch=True))
+    return None if shape[1] == m.in_channels else tr("expected {n} input channels (dim 1)", n=m.in_channels)
 
 
 def _conv_layout(spatial: int, *, batch: bool) -> str:
@@ -68,16 +69,16 @@ def _conv_layout(spatial: int, *, batch: bool) -> str:
 
 def _expect_batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...]) -> str | None:
     ok = len(shape) >= 2 and shape[1] == m.num_features
-    return None if ok else f"expected {m.num_features} channels at dim 1"
+    return None if ok else tr("expected {n} channels at dim 1", n=m.num_features)
 
 
 def _expect_layernorm(m: nn.LayerNorm, shape: tuple[int, ...]) -> str | None:
     tail = tuple(m.normalized_shape)
-    return None if shape[-len(tail) :] == tail else f"expected trailing dims {tail}"
+    return None if shape[-len(tail) :] == tail else tr("expected trailing dims {tail}", tail=tail)
 
 
 def _expect_embedding(m: nn.Embedding, shape: tuple[int, ...]) -> str | None:
-    return f"expected integer token ids below {m.num_embeddings}"
+    return tr("expected integer token ids below {n}", n=m.num_embeddings)
 
 
 EXPECTATIONS: dict[type[nn.Module], Expectation] = {
@@ -107,8 +108,16 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
         # the whole sample reached this layer flattened: the model wants in_features values per sample
         matches = [d for d in DATASETS.values() if math.prod(d.shape) == module.in_features]
         if matches:
-            return f"the model expects `input_size={tuple(matches[0].shape)}` / `dataset='{matches[0].name}'`"
-        return f"the model expects {module.in_features} values per sample, e.g. `input_size={(module.in_features,)}`"
+            return tr(
+                "the model expects `input_size={shape}` / `dataset='{dataset}'`",
+                shape=tuple(matches[0].shape),
+                dataset=matches[0].name,
+            )
+        return tr(
+            "the model expects {n} values per sample, e.g. `input_size={shape}`",
+            n=module.in_features,
+            shape=(module.in_features,),
+        )
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and len(got) != len(module.kernel_size) + 2:
         rank = len(module.kernel_size)
         if len(sample.shape) == rank and sample.shape[0] == module.in_channels:
@@ -117,11 +126,20 @@ def _input_hint(workload: Workload, module: nn.Module, got: tuple[int, ...]) -> 
             proposal = (module.in_channels, *sample.shape)  # the channels left out
         else:
             proposal = (module.in_channels, *(32,) * rank)
-        return f"one sample is {_conv_layout(rank, batch=False)} without the batch dimension, e.g. `input_size={proposal}`"
+        return tr(
+            "one sample is {layout} without the batch dimension, e.g. `input_size={example}`",
+            layout=_conv_layout(rank, batch=False),
+            example=proposal,
+        )
     if isinstance(module, nn.modules.conv._ConvNd) and sample is not None and got[1:] == sample.shape:
         names = [d.name for d in DATASETS.values() if d.shape[0] == module.in_channels]
-        also = f" (or {' / '.join(f'`dataset={n!r}`' for n in names)})" if names else ""
-        return f"the model expects {module.in_channels} channels: `input_size={(module.in_channels, *sample.shape[1:])}`{also}"
+        also = tr(" (or {names})", names=" / ".join(f"`dataset={n!r}`" for n in names)) if names else ""
+        return tr(
+            "the model expects {n} channels: `input_size={shape}`{also}",
+            n=module.in_channels,
+            shape=(module.in_channels, *sample.shape[1:]),
+            also=also,
+        )
     return None
 
 
@@ -142,31 +160,40 @@ def layer_failure(
     given = ", ".join(f"`input_size='{s}'`" for s in workload.inputs) or "example inputs"
     if module is None:
         return BatchfitError(
-            f"running {workload.name!r} failed before any layer ran: {type(exc).__name__}: {exc}",
-            hint=f"check the inputs (given: {given}); rerun with --debug for the traceback",
+            tr(
+                "running {model!r} failed before any layer ran: {error}: {exc}",
+                model=workload.name,
+                error=type(exc).__name__,
+                exc=exc,
+            ),
+            hint=tr("check the inputs (given: {given}); rerun with --debug for the traceback", given=given),
         )
     where = (
-        f"layer {name} ({type(module).__name__})"
+        tr("layer {name} ({type})", name=name, type=type(module).__name__)
         if name
-        else f"the forward of {workload.name} ({type(module).__name__})"
+        else tr("the forward of {model} ({type})", model=workload.name, type=type(module).__name__)
     )
     if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)):
         return BatchfitError(
-            f"{where} needs real data to run ({type(exc).__name__}: {exc})",
-            hint="batchfit runs the forward on fake tensors (no data): data-dependent control flow "
-            "(.item(), nonzero, boolean masks) is not supported",
+            tr("{where} needs real data to run ({name}: {exc})", where=where, name=type(exc).__name__, exc=exc),
+            hint=tr(
+                "batchfit runs the forward on fake tensors (no data): data-dependent control flow (.item(), nonzero, boolean masks) is not supported"
+            ),
             exit_code=ExitCode.UNSUPPORTED,
         )
     expect = _expectation(module)
     expected = expect(module, got) if expect is not None and got is not None else None
-    got_text = f"input of shape {fmt_shape(got)}" if got is not None else "no tensor input"
+    got_text = tr("input of shape {shape}", shape=fmt_shape(got)) if got is not None else tr("no tensor input")
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if expected is not None and got is not None:
-        message = f"{where} {expected}, got {got_text}"
+        message = tr("{where} {expected}, got {got}", where=where, expected=expected, got=got_text)
     else:
-        message = f"{where} failed on {got_text}: {first_line}"
+        message = tr("{where} failed on {got}: {error}", where=where, got=got_text, error=first_line)
     hint = (_input_hint(workload, module, got) if got is not None else None) or (
-        f"check `input_size` / `dataset` (given: {given}): one sample's shape without the batch dimension; "
-        "rerun with --debug for the traceback"
+        tr(
+            "check `input_size` / `dataset` (given: {given}): one sample's shape without the batch dimension; "
+            "rerun with --debug for the traceback",
+            given=given,
+        )
     )
     return BatchfitError(message, hint=hint)

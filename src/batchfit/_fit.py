@@ -32,6 +32,7 @@ from ._compose import compose
 from ._errors import BatchfitError, ExitCode
 from ._estimate import Estimator, StepEstimate, estimate_trace, raw_peak, replay_on_card
 from ._events import Event
+from ._i18n import tr
 from ._models import load_workload
 from ._render import Rendered, Table
 from ._step import make_spec, tail_sizes
@@ -187,11 +188,13 @@ class FitResult(Rendered):
         One allocator replay of the affine timeline when it holds (milliseconds), else a trace.
         """
         if batch_size < 1:
-            raise BatchfitError(f"batch size must be at least 1, got {batch_size}", hint="e.g. 64")
+            raise BatchfitError(
+                tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. 64")
+            )
         est = self._estimator
         if est is None:
             raise BatchfitError(
-                "this FitResult does not carry its estimator", hint="use the FitResult that fit() returned"
+                tr("this FitResult does not carry its estimator"), hint=tr("use the FitResult that fit() returned")
             )
         if self._timeline is None or not self.affine:
             return est.at(batch_size)
@@ -273,12 +276,17 @@ class FitResult(Rendered):
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> Table:
-        per = " per GPU" if self.dist is not None else ""
+        dist = self.dist is not None
         rows = [
-            ["card", self.budget_description],
-            *([["GPUs", self.dist.describe()]] if self.dist is not None else []),
-            [f"largest batch{per} that fits", f"{self.max_batch_size:,}"],
-            [f"recommended{per} ({self.safety:g} x max)", f"{self.recommended_batch_size:,}"],
+            [tr("card"), self.budget_description],
+            *([[tr("GPUs"), self.dist.describe()]] if self.dist is not None else []),
+            [tr("largest batch per GPU that fits") if dist else tr("largest batch that fits"), f"{self.max_batch_size:,}"],
+            [
+                tr("recommended per GPU ({safety:g} x max)", safety=self.safety)
+                if dist
+                else tr("recommended ({safety:g} x max)", safety=self.safety),
+                f"{self.recommended_batch_size:,}",
+            ],
         ]
         if self.grad_accum > 1:
             rows.append(
@@ -292,7 +300,7 @@ class FitResult(Rendered):
             n = self.world_size
             rows.append(
                 [
-                    "global batch (per GPU x GPUs)",
+                    tr("global batch (per GPU x GPUs)"),
                     f"{self.recommended_batch_size:,} x {n} = {self.global_recommended_batch_size:,} "
                     f"(max {self.max_batch_size:,} x {n} = {self.global_max_batch_size:,})",
                 ]
@@ -301,21 +309,35 @@ class FitResult(Rendered):
         if rec is not None and rec.total_bytes is not None:
             rows.append(
                 [
-                    "at the recommended size",
-                    f"{format_bytes(rec.total_bytes, 'GiB')} of {format_bytes(self.budget_bytes, 'GiB')} on the card",
+                    tr("at the recommended size"),
+                    tr(
+                        "{size} of {budget} on the card",
+                        size=format_bytes(rec.total_bytes, "GiB"),
+                        budget=format_bytes(self.budget_bytes, "GiB"),
+                    ),
                 ]
             )
-            rows.append(["headroom", format_bytes(self.headroom_bytes or 0, "GiB")])
+            rows.append([tr("headroom"), format_bytes(self.headroom_bytes or 0, "GiB")])
         top = self.estimate_at_max
         if top is not None and top.total_bytes is not None:
-            whose = f"; rank {top.peak_rank} peaks" if self.dist is not None and top.peak_rank is not None else ""
-            rows.append(["at the max", f"{format_bytes(top.total_bytes, 'GiB')} (peak: {top.peak_where}{whose})"])
+            size, where = format_bytes(top.total_bytes, "GiB"), top.peak_where
+            if self.dist is not None and top.peak_rank is not None:
+                peak = tr("{size} (peak: {where}; rank {rank} peaks)", size=size, where=where, rank=top.peak_rank)
+            else:
+                peak = tr("{size} (peak: {where})", size=size, where=where)
+            rows.append([tr("at the max"), peak])
         return Table(
-            f"{self.model}: batch size for {self.card} ({self.optimizer}, {self.precision}); GiB = 1024^3 bytes",
+            tr(
+                "{model}: batch size for {card} ({optimizer}, {precision}); GiB = 1024^3 bytes",
+                model=self.model,
+                card=self.card,
+                optimizer=self.optimizer,
+                precision=self.precision,
+            ),
             ["", ""],
             rows,
             right=[False, False],
-            footer=[f"note: {n}" for n in self.notes],
+            footer=[tr("note: {note}", note=n) for n in self.notes],
         )
 
     def sections(self) -> list[Table]:
@@ -410,7 +432,7 @@ def search_max(
 def check_safety(safety: float) -> None:
     """The fraction of the largest batch that fits to recommend (fit, plan, probe)."""
     if not 0 < safety <= 1:
-        raise BatchfitError(f"`safety` must be in (0, 1], got {safety}", hint="the lesson's rule is `safety=0.8`")
+        raise BatchfitError(tr("`safety` must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is `safety=0.8`"))
 
 
 def fit(
@@ -500,8 +522,8 @@ def fit(
     if dist is not None:
         if run_spec.has_tail:
             raise BatchfitError(
-                "`last_batch` / `eval_batch_size` with `gpus` are not modelled yet",
-                hint="drop them (the steady step per GPU), or fit one GPU",
+                tr("`last_batch` / `eval_batch_size` with `gpus` are not modelled yet"),
+                hint=tr("drop them (the steady step per GPU), or fit one GPU"),
                 exit_code=ExitCode.UNSUPPORTED,
             )
         return _fit_ranks(est, safety, progress or (lambda text: None))
@@ -738,19 +760,27 @@ def _assemble(est: Estimator, built: _Timeline, confirmed: _Confirmed, safety: f
     if best >= limit:
         if limit == confirmed.numel_limit:
             notes.append(
-                f"memory would allow larger batches, but above {limit:,} a tensor would hold 2^31 elements or "
-                "more (many CUDA kernels index with 32-bit integers and fail or split their work there): "
-                "the max is capped at that size"
+                tr(
+                    "memory would allow larger batches, but above {limit:,} a tensor would hold 2^31 elements or "
+                    "more (many CUDA kernels index with 32-bit integers and fail or split their work there): "
+                    "the max is capped at that size",
+                    limit=limit,
+                )
             )
         else:
-            notes.append(f"the search stopped at {limit:,}: larger batches were not examined")
+            notes.append(tr("the search stopped at {limit:,}: larger batches were not examined", limit=limit))
 
     recommended = max(b1, math.floor(safety * best))
     size = workload.dataset.train_size if workload.dataset is not None else None
     if size is not None and best > size:
         notes.append(
-            f"the max ({best:,}) exceeds the whole {workload.dataset.name} training set ({size:,} samples): "  # type: ignore[union-attr]
-            f"one batch can hold all of it; the recommendation is capped at {size:,}"
+            tr(
+                "the max ({best:,}) exceeds the whole {dataset} training set ({size:,} samples): "
+                "one batch can hold all of it; the recommendation is capped at {size:,}",
+                best=best,
+                dataset=workload.dataset.name,  # type: ignore[union-attr]
+                size=size,
+            )
         )
         recommended = min(recommended, size)
     if recommended == b1:
@@ -864,9 +894,14 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
         if not at(lowest).fits:
             plain = _does_not_fit(run_est, at(lowest))
             eval_size = run_est.spec.eval_batch_size
-            advice = [f"a smaller `eval_batch_size` than {eval_size:,}"] if eval_size else []
+            advice = [tr("a smaller `eval_batch_size` than {size:,}", size=eval_size)] if eval_size else []
             raise DoesNotFit(
-                f"{plain.message} (with the training run's tail: {at(lowest).peak_where})", advice + plain.advice
+                tr(
+                    "{message} (with the training run's tail: {where})",
+                    message=plain.message,
+                    where=at(lowest).peak_where,
+                ),
+                advice + plain.advice,
             )
         lo, hi = lowest, upper
         while hi - lo > 1:
@@ -1071,10 +1106,15 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
     need = first.total_bytes or 0
     advice = []
     if fixed["optimizer_state"]:
-        advice.append(f"SGD without momentum keeps no optimizer state: saves {gib(fixed['optimizer_state'])}")
+        advice.append(
+            tr("SGD without momentum keeps no optimizer state: saves {size}", size=gib(fixed["optimizer_state"]))
+        )
     if est.spec.precision.name in ("fp32", "amp-bf16", "amp-fp16"):
         advice.append(
-            f"`precision='bf16'` stores parameters, gradients and optimizer state in 16 bits: saves about {gib(model_states // 2)}"
+            tr(
+                "`precision='bf16'` stores parameters, gradients and optimizer state in 16 bits: saves about {size}",
+                size=gib(model_states // 2),
+            )
         )
     if est.spec.precision.name == "fp32":
         try:
@@ -1084,21 +1124,38 @@ def _does_not_fit(est: Estimator, first: StepEstimate) -> DoesNotFit:
                 gpu=None,
                 memory=budget.budget_bytes,
             ).at(1)
-            advice.append(f"`precision='amp-bf16'` needs {gib(amp.total_bytes or 0)} at batch size 1 (vs {gib(need)})")
+            advice.append(
+                tr(
+                    "`precision='amp-bf16'` needs {size} at batch size 1 (vs {need})",
+                    size=gib(amp.total_bytes or 0),
+                    need=gib(need),
+                )
+            )
         except BatchfitError:
             pass
     larger = sorted((c for c in list_gpus() if c.memory_bytes >= need + 1), key=lambda c: c.memory_bytes)
     if larger:
-        advice.append(f"a larger card: {larger[0].name} ({gib(larger[0].memory_bytes)}) holds it")
+        advice.append(
+            tr("a larger card: {name} ({size}) holds it", name=larger[0].name, size=gib(larger[0].memory_bytes))
+        )
     per_gpu_room = budget.budget_bytes - card.non_allocator_bytes - (need - card.non_allocator_bytes - model_states)
     if per_gpu_room > 0 and model_states:
         k = math.ceil(model_states / per_gpu_room)
         if k > 1:
-            advice.append(f"sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs")
-    message = (
-        f"{est.workload.name} does not fit {card.name} even at batch size 1: it needs {gib(need)} "
-        f"of {gib(budget.budget_bytes)} (parameters {gib(fixed['parameters'])}, gradients {gib(fixed['gradients'])}, "
-        f"optimizer state {gib(fixed['optimizer_state'])}, CUDA context {gib(card.non_allocator_bytes)})"
+            advice.append(
+                tr("sharding parameters, gradients and optimizer state (FSDP / ZeRO-3) across {k} such GPUs", k=k)
+            )
+    message = tr(
+        "{model} does not fit {card} even at batch size 1: it needs {need} of {budget} (parameters {params}, "
+        "gradients {grads}, optimizer state {state}, CUDA context {context})",
+        model=est.workload.name,
+        card=card.name,
+        need=gib(need),
+        budget=gib(budget.budget_bytes),
+        params=gib(fixed["parameters"]),
+        grads=gib(fixed["gradients"]),
+        state=gib(fixed["optimizer_state"]),
+        context=gib(card.non_allocator_bytes),
     )
     return DoesNotFit(message, advice)
 

@@ -25,6 +25,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._units import format_bytes, parse_size
 
 SCHEMA_VERSION = 1
@@ -214,8 +215,15 @@ def card_from_entry(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> Gp
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BatchfitError(
-            f"GPU catalogue entry {entry.get('key', '?')!r} is malformed ({type(exc).__name__}: {exc})",
-            hint="each card needs key, name, compute_capability and memory/cublas_workspace {bytes, status, source}",
+            tr(
+                "GPU catalogue entry {key!r} is malformed ({error}: {exc})",
+                key=entry.get("key", "?"),
+                error=type(exc).__name__,
+                exc=exc,
+            ),
+            hint=tr(
+                "each card needs key, name, compute_capability and memory/cublas_workspace {bytes, status, source}"
+            ),
         ) from None
 
 
@@ -253,9 +261,9 @@ class Catalogue:
         close = difflib.get_close_matches(_norm(name), list(index), n=4, cutoff=0.5)
         keys = list(dict.fromkeys(index[c].key for c in close))
         raise BatchfitError(
-            f"unknown GPU {name!r}",
-            hint=(f"did you mean {', '.join(repr(k) for k in keys)}? " if keys else "")
-            + "see `batchfit gpus`, or give the card's memory as `memory` (e.g. `memory='24GiB'`)",
+            tr("unknown GPU {name!r}", name=name),
+            hint=(tr("did you mean {names}?", names=", ".join(repr(k) for k in keys)) + " " if keys else "")
+            + tr("see `batchfit gpus`, or give the card's memory as `memory` (e.g. `memory='24GiB'`)"),
         )
 
     def by_torch_name(self, name: str) -> GpuCard | None:
@@ -504,12 +512,13 @@ def _with_context(budget: Budget, context: str | int | None) -> Budget:
             size = parse_size(context) if isinstance(context, str) else int(context)
         except (BatchfitError, ValueError):
             raise BatchfitError(
-                f"`context_bytes` must be a size, not {context!r}",
-                hint="e.g. `context_bytes='600MiB'` (2^20 B each), or bytes",
+                tr("`context_bytes` must be a size, not {context!r}", context=context),
+                hint=tr("e.g. `context_bytes='600MiB'` (2^20 B each), or bytes"),
             ) from None
         if size < 0:
             raise BatchfitError(
-                f"`context_bytes` must not be negative, not {context!r}", hint="e.g. `context_bytes='600MiB'`"
+                tr("`context_bytes` must not be negative, not {context!r}", context=context),
+                hint=tr("e.g. `context_bytes='600MiB'`"),
             )
         nbytes, prov = size, Provenance("nominal", "--context")
     else:
@@ -577,15 +586,15 @@ def _resolve_card(
     if free:
         if gpu is not None or memory is not None:
             raise BatchfitError(
-                "`free` measures the local GPU, so it cannot be combined with `gpu` or `memory`",
-                hint="drop `free` to plan for another card, or drop `gpu`/`memory`",
+                tr("`free` measures the local GPU, so it cannot be combined with `gpu` or `memory`"),
+                hint=tr("drop `free` to plan for another card, or drop `gpu`/`memory`"),
                 exit_code=ExitCode.USAGE,
             )
         found = probe_local_gpu() if local is _PROBE else local
         if found is None:
             raise BatchfitError(
-                "`free` needs a CUDA GPU on this machine, and torch.cuda.is_available() is False",
-                hint="use `gpu=NAME` or `memory=SIZE` to plan for a card you do not have here",
+                tr("`free` needs a CUDA GPU on this machine, and torch.cuda.is_available() is False"),
+                hint=tr("use `gpu=NAME` or `memory=SIZE` to plan for a card you do not have here"),
                 exit_code=ExitCode.NO_DEVICE,
             )
         card = card_for_local(found, catalogue)
@@ -626,22 +635,31 @@ def _resolve_card(
     if found is not None:
         card = card_for_local(found, catalogue)
         return Budget(
-            card, found.total_bytes, "local", f"the local GPU, {card.name}: {format_bytes(found.total_bytes)}"
+            card,
+            found.total_bytes,
+            "local",
+            tr("the local GPU, {name}: {size}", name=card.name, size=format_bytes(found.total_bytes)),
         )
     card = catalogue.default
     return Budget(
         card,
         card.memory_bytes,
         "default",
-        f"no GPU here and neither --gpu nor --memory: assuming {card.name} ({card.key}), "
-        f"{format_bytes(card.memory_bytes)} (use --gpu NAME or --memory SIZE)",
+        tr(
+            "no GPU here and neither --gpu nor --memory: assuming {name} ({key}), {size} (use --gpu NAME or --memory SIZE)",
+            name=card.name,
+            key=card.key,
+            size=format_bytes(card.memory_bytes),
+        ),
     )
 
 
 def _parse_memory(memory: str | int) -> int:
     size = parse_size(memory) if isinstance(memory, str) else int(memory)
     if size <= 0:
-        raise BatchfitError(f"`memory` must be positive, not {memory!r}", hint="e.g. `memory='24GiB'`")
+        raise BatchfitError(
+            tr("`memory` must be positive, not {memory!r}", memory=memory), hint=tr("e.g. `memory='24GiB'`")
+        )
     return size
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 # The public config.json of each model (the fields that shape the network; the rest take
 # transformers' defaults, as they would for the real file). The parameter count each config builds
@@ -245,8 +246,8 @@ def _transformers() -> Any:
         import transformers
     except ImportError as exc:
         raise BatchfitError(
-            "hf: models need the transformers package, which is not installed",
-            hint="pip install transformers (and peft for `lora`)",
+            tr("hf: models need the transformers package, which is not installed"),
+            hint=tr("pip install transformers (and peft for `lora`)"),
         ) from exc
     return transformers
 
@@ -255,7 +256,7 @@ def resolve_config(ref: str) -> HFConfig:
     """``hf:ID_OR_PATH`` (or without the prefix) -> its config values; reads only local files."""
     name = ref.removeprefix("hf:").strip()
     if not name:
-        raise BatchfitError("hf: needs a model ID or a path", hint="e.g. hf:gpt2 or hf:path/to/checkout")
+        raise BatchfitError(tr("hf: needs a model ID or a path"), hint=tr("e.g. hf:gpt2 or hf:path/to/checkout"))
     builtin = BUILTIN_CONFIGS.get(name) or BUILTIN_CONFIGS.get(_ALIASES.get(name.lower(), ""))
     if builtin is not None:
         canonical = name if name in BUILTIN_CONFIGS else _ALIASES[name.lower()]
@@ -265,21 +266,29 @@ def resolve_config(ref: str) -> HFConfig:
         path = path / "config.json"
         if not path.is_file():
             raise BatchfitError(
-                f"{name!r} is a directory without a config.json", hint="point hf: at the model's folder"
+                tr("{name!r} is a directory without a config.json", name=name),
+                hint=tr("point hf: at the model's folder"),
             )
     if path.is_file():
         return HFConfig(name, _read_json(path), str(path))
     if name.startswith((".", "/", "~")) or name.endswith(".json"):
-        raise BatchfitError(f"no such file or directory: {name!r}", hint="check the path after hf:")
+        raise BatchfitError(tr("no such file or directory: {name!r}", name=name), hint=tr("check the path after hf:"))
     cached = _from_cache(name)
     if cached is not None:
         return HFConfig(name, _read_json(cached), f"local Hugging Face cache: {cached}")
     close = difflib.get_close_matches(name.lower(), [*_ALIASES, *(n.lower() for n in BUILTIN_CONFIGS)], n=3)
     raise BatchfitError(
-        f"{name!r} is neither a built-in config, a path, nor in the local Hugging Face cache",
-        hint=(f"did you mean {', '.join('hf:' + _ALIASES.get(c, c) for c in close)}? " if close else "")
-        + "batchfit never downloads: fetch the config first (`huggingface-cli download "
-        f"{name} config.json`), or give a path to a folder or config.json; `batchfit models` lists the built-ins",
+        tr("{name!r} is neither a built-in config, a path, nor in the local Hugging Face cache", name=name),
+        hint=(
+            tr("did you mean {names}?", names=", ".join("hf:" + _ALIASES.get(c, c) for c in close)) + " "
+            if close
+            else ""
+        )
+        + tr(
+            "batchfit never downloads: fetch the config first (`huggingface-cli download {name} config.json`), "
+            "or give a path to a folder or config.json; `batchfit models` lists the built-ins",
+            name=name,
+        ),
     )
 
 
@@ -287,10 +296,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise BatchfitError(f"cannot read {str(path)!r} as JSON: {exc}", hint="give the model's config.json") from exc
+        raise BatchfitError(
+            tr("cannot read {path!r} as JSON: {exc}", path=str(path), exc=exc), hint=tr("give the model's config.json")
+        ) from exc
     if not isinstance(values, dict) or "model_type" not in values:
         raise BatchfitError(
-            f"{str(path)!r} is not a transformers config (no model_type)", hint="give the model's config.json"
+            tr("{path!r} is not a transformers config (no model_type)", path=str(path)),
+            hint=tr("give the model's config.json"),
         )
     return values
 
@@ -318,8 +330,13 @@ def build_config(cfg: HFConfig, *, num_labels: int | None = None) -> Any:
         return transformers.AutoConfig.for_model(model_type, **values)
     except ValueError as exc:
         raise BatchfitError(
-            f"transformers {transformers.__version__} does not know model_type {model_type!r}: {exc}",
-            hint="upgrade transformers (pip install -U transformers)",
+            tr(
+                "transformers {version} does not know model_type {model_type!r}: {exc}",
+                version=transformers.__version__,
+                model_type=model_type,
+                exc=exc,
+            ),
+            hint=tr("upgrade transformers (pip install -U transformers)"),
         ) from exc
 
 
@@ -329,7 +346,9 @@ def model_class(config: Any, task: str | None) -> tuple[Any, str]:
     if task is not None:
         key = task.strip().lower().replace("_", "-")
         if key not in TASKS:
-            raise BatchfitError(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}")
+            raise BatchfitError(
+                tr("unknown task {task!r}", task=task), hint=tr("use one of {names}", names=", ".join(TASKS))
+            )
         return getattr(transformers, TASKS[key]), key
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
@@ -384,7 +403,9 @@ def build_hf_model(
     implementation = attn
     if attn is not None:
         if attn not in ATTENTION:
-            raise BatchfitError(f"unknown attention {attn!r}", hint=f"use one of {', '.join(ATTENTION)}")
+            raise BatchfitError(
+                tr("unknown attention {attn!r}", attn=attn), hint=tr("use one of {names}", names=", ".join(ATTENTION))
+            )
         if attn == "flash_attention_2":
             # flash-attn needs a GPU to install; its kernel saves what SDPA's flash kernel saves
             # (the output and the log-sum-exp), which the CUDA trace runs for SDPA on sm80+
@@ -396,8 +417,13 @@ def build_hf_model(
         notes.append(f"{seq_len} tokens per sample (default; set --seq-len)")
     if seq_len < 1 or (limit is not None and seq_len > limit):
         raise BatchfitError(
-            f"sequence length {seq_len} is outside 1..{limit} for {cfg.name}",
-            hint=f"use `seq_len` up to the model's max_position_embeddings ({limit})",
+            tr(
+                "sequence length {seq_len} is outside 1..{limit} for {name}",
+                seq_len=seq_len,
+                limit=limit,
+                name=cfg.name,
+            ),
+            hint=tr("use `seq_len` up to the model's max_position_embeddings ({limit})", limit=limit),
         )
     # float32 whatever the config's torch_dtype says (transformers' _from_config defaults to
     # config.dtype, bfloat16 for most built-ins): --precision decides the weights' dtype, so that
@@ -413,7 +439,9 @@ def build_hf_model(
                 else cls._from_config(config, **kwargs)
             )
     except (ValueError, ImportError) as exc:
-        raise BatchfitError(f"building {cfg.name} failed: {exc}", hint="check `attn` and `task`") from exc
+        raise BatchfitError(
+            tr("building {name} failed: {exc}", name=cfg.name, exc=exc), hint=tr("check `attn` and `task`")
+        ) from exc
     if gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
@@ -421,7 +449,8 @@ def build_hf_model(
         )
         if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
             raise BatchfitError(
-                f"{type(model).__name__} does not support gradient checkpointing", hint="drop `gradient_checkpointing`"
+                tr("{name} does not support gradient checkpointing", name=type(model).__name__),
+                hint=tr("drop `gradient_checkpointing`"),
             )
         enable()
         notes.append("gradient checkpointing on (the model's gradient_checkpointing_enable())")

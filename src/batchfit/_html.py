@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, check_suffix
+from ._i18n import tr
 from ._render import Table
 from ._units import format_bytes
 
@@ -331,8 +332,8 @@ def check_report_path(path: str | Path) -> Path:
     return check_suffix(
         path,
         (".html", ".htm"),
-        "cannot write the report to {path}: it is one HTML page",
-        "name the file FILE.html, e.g. report.html",
+        tr("cannot write the report to {path}: it is one HTML page"),
+        tr("name the file FILE.html, e.g. report.html"),
     )
 
 
@@ -420,13 +421,17 @@ def report_html(result: Any, *, summary: ModelSummary | None = None, budget: Bud
 
             summary = summarise(est.workload)
         if summary is None:
-            raise BatchfitError("this FitResult does not carry its model", hint="use the FitResult that fit() returned")
+            raise BatchfitError(
+                tr("this FitResult does not carry its model"), hint=tr("use the FitResult that fit() returned")
+            )
         return plan_report(plan_from_fit(summary, result))
     if isinstance(result, StepEstimate):
         result = EstimateReport([result])
     if isinstance(result, EstimateReport) and result.results:
         return estimate_report(result, summary, budget)
-    raise BatchfitError(f"no report for {type(result).__name__}", hint="report a plan, a fit or an estimate")
+    raise BatchfitError(
+        tr("no report for {name}", name=type(result).__name__), hint=tr("report a plan, a fit or an estimate")
+    )
 
 
 def write_report(result: Any, path: str | Path, **kwargs: Any) -> Path:

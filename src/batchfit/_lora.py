@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ class LoraSpec:
         if isinstance(r, LoraSpec):
             return r
         if r < 1:
-            raise BatchfitError(f"LoRA rank must be at least 1, got {r}", hint="e.g. `lora=16`")
+            raise BatchfitError(tr("LoRA rank must be at least 1, got {r}", r=r), hint=tr("e.g. `lora=16`"))
         if dropout is not None and not 0.0 <= dropout < 1.0:
-            raise BatchfitError(f"LoRA dropout must be in [0, 1), got {dropout}")
+            raise BatchfitError(tr("LoRA dropout must be in [0, 1), got {dropout}", dropout=dropout))
         if isinstance(targets, str) and targets != "all-linear":
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
         elif isinstance(targets, list):
@@ -68,7 +69,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise BatchfitError("`lora` needs the peft package, which is not installed", hint="pip install peft") from exc
+        raise BatchfitError(
+            tr("`lora` needs the peft package, which is not installed"), hint=tr("pip install peft")
+        ) from exc
     # "all-linear": peft's own rule, every Linear/Conv1D but a transformers model's output layer
     # (peft/tuners/tuners_utils.py `_maybe_include_all_linear_layers`)
     targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
@@ -89,6 +92,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     except ValueError as exc:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise BatchfitError(
-            f"peft could not add LoRA adapters: {exc}",
-            hint=f"name target modules with `lora_targets` (this model's Linear layers: {', '.join(names[:12])})",
+            tr("peft could not add LoRA adapters: {exc}", exc=exc),
+            hint=tr(
+                "name target modules with `lora_targets` (this model's Linear layers: {names})",
+                names=", ".join(names[:12]),
+            ),
         ) from exc

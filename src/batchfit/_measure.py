@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._models import Workload, real_state, state_in_place
 from ._step import (
     Batch,
@@ -148,10 +149,17 @@ def measure_step(
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BatchfitError(
-            f"a real training step of {workload.name!r} failed ({where[0]}, batch size {batch_size}): "
-            f"{type(exc).__name__}{': ' + text if text else ''}",
-            hint="a real run uses your example_inputs' values (noise and zeros for `input_size` shapes): check "
-            "them and the model; rerun with --debug for the traceback",
+            tr(
+                "a real training step of {model!r} failed ({where}, batch size {batch_size}): {error}{detail}",
+                model=workload.name,
+                where=where[0],
+                batch_size=batch_size,
+                error=type(exc).__name__,
+                detail=": " + text if text else "",
+            ),
+            hint=tr(
+                "a real run uses your example_inputs' values (noise and zeros for `input_size` shapes): check them and the model; rerun with --debug for the traceback"
+            ),
         ) from exc
 
 
@@ -167,8 +175,8 @@ def _measure_step(
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "measuring on CUDA needs a GPU, and this machine has none",
-            hint="use `batchfit estimate` (no GPU needed), or `device='cpu'` to measure a CPU run",
+            tr("measuring on CUDA needs a GPU, and this machine has none"),
+            hint=tr("use `batchfit estimate` (no GPU needed), or `device='cpu'` to measure a CPU run"),
             exit_code=ExitCode.NO_DEVICE,
         )
     model = workload.model
@@ -187,7 +195,7 @@ def _measure_step(
         if spec.mode == "train":
             params = unique_trainable(model)
             if not params:
-                raise BatchfitError("the model has no trainable parameters", hint="use `mode='inference'`")
+                raise BatchfitError(tr("the model has no trainable parameters"), hint=tr("use `mode='inference'`"))
             optimizer = spec.optimizer.build(params, device_type=device.type)
         labels = None
         if spec.mode == "train":

@@ -31,6 +31,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError
+from ._i18n import tr
 
 if TYPE_CHECKING:
     from ._lora import LoraSpec
@@ -79,8 +80,8 @@ class InputSpec:
         if dtype_name:
             if dtype_name.strip().lower() not in _DTYPES:
                 raise BatchfitError(
-                    f"unknown dtype {dtype_name!r} in `input_size={text!r}`",
-                    hint=f"use one of {', '.join(sorted(set(_DTYPES)))}",
+                    tr("unknown dtype {dtype_name!r} in `input_size={text!r}`", dtype_name=dtype_name, text=text),
+                    hint=tr("use one of {names}", names=', '.join(sorted(set(_DTYPES)))),
                 )
             dtype = _DTYPES[dtype_name.strip().lower()]
         parts = [p for p in re.split(r"[,x× ]+", body.strip().strip("()[]")) if p]
@@ -90,8 +91,8 @@ class InputSpec:
             shape = ()
         if not shape or any(d <= 0 for d in shape):
             raise BatchfitError(
-                f"cannot read the input shape {text!r}",
-                hint="give one sample's shape without the batch dimension, e.g. `input_size=(1, 28, 28)` or `input_size='128:int64'`",
+                tr("cannot read the input shape {text!r}", text=text),
+                hint=tr("give one sample's shape without the batch dimension, e.g. `input_size=(1, 28, 28)` or `input_size='128:int64'`"),
             )
         return cls(shape, dtype)
 
@@ -193,7 +194,7 @@ class Workload:
         targets, sequence lengths: a model may read them, and noise or zeros can be invalid there).
         """
         if batch_size < 1:
-            raise BatchfitError(f"batch size must be at least 1, got {batch_size}")
+            raise BatchfitError(tr("batch size must be at least 1, got {batch_size}", batch_size=batch_size))
         if self.example_inputs is not None:
             if values:
                 made: Any = self.example_inputs(batch_size)
@@ -223,8 +224,8 @@ class Workload:
             return ModelInputs.of(made).map(fresh)
         if not self.inputs:
             raise BatchfitError(
-                f"no input shape for model {self.name!r}",
-                hint="give one sample's shape as `input_size` (e.g. `input_size=(3, 224, 224)`) or a preset as `dataset`",
+                tr("no input shape for model {name!r}", name=self.name),
+                hint=tr("give one sample's shape as `input_size` (e.g. `input_size=(3, 224, 224)`) or a preset as `dataset`"),
             )
         out = []
         for spec in self.inputs:
@@ -288,7 +289,7 @@ class CNN(nn.Module):
 
 def _single_input(inputs: Sequence[InputSpec], model: str) -> InputSpec:
     if len(inputs) != 1:
-        raise BatchfitError(f"model {model!r} takes one input, got {len(inputs)}", hint="give one shape as `input_size`")
+        raise BatchfitError(tr("model {model!r} takes one input, got {n}", model=model, n=len(inputs)), hint=tr("give one shape as `input_size`"))
     return inputs[0]
 
 
@@ -300,8 +301,8 @@ def _build_cnn(inputs: Sequence[InputSpec], num_classes: int) -> nn.Module:
     spec = _single_input(inputs, "cnn")
     if len(spec.shape) != 3 or spec.shape[1] != spec.shape[2] or spec.shape[1] % 4:
         raise BatchfitError(
-            f"the cnn model needs square images whose side is a multiple of 4, got {spec}",
-            hint="use `dataset='mnist'`, `dataset='cifar10'` or e.g. `input_size=(3, 32, 32)`",
+            tr("the cnn model needs square images whose side is a multiple of 4, got {spec}", spec=spec),
+            hint=tr("use `dataset='mnist'`, `dataset='cifar10'` or e.g. `input_size=(3, 32, 32)`"),
         )
     return CNN(spec.shape[0], spec.shape[1], num_classes)
 
@@ -363,14 +364,16 @@ def _timm_entry(name: str) -> ModelEntry:
         import timm
     except ImportError as exc:
         raise BatchfitError(
-            f"model {'timm:' + name!r} needs the timm package, which is not installed",
-            hint="pip install timm",
+            tr("model {name!r} needs the timm package, which is not installed", name="timm:" + name),
+            hint=tr("pip install timm"),
         ) from exc
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise BatchfitError(
-            f"timm has no model {name!r}",
-            hint=f"did you mean {', '.join('timm:' + c for c in close)}?" if close else "see timm.list_models()",
+            tr("timm has no model {name!r}", name=name),
+            hint=tr("did you mean {names}?", names=", ".join("timm:" + c for c in close))
+            if close
+            else tr("see timm.list_models()"),
         )
     cfg = timm.get_pretrained_cfg(name)
     default_input = tuple(cfg.input_size) if cfg is not None and getattr(cfg, "input_size", None) else (3, 224, 224)
@@ -393,11 +396,13 @@ def import_target(spec: str) -> tuple[Any, Any]:
     if location.endswith(".py") or "/" in location or "\\" in location:
         path = Path(location)
         if not path.is_file():
-            raise BatchfitError(f"model file {str(path)!r} does not exist", hint="check the path before ':'")
+            raise BatchfitError(
+                tr("model file {path!r} does not exist", path=str(path)), hint=tr("check the path before ':'")
+            )
         mod_name = f"{_USER_MODULE}{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         if loader_spec is None or loader_spec.loader is None:
-            raise BatchfitError(f"cannot import {str(path)!r} as a Python file")
+            raise BatchfitError(tr("cannot import {path!r} as a Python file", path=str(path)))
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[mod_name] = module
         try:
@@ -406,25 +411,35 @@ def import_target(spec: str) -> tuple[Any, Any]:
         except Exception as exc:
             del sys.modules[mod_name]
             raise BatchfitError(
-                f"importing model file {str(path)!r} failed: {type(exc).__name__}: {exc}",
-                hint="fix the error in that file (rerun with --debug for the traceback)",
+                tr(
+                    "importing model file {path!r} failed: {name}: {exc}",
+                    path=str(path),
+                    name=type(exc).__name__,
+                    exc=exc,
+                ),
+                hint=tr("fix the error in that file (rerun with --debug for the traceback)"),
             ) from exc
     else:
         try:
             module = importlib.import_module(location)
         except Exception as exc:
             raise BatchfitError(
-                f"importing module {location!r} failed: {type(exc).__name__}: {exc}",
-                hint="check that the package is installed and importable (rerun with --debug for the traceback)",
+                tr(
+                    "importing module {location!r} failed: {name}: {exc}",
+                    location=location,
+                    name=type(exc).__name__,
+                    exc=exc,
+                ),
+                hint=tr("check that the package is installed and importable (rerun with --debug for the traceback)"),
             ) from exc
     if not hasattr(module, attr):
         names = [n for n, v in vars(module).items() if not n.startswith("_") and callable(v)]
         close = difflib.get_close_matches(attr, names, n=3)
         raise BatchfitError(
-            f"{location!r} defines no {attr!r}",
-            hint=f"did you mean {', '.join(repr(c) for c in close)}?"
+            tr("{location!r} defines no {attr!r}", location=location, attr=attr),
+            hint=tr("did you mean {names}?", names=", ".join(repr(c) for c in close))
             if close
-            else "name an nn.Module class or a function",
+            else tr("name an nn.Module class or a function"),
         )
     return module, getattr(module, attr)
 
@@ -451,7 +466,8 @@ def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
     module, target = import_target(spec)
     if not callable(target):
         raise BatchfitError(
-            f"{spec!r} is not a class or function", hint="name an nn.Module class or a function returning one"
+            tr("{spec!r} is not a class or function", spec=spec),
+            hint=tr("name an nn.Module class or a function returning one"),
         )
 
     def build(inputs: Sequence[InputSpec], num_classes: int | None, **kwargs: Any) -> nn.Module:
@@ -464,11 +480,11 @@ def _user_entry(spec: str) -> tuple[ModelEntry, ExampleInputs | None]:
             if num_classes is None or "num_classes" not in str(exc):
                 raise
             raise BatchfitError(
-                f"`num_classes={num_classes}` was given, but {spec!r} takes no num_classes argument ({exc})",
-                hint="drop `num_classes` (your code builds the head), or give the class/function a num_classes parameter",
+                tr("`num_classes={num_classes}` was given, but {spec!r} takes no num_classes argument ({exc})", num_classes=num_classes, spec=spec, exc=exc),
+                hint=tr("drop `num_classes` (your code builds the head), or give the class/function a num_classes parameter"),
             ) from exc
         if not isinstance(made, nn.Module):
-            raise BatchfitError(f"{spec!r} returned {type(made).__name__}, not an nn.Module")
+            raise BatchfitError(tr("{spec!r} returned {name}, not an nn.Module", spec=spec, name=type(made).__name__))
         return made
 
     example = getattr(module, "example_inputs", None)
@@ -492,9 +508,9 @@ def _resolve(name: str) -> tuple[ModelEntry, ExampleInputs | None]:
         return _torchvision_entry(name.lower()), None
     close = difflib.get_close_matches(name.lower(), model_names(), n=3, cutoff=0.6)
     raise BatchfitError(
-        f"unknown model {name!r}",
-        hint=(f"did you mean {', '.join(repr(c) for c in close)}? " if close else "")
-        + "see `batchfit models`; or use timm:NAME, path/to/file.py:NAME or package.module:NAME",
+        tr("unknown model {name!r}", name=name),
+        hint=(tr("did you mean {names}?", names=", ".join(repr(c) for c in close)) + " " if close else "")
+        + tr("see `batchfit models`; or use timm:NAME, path/to/file.py:NAME or package.module:NAME"),
     )
 
 
@@ -531,8 +547,8 @@ def load_workload(
         given = [name for name, value in hf_only.items() if value]
         if given:
             raise BatchfitError(
-                f"{', '.join(given)} apply to Hugging Face models only (hf:ID_OR_PATH)",
-                hint="name the model as hf:ID or hf:path/to/config.json, or drop the option",
+                tr("{names} apply to Hugging Face models only (hf:ID_OR_PATH)", names=", ".join(given)),
+                hint=tr("name the model as hf:ID or hf:path/to/config.json, or drop the option"),
             )
         workload = _load_workload(model, input_size, dataset, num_classes, example_inputs, **model_kwargs)
     if quantize is not None:
@@ -556,8 +572,8 @@ def _hf_workload(
 
     if input_size is not None or dataset is not None:
         raise BatchfitError(
-            "hf: models take token ids: `input_size` and `dataset` do not apply",
-            hint="set the tokens per sample with `seq_len`",
+            tr("hf: models take token ids: `input_size` and `dataset` do not apply"),
+            hint=tr("set the tokens per sample with `seq_len`"),
         )
     built = build_hf_model(
         ref,
@@ -624,8 +640,8 @@ def _load_workload(
     inputs = parse_inputs(input_size)
     if inputs and example_inputs is not None:
         raise BatchfitError(
-            "both input_size and example_inputs were given: batchfit would use only one of them",
-            hint="give one: input_size for inputs made from shapes, or example_inputs for your own",
+            tr("both input_size and example_inputs were given: batchfit would use only one of them"),
+            hint=tr("give one: input_size for inputs made from shapes, or example_inputs for your own"),
         )
     if isinstance(model, nn.Module):
         if not inputs and info is not None:
@@ -651,11 +667,13 @@ def _load_workload(
     except BatchfitError:
         raise
     except TypeError as exc:
-        raise BatchfitError(f"building model {model!r} failed: {exc}", hint="check the model's arguments") from exc
+        raise BatchfitError(
+            tr("building model {model!r} failed: {exc}", model=model, exc=exc), hint=tr("check the model's arguments")
+        ) from exc
     except Exception as exc:
         raise BatchfitError(
-            f"building model {model!r} failed: {type(exc).__name__}: {exc}",
-            hint="rerun with --debug for the traceback",
+            tr("building model {model!r} failed: {name}: {exc}", model=model, name=type(exc).__name__, exc=exc),
+            hint=tr("rerun with --debug for the traceback"),
         ) from exc
     if entry.has_head and classes is None:
         own = getattr(built, "num_classes", None)  # the model's own default (timm models keep it there)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 from ._step import train_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,11 +90,9 @@ class NoiseScale:
         }
 
     def __str__(self) -> str:
-        value = f"{self.b_simple:,.0f}" if self.resolved else f"above {self.samples:,} (|G|^2 not resolved)"
-        return (
-            f"B_simple = tr(Sigma) / |G|^2 = {self.trace_sigma:.4g} / {self.grad_sq_norm:.4g} = {value} "
-            f"({self.samples:,} examples{', ' + self.when if self.when else ''})"
-        )
+        value = f"{self.b_simple:,.0f}" if self.resolved else tr("above {n:,} (|G|^2 not resolved)", n=self.samples)
+        examples = tr("{n:,} examples", n=self.samples) + (", " + self.when if self.when else "")
+        return f"B_simple = tr(Sigma) / |G|^2 = {self.trace_sigma:.4g} / {self.grad_sq_norm:.4g} = {value} ({examples})"
 
 
 def per_example_grad_stats(
@@ -116,13 +115,16 @@ def per_example_grad_stats(
     n = inputs.shape[0]
     if n < 2 or targets.shape[0] != n:
         raise BatchfitError(
-            f"the noise scale needs at least 2 examples with one target each, got {n} inputs and "
-            f"{targets.shape[0]} targets",
-            hint="give a few hundred examples",
+            tr(
+                "the noise scale needs at least 2 examples with one target each, got {n} inputs and {shape} targets",
+                n=n,
+                shape=targets.shape[0],
+            ),
+            hint=tr("give a few hundred examples"),
         )
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     if not params:
-        raise BatchfitError("the model has no trainable parameters", hint="the noise scale needs gradients")
+        raise BatchfitError(tr("the model has no trainable parameters"), hint=tr("the noise scale needs gradients"))
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
     def one_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ._distributed import DIST_CATEGORIES
 from ._errors import check_suffix
 from ._estimate import CUDA_CATEGORIES, StepEstimate, short_category
 from ._fit import FitResult, fit, standard_batch_sizes
+from ._i18n import tr
 from ._models import load_workload
 from ._render import Rendered, Table
 from ._roofline import Roofline, roofline
@@ -86,6 +87,31 @@ _SHORT_EXTRA = {
     "communication": "comm",
 }
 
+
+def _table_label(category: str) -> str:
+    """:data:`_LABELS` in the current language, for tables (the plot keeps English: its fonts may lack CJK;
+    the msgids are the labels, spelled out so that the catalogue test sees them)."""
+    words = {
+        "parameters": tr("parameters"),
+        "buffers": tr("buffers"),
+        "gradients": tr("gradients"),
+        "optimizer_state": tr("optimizer state"),
+        "inputs": tr("inputs (batch + labels)"),
+        "activations": tr("activations (saved for backward)"),
+        "temporaries": tr("temporaries"),
+        "workspaces": tr("workspaces (cuBLAS, cuDNN)"),
+        "allocator_reserve": tr("allocator reserve (reserved - allocated)"),
+        "cuda_context": tr("CUDA context (outside the allocator)"),
+    }
+    return words.get(category, _LABELS[category])
+
+
+def _short_extra(category: str) -> str | None:
+    """:data:`_SHORT_EXTRA` in the current language."""
+    short = _SHORT_EXTRA.get(category)
+    return {"reserve": tr("reserve"), "context": tr("context")}.get(short, short) if short else None
+
+
 # --plot FILE.<ext>: the formats matplotlib writes that we promise (and test)
 PLOT_FORMATS: dict[str, str] = {".png": "png", ".svg": "svg"}
 
@@ -99,8 +125,8 @@ def check_plot_path(path: str | Path) -> Path:
     return check_suffix(
         path,
         PLOT_FORMATS,
-        "cannot write the plot to {path}: unknown image type {suffix}",
-        f"name the file {' or '.join('FILE' + e for e in PLOT_FORMATS)}, e.g. memory.png",
+        tr("cannot write the plot to {path}: unknown image type {suffix}"),
+        tr("name the file {names}, e.g. memory.png", names=" or ".join("FILE" + e for e in PLOT_FORMATS)),
     )
 
 
@@ -261,60 +287,64 @@ class Plan(Rendered):
         s = self.summary
         shapes = "; ".join(f"[{', '.join(str(d) for d in shape[1:])}] {dtype}" for shape, dtype in s.inputs)
         rows: list[Sequence[str]] = [
-            ["parameters", f"{s.total_params:,} ({s.trainable_params:,} trainable)"],
-            ["parameter bytes", f"{format_bytes(s.param_bytes)} ({s.param_bytes:,} B)"],
-            ["buffer bytes", f"{format_bytes(s.buffer_bytes)} ({s.buffer_bytes:,} B)"],
-            ["one sample", shapes],
-            ["mult-adds per sample", f"{s.total_mult_adds:,}"],
+            [tr("parameters"), tr("{n:,} ({trainable:,} trainable)", n=s.total_params, trainable=s.trainable_params)],
+            [tr("parameter bytes"), f"{format_bytes(s.param_bytes)} ({s.param_bytes:,} B)"],
+            [tr("buffer bytes"), f"{format_bytes(s.buffer_bytes)} ({s.buffer_bytes:,} B)"],
+            [tr("one sample"), shapes],
+            [tr("mult-adds per sample"), f"{s.total_mult_adds:,}"],
         ]
         if s.num_classes is not None:
-            rows.append(["output classes", f"{s.num_classes:,} (--num-classes to change)"])
-        return Table(f"{s.model}: the model", ["", ""], rows, right=[False, False])
+            rows.append([tr("output classes"), tr("{n:,} (--num-classes to change)", n=s.num_classes)])
+        return Table(tr("{model}: the model", model=s.model), ["", ""], rows, right=[False, False])
 
     def breakdown_table(self) -> Table:
         p = self.at_recommended
         total = p.total_bytes or 1
         rows: list[Sequence[str]] = [
-            [_LABELS[c], f"{n:,}", format_bytes(n, "MiB"), f"{100 * n / total:.1f}%"]
+            [_table_label(c), f"{n:,}", format_bytes(n, "MiB"), f"{100 * n / total:.1f}%"]
             for c in self.categories()
             if (n := p.stack_bytes.get(c, 0))
         ]
         rows += [
             [
-                "peak allocated (max_memory_allocated)",
+                tr("peak allocated (max_memory_allocated)"),
                 f"{p.peak_allocated_bytes:,}",
                 format_bytes(p.peak_allocated_bytes, "MiB"),
                 "",
             ],
             [
-                "peak reserved (max_memory_reserved)",
+                tr("peak reserved (max_memory_reserved)"),
                 f"{p.peak_reserved_bytes:,}",
                 format_bytes(p.peak_reserved_bytes, "MiB"),
                 "",
             ],
-            ["total on the card (nvidia-smi)", f"{p.total_bytes:,}", format_bytes(p.total_bytes, "MiB"), "100.0%"],
+            [tr("total on the card (nvidia-smi)"), f"{p.total_bytes:,}", format_bytes(p.total_bytes, "MiB"), "100.0%"],
         ]
         return Table(
-            f"memory at the recommended batch size {p.batch_size:,}, at the step's peak ({p.peak_where})",
-            ["", "bytes", "MiB", "share"],
+            tr(
+                "memory at the recommended batch size {batch:,}, at the step's peak ({where})",
+                batch=p.batch_size,
+                where=p.peak_where,
+            ),
+            ["", tr("bytes"), "MiB", tr("share")],
             rows,
-            footer=["MiB = 1024^2 bytes"],
+            footer=[tr("MiB = 1024^2 bytes")],
         )
 
     def sizes_table(self) -> Table:
         cats = self.categories()
         columns = [
-            "batch",
-            *[_SHORT_EXTRA.get(c) or short_category(c) for c in cats],
-            "alloc",
-            "reserved",
-            "total",
-            "fits",
+            tr("batch"),
+            *[_short_extra(c) or short_category(c) for c in cats],
+            tr("alloc"),
+            tr("reserved"),
+            tr("total"),
+            tr("fits"),
             "",
         ]
-        marks = {self.max_batch_size: "<- max", self.recommended_batch_size: "<- use"}
+        marks = {self.max_batch_size: tr("<- max"), self.recommended_batch_size: tr("<- use")}
         if self.max_batch_size == self.recommended_batch_size:
-            marks[self.max_batch_size] = "<- max, use"
+            marks[self.max_batch_size] = tr("<- max, use")
         rows: list[Sequence[str]] = [
             [
                 f"{p.batch_size:,}",
@@ -322,21 +352,32 @@ class Plan(Rendered):
                 mib_cell(p.peak_allocated_bytes),
                 mib_cell(p.peak_reserved_bytes),
                 mib_cell(p.total_bytes),
-                "yes" if p.fits else "NO",
+                tr("yes") if p.fits else tr("NO"),
                 marks.get(p.batch_size, ""),
             ]
             for p in self.rows
         ]
-        per = f", per GPU ({self.fit.dist.describe()}; the peaking rank)" if self.fit.dist is not None else ""
+        per = (
+            tr(", per GPU ({gpus}; the peaking rank)", gpus=self.fit.dist.describe())
+            if self.fit.dist is not None
+            else ""
+        )
         return Table(
-            f"{self.model} on {self.fit.card}: one training step by batch size{per} ({self.fit.optimizer}, "
-            f"{self.fit.precision}) - MiB (1 MiB = 1024^2 bytes), breakdown at the peak",
+            tr(
+                "{model} on {card}: one training step by batch size{per} ({optimizer}, {precision}) "
+                "- MiB (1 MiB = 1024^2 bytes), breakdown at the peak",
+                model=self.model,
+                card=self.fit.card,
+                per=per,
+                optimizer=self.fit.optimizer,
+                precision=self.fit.precision,
+            ),
             columns,
             rows,
             right=[*([True] * (len(columns) - 1)), False],
             footer=[
-                f"<- use: the recommended batch size; <- max: the largest that fits ({self.fit.card})",
-                *[f"note: {n}" for n in self.notes],
+                tr("<- use: the recommended batch size; <- max: the largest that fits ({card})", card=self.fit.card),
+                *[tr("note: {note}", note=n) for n in self.notes],
             ],
         )
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._child import ChildFailed, run_module, serve
 from ._errors import BatchfitError, ExitCode
 from ._fit import check_safety
+from ._i18n import tr
 from ._render import Rendered, Table
 from ._units import format_bytes, mib_cell
 
@@ -258,9 +259,12 @@ def search(
     boundary, and ``notes`` says what was seen.
     """
     if method not in STRATEGIES:
-        raise BatchfitError(f"unknown search method {method!r}", hint=f"use one of {', '.join(STRATEGIES)}")
+        raise BatchfitError(
+            tr("unknown search method {method!r}", method=method),
+            hint=tr("use one of {names}", names=", ".join(STRATEGIES)),
+        )
     if start < 1:
-        raise BatchfitError(f"the search must start at a batch size >= 1, not {start}")
+        raise BatchfitError(tr("the search must start at a batch size >= 1, not {start}", start=start))
     strategy = STRATEGIES[method]
     cap = max_batch_size if max_batch_size is not None else 2**31 - 1
     start = min(start, cap)
@@ -279,8 +283,12 @@ def search(
             on_attempt(a)
         if a.status == "error":
             raise ProbeError(
-                f"batch size {b:,} failed with an error that is not out-of-memory: {a.message}",
-                hint="fix that error first (it would fail at any batch size); rerun with --debug for details",
+                tr(
+                    "batch size {batch:,} failed with an error that is not out-of-memory: {error}",
+                    batch=b,
+                    error=a.message,
+                ),
+                hint=tr("fix that error first (it would fail at any batch size); rerun with --debug for details"),
                 attempts=attempts,
             )
         return a.ok
@@ -343,7 +351,11 @@ def confirm_recommended(runs: Runner, outcome: SearchOutcome, safety: float) -> 
             tried[rec] = a
             if a.status == "error":
                 raise ProbeError(
-                    f"batch size {rec:,} failed with an error that is not out-of-memory: {a.message}",
+                    tr(
+                        "batch size {batch:,} failed with an error that is not out-of-memory: {error}",
+                        batch=rec,
+                        error=a.message,
+                    ),
                     attempts=outcome.attempts,
                 )
         if a.ok or rec == 1:
@@ -746,35 +758,38 @@ def probe(
 
     check_safety(safety)
     if device not in ("cuda", "cpu"):
-        raise BatchfitError(f"probe runs on 'cuda' or 'cpu', not {device!r}", hint="use `device='cuda'`")
+        raise BatchfitError(tr("probe runs on 'cuda' or 'cpu', not {device!r}", device=device), hint=tr("use `device='cuda'`"))
     if device == "cpu" and runner is None and max_batch_size is None:
         raise BatchfitError(
-            "a probe on the CPU needs a cap: host memory does not run out the way a GPU's does",
-            hint="pass `max_batch_size=N`",
+            tr("a probe on the CPU needs a cap: host memory does not run out the way a GPU's does"),
+            hint=tr("pass `max_batch_size=N`"),
         )
     if runner is None and device == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "probe runs the training step on a CUDA GPU, and this machine has none",
-            hint="use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine",
+            tr("probe runs the training step on a CUDA GPU, and this machine has none"),
+            hint=tr("use `batchfit fit` for the largest batch size without a GPU, or run probe on a GPU machine"),
             exit_code=ExitCode.NO_DEVICE,
         )
     if memory_fraction is not None and not (isolate and 0 < memory_fraction <= 1):
         raise BatchfitError(
-            f"memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
-            hint="it changes a process-wide setting, so it is only applied inside the child processes",
+            tr(
+                "memory_fraction={memory_fraction} needs isolate=True and a value in (0, 1]",
+                memory_fraction=memory_fraction,
+            ),
+            hint=tr("it changes a process-wide setting, so it is only applied inside the child processes"),
         )
     from ._probe_dist import launched
 
     distributed = runner is None and launched()
     if distributed and isolate:
         raise BatchfitError(
-            "isolate does not combine with torchrun: every rank must run each attempt in its own process group",
-            hint="drop `isolate` (each attempt already gets a fresh process group on every rank)",
+            tr("isolate does not combine with torchrun: every rank must run each attempt in its own process group"),
+            hint=tr("drop `isolate` (each attempt already gets a fresh process group on every rank)"),
         )
     if isolate and not isinstance(model, str) and runner is None:
         raise BatchfitError(
-            "isolate=True rebuilds the model in each child process, so it needs the model by name",
-            hint="pass a registry name or 'path/to/file.py:NAME', or drop isolate",
+            tr("isolate=True rebuilds the model in each child process, so it needs the model by name"),
+            hint=tr("pass a registry name or 'path/to/file.py:NAME', or drop isolate"),
         )
     config = None
     if isolate and runner is None:
@@ -895,7 +910,7 @@ def _probe(
             )
         method, start_at, source = "estimate", max(1, estimated_max), "estimate"
     if start_at < 1:
-        raise BatchfitError(f"the probe must start at batch size >= 1, not {start_at}")
+        raise BatchfitError(tr("the probe must start at batch size >= 1, not {start_at}", start_at=start_at))
 
     where = "the given runner" if runner is not None else None
     if runner is None and ctx is not None:
@@ -915,10 +930,14 @@ def _probe(
     )
     if outcome.max_batch_size is None:
         raise BatchfitError(
-            f"{workload.name} does not fit this GPU even at batch size 1 ({len(outcome.attempts)} attempts, "
-            "all out of memory)",
-            hint="use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), "
-            "or a larger GPU; `batchfit estimate` shows where the memory goes",
+            tr(
+                "{name} does not fit this GPU even at batch size 1 ({n_attempts} attempts, all out of memory)",
+                name=workload.name,
+                n_attempts=len(outcome.attempts),
+            ),
+            hint=tr(
+                "use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), or a larger GPU; `batchfit estimate` shows where the memory goes"
+            ),
             exit_code=ExitCode.DOES_NOT_FIT,
         )
     best = outcome.max_batch_size
@@ -928,8 +947,8 @@ def _probe(
         recommended = confirm_recommended(runner, outcome, safety)
         if recommended == 0:
             raise BatchfitError(
-                f"{workload.name}: batch size {best:,} ran but every smaller size tried down to 1 failed",
-                hint="the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`",
+                tr("{name}: batch size {best:,} ran but every smaller size tried down to 1 failed", name=workload.name, best=best),
+                hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`"),
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
     notes.extend(outcome.notes)
@@ -971,8 +990,12 @@ def _plain(value: Any, what: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise BatchfitError(
-        f"isolate=True sends the {what} to a child process, so it must be given as text, not {type(value).__name__}",
-        hint=f"name the {what} (e.g. 'adamw', or 'path/to/file.py:fn'), or drop isolate",
+        tr(
+            "isolate=True sends the {what} to a child process, so it must be given as text, not {name}",
+            what=what,
+            name=type(value).__name__,
+        ),
+        hint=tr("name the {what} (e.g. 'adamw', or 'path/to/file.py:fn'), or drop isolate", what=what),
     )
 
 
@@ -1041,8 +1064,8 @@ def _child_fit(
         result = run_module("batchfit._probe", payload, timeout_s=timeout_s)
     except ChildFailed as exc:
         raise BatchfitError(
-            f"estimating the start in a child process failed: {exc}",
-            hint="pass `start=N` or `from_batch=16`",
+            tr("estimating the start in a child process failed: {exc}", exc=exc),
+            hint=tr("pass `start=N` or `from_batch=16`"),
         ) from None
     notes.extend(result["notes"])
     return int(result["max_batch_size"])

@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._probe import Attempt, Runner, guarded
 
 if TYPE_CHECKING:
@@ -116,14 +117,18 @@ def dist_context(device: str, peer_timeout_s: float = 120.0) -> DistContext:
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise BatchfitError("this torch build has no torch.distributed", hint="run probe without torchrun")
+        raise BatchfitError(tr("this torch build has no torch.distributed"), hint=tr("run probe without torchrun"))
     cuda = device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise BatchfitError(
-                f"rank with LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} visible)",
-                hint="start at most one process per GPU (torchrun's nproc-per-node at most the GPU count)",
+                tr(
+                    "rank with LOCAL_RANK={local_rank} has no GPU of its own ({device_count} visible)",
+                    local_rank=local_rank,
+                    device_count=torch.cuda.device_count(),
+                ),
+                hint=tr("start at most one process per GPU (torchrun's nproc-per-node at most the GPU count)"),
                 exit_code=ExitCode.NO_DEVICE,
             )
         torch.cuda.set_device(local_rank)
@@ -242,7 +247,9 @@ def combine(batch_size: int, ranks: list[dict[str, Any]]) -> Attempt:
     for r in ranks:
         if r.get("fatal"):
             message, hint, code = r["fatal"]
-            raise BatchfitError(f"rank {r['rank']}: {message}", hint=hint, exit_code=ExitCode(code))
+            raise BatchfitError(
+                tr("rank {r}: {message}", r=r["rank"], message=message), hint=hint, exit_code=ExitCode(code)
+            )
     records = [
         {
             k: r.get(k)

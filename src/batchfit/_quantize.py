@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 # bitsandbytes/functional.py quantize_4bit: the default blocksize of the weights (64) and of the
 # second, nested quantisation of their absmax (quantize_blockwise(..., blocksize=256))
@@ -70,7 +71,8 @@ class QuantSpec:
         if key in ("8bit", "8", "int8", "llm.int8"):
             return cls(bits=8, quant_type="int8", double_quant=False)
         raise BatchfitError(
-            f"unknown quantisation {value!r}", hint="use `quantize='4bit'` (NF4), nf4, fp4 or 8bit (LLM.int8)"
+            tr("unknown quantisation {value!r}", value=value),
+            hint=tr("use `quantize='4bit'` (NF4), nf4, fp4 or 8bit (LLM.int8)"),
         )
 
     def __str__(self) -> str:
@@ -394,7 +396,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, int]:
     replaced = [(parent, name, child) for parent, name, child in _linears(model, _skipped(model))]
     if not replaced:
         raise BatchfitError(
-            "`quantize` found no nn.Linear layer to quantise", hint="it applies to models built of nn.Linear layers"
+            tr("`quantize` found no nn.Linear layer to quantise"),
+            hint=tr("it applies to models built of nn.Linear layers"),
         )
     stand_in = Linear8bitModel if spec.bits == 8 else Linear4bitModel
     for parent, name, child in replaced:
@@ -412,7 +415,8 @@ def peft_layers() -> dict[type[nn.Module], type[nn.Module]]:
         from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
     except ImportError as exc:
         raise BatchfitError(
-            "`quantize` with `lora` needs bitsandbytes (peft's QLoRA layers need it)", hint="pip install bitsandbytes"
+            tr("`quantize` with `lora` needs bitsandbytes (peft's QLoRA layers need it)"),
+            hint=tr("pip install bitsandbytes"),
         ) from exc
     return {Linear4bitModel: Linear4bit, Linear8bitModel: Linear8bitLt}
 

@@ -35,6 +35,21 @@ class Styled(NamedTuple):
 Cell = str | Styled
 
 
+def cell_len(text: str) -> int:
+    """The columns ``text`` takes in a terminal: CJK characters take two (rich's own measure)."""
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len as measure
+
+    return measure(text)
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns, on the left when ``right``."""
+    fill = " " * max(0, width - cell_len(text))
+    return fill + text if right else text + fill
+
+
 @dataclass
 class Table:
     """A titled table whose cells are already text; numeric columns are right-aligned.
@@ -59,13 +74,13 @@ class Table:
 
     def __str__(self) -> str:
         rows = [[str(c) for c in row] for row in self.rows]
-        widths = [len(c) for c in self.columns]
+        widths = [cell_len(c) for c in self.columns]
         for row in rows:
-            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+            widths = [max(w, cell_len(cell)) for w, cell in zip(widths, row)]
         right = self._right()
 
         def line(cells: Sequence[str]) -> str:
-            out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+            out = [pad(c, w, r) for c, w, r in zip(cells, widths, right)]
             return "  ".join(out).rstrip()
 
         parts = [self.title] if self.title else []
@@ -104,8 +119,8 @@ class Facts:
     pairs: Sequence[tuple[str, str]]
 
     def __str__(self) -> str:
-        width = max((len(k) for k, _ in self.pairs), default=0)
-        return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in self.pairs)
+        width = max((cell_len(k) for k, _ in self.pairs), default=0)
+        return "\n".join(f"{pad(k, width)}  {v}".rstrip() for k, v in self.pairs)
 
     def __rich__(self) -> Any:
         from rich.table import Table as RichTable

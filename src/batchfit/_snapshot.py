@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import BatchfitError, ExitCode, check_suffix
 from ._events import Event
+from ._i18n import tr
 
 if TYPE_CHECKING:
     from ._allocator import AllocatorHistory
@@ -64,8 +65,12 @@ def snapshot(estimate: StepEstimate, *, at: At = "end") -> dict[str, Any]:
     check_device(estimate.device)
     if not estimate.events:
         raise BatchfitError(
-            f"the estimate at batch size {estimate.batch_size} has no event timeline ({estimate.method})",
-            hint="a snapshot needs a traced step; this model could only be extrapolated from real runs",
+            tr(
+                "the estimate at batch size {batch_size} has no event timeline ({method})",
+                batch_size=estimate.batch_size,
+                method=estimate.method,
+            ),
+            hint=tr("a snapshot needs a traced step; this model could only be extrapolated from real runs"),
             exit_code=ExitCode.UNSUPPORTED,
         )
     events = _window(estimate, at)
@@ -82,8 +87,8 @@ def check_device(device: str) -> None:
     """A snapshot is the CUDA caching allocator's picture: CPU steps have none."""
     if device != "cuda":
         raise BatchfitError(
-            f"a memory snapshot is the CUDA caching allocator's picture; this step is on {device!r}",
-            hint="estimate with `device='cuda'` (the default; no GPU needed)",
+            tr("a memory snapshot is the CUDA caching allocator's picture; this step is on {device!r}", device=device),
+            hint=tr("estimate with `device='cuda'` (the default; no GPU needed)"),
             exit_code=ExitCode.USAGE,
         )
 
@@ -94,7 +99,7 @@ def _window(estimate: StepEstimate, at: At) -> list[Event]:
         seq = estimate.allocator.peak_allocated_seq if estimate.allocator else None
         return events[: (seq or 0) + 1]
     if at != "end":
-        raise BatchfitError(f"unknown snapshot moment {at!r}", hint="use at='end' or at='peak'")
+        raise BatchfitError(tr("unknown snapshot moment {at!r}", at=at), hint=tr("use at='end' or at='peak'"))
     end = next((i for phase, _it, i in estimate.marks if phase == "end"), len(events))
     return events[:end]
 
@@ -189,8 +194,8 @@ def check_snapshot_path(path: str | Path) -> Path:
     return check_suffix(
         path,
         (".pickle", ".pkl"),
-        "cannot write a memory snapshot to {path}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)",
-        "name the file FILE.pickle, e.g. step.pickle",
+        tr("cannot write a memory snapshot to {path}: it is a pickle (as torch.cuda.memory._dump_snapshot writes)"),
+        tr("name the file FILE.pickle, e.g. step.pickle"),
     )
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ._errors import BatchfitError
+from ._i18n import tr
 from ._models import ModelInputs
 from ._training import (
     AUTO_LOSS,
@@ -526,7 +527,8 @@ def parse_loop(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
     if key not in LOOPS:
         raise BatchfitError(
-            f"unknown loop {name!r}", hint=f"use one of {', '.join(LOOPS)}, or your own iteration as `step`"
+            tr("unknown loop {name!r}", name=name),
+            hint=tr("use one of {names}, or your own iteration as `step`", names=", ".join(LOOPS)),
         )
     return key
 
@@ -560,22 +562,28 @@ def make_spec(
     2
     """
     if device not in DEVICES:
-        raise BatchfitError(f"unknown device {device!r}", hint="use `device='cuda'` or `device='cpu'`")
+        raise BatchfitError(
+            tr("unknown device {device!r}", device=device), hint=tr("use `device='cuda'` or `device='cpu'`")
+        )
     if threads is not None and device != "cpu":
-        raise BatchfitError("`threads` applies to `device='cpu'`", hint="drop it, or use `device='cpu'`")
+        raise BatchfitError(tr("`threads` applies to `device='cpu'`"), hint=tr("drop it, or use `device='cpu'`"))
     if threads is not None and threads < 1:
-        raise BatchfitError(f"`threads` must be at least 1, got {threads}", hint="e.g. `threads=4`")
+        raise BatchfitError(
+            tr("`threads` must be at least 1, got {threads}", threads=threads), hint=tr("e.g. `threads=4`")
+        )
     if mode not in MODES:
-        raise BatchfitError(f"unknown mode {mode!r}", hint="use `mode='train'` or `mode='inference'`")
+        raise BatchfitError(tr("unknown mode {mode!r}", mode=mode), hint=tr("use `mode='train'` or `mode='inference'`"))
     prec = parse_precision(precision)
     if device == "cpu" and prec.name == "amp-fp16":
-        raise BatchfitError("amp-fp16 with a GradScaler is a CUDA recipe", hint="use `precision='amp-bf16'` on CPU")
+        raise BatchfitError(
+            tr("amp-fp16 with a GradScaler is a CUDA recipe"), hint=tr("use `precision='amp-bf16'` on CPU")
+        )
     opt: OptimizerSpec = parse_optimizer(optimizer)
     loop = parse_loop(loop)
     if step is not None and loop != "pytorch":
         raise BatchfitError(
-            f"`step` replaces the loop's iteration, so `loop='{loop}'` does not apply",
-            hint="write that library's step into your `step` function, or drop `step`",
+            tr("`step` replaces the loop's iteration, so `loop='{loop}'` does not apply", loop=loop),
+            hint=tr("write that library's step into your `step` function, or drop `step`"),
         )
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise BatchfitError(f"`grad_accum` must be at least 1, got {grad_accum}", hint="e.g. `grad_accum=8`")
@@ -589,14 +597,17 @@ def make_spec(
             last_batch = int(last_batch)
         except ValueError:
             raise BatchfitError(
-                f"cannot read `last_batch={last_batch!r}`",
-                hint="give a batch size, or auto (needs `dataset`)",
+                tr("cannot read `last_batch={last_batch!r}`", last_batch=last_batch),
+                hint=tr("give a batch size, or auto (needs `dataset`)"),
             ) from None
     if isinstance(last_batch, str):
         last_batch = "auto"
     for name, value in (("last_batch", last_batch), ("eval_batch_size", eval_batch_size)):
         if isinstance(value, int) and value < 1:
-            raise BatchfitError(f"`{name}` must be at least 1, got {value}", hint=f"e.g. `{name}=32`")
+            raise BatchfitError(
+                tr("`{name}` must be at least 1, got {value}", name=name, value=value),
+                hint=tr("e.g. `{name}=32`", name=name),
+            )
     spec = StepSpec(
         device,
         opt,

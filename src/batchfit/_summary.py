@@ -36,8 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._errors import BatchfitError
 from ._explain import fmt_shape as _fmt_shape
 from ._explain import layer_failure, quiet_fake_tensor_logs
+from ._i18n import tr
 from ._models import InputSize, ModelInputs, Workload, fake_state, load_workload, state_in_place
-from ._render import Cell, Rendered, Section, Styled, Table, Text
+from ._render import Cell, Rendered, Section, Styled, Table, Text, pad
 from ._step import train_mode
 from ._units import format_bytes
 
@@ -521,7 +522,7 @@ class ClassicSummary:
     def __str__(self) -> str:
         lines = [
             "-" * 64,
-            "{:>20}  {:>25} {:>15}".format("Layer (type)", "Output Shape", "Param #"),
+            f"{pad(tr('Layer (type)'), 20, True)}  {pad(tr('Output Shape'), 25, True)} {pad(tr('Param #'), 15, True)}",
             "=" * 64,
         ]
         for row in self.rows:
@@ -530,14 +531,14 @@ class ClassicSummary:
         inp, out, par, tot = self._sizes_mib()
         lines += [
             "=" * 64,
-            f"Total params: {total:,}",
-            f"Trainable params: {trainable:,}",
-            f"Non-trainable params: {total - trainable:,}",
+            tr("Total params: {n:,}", n=total),
+            tr("Trainable params: {n:,}", n=trainable),
+            tr("Non-trainable params: {n:,}", n=total - trainable),
             "-" * 64,
-            f"Input size (MB): {inp:0.2f}",
-            f"Forward/backward pass size (MB): {out:0.2f}",
-            f"Params size (MB): {par:0.2f}",
-            f"Estimated Total Size (MB): {tot:0.2f}",
+            tr("Input size (MB): {size:0.2f}", size=inp),
+            tr("Forward/backward pass size (MB): {size:0.2f}", size=out),
+            tr("Params size (MB): {size:0.2f}", size=par),
+            tr("Estimated Total Size (MB): {size:0.2f}", size=tot),
             "-" * 64,
         ]
         return "\n".join(lines)
@@ -802,18 +803,18 @@ def check_options(
     """
     if style not in _DEFAULT_MODULE_MODE:
         raise BatchfitError(
-            f"unknown style {style!r}", hint=f"use {' or '.join(f'`style={s!r}`' for s in _DEFAULT_MODULE_MODE)}"
+            tr("unknown style {style!r}", style=style), hint=tr("use {names}", names=' or '.join(f'`style={s!r}`' for s in _DEFAULT_MODULE_MODE))
         )
     module_mode = module_mode or _DEFAULT_MODULE_MODE[style]
     if module_mode not in _MODULE_MODES:
         raise BatchfitError(
-            f"unknown module mode {module_mode!r}",
-            hint=f"use {', '.join(f'`module_mode={m!r}`' for m in _MODULE_MODES)}",
+            tr("unknown module mode {module_mode!r}", module_mode=module_mode),
+            hint=tr("use {names}", names=', '.join(f'`module_mode={m!r}`' for m in _MODULE_MODES)),
         )
     if depth < 0:
-        raise BatchfitError(f"`depth` must be 0 or more, got {depth}", hint="e.g. `depth=3`")
+        raise BatchfitError(tr("`depth` must be 0 or more, got {depth}", depth=depth), hint=tr("e.g. `depth=3`"))
     if batch_size is not None and batch_size < 1:
-        raise BatchfitError(f"`batch_size` must be at least 1, got {batch_size}", hint="e.g. `batch_size=64`")
+        raise BatchfitError(tr("`batch_size` must be at least 1, got {batch_size}", batch_size=batch_size), hint=tr("e.g. `batch_size=64`"))
     return module_mode  # type: ignore[return-value]
 
 
@@ -846,15 +847,15 @@ def summary(
     """
     if "mode" in model_kwargs:  # else it would reach the model's constructor, or be ignored
         raise BatchfitError(
-            "summary() calls the modules' train/eval mode `module_mode` (`mode` is estimate's train/inference)",
-            hint="use `module_mode='eval'`, 'train' or 'same'",
+            tr("summary() calls the modules' train/eval mode `module_mode` (`mode` is estimate's train/inference)"),
+            hint=tr("use `module_mode='eval'`, 'train' or 'same'"),
         )
     module_mode = check_options(style, module_mode, depth, batch_size)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes, **model_kwargs)
     if input_data is None and not workload.inputs and workload.example_inputs is None:
         raise BatchfitError(
-            f"no input shape for model {workload.name!r}",
-            hint="give one sample's shape (`input_size=(3, 224, 224)`) or a `dataset`",
+            tr("no input shape for model {name!r}", name=workload.name),
+            hint=tr("give one sample's shape (`input_size=(3, 224, 224)`) or a `dataset`"),
         )
     shown_batch = batch_size or 1
     recorder, inputs = _record(workload, shown_batch, module_mode, count_flops=True, input_data=input_data)

@@ -34,6 +34,7 @@ from torch import nn
 
 from ._datasets import DatasetInfo, get_dataset
 from ._errors import BatchfitError, ExitCode
+from ._i18n import tr
 from ._noise import NoiseScale, noise_scale
 from ._render import Rendered, Table
 from ._roofline import SATURATION, smallest_within
@@ -84,7 +85,10 @@ def scaled_lr(base_lr: float, base_batch: int, batch_size: int, rule: str) -> fl
     (0.04, 0.02, 0.01)
     """
     if rule not in LR_SCALING:
-        raise BatchfitError(f"unknown learning-rate rule {rule!r}", hint=f"use one of {', '.join(LR_SCALING)}")
+        raise BatchfitError(
+            tr("unknown learning-rate rule {rule!r}", rule=rule),
+            hint=tr("use one of {names}", names=", ".join(LR_SCALING)),
+        )
     return base_lr * LR_SCALING[rule](batch_size / base_batch)
 
 
@@ -158,8 +162,10 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
             from sklearn.datasets import load_digits
         except ImportError:
             raise BatchfitError(
-                "the digits dataset ships with scikit-learn, which is not installed",
-                hint="pip install scikit-learn (a dependency of batchfit), or use `dataset='mnist'` with `root=DIR`",
+                tr("the digits dataset ships with scikit-learn, which is not installed"),
+                hint=tr(
+                    "pip install scikit-learn (a dependency of batchfit), or use `dataset='mnist'` with `root=DIR`"
+                ),
             ) from None
         images, labels = load_digits(return_X_y=True)
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
@@ -201,8 +207,10 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
                 raise
             raise BatchfitError(
                 exc.message,
-                hint=f"point `root` at the folder that holds them, or fetch them once with "
-                f"`batchfit show {info.name} --download --root DIR` (sweep never downloads)",
+                hint=tr(
+                    "point `root` at the folder that holds them, or fetch them once with `batchfit show {name} --download --root DIR` (sweep never downloads)",
+                    name=info.name,
+                ),
             ) from None
         source = f"{loaded.source} from {loaded.root.resolve()} (train split trains, test split validates)"
         xs, ys = [], []
@@ -210,7 +218,10 @@ def load_train_data(dataset: str = "digits", root: str | Path | None = None) -> 
             xs.append(xb)
             ys.append(torch.as_tensor(yb, dtype=torch.int64))
         if not xs:
-            raise BatchfitError(f"the {split} split of {info.name} in {root} is empty", hint="check the files")
+            raise BatchfitError(
+                tr("the {split} split of {name} in {root} is empty", split=split, name=info.name, root=root),
+                hint=tr("check the files"),
+            )
         parts.append((torch.cat(xs), torch.cat(ys)))
     (x_train, y_train), (x_val, y_val) = parts
     return TrainData(info.name, source, x_train, y_train, x_val, y_val, info)
@@ -309,9 +320,16 @@ def _explained(batch_size: int, sample_shape: tuple[int, ...]) -> Iterator[None]
     except (RuntimeError, ValueError, IndexError) as exc:
         shape = ", ".join(str(d) for d in (batch_size, *sample_shape))
         raise BatchfitError(
-            f"training the model at batch size {batch_size:,} failed: {type(exc).__name__}: {exc}",
-            hint=f"the model must take a float batch of shape ({shape}) and return (N, classes) logits for "
-            "cross-entropy against integer labels (rerun with --debug for the traceback)",
+            tr(
+                "training the model at batch size {batch_size:,} failed: {name}: {exc}",
+                batch_size=batch_size,
+                name=type(exc).__name__,
+                exc=exc,
+            ),
+            hint=tr(
+                "the model must take a float batch of shape ({shape}) and return (N, classes) logits for cross-entropy against integer labels (rerun with --debug for the traceback)",
+                shape=shape,
+            ),
         ) from exc
 
 
@@ -436,7 +454,9 @@ class Choice:
 
 def _budget_text(samples: int, train_size: int) -> str:
     epochs = samples / train_size
-    return f"{epochs:g} epoch{'s' if epochs != 1 else ''}" if epochs.is_integer() else f"{samples:,} samples"
+    if not epochs.is_integer():
+        return tr("{samples:,} samples", samples=samples)
+    return tr("{n:g} epochs", n=epochs) if epochs != 1 else tr("{n:g} epoch", n=epochs)
 
 
 def choose(
@@ -454,11 +474,13 @@ def choose(
     ``tolerance``: points of accuracy (default 1) or a fraction of the best loss (default 0.02).
     """
     if not runs:
-        raise BatchfitError("no runs to choose from", hint="lower `min_batch` or raise `max_batch`")
+        raise BatchfitError(tr("no runs to choose from"), hint=tr("lower `min_batch` or raise `max_batch`"))
     if metric not in ("accuracy", "loss"):
-        raise BatchfitError(f"unknown metric {metric!r}", hint="use accuracy or loss")
+        raise BatchfitError(tr("unknown metric {metric!r}", metric=metric), hint=tr("use accuracy or loss"))
     if tolerance is not None and tolerance < 0:
-        raise BatchfitError(f"`tolerance` must be 0 or more, got {tolerance}", hint="e.g. `tolerance=1`")
+        raise BatchfitError(
+            tr("`tolerance` must be 0 or more, got {tolerance}", tolerance=tolerance), hint=tr("e.g. `tolerance=1`")
+        )
     ordered = sorted(runs, key=lambda r: r.batch_size)
     if metric == "accuracy":
         tol = 1.0 if tolerance is None else tolerance
@@ -468,9 +490,9 @@ def choose(
             return not r.diverged and 100 * (best.val_accuracy - r.val_accuracy) <= tol + 1e-9
 
         def show(r: RunResult) -> str:
-            return f"{100 * r.val_accuracy:.1f}%" if not r.diverged else "diverged"
+            return f"{100 * r.val_accuracy:.1f}%" if not r.diverged else tr("diverged")
 
-        tol_text = f"{tol:g} point{'s' if tol != 1 else ''} of accuracy"
+        tol_text = tr("{n:g} points of accuracy", n=tol) if tol != 1 else tr("{n:g} point of accuracy", n=tol)
     else:
         tol = 0.02 if tolerance is None else tolerance
         finite = [r for r in ordered if not r.diverged] or ordered
@@ -480,31 +502,44 @@ def choose(
             return not r.diverged and r.val_loss <= best.val_loss * (1 + tol) + 1e-12
 
         def show(r: RunResult) -> str:
-            return f"{r.val_loss:.4f}" if not r.diverged else "diverged"
+            return f"{r.val_loss:.4f}" if not r.diverged else tr("diverged")
 
-        tol_text = f"{100 * tol:g}% of the loss"
+        tol_text = tr("{pct:g}% of the loss", pct=100 * tol)
     good = [i for i, r in enumerate(ordered) if ok(r)]
     if not good:
         raise BatchfitError(
-            "every run diverged (its loss is not finite): no batch size trains at these settings",
-            hint="lower `lr`, or use `lr_scaling='sqrt'` or `lr_scaling='none'`",
+            tr("every run diverged (its loss is not finite): no batch size trains at these settings"),
+            hint=tr("lower `lr`, or use `lr_scaling='sqrt'` or `lr_scaling='none'`"),
         )
     first = good[0]
     last = first
     while last + 1 < len(ordered) and ok(ordered[last + 1]):
         last += 1
     largest = ordered[last]
-    metric_name = "validation accuracy" if metric == "accuracy" else "validation loss"
+    metric_name = tr("validation accuracy") if metric == "accuracy" else tr("validation loss")
     if last + 1 < len(ordered):
         worse = ordered[last + 1]
-        reason = (
-            f"above {largest.batch_size:,} the {metric_name} after {budget} drops from {show(best)} "
-            f"(best, at {best.batch_size:,}) to {show(worse)} at {worse.batch_size:,}, beyond {tol_text}"
+        reason = tr(
+            "above {largest:,} the {metric} after {budget} drops from {best} (best, at {best_batch:,}) "
+            "to {worse} at {worse_batch:,}, beyond {tolerance}",
+            largest=largest.batch_size,
+            metric=metric_name,
+            budget=budget,
+            best=show(best),
+            best_batch=best.batch_size,
+            worse=show(worse),
+            worse_batch=worse.batch_size,
+            tolerance=tol_text,
         )
     else:
-        reason = (
-            f"every batch size up to {largest.batch_size:,} stays within {tol_text} of the best "
-            f"({show(best)} at {best.batch_size:,}) after {budget}"
+        reason = tr(
+            "every batch size up to {largest:,} stays within {tolerance} of the best ({best} at {best_batch:,}) "
+            "after {budget}",
+            largest=largest.batch_size,
+            tolerance=tol_text,
+            best=show(best),
+            best_batch=best.batch_size,
+            budget=budget,
         )
     chosen = largest.batch_size
     if max_batch_size is not None:
@@ -512,7 +547,12 @@ def choose(
         if chosen > cap:
             fitting = [r.batch_size for r in ordered[first : last + 1] if r.batch_size <= cap]
             chosen = fitting[-1] if fitting else cap
-            reason += f"; memory caps it: {safety:g} x the largest that fits ({max_batch_size:,}) = {cap:,}"
+            reason += tr(
+                "; memory caps it: {safety:g} x the largest that fits ({max:,}) = {cap:,}",
+                safety=safety,
+                max=max_batch_size,
+                cap=cap,
+            )
     return Choice(chosen, reason, largest.batch_size, best.batch_size)
 
 
@@ -603,39 +643,83 @@ class SweepResult(Rendered):
     def table(self) -> Table:
         """The runs with speed, metrics and (when measured) memory, and a footer with the answer."""
         memory = any(r.peak_measured_bytes is not None for r in self.runs)
-        table = self.runs_table(f"{self.model} on {self.dataset} ({self.device}): training by batch size")
+        table = self.runs_table(
+            tr(
+                "{model} on {dataset} ({device}): training by batch size",
+                model=self.model,
+                dataset=self.dataset,
+                device=self.device,
+            )
+        )
+        warmup = (
+            tr(", warm-up over the first {warmup:.0%} of steps", warmup=self.warmup)
+            if self.lr_scaling != "none"
+            else ""
+        )
         footer = [
-            f"each run: {self.samples:,} samples ({self.budget_text}) of {self.dataset}, seed {self.seed}, "
-            f"{self.optimizer} with lr {self.base_lr:g} at batch {self.base_batch} scaled {self.lr_scaling}"
-            + (f", warm-up over the first {self.warmup:.0%} of steps" if self.lr_scaling != "none" else ""),
+            tr(
+                "each run: {samples:,} samples ({budget}) of {dataset}, seed {seed}, {optimizer} with lr {lr:g} "
+                "at batch {batch} scaled {scaling}{warmup}",
+                samples=self.samples,
+                budget=self.budget_text,
+                dataset=self.dataset,
+                seed=self.seed,
+                optimizer=self.optimizer,
+                lr=self.base_lr,
+                batch=self.base_batch,
+                scaling=self.lr_scaling,
+                warmup=warmup,
+            ),
             *table.footer,
         ]
         if memory:
             footer.append(
-                f"peak: one reference training step on {self.device} (MiB = 1024^2 B), measured and as batchfit "
-                "estimates it"
+                tr(
+                    "peak: one reference training step on {device} (MiB = 1024^2 B), measured and as batchfit "
+                    "estimates it",
+                    device=self.device,
+                )
             )
-        footer += [f"noise scale: {n}" for n in self.noise]
+        footer += [tr("noise scale: {noise}", noise=n) for n in self.noise]
         sat = self.saturation_batch_size
         if sat is not None:
             footer.append(
-                f"throughput: from batch size {sat:,} on, within {SATURATION:.0%} of the best samples/s measured "
-                f"on {self.device}"
+                tr(
+                    "throughput: from batch size {batch:,} on, within {share:.0%} of the best samples/s measured "
+                    "on {device}",
+                    batch=sat,
+                    share=SATURATION,
+                    device=self.device,
+                )
             )
         if self.max_batch_size is not None:
-            footer.append(f"largest batch that fits: {self.max_batch_size:,} ({self.max_batch_source})")
-        footer += [f"note: {n}" for n in self.notes]
-        footer.append(f"=> use batch size {self.recommended_batch_size:,}: {self.reason}")
+            footer.append(
+                tr(
+                    "largest batch that fits: {max:,} ({source})",
+                    max=self.max_batch_size,
+                    source=self.max_batch_source,
+                )
+            )
+        footer += [tr("note: {note}", note=n) for n in self.notes]
+        footer.append(
+            tr("=> use batch size {batch:,}: {reason}", batch=self.recommended_batch_size, reason=self.reason)
+        )
         table.footer = footer
         return table
 
     def runs_table(self, title: str, *, speed: bool = True) -> Table:
         """One row per run; ``speed=False`` leaves out what differs between machines (samples/s, memory)."""
         memory = speed and any(r.peak_measured_bytes is not None for r in self.runs)
-        columns = ["batch", "lr", "steps", *(["samples/s", "steps/s"] if speed else []), "train loss"]
-        columns += ["val loss", "val acc"]
+        columns = [
+            tr("batch"),
+            "lr",
+            tr("steps"),
+            *([tr("samples/s"), tr("steps/s")] if speed else []),
+            tr("train loss"),
+        ]
+        columns += [tr("val loss"), tr("val acc")]
         if memory:
-            columns += ["peak (measured)", "peak (estimate)"]
+            columns += [tr("peak (measured)"), tr("peak (estimate)")]
         columns.append("")
         rows: list[list[str]] = []
         for r in self.runs:
@@ -645,7 +729,7 @@ class SweepResult(Rendered):
                 f"{r.steps:,}",
                 *([f"{r.samples_per_second:,.0f}", f"{r.steps_per_second:,.1f}"] if speed else []),
                 f"{r.curve[-1][1]:.4f}" if r.curve else "",
-                f"{r.val_loss:.4f}" if not r.diverged else "diverged",
+                f"{r.val_loss:.4f}" if not r.diverged else tr("diverged"),
                 f"{100 * r.val_accuracy:.1f}%",
             ]
             if memory:
@@ -655,9 +739,9 @@ class SweepResult(Rendered):
                 ]
             marks = []
             if r.batch_size == self.choice.best_batch_size:
-                marks.append("best")
+                marks.append(tr("best"))
             if r.batch_size == self.recommended_batch_size:
-                marks.append("<- use")
+                marks.append(tr("<- use"))
             row.append(", ".join(marks))
             rows.append(row)
         return Table(
@@ -665,7 +749,7 @@ class SweepResult(Rendered):
             columns,
             rows,
             right=[*([True] * (len(columns) - 1)), False],
-            footer=["train loss: the mean over the run's last steps; val: the validation set after training"],
+            footer=[tr("train loss: the mean over the run's last steps; val: the validation set after training")],
         )
 
     def sections(self) -> list[Table]:
@@ -783,21 +867,31 @@ def sweep(
     from ._step import make_spec
 
     if lr_scaling not in LR_SCALING:
-        raise BatchfitError(f"unknown `lr_scaling={lr_scaling!r}`", hint=f"use one of {', '.join(LR_SCALING)}")
+        raise BatchfitError(
+            tr("unknown `lr_scaling={lr_scaling!r}`", lr_scaling=lr_scaling),
+            hint=tr("use one of {names}", names=", ".join(LR_SCALING)),
+        )
     if not 0 <= warmup < 1:
-        raise BatchfitError(f"`warmup` must be a fraction in [0, 1), got {warmup}", hint="e.g. `warmup=0.1`")
+        raise BatchfitError(
+            tr("`warmup` must be a fraction in [0, 1), got {warmup}", warmup=warmup), hint=tr("e.g. `warmup=0.1`")
+        )
     if min_batch < 1:
-        raise BatchfitError(f"`min_batch` must be at least 1, got {min_batch}", hint="the lesson starts at 16")
+        raise BatchfitError(
+            tr("`min_batch` must be at least 1, got {min_batch}", min_batch=min_batch),
+            hint=tr("the lesson starts at 16"),
+        )
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         dev = torch.device("meta")  # not a device sweep trains on: refused below
     if dev.type not in ("cpu", "cuda"):
-        raise BatchfitError(f"cannot train on device {device!r}", hint="use `device='cpu'` or `device='cuda'`")
+        raise BatchfitError(
+            tr("cannot train on device {device!r}", device=device), hint=tr("use `device='cpu'` or `device='cuda'`")
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "training on CUDA needs a GPU, and this machine has none",
-            hint="leave `device` out (the CPU is used)",
+            tr("training on CUDA needs a GPU, and this machine has none"),
+            hint=tr("leave `device` out (the CPU is used)"),
             exit_code=ExitCode.NO_DEVICE,
         )
     if data is None:
@@ -809,7 +903,9 @@ def sweep(
     if samples is None:
         samples = round((epochs if epochs is not None else DEFAULT_EPOCHS) * data.train_size)
     if samples < 1:
-        raise BatchfitError(f"the budget must be at least one sample, got {samples}", hint="e.g. `epochs=2`")
+        raise BatchfitError(
+            tr("the budget must be at least one sample, got {samples}", samples=samples), hint=tr("e.g. `epochs=2`")
+        )
     say = progress or (lambda what, done, total: None)
     notes: list[str] = []
 
@@ -837,9 +933,14 @@ def sweep(
         sizes = batch_sizes(top, min_batch) if top >= min_batch else [top]
         if samples < sizes[-1]:
             raise BatchfitError(
-                f"each run's budget ({samples:,} samples) is smaller than the largest batch size ({sizes[-1]:,}): "
-                "that run would not see one full batch",
-                hint=f"raise `samples`/`epochs` to at least {sizes[-1]:,} samples, or lower `max_batch`",
+                tr(
+                    "each run's budget ({samples:,} samples) is smaller than the largest batch size ({sizes:,}): that run would not see one full batch",
+                    samples=samples,
+                    sizes=sizes[-1],
+                ),
+                hint=tr(
+                    "raise `samples`/`epochs` to at least {sizes:,} samples, or lower `max_batch`", sizes=sizes[-1]
+                ),
             )
         warm_samples = max(min_batch, round(warmup * samples)) if noise_samples else 0
         total = sum(samples for _ in sizes) + warm_samples
@@ -861,7 +962,7 @@ def sweep(
             xs, ys = data_on.x_train[pick], data_on.y_train[pick]
             m = fresh_model(workload.model, dev, seed)
             with _explained(n, data.sample_shape):
-                noise.append(noise_scale(m, xs, ys, when="at initialisation"))
+                noise.append(noise_scale(m, xs, ys, when=tr("at initialisation")))
             train_run(
                 m,
                 data_on,
@@ -876,7 +977,17 @@ def sweep(
             )
             done += warm_samples
             noise.append(
-                noise_scale(m, xs, ys, when=f"after {warm_samples:,} samples at batch {min_batch}, lr {base_lr:g}")
+                noise_scale(
+                    m,
+                    xs,
+                    ys,
+                    when=tr(
+                        "after {samples:,} samples at batch {batch}, lr {lr:g}",
+                        samples=warm_samples,
+                        batch=min_batch,
+                        lr=base_lr,
+                    ),
+                )
             )
             del m
         runs: list[RunResult] = []

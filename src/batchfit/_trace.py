@@ -47,6 +47,7 @@ from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
+from ._i18n import tr
 from ._models import Workload, fake_state, state_in_place
 from ._quantize import quantized_note
 from ._step import (
@@ -628,8 +629,8 @@ class _Replay:
         """The reference step's ``loss.backward()``."""
         if loss.grad_fn is None:
             raise BatchfitError(
-                "the loss does not depend on any trainable parameter",
-                hint="check that some parameters have requires_grad=True, or use `mode='inference'`",
+                tr("the loss does not depend on any trainable parameter"),
+                hint=tr("check that some parameters have requires_grad=True, or use `mode='inference'`"),
             )
         loss.backward()
 
@@ -647,9 +648,10 @@ class _Replay:
         ``torch.autograd.backward`` / ``grad`` pass after making the root gradients."""
         if create_graph:
             raise BatchfitError(
-                "backward with create_graph=True (higher-order gradients) is not simulated",
-                hint="batchfit replays the backward pass without building a graph of it; "
-                "use `batchfit measure` (a real run) for steps that differentiate twice",
+                tr("backward with create_graph=True (higher-order gradients) is not simulated"),
+                hint=tr(
+                    "batchfit replays the backward pass without building a graph of it; use `batchfit measure` (a real run) for steps that differentiate twice"
+                ),
             )
         roots: list[tuple[Any, int, torch.Tensor | None]] = []
         for i, (t, grad) in enumerate(zip(tensors, grad_tensors)):
@@ -1249,8 +1251,8 @@ def _trace_step(
                 params = unique_trainable(model)
                 if not params:
                     raise BatchfitError(
-                        "the model has no trainable parameters",
-                        hint="unfreeze some parameters, or use `mode='inference'`",
+                        tr("the model has no trainable parameters"),
+                        hint=tr("unfreeze some parameters, or use `mode='inference'`"),
                     )
                 tracer.setup_category = "optimizer_state"  # what a constructor allocates (bitsandbytes' maps)
                 if placed.build_optimizer is not None:
@@ -1389,25 +1391,38 @@ def _explain(exc: Exception, workload: Workload, batch_size: int, tracer: _Trace
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     fake_limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
     if isinstance(exc, fake_limits) or any(s in text for s in ("data-dependent", "numpy", "non-fake")):
-        where = f" in module {tracer.module_stack[-1]!r}" if len(tracer.module_stack) > 1 else ""
+        where = tr(" in module {module!r}", module=tracer.module_stack[-1]) if len(tracer.module_stack) > 1 else ""
         return BatchfitError(
-            f"the model cannot run on fake tensors{where}: {type(exc).__name__}: {text}",
-            hint="it reads tensor values (e.g. .item(), numpy, data-dependent shapes); "
-            "use `batchfit measure` (a real run) instead",
+            tr(
+                "the model cannot run on fake tensors{where}: {name}: {text}",
+                where=where,
+                name=type(exc).__name__,
+                text=text,
+            ),
+            hint=tr(
+                "it reads tensor values (e.g. .item(), numpy, data-dependent shapes); use `batchfit measure` (a real run) instead"
+            ),
             exit_code=ExitCode.UNSUPPORTED,
         )
     if tracer.module_calls and tracer.phase == "forward":
         module, shape = tracer.module_calls[-1]
         return layer_failure(workload, tracer.module_stack[-1], module, shape, exc)
-    where = f"your step function's {tracer.phase}" if tracer.on_phase is not None else tracer.phase
-    hint = "rerun with --debug for the traceback"
+    where = tr("your step function's {phase}", phase=tracer.phase) if tracer.on_phase is not None else tracer.phase
+    hint = tr("rerun with --debug for the traceback")
     if "hasPrimaryContext" in text or "CUDA driver" in text or "no NVIDIA driver" in text:
-        hint = (
+        hint = tr(
             "something in the step asks the CUDA driver (e.g. torch.cuda.synchronize(), a real "
             "torch.cuda call or a CUDA stream), which fake CUDA tensors cannot answer; guard it with "
-            "torch.cuda.is_available(), or use `device='cpu'`; " + hint
+            "torch.cuda.is_available(), or use `device='cpu'`; {hint}",
+            hint=hint,
         )
     return BatchfitError(
-        f"the training step failed in {where} at batch size {batch_size}: {type(exc).__name__}: {text}",
+        tr(
+            "the training step failed in {where} at batch size {batch_size}: {name}: {text}",
+            where=where,
+            batch_size=batch_size,
+            name=type(exc).__name__,
+            text=text,
+        ),
         hint=hint,
     )

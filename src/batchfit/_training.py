@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 # ---------------------------------------------------------------------------------------------
 # Optimizers
@@ -56,7 +57,8 @@ class OptimizerSpec:
             return self.cls(params, **kwargs)
         except (TypeError, ValueError) as exc:
             raise BatchfitError(
-                f"cannot build optimizer {self.name}: {exc}", hint="check its keyword arguments"
+                tr("cannot build optimizer {name}: {exc}", name=self.name, exc=exc),
+                hint=tr("check its keyword arguments"),
             ) from exc
 
     def __str__(self) -> str:
@@ -76,7 +78,9 @@ def _adafactor(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     try:
         from transformers.optimization import Adafactor
     except ImportError as exc:
-        raise BatchfitError("the adafactor optimizer needs transformers", hint="pip install transformers") from exc
+        raise BatchfitError(
+            tr("the adafactor optimizer needs transformers"), hint=tr("pip install transformers")
+        ) from exc
     return Adafactor(params, lr=5e-5, scale_parameter=False, relative_step=False)  # type: ignore[no-any-return]
 
 
@@ -143,8 +147,8 @@ def parse_optimizer(spec: OptimizerLike) -> OptimizerSpec:
                 kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in tree.keywords if kw.arg}
             except ValueError as exc:
                 raise BatchfitError(
-                    f"cannot read the optimizer arguments in {text!r}",
-                    hint='use literal keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9)"',
+                    tr("cannot read the optimizer arguments in {text!r}", text=text),
+                    hint=tr('use literal keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9)"'),
                 ) from exc
             cls = classes[cls_name]
             if "lr" in _init_params(cls) and "lr" not in kwargs:
@@ -152,10 +156,12 @@ def parse_optimizer(spec: OptimizerLike) -> OptimizerSpec:
             return OptimizerSpec(text, cls, kwargs)
     close = difflib.get_close_matches(text, [*OPTIMIZERS, *classes], n=3, cutoff=0.5)
     raise BatchfitError(
-        f"unknown optimizer {text!r}",
-        hint=(f"did you mean {', '.join(repr(c) for c in close)}? " if close else "")
-        + f"use {', '.join(OPTIMIZERS)}, or a torch.optim class with keyword arguments, "
-        'e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)"',
+        tr("unknown optimizer {text!r}", text=text),
+        hint=(tr("did you mean {names}?", names=", ".join(repr(c) for c in close)) + " " if close else "")
+        + tr(
+            'use {names}, or a torch.optim class with keyword arguments, e.g. "SGD(lr=0.1, momentum=0.9, nesterov=True)"',
+            names=", ".join(OPTIMIZERS),
+        ),
     )
 
 
@@ -191,7 +197,9 @@ def parse_precision(name: str | Precision) -> Precision:
     key = name.strip().lower().replace("_", "-")
     if key in PRECISIONS:
         return PRECISIONS[key]
-    raise BatchfitError(f"unknown precision {name!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+    raise BatchfitError(
+        tr("unknown precision {name!r}", name=name), hint=tr("use one of {names}", names=", ".join(PRECISIONS))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +210,14 @@ def parse_precision(name: str | Precision) -> Precision:
 # (docs/estimate.md, "The loss"): a wrong loss is a wrong answer that nothing would point out.
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-_QUESTION = (
-    "give it: `loss='cross-entropy'` (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
-    "segmentation logits), `loss='token-cross-entropy'` (classes on the last dimension), `loss='mse'`, "
-    "`loss='path/to/file.py:fn'` (your fn(output, labels)) or `step='path/to/file.py:fn'` (your whole step)"
-)
+
+
+def _question() -> str:
+    return tr(
+        "give it: `loss='cross-entropy'` (classes on dim 1, as F.cross_entropy takes them, e.g. (N, C, H, W) "
+        "segmentation logits), `loss='token-cross-entropy'` (classes on the last dimension), `loss='mse'`, "
+        "`loss='path/to/file.py:fn'` (your fn(output, labels)) or `step='path/to/file.py:fn'` (your whole step)"
+    )
 
 
 def _entry(output: Any, name: str) -> torch.Tensor | None:
@@ -268,14 +279,15 @@ def _shape(t: torch.Tensor) -> str:
 def _what(output: Any) -> str:
     """The model's output in words, for messages."""
     if isinstance(output, torch.Tensor):
-        return "a scalar" if output.dim() == 0 else f"a {_shape(output)} tensor"
+        return tr("a scalar") if output.dim() == 0 else tr("a {shape} tensor", shape=_shape(output))
+    kind = type(output).__name__
     if isinstance(output, Mapping):
-        keys = ", ".join(repr(k) for k in output) or "no entries"
-        return f"a {type(output).__name__} ({keys}) without a 'loss' or 'logits' entry"
+        keys = ", ".join(repr(k) for k in output) or tr("no entries")
+        return tr("a {kind} ({keys}) without a 'loss' or 'logits' entry", kind=kind, keys=keys)
     if isinstance(output, (tuple, list)):
-        first = _what(output[0]) if output else "nothing"
-        return f"a {type(output).__name__} whose first element is {first}"
-    return f"a {type(output).__name__}"
+        first = _what(output[0]) if output else tr("nothing")
+        return tr("a {kind} whose first element is {first}", kind=kind, first=first)
+    return tr("a {kind}", kind=kind)
 
 
 def _named_target(output: Any) -> tuple[torch.Tensor, str]:
@@ -284,8 +296,8 @@ def _named_target(output: Any) -> tuple[torch.Tensor, str]:
     found = _located(output)
     if found is None or found[0].dim() == 0:
         raise BatchfitError(
-            f"`loss` needs the model's logits, and its output is {_what(output)}",
-            hint="give `loss='path/to/file.py:fn'` (it gets the whole output) or `step='path/to/file.py:fn'`",
+            tr("`loss` needs the model's logits, and its output is {what}", what=_what(output)),
+            hint=tr("give `loss='path/to/file.py:fn'` (it gets the whole output) or `step='path/to/file.py:fn'`"),
         )
     return found
 
@@ -302,9 +314,11 @@ def _certain_logits(output: Any) -> tuple[torch.Tensor, str]:
     if found is not None and found[0].dim() in (2, 3):
         return found
     raise BatchfitError(
-        f"batchfit cannot tell which loss trains this model: its output is {_what(output)} "
-        "(it chooses one only for a scalar, a 'loss' entry, or (N, C) / (N, T, V) logits)",
-        hint=_QUESTION,
+        tr(
+            "batchfit cannot tell which loss trains this model: its output is {what} (it chooses one only for a scalar, a 'loss' entry, or (N, C) / (N, T, V) logits)",
+            what=_what(output),
+        ),
+        hint=_question(),
     )
 
 
@@ -317,7 +331,8 @@ def first_tensor(output: Any) -> tuple[torch.Tensor, str]:
         if isinstance(leaf, torch.Tensor):
             return leaf, "output's first tensor"
     raise BatchfitError(
-        "the model's output holds no tensor to compute a loss from", hint="return a tensor, or pass `loss` / `step`"
+        tr("the model's output holds no tensor to compute a loss from"),
+        hint=tr("return a tensor, or pass `loss` / `step`"),
     )
 
 
@@ -439,9 +454,14 @@ def parse_loss(spec: LossLike) -> LossSpec:
 
         _, fn = import_target(spec)
         if not callable(fn):
-            raise BatchfitError(f"{spec!r} is not a function", hint="name a function fn(output, labels) -> loss")
+            raise BatchfitError(
+                tr("{spec!r} is not a function", spec=spec), hint=tr("name a function fn(output, labels) -> loss")
+            )
         return LossSpec(spec, fn, _ce_labels, first_tensor)
-    raise BatchfitError(f"unknown loss {spec!r}", hint=f"use auto, {', '.join(LOSSES)} or path/to/file.py:fn")
+    raise BatchfitError(
+        tr("unknown loss {spec!r}", spec=spec),
+        hint=tr("use auto, {names} or path/to/file.py:fn", names=", ".join(LOSSES)),
+    )
 
 
 StepFn = Callable[[nn.Module, tuple[torch.Tensor, ...], Any, torch.optim.Optimizer], Any]
@@ -459,5 +479,7 @@ def parse_step(spec: StepLike) -> StepFn | None:
 
     _, fn = import_target(spec)
     if not callable(fn):
-        raise BatchfitError(f"{spec!r} is not a function", hint="name a function fn(model, inputs, labels, optimizer)")
+        raise BatchfitError(
+            tr("{spec!r} is not a function", spec=spec), hint=tr("name a function fn(model, inputs, labels, optimizer)")
+        )
     return fn  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ import re
 from typing import Literal
 
 from ._errors import BatchfitError
+from ._i18n import tr
 
 Unit = Literal["auto", "B", "KiB", "MiB", "GiB", "KB", "MB", "GB"]
 
@@ -85,7 +86,7 @@ def parse_size(text: str) -> int:
     suffix = match.group(2).lower() if match else None
     if match is None or suffix not in _SUFFIXES:
         raise BatchfitError(
-            f"cannot read the memory size {text!r}",
-            hint="write e.g. 24GiB or 24G (2^30 bytes each), 24GB (10^9 bytes each), or a number of bytes",
+            tr("cannot read the memory size {text!r}", text=text),
+            hint=tr("write e.g. 24GiB or 24G (2^30 bytes each), 24GB (10^9 bytes each), or a number of bytes"),
         )
     return int(float(match.group(1)) * _SUFFIXES[suffix])

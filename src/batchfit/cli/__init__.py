@@ -22,15 +22,17 @@ from . import probe as _probe  # noqa: F401
 from . import show as _show  # noqa: F401
 from . import summary as _summary_cmd  # noqa: F401
 from . import sweep as _sweep_cmd  # noqa: F401
-from ._app import DEBUG_HELP, app, set_debug
+from ._app import DEBUG_HELP, LANG_HELP, app, choose_language, set_debug
 
 
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    lang: Annotated[str | None, typer.Option("--lang", help=LANG_HELP)] = None,
 ) -> None:
     set_debug(debug)
+    choose_language(lang)
     if ctx.invoked_subcommand is None:
         from .default import run_default
 

@@ -22,6 +22,7 @@ from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
 from .._errors import BatchfitError, ExitCode
+from .._i18n import language_from_env, set_language, tr
 
 app = typer.Typer(
     name="batchfit",
@@ -54,6 +55,15 @@ def set_debug(value: bool) -> None:
 
 
 DEBUG_HELP = "Show full tracebacks (and PyTorch's own logs) instead of short error messages."
+LANG_HELP = "The language of the output: en or zh (default: from LANGUAGE, LC_ALL, LC_MESSAGES or LANG)."
+
+
+def choose_language(lang: str | None) -> None:
+    """``--lang``, else the environment's locale (``LANG=zh_CN.UTF-8``): see batchfit._i18n."""
+    try:
+        set_language(lang if lang is not None else language_from_env())
+    except BatchfitError as exc:
+        raise typer.BadParameter(f"{exc.message} ({exc.hint})", param_hint="'--lang'") from None
 
 
 class _Command(TyperCommand):
@@ -73,6 +83,15 @@ class _Command(TyperCommand):
                 expose_value=False,
                 callback=lambda ctx, param, value: set_debug(True) if value else None,
                 help=DEBUG_HELP,
+            )
+        )
+        self.params.append(
+            TyperOption(
+                param_decls=["--lang"],
+                default=None,
+                expose_value=False,
+                callback=lambda ctx, param, value: choose_language(value) if value is not None else None,
+                help=LANG_HELP,
             )
         )
 
@@ -145,16 +164,16 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 raise
             flags = command_flags(fn)
-            err_console.print(f"[bold red]error:[/] {as_flags(exc.message, flags)}", soft_wrap=True)
+            err_console.print(f"[bold red]{tr('error:')}[/] {as_flags(exc.message, flags)}", soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[bold]hint:[/] {as_flags(exc.hint, flags)}", soft_wrap=True)
+                err_console.print(f"[bold]{tr('hint:')}[/] {as_flags(exc.hint, flags)}", soft_wrap=True)
             raise typer.Exit(int(exc.exit_code)) from None
         except Exception as exc:
             if debug_enabled():
                 raise
             err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
-                "This is a bug in batchfit; rerun with --debug for the traceback and report it.",
+                f"[bold red]{tr('internal error:')}[/] {type(exc).__name__}: {exc}\n"
+                + tr("This is a bug in batchfit; rerun with --debug for the traceback and report it."),
                 soft_wrap=True,
             )
             raise typer.Exit(int(ExitCode.INTERNAL)) from None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 import typer
 
 from .._errors import BatchfitError
+from .._i18n import tr
 from .._models import Workload, load_workload
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class ModelExtras:
         if self.lora is None:
             extra = [flag for flag, value in given.items() if value is not None]
             if extra:
-                raise BatchfitError(f"{', '.join(extra)} need --lora R", hint="e.g. --lora 16")
+                raise BatchfitError(tr("{names} need --lora R", names=", ".join(extra)), hint=tr("e.g. --lora 16"))
             return None
         return LoraSpec.parse(self.lora, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
@@ -180,7 +181,7 @@ def workload_from_options(
     )
 
 
-def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
+def parse_int_list(text: str, what: str | None = None) -> list[int]:
     """``"64,256,1024"`` -> ``[64, 256, 1024]`` with a clear error."""
     from .._errors import BatchfitError
 
@@ -190,7 +191,8 @@ def parse_int_list(text: str, what: str = "batch sizes") -> list[int]:
         values = []
     if not values or any(v < 1 for v in values):
         raise BatchfitError(
-            f"cannot read the {what} {text!r}", hint="give positive integers separated by commas, e.g. 64,256,1024"
+            tr("cannot read the {what} {text!r}", what=tr("batch sizes") if what is None else what, text=text),
+            hint=tr("give positive integers separated by commas, e.g. 64,256,1024"),
         )
     return values
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from .._i18n import tr
 from ._app import err_console
 
 if TYPE_CHECKING:
@@ -64,7 +65,10 @@ def write_snapshots(path: Path | None, estimates: list[StepEstimate]) -> None:
 
     for out, e in zip(snapshot_paths(path, [e.batch_size for e in estimates]), estimates):
         written = write_snapshot(e, out)
-        err_console.print(f"memory snapshot at batch size {e.batch_size:,} written to {written}", soft_wrap=True)
+        err_console.print(
+            tr("memory snapshot at batch size {batch:,} written to {path}", batch=e.batch_size, path=written),
+            soft_wrap=True,
+        )
 
 
 def write_report(
@@ -77,4 +81,4 @@ def write_report(
     from .._summary import summary
 
     written = write(result, path, summary=summary(workload) if workload is not None else None, budget=budget)
-    err_console.print(f"report written to {written}", soft_wrap=True)
+    err_console.print(tr("report written to {path}", path=written), soft_wrap=True)

@@ -10,6 +10,7 @@ import typer
 from .._distributed import DistSpec
 from .._errors import BatchfitError, ExitCode
 from .._estimate import EstimateReport, estimate, threads_text
+from .._i18n import tr
 from .._models import Workload
 from .._render import Table, show
 from .._step import StepSpec, make_spec
@@ -97,7 +98,8 @@ def estimate_cmd(
     check_paths(snapshot_path, report_path, device)
     if dist is not None and compare:
         raise BatchfitError(
-            "--compare with --gpus is not available", hint="the gloo ground truth is in tests/test_distributed.py"
+            tr("--compare with --gpus is not available"),
+            hint=tr("the gloo ground truth is in tests/test_distributed.py"),
         )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)
     report = estimate(
@@ -191,8 +193,8 @@ def measure_cmd(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "--device cuda needs a GPU, and this machine has none",
-            hint="use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run",
+            tr("--device cuda needs a GPU, and this machine has none"),
+            hint=tr("use `batchfit estimate` to simulate a GPU, or --device cpu to measure a CPU run"),
             exit_code=ExitCode.NO_DEVICE,
         )
     workload = workload_from_options(model, inputs, dataset, num_classes, extras)

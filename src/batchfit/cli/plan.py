@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .._distributed import DistSpec
+from .._i18n import tr
 from .._plan import check_plot_path, plan
 from .._render import show
 from ._app import command, err_console
@@ -122,4 +123,4 @@ def plan_cmd(
         write_snapshots(snapshot_path, [result.fit.estimate_at_recommended])
     write_report(report_path, result)
     if plot is not None:
-        err_console.print(f"plot written to {written}", soft_wrap=True)
+        err_console.print(tr("plot written to {path}", path=written), soft_wrap=True)

@@ -12,6 +12,7 @@ from rich.console import Console
 from .._data import DatasetReport
 from .._errors import BatchfitError
 from .._estimate import EstimateReport
+from .._i18n import tr
 from .._render import Table
 from .._render import show as show_table
 from .._units import format_bytes
@@ -26,7 +27,8 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         return [float(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
         raise BatchfitError(
-            f"cannot read --{what} {text!r}", hint=f"give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5"
+            tr("cannot read --{what} {text!r}", what=what, text=text),
+            hint=tr("give numbers separated by commas, e.g. --{what} 0.5,0.5,0.5", what=what),
         ) from None
 
 
@@ -113,7 +115,9 @@ def show(
 
     sizes = parse_int_list(batch_size)
     if grid < 0:
-        raise BatchfitError(f"--grid must be 0 or more, not {grid}", hint="e.g. --grid 16, or --grid 0 for none")
+        raise BatchfitError(
+            tr("--grid must be 0 or more, not {grid}", grid=grid), hint=tr("e.g. --grid 16, or --grid 0 for none")
+        )
     loaded = bdata.load_dataset(
         dataset,
         root=root,
@@ -136,7 +140,7 @@ def show(
     if grid:
         window = (out is None and not as_json and bdata.display_available()) if show_window is None else show_window
         if window and not bdata.display_available():
-            err_console.print("note: no display for --show; save the grid with --out grid.png")
+            err_console.print(tr("note: no display for --show; save the grid with --out grid.png"))
             window = False
         if out is not None or window:
             fig = bdata.sample_grid(loaded, grid, seed, interactive=window)
@@ -147,7 +151,7 @@ def show(
             labels = tuple(int(loaded.dataset[i][1]) for i in indices)
             report = report.with_grid(bdata.GridInfo(tuple(indices), labels, seed, str(out) if out else None))
         elif not as_json:
-            err_console.print(f"note: no display here; add --out grid.png to save {grid} random samples")
+            err_console.print(tr("note: no display here; add --out grid.png to save {grid} random samples", grid=grid))
     beside = _gpu_beside_host(report, model, gpu, optimizer) if model else None
     if as_json:
         data = report.to_dict()

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._i18n import tr
 from .._render import show
 from ._app import command, err_console
 from ._common import ClassesOpt, FreeOpt, GpuOpt, JsonOpt, MemoryOpt, ModelArg, OptimizerOpt
@@ -167,4 +168,4 @@ def sweep_cmd(
     else:
         show(result)
     if plot is not None:
-        err_console.print(f"plot written to {written}", soft_wrap=True)
+        err_console.print(tr("plot written to {path}", path=written), soft_wrap=True)
