@@ -80,7 +80,12 @@ class Values:
         """The real value of fake tensor ``t``, or None where it is not known."""
         value = getattr(t, _ATTR, None)
         if value is None:
-            if not isinstance(t, FakeTensor) and t.device.type == "cpu":
+            if (
+                not isinstance(t, FakeTensor)
+                and type(t) is torch.Tensor  # not a subclass (a DTensor shard of a distributed trace)
+                and t.device.type == "cpu"
+                and (t.numel() == 0 or t.untyped_storage().nbytes() > 0)  # not a storage freed by resize_(0)
+            ):
                 # a literal on its way into the fake mode (``torch.tensor([-1, 0])`` reaches
                 # ``aten.lift_fresh`` as a real tensor): transformers 4.4x's padding check,
                 # ``pad_token_id in input_ids[:, [-1, 0]]`` (modeling_utils.py,
