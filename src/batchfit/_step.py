@@ -586,11 +586,14 @@ def make_spec(
             hint=tr("write that library's step into your `step` function, or drop `step`"),
         )
     if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise BatchfitError(f"`grad_accum` must be at least 1, got {grad_accum}", hint="e.g. `grad_accum=8`")
+        raise BatchfitError(
+            tr("`grad_accum` must be at least 1, got {grad_accum}", grad_accum=grad_accum),
+            hint=tr("e.g. `grad_accum=8`"),
+        )
     if grad_accum > 1 and (step is not None or loop != "pytorch" or mode != "train"):
         raise BatchfitError(
-            "`grad_accum` is modelled for the training step of `loop='pytorch'`",
-            hint="drop `step` / `loop` / `mode='inference'`, or write the accumulation into your `step` function",
+            tr("`grad_accum` is modelled for the training step of `loop='pytorch'`"),
+            hint=tr("drop `step` / `loop` / `mode='inference'`, or write the accumulation into your `step` function"),
         )
     if isinstance(last_batch, str) and last_batch.strip().lower() != "auto":
         try:
