@@ -138,11 +138,11 @@ def test_zero1_partition_as_zero_redundancy_optimizer_does() -> None:
     [
         ({"gpus": 0}, "at least 1"),
         ({"gpus": 2, "strategy": "zero3"}, "unknown strategy"),
-        ({"gpus": 2, "strategy": "ddp", "reshard_after_forward": False}, "--no-reshard applies to"),
-        ({"gpus": 2, "strategy": "fsdp", "bucket_cap_mb": 10}, "--bucket-cap-mb applies to"),
-        ({"gpus": 2, "strategy": "fsdp-hybrid"}, "needs --nodes 2"),
-        ({"strategy": "fsdp"}, "need --gpus"),
-        ({"gpus": 2, "strategy": "fsdp", "param_dtype": "fp8"}, "unknown --param-dtype"),
+        ({"gpus": 2, "strategy": "ddp", "reshard_after_forward": False}, "`reshard_after_forward=False` applies to"),
+        ({"gpus": 2, "strategy": "fsdp", "bucket_cap_mb": 10}, "`bucket_cap_mb` applies to"),
+        ({"gpus": 2, "strategy": "fsdp-hybrid"}, "needs `nodes=2`"),
+        ({"strategy": "fsdp"}, "need `gpus=N`"),
+        ({"gpus": 2, "strategy": "fsdp", "param_dtype": "fp8"}, "unknown `param_dtype`"),
     ],
 )
 def test_bad_settings_say_what_to_do(kwargs: dict[str, object], words: str) -> None:
