@@ -545,14 +545,18 @@ class _Reducer:
         if self.rebuilt or not self.ready:
             return
         import torch.distributed as tdist
-        from torch.nn.parallel.distributed import _BucketCapacityConfig
 
         self.rebuilt = True
-        config = _BucketCapacityConfig.create(self.dist.bucket_cap_mb, None, False)  # type: ignore[arg-type]  # a float works
+        # DistributedDataParallel.__init__ (torch 2.11) / _BucketCapacityConfig.create (newer): the
+        # cap is bucket_cap_mb MiB (25 by default), the first bucket dist._DEFAULT_FIRST_BUCKET_BYTES
+        # when the cap is the default, else the cap
+        cap = self.dist.bucket_cap_mb
+        bucket_bytes_cap = int((25 if cap is None else cap) * 1024 * 1024)
+        first_bucket_bytes_cap = tdist._DEFAULT_FIRST_BUCKET_BYTES if cap is None else bucket_bytes_cap  # type: ignore[attr-defined]
         order = list(dict.fromkeys(self.ready)) + [i for i in range(len(self.params)) if i not in self.ready]
         indices, _ = tdist._compute_bucket_assignment_by_size(  # type: ignore[attr-defined]  # private, not in the stubs
             [self.params[i] for i in order],
-            [config.first_bucket_bytes_cap, config.bucket_bytes_cap],
+            [first_bucket_bytes_cap, bucket_bytes_cap],
             [False] * len(order),
         )
         self._assign([[order[i] for i in bucket] for bucket in indices])
