@@ -18,6 +18,7 @@ stand-in device in the tests, and the seed's method (double from 16, then bisect
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
     from ._fit import FitResult
     from ._models import InputSize, Workload
-    from ._probe_dist import DistContext
     from ._step import StepSpec
     from ._training import LossLike, OptimizerLike, StepLike
 
@@ -811,173 +811,114 @@ def probe(
         from ._probe_dist import dist_context
 
         ctx = dist_context(device, peer_timeout_s)
-    try:
-        return _probe(
-            model,
-            input_size,
-            dataset=dataset,
-            num_classes=num_classes,
-            optimizer=optimizer,
-            precision=precision,
-            loss=loss,
-            step=step,
-            mode=mode,
-            safety=safety,
-            start=start,
-            from_batch=from_batch,
-            isolate=isolate,
-            max_batch_size=max_batch_size,
-            free=free,
-            alloc_conf=alloc_conf,
-            estimates=estimates,
-            confirm=confirm,
-            attempt_timeout_s=attempt_timeout_s,
-            progress=progress,
-            runner=runner,
-            fit_with=fit_with,
-            device=device,
-            config=config,
-            ctx=ctx,
-        )
-    finally:
-        if ctx is not None:
-            ctx.close()
+    # a distributed probe holds its process groups until the search is over, whatever happens
+    with contextlib.closing(ctx) if ctx is not None else contextlib.nullcontext():
+        main = ctx is None or ctx.is_main
+        say = (progress if main else None) or (lambda text: None)
+        began = time.perf_counter()
+        from ._models import load_workload
+        from ._step import make_spec
 
+        workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+        spec = make_spec(device, optimizer, precision, loss, step, mode)
+        notes: list[str] = []
 
-def _probe(
-    model: str | nn.Module | Workload,
-    input_size: Any,
-    *,
-    dataset: str | None,
-    num_classes: int | None,
-    optimizer: Any,
-    precision: str,
-    loss: Any,
-    step: Any,
-    mode: str,
-    safety: float,
-    start: int | None,
-    from_batch: int | None,
-    isolate: bool,
-    max_batch_size: int | None,
-    free: bool,
-    alloc_conf: str | None,
-    estimates: bool,
-    confirm: bool,
-    attempt_timeout_s: float,
-    progress: Progress | None,
-    runner: Runner | None,
-    fit_with: Callable[..., FitResult] | None,
-    device: str,
-    config: AttemptConfig | None,
-    ctx: DistContext | None,
-) -> ProbeResult:
-    main = ctx is None or ctx.is_main
-    say = (progress if main else None) or (lambda text: None)
-    began = time.perf_counter()
-    from ._models import load_workload
-    from ._step import make_spec
-
-    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
-    spec = make_spec(device, optimizer, precision, loss, step, mode)
-    notes: list[str] = []
-
-    estimated_max: int | None = None
-    if from_batch is not None:
-        method, start_at, source = "doubling", from_batch, "seed"
-    elif start is not None:
-        method, start_at, source = "estimate", start, "given"
-    else:
-        say("estimating the largest batch size (no GPU needed for this part)")
-        if config is not None and fit_with is None:  # keep this process free of a CUDA context while children measure
-            estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
-        elif ctx is not None:  # rank 0 estimates, every rank starts there
-
-            world = ctx.world_size
-
-            def on_main() -> tuple[int, list[str]]:
-                said: list[str] = []
-                best = _estimated_max(
-                    workload, optimizer, precision, loss, step, safety, free, alloc_conf, said, fit_with, world_size=world
-                )
-                return best, said
-
-            estimated_max, said = ctx.from_main(on_main)
-            notes.extend(said)
+        estimated_max: int | None = None
+        if from_batch is not None:
+            method, start_at, source = "doubling", from_batch, "seed"
+        elif start is not None:
+            method, start_at, source = "estimate", start, "given"
         else:
-            estimated_max = _estimated_max(
-                workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes, fit_with
-            )
-        method, start_at, source = "estimate", max(1, estimated_max), "estimate"
-    if start_at < 1:
-        raise BatchfitError(tr("the probe must start at batch size >= 1, not {start_at}", start_at=start_at))
+            say("estimating the largest batch size (no GPU needed for this part)")
+            if config is not None and fit_with is None:  # keep this process free of a CUDA context while children measure
+                estimated_max = _child_fit(config, safety, free, alloc_conf, notes, attempt_timeout_s)
+            elif ctx is not None:  # rank 0 estimates, every rank starts there
 
-    where = "the given runner" if runner is not None else None
-    if runner is None and ctx is not None:
-        from ._probe_dist import distributed_runner
+                world = ctx.world_size
 
-        runner = distributed_runner(workload, spec, ctx)
-        where = f"{device} x {ctx.world_size} ranks (DDP over {ctx.backend})"
-    elif runner is None:
-        runner = isolated_runner(config, timeout_s=attempt_timeout_s) if config else measure_runner(workload, spec)
+                def on_main() -> tuple[int, list[str]]:
+                    said: list[str] = []
+                    best = _estimated_max(
+                        workload, optimizer, precision, loss, step, safety, free, alloc_conf, said, fit_with, world_size=world
+                    )
+                    return best, said
 
-    outcome = search(
-        runner,
-        start_at,
-        method=method,
-        max_batch_size=max_batch_size,
-        before_attempt=lambda b, n: say(f"attempt {n}: batch size {b:,}"),
-    )
-    if outcome.max_batch_size is None:
-        raise BatchfitError(
-            tr(
-                "{name} does not fit this GPU even at batch size 1 ({n_attempts} attempts, all out of memory)",
-                name=workload.name,
-                n_attempts=len(outcome.attempts),
-            ),
-            hint=tr(
-                "use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), or a larger GPU; `batchfit estimate` shows where the memory goes"
-            ),
-            exit_code=ExitCode.DOES_NOT_FIT,
+                estimated_max, said = ctx.from_main(on_main)
+                notes.extend(said)
+            else:
+                estimated_max = _estimated_max(
+                    workload, optimizer, precision, loss, step, safety, free, alloc_conf, notes, fit_with
+                )
+            method, start_at, source = "estimate", max(1, estimated_max), "estimate"
+        if start_at < 1:
+            raise BatchfitError(tr("the probe must start at batch size >= 1, not {start_at}", start_at=start_at))
+
+        where = "the given runner" if runner is not None else None
+        if runner is None and ctx is not None:
+            from ._probe_dist import distributed_runner
+
+            runner = distributed_runner(workload, spec, ctx)
+            where = f"{device} x {ctx.world_size} ranks (DDP over {ctx.backend})"
+        elif runner is None:
+            runner = isolated_runner(config, timeout_s=attempt_timeout_s) if config else measure_runner(workload, spec)
+
+        outcome = search(
+            runner,
+            start_at,
+            method=method,
+            max_batch_size=max_batch_size,
+            before_attempt=lambda b, n: say(f"attempt {n}: batch size {b:,}"),
         )
-    best = outcome.max_batch_size
-    recommended = max(1, math.floor(safety * best))
-    if confirm:
-        say(f"confirming the recommended batch size {recommended:,}")
-        recommended = confirm_recommended(runner, outcome, safety)
-        if recommended == 0:
+        if outcome.max_batch_size is None:
             raise BatchfitError(
-                tr("{name}: batch size {best:,} ran but every smaller size tried down to 1 failed", name=workload.name, best=best),
-                hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`"),
+                tr(
+                    "{name} does not fit this GPU even at batch size 1 ({n_attempts} attempts, all out of memory)",
+                    name=workload.name,
+                    n_attempts=len(outcome.attempts),
+                ),
+                hint=tr(
+                    "use a smaller model or sequence, bf16/amp-bf16, an optimizer with less state (sgd), or a larger GPU; `batchfit estimate` shows where the memory goes"
+                ),
                 exit_code=ExitCode.DOES_NOT_FIT,
             )
-    notes.extend(outcome.notes)
-    if estimates and main:
-        _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
-    workspace = _conv_workspace_bytes(free)
-    notes.extend(cudnn_notes(outcome.attempts, best, workspace))
-    return ProbeResult(
-        model=workload.name,
-        device=where or (_device_name() if device == "cuda" else device),  # after the search: no CUDA context before
-        optimizer=str(spec.optimizer),
-        precision=spec.precision.name,
-        method=method,
-        start=start_at,
-        start_source=source,
-        estimated_max_batch_size=estimated_max,
-        max_batch_size=best,
-        first_failing_batch_size=outcome.first_failing_batch_size,
-        recommended_batch_size=recommended,
-        safety=safety,
-        attempts=outcome.attempts,
-        wall_seconds=time.perf_counter() - began,
-        isolate=isolate,
-        capped=outcome.capped,
-        notes=notes,
-        torch_version=_torch_version(),
-        world_size=ctx.world_size if ctx is not None else 1,
-        rank=ctx.rank if ctx is not None else 0,
-    )
+        best = outcome.max_batch_size
+        recommended = max(1, math.floor(safety * best))
+        if confirm:
+            say(f"confirming the recommended batch size {recommended:,}")
+            recommended = confirm_recommended(runner, outcome, safety)
+            if recommended == 0:
+                raise BatchfitError(
+                    tr("{name}: batch size {best:,} ran but every smaller size tried down to 1 failed", name=workload.name, best=best),
+                    hint=tr("the device is not behaving consistently (other processes on the GPU?); rerun with `isolate=True`"),
+                    exit_code=ExitCode.DOES_NOT_FIT,
+                )
+        notes.extend(outcome.notes)
+        if estimates and main:
+            _attach_estimates(outcome.attempts, workload, spec, free, alloc_conf, notes, say)
+        workspace = _conv_workspace_bytes(free)
+        notes.extend(cudnn_notes(outcome.attempts, best, workspace))
+        return ProbeResult(
+            model=workload.name,
+            device=where or (_device_name() if device == "cuda" else device),  # after the search: no CUDA context before
+            optimizer=str(spec.optimizer),
+            precision=spec.precision.name,
+            method=method,
+            start=start_at,
+            start_source=source,
+            estimated_max_batch_size=estimated_max,
+            max_batch_size=best,
+            first_failing_batch_size=outcome.first_failing_batch_size,
+            recommended_batch_size=recommended,
+            safety=safety,
+            attempts=outcome.attempts,
+            wall_seconds=time.perf_counter() - began,
+            isolate=isolate,
+            capped=outcome.capped,
+            notes=notes,
+            torch_version=_torch_version(),
+            world_size=ctx.world_size if ctx is not None else 1,
+            rank=ctx.rank if ctx is not None else 0,
+        )
 
 
 def _device_name() -> str:
