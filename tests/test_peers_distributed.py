@@ -29,7 +29,8 @@ zf = _load("zero_formulas")
 @pytest.fixture(scope="module")
 def t0_3b() -> tuple[int, int]:
     """bigscience/T0_3B's parameters as DeepSpeed counts them (AutoModel: T5Model, T5 v1.1 XL shape)."""
-    from transformers import T5Config, T5Model
+    transformers = pytest.importorskip("transformers")
+    T5Config, T5Model = transformers.T5Config, transformers.T5Model
 
     cfg = T5Config(
         d_model=2048,

@@ -382,7 +382,8 @@ def _timm_entry(name: str) -> ModelEntry:
         # without num_classes, timm's builder takes the head from the model's pretrained cfg
         # (timm/models/_builder.py, _update_default_model_kwargs): 1000 for ImageNet-1k models
         classes: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-        return timm.create_model(name, pretrained=False, **classes, **kwargs)
+        model: nn.Module = timm.create_model(name, pretrained=False, **classes, **kwargs)
+        return model
 
     return ModelEntry(build, default_input=default_input, description="timm", default_classes=None)
 
