@@ -46,8 +46,9 @@ the GradScaler (a few scalars; its ``unscale_`` works in place).
 ``--softmax-saves-input`` adds what torch 1.10 (the release of January 2022) saved that today's
 does not: softmax's *input* for its backward, besides its output (derivatives.yaml then read
 ``self: _softmax_backward_data(grad, result, dim, self)``; pytorch/pytorch#64000, "Softmax/logsoftmax
-use more memory for backward than needed", fixed for torch 1.11 by pytorch/pytorch#65242, "Avoid
-saving self for softmax and log_softmax"). In BERT's eager attention that input is the B x H x S x S
+use more memory for backward than needed", fixed by pytorch/pytorch#65242, "Avoid saving self for
+softmax and log_softmax", relanded as #66018 on 2021-10-01, three weeks before torch 1.10.0 was
+released from its branch: taken as first in 1.11). In BERT's eager attention that input is the B x H x S x S
 fp32 score tensor of every layer. Here ``torch.nn.functional.softmax`` (which transformers' BERT calls
 at run time) is swapped, while the estimate runs, for an autograd Function that saves both.
 
