@@ -143,12 +143,37 @@ def test_zero1_partition_as_zero_redundancy_optimizer_does() -> None:
         ({"gpus": 2, "strategy": "fsdp-hybrid"}, "needs `nodes=2`"),
         ({"strategy": "fsdp"}, "need `gpus=N`"),
         ({"gpus": 2, "strategy": "fsdp", "param_dtype": "fp8"}, "unknown `param_dtype`"),
+        # the verbs take the options as **kwargs (DistOptions): a misspelt one is refused, not ignored
+        ({"gpus": 2, "reshard": False}, "unknown distributed option 'reshard'"),
     ],
 )
 def test_bad_settings_say_what_to_do(kwargs: dict[str, object], words: str) -> None:
     with pytest.raises(BatchfitError) as err:
         make_dist(**kwargs)  # type: ignore[arg-type]
     assert words in err.value.message and err.value.hint
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        DistSpec(4, nodes=2, strategy="fsdp-hybrid", reshard_after_forward=False, param_dtype=torch.bfloat16, wrap="Block"),
+        DistSpec(3, strategy="zero1", bucket_cap_mb=10.0, gradient_as_bucket_view=True, static_graph=True),
+        DistSpec(2, strategy="fsdp", param_dtype=torch.float16, reduce_dtype=torch.float32, cpu_offload=True),
+    ],
+)
+def test_options_give_back_the_same_spec(spec: DistSpec) -> None:
+    # the CLI hands a DistSpec's options to estimate(): every field must survive the round trip
+    assert make_dist(**spec.options()) == spec
+
+
+def test_verbs_take_the_distributed_options_by_name() -> None:
+    import batchfit
+
+    options: batchfit.DistOptions = {"gpus": 2, "strategy": "zero1"}
+    r = batchfit.estimate(MODEL, INPUT, batch_size=2, device="cpu", optimizer="adam", threads=1, **options)
+    assert r.dist == DistSpec(2, strategy="zero1") and r.peak_rank is not None
+    with pytest.raises(BatchfitError, match="unknown distributed option 'nodez'"):
+        batchfit.estimate(MODEL, INPUT, batch_size=2, device="cpu", gpus=2, nodez=1)  # type: ignore[call-overload]
 
 
 def test_wrap_names_a_class_the_model_has() -> None:

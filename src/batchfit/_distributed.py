@@ -10,9 +10,8 @@ modelled from ``torch/csrc/distributed/c10d/reducer.cpp`` (docs/distributed.md).
 
 API (stable; ``_fit``, ``_plan`` and the distributed probe use it)::
 
-    DistSpec(world_size, nodes=1, strategy="ddp"|"zero1"|"fsdp"|"fsdp-hybrid",
-             reshard_after_forward=True, param_dtype=None, reduce_dtype=None, cpu_offload=False,
-             bucket_cap_mb=None, gradient_as_bucket_view=False, static_graph=False, wrap=None)
+    DistSpec(world_size, nodes=1, strategy="ddp"|"zero1"|"fsdp"|"fsdp-hybrid", **options)
+    make_dist(**options: DistOptions) -> DistSpec | None  # the verbs' keywords (gpus per node)
     estimate_ranks(workload, batch_size, spec: StepSpec, dist: DistSpec, *, budget=None,
                    alloc_config=None, cuda_workspaces=None, compute_capability=None) -> RankEstimates
     RankEstimates.ranks: list[RankEstimate]   # one per distinct rank: .rank, .same_as, .estimate
@@ -35,10 +34,11 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from ._errors import BatchfitError
 from ._i18n import tr
@@ -72,6 +72,52 @@ def parse_dtype(value: str | torch.dtype | None, option: str) -> torch.dtype | N
     return _DTYPES[key]
 
 
+class DistOptions(TypedDict, total=False):
+    """The distributed options of :func:`batchfit.estimate`, :func:`batchfit.fit` and
+    :func:`batchfit.plan` (keywords, all optional; docs/distributed.md). Without ``gpus`` the step
+    is one GPU's, and any other option is refused.
+
+    ``gpus``: GPUs per node (with ``device="cpu"``: gloo processes); ``nodes``: machines (the world
+    size is ``gpus * nodes``); ``strategy``: ``ddp`` (default), ``zero1``, ``fsdp`` or
+    ``fsdp-hybrid``. FSDP2: ``reshard_after_forward`` (default True), ``param_dtype`` /
+    ``reduce_dtype`` (``MixedPrecisionPolicy``: bf16, fp16, fp32), ``cpu_offload``
+    (``CPUOffloadPolicy``), ``wrap`` (the block class to shard). DDP and ZeRO-1: ``bucket_cap_mb``
+    (default 25 with a 1 MiB first bucket), ``gradient_as_bucket_view``, ``static_graph``.
+
+    >>> options: DistOptions = {"gpus": 8, "strategy": "fsdp"}
+    >>> make_dist(**options).describe()
+    'fsdp on 8 GPUs (1 node), reshard after forward'
+    """
+
+    gpus: int | None
+    nodes: int
+    strategy: str | None
+    reshard_after_forward: bool
+    param_dtype: str | torch.dtype | None
+    reduce_dtype: str | torch.dtype | None
+    cpu_offload: bool
+    bucket_cap_mb: float | None
+    gradient_as_bucket_view: bool
+    static_graph: bool
+    wrap: str | None
+
+
+# each option's value when not given (DistSpec's fields have the same names, ``gpus`` aside)
+DIST_DEFAULTS: DistOptions = {
+    "gpus": None,
+    "nodes": 1,
+    "strategy": None,
+    "reshard_after_forward": True,
+    "param_dtype": None,
+    "reduce_dtype": None,
+    "cpu_offload": False,
+    "bucket_cap_mb": None,
+    "gradient_as_bucket_view": False,
+    "static_graph": False,
+    "wrap": None,
+}
+
+
 @dataclass(frozen=True)
 class DistSpec:
     """How the step is spread over ranks (``world_size`` = all GPUs, ``nodes`` machines).
@@ -97,21 +143,11 @@ class DistSpec:
     static_graph: bool = False
     wrap: str | None = None
 
-    def options(self) -> dict[str, Any]:
-        """The keyword options of :func:`batchfit.estimate` (and :func:`make_dist`) that make this spec."""
-        return {
-            "gpus": self.world_size // self.nodes,
-            "nodes": self.nodes,
-            "strategy": self.strategy,
-            "reshard_after_forward": self.reshard_after_forward,
-            "param_dtype": None if self.param_dtype is None else str(self.param_dtype).removeprefix("torch."),
-            "reduce_dtype": None if self.reduce_dtype is None else str(self.reduce_dtype).removeprefix("torch."),
-            "cpu_offload": self.cpu_offload,
-            "bucket_cap_mb": self.bucket_cap_mb,
-            "gradient_as_bucket_view": self.gradient_as_bucket_view,
-            "static_graph": self.static_graph,
-            "wrap": self.wrap,
-        }
+    def options(self) -> DistOptions:
+        """The keyword options (:class:`DistOptions`) of :func:`batchfit.estimate` that make this spec."""
+        out = self.to_dict()
+        out["gpus"] = out.pop("world_size") // self.nodes
+        return cast(DistOptions, out)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -689,56 +725,34 @@ def estimate_ranks(
     return out
 
 
-def make_dist(
-    gpus: int | None = None,
-    *,
-    nodes: int = 1,
-    strategy: str | None = None,
-    reshard_after_forward: bool = True,
-    param_dtype: str | torch.dtype | None = None,
-    reduce_dtype: str | torch.dtype | None = None,
-    cpu_offload: bool = False,
-    bucket_cap_mb: float | None = None,
-    gradient_as_bucket_view: bool = False,
-    static_graph: bool = False,
-    wrap: str | None = None,
-) -> DistSpec | None:
-    """The :class:`DistSpec` the verbs' options ask for (``gpus`` per node), or None for one GPU
-    without distributed options (the single-process estimate). One place for API and CLI.
+def make_dist(world: int | None = None, /, **options: Unpack[DistOptions]) -> DistSpec | None:
+    """The :class:`DistSpec` the verbs' options ask for (:class:`DistOptions`; ``gpus`` per node,
+    or given first), or None for one GPU without distributed options (the single-process
+    estimate). One place for API and CLI.
 
     >>> make_dist(4, strategy="fsdp").world_size
     4
     >>> make_dist() is None
     True
     """
-    others = (
-        strategy is not None
-        or nodes != 1
-        or not reshard_after_forward
-        or param_dtype is not None
-        or reduce_dtype is not None
-        or cpu_offload
-        or bucket_cap_mb is not None
-        or gradient_as_bucket_view
-        or static_graph
-        or wrap is not None
-    )
+    unknown = sorted(set(options) - set(DIST_DEFAULTS))
+    if unknown:
+        raise BatchfitError(
+            tr("unknown distributed option {name!r}", name=unknown[0]),
+            hint=tr("use one of {names}", names=", ".join(DIST_DEFAULTS)),
+        )
+    defaults: dict[str, Any] = dict(DIST_DEFAULTS)
+    values = {**defaults, **options}
+    if world is not None:
+        values["gpus"] = world
+    gpus = values.pop("gpus")
     if gpus is None:
-        if others:
+        if any(values[name] != defaults[name] for name in values):
             raise BatchfitError(
                 tr("distributed options need `gpus=N` (GPUs per node)"), hint=tr("add `gpus=2` (or more), or drop them")
             )
         return None
-    return DistSpec(
-        gpus * nodes,
-        nodes,
-        (strategy or "ddp").strip().lower(),
-        reshard_after_forward,
-        parse_dtype(param_dtype, "`param_dtype`"),
-        parse_dtype(reduce_dtype, "`reduce_dtype`"),
-        cpu_offload,
-        bucket_cap_mb,
-        gradient_as_bucket_view,
-        static_graph,
-        wrap,
-    )
+    values["strategy"] = (values["strategy"] or "ddp").strip().lower()
+    for name in ("param_dtype", "reduce_dtype"):
+        values[name] = parse_dtype(values[name], f"`{name}`")
+    return DistSpec(gpus * values["nodes"], **values)
