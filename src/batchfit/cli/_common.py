@@ -391,7 +391,22 @@ _DIST_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
             "--gradient-as-bucket-view", help="DDP: gradient_as_bucket_view=True (gradients live in the buckets)."
         ),
     ),
-    "static_graph": (bool, False, typer.Option("--static-graph", help="DDP: static_graph=True.")),
+    "static_graph": (
+        bool,
+        False,
+        typer.Option(
+            "--static-graph",
+            help="DDP: static_graph=True (the first iteration reduces every bucket after the backward).",
+        ),
+    ),
+    "broadcast_buffers": (
+        bool,
+        True,
+        typer.Option(
+            "--broadcast-buffers/--no-broadcast-buffers",
+            help="DDP: broadcast_buffers (default on, as DDP's: the buffers are broadcast from rank 0 at each forward).",
+        ),
+    ),
     "wrap": (
         Optional[str],  # noqa: UP045
         None,
