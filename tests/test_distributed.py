@@ -112,6 +112,16 @@ def test_buffer_broadcast_matches_real_gloo_processes(buffer_truth: dict[str, li
     assert peak == max(buffer_truth[name])
 
 
+def test_ddp_under_autocast_matches_real_gloo_processes() -> None:
+    # DDP users train in mixed precision with autocast (the torch.amp recipe; DDP's own
+    # mixed_precision= is private and not simulated): buckets in the parameters' dtype, bf16 activations
+    spec = make_spec("cpu", "adam", "amp-bf16", threads=1)
+    dist = DistSpec(2)
+    (measured,) = measure_ranks(NORM_MODEL, BATCH, spec, [dist], input_size=INPUT, repeats=3)
+    estimated = estimate_ranks(load_workload(NORM_MODEL, INPUT), BATCH, spec, dist)
+    assert [estimated.peak.estimate.peak_allocated_bytes] * 2 == [m.peak_allocated_bytes for m in measured]
+
+
 def test_buffer_broadcast_is_in_the_peak(buffer_truth: dict[str, list[int]]) -> None:
     # a check that the comparison above can fail: on this model the broadcast's flat copy of the
     # float buffers (160,232 B) makes the peak, so an estimate that leaves the broadcast out (as
