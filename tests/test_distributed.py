@@ -77,7 +77,10 @@ NOT_YET_EXACT = {
 def buffer_truth() -> dict[str, list[int]]:
     """Each rank's measured peak at world 2 on the model with buffers, by setting."""
     dists = [DistSpec(2, **settings) for settings in BUFFER_SETTINGS.values()]  # type: ignore[arg-type]
-    measured = measure_ranks(NORM_MODEL, BATCH, _spec(), dists, input_size=INPUT, repeats=3)
+    # five counts, not three: on torch 2.11 the lowest of three was still above the estimate now and
+    # then on default DDP with buffers (+76 B on rank 1 once, +416 B on rank 0 once; exact in other
+    # runs), the missed frees on gloo's threads that only ever add bytes (docs/distributed.md)
+    measured = measure_ranks(NORM_MODEL, BATCH, _spec(), dists, input_size=INPUT, repeats=5)
     return {name: [m.peak_allocated_bytes for m in ranks] for name, ranks in zip(BUFFER_SETTINGS, measured)}
 
 
