@@ -48,6 +48,7 @@ from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
 from ._i18n import tr
+from ._loss_kernels import unreduced_loss
 from ._models import Workload, fake_state, state_in_place
 from ._quantize import quantized_note
 from ._step import (
@@ -206,6 +207,10 @@ class _StorageBirthRecorder(TorchDispatchMode):
                     tracer.track(t)
         if tracer.unlinked_scalars:
             tracer.output_of_scalar_op(out)
+        kept = unreduced_loss(func, args, kwargs, tracer.device_type)
+        if kept is not None:  # the result keeps the unreduced storage, and the kernel holds more (_loss_kernels)
+            tracer.resize(out, kept[0])
+            tracer.release(tracer.held(kept[1]))
         if held:
             tracer.release(held)
         if tracer.cuda_workspaces is not None:
@@ -793,6 +798,13 @@ class _Replay:
             tracer.current_holders = []
             edges, outs = _call_node(node, inputs_)
             del inputs_
+            # engine.cpp call_function: validate_outputs reduces (sum_to) and casts every output
+            # before evaluate_function releases the node's saved tensors, so a broadcast bias's
+            # reduced gradient is born while they are still alive
+            outs = tuple(
+                self._validate(nxt, nr, grad) if nxt is not None and grad is not None else grad
+                for (nxt, nr), grad in zip(edges, outs)
+            )
             # a forward re-run inside the node (checkpointing) may stop early, inside a module
             del tracer.module_stack[depth:], tracer.module_calls[depth - 1 :]
             if not keep_graph:
