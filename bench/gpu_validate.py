@@ -342,9 +342,8 @@ def _kernel_setup(kind: str, p: dict[str, Any], device: str, cc: tuple[int, int]
         args = (x, y, 1) if p["op"] == "mse_loss" else (x, y, None, 1)
         kept = unreduced_loss(func, args, {}, "cuda")
         assert kept is not None
-        # the result's storage (measured as `outputs_bytes`) is kept[0]; the buffers are held through the op
-        program = [("alloc", f"held{i}", n) for i, n in enumerate(kept[1])]
-        return (lambda: func(*args)), program
+        # the result's storage (measured as `outputs_bytes`) is kept[0]; kept[1] what the op holds inside
+        return (lambda: func(*args)), kept[1]
     if kind == "foreach_norm":
         ts = [torch.randn(n, device=device) if real else torch.empty(n, device=device) for n in p["numels"]]
         return (lambda: torch._foreach_norm(ts, 2)), cs.foreach_norm_program(ts)

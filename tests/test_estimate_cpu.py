@@ -159,7 +159,9 @@ def test_losses_whose_result_keeps_the_unreduced_storage(loss: str, batch_size: 
     assert est == real
 
 
-def test_named_mse_loss_matches_a_real_step() -> None:
-    w = _tiny_linear()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_named_mse_loss_matches_a_real_step_in_other_dtypes(dtype: torch.dtype) -> None:
+    """bf16: mean_out sums into an fp32 copy of the result from an fp32 copy of the input (was 84 B under)."""
+    w = Workload("linear", nn.Linear(4, 3).to(dtype), inputs=(InputSpec((4,), dtype),))
     est = estimate(w, batch_size=8, optimizer="sgd", device="cpu", loss="mse").peak_allocated_bytes
     assert est == measure_step(w, 8, make_spec("cpu", "sgd", loss="mse")).peak_allocated_bytes

@@ -29,7 +29,7 @@ result), 96 (``loss``), 8, 4, then -4, -8, -96; the result keeps its 96 bytes.
 >>> import torch
 >>> x = torch.empty(8, 3)
 >>> unreduced_loss(torch.ops.aten.mse_loss.default, (x, x, 1), {}, "cpu")
-(96, [96, 8, 4])
+(96, [('alloc', 'loss', 96), ('alloc', 'divisor', 8), ('alloc', 'divisor_cast', 4)])
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+Step = tuple[Any, ...]  # ("alloc", name, nbytes) or ("free", name), as in _cuda_scratch
 
 _MEAN, _NONE = 1, 0
 _HALF = (torch.float16, torch.bfloat16)
@@ -47,20 +49,33 @@ def _reduction(args: tuple[Any, ...], kwargs: dict[str, Any], position: int) -> 
     return int(value)
 
 
-def cpu_mean_scalars(dtype: torch.dtype) -> list[int]:
-    """Bytes ``at::mean_out`` holds inside itself on the CPU for a 0-dim result of ``dtype``
-    (ReduceOps.cpp ``TORCH_IMPL_FUNC(mean_out)``): an fp32 copy of a half result, the wrapped
-    ``int64_t`` divisor (8) and its cast to the dtype it divides."""
+def cpu_mean_program(dtype: torch.dtype, numel: int) -> list[Step]:
+    """What ``at::mean_out`` holds inside itself on the CPU for a 0-dim result of ``dtype``, reducing
+    ``numel`` elements (ReduceOps.cpp ``TORCH_IMPL_FUNC(mean_out)``): a half result is summed into
+    an fp32 copy, from an fp32 copy of the input (``sum_out`` with ``sum_out_dtype``, freed when it
+    returns); then ``div_(dim_prod)`` wraps the ``int64_t`` divisor (8 bytes) and casts it to the
+    dtype it divides."""
     if dtype in _HALF:
-        return [4, 8, 4]
-    return [8, dtype.itemsize] if dtype != torch.int64 else [8]
+        return [
+            ("alloc", "result_fp32", 4),
+            ("alloc", "input_fp32", numel * 4),
+            ("free", "input_fp32"),
+            ("alloc", "divisor", 8),
+            ("alloc", "divisor_cast", 4),
+        ]
+    prog: list[Step] = [("alloc", "divisor", 8)]
+    if dtype != torch.int64:
+        prog.append(("alloc", "divisor_cast", dtype.itemsize))
+    return prog
 
 
 def unreduced_loss(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], device: str
-) -> tuple[int, list[int]] | None:
-    """(bytes the result's storage really has, bytes held inside the op, in their order) for a
-    loss that reduces into the unreduced storage; None for any other op or ``reduction='none'``."""
+) -> tuple[int, list[Step]] | None:
+    """(bytes the result's storage really has, the buffers the op holds inside itself as a program
+    of ``("alloc", name, nbytes)`` / ``("free", name)`` steps; what is left is freed at the end,
+    newest first) for a loss that reduces into the unreduced storage; None for any other op or
+    ``reduction='none'``."""
     rule = _RULES.get(func)
     if rule is None:
         return None
@@ -70,15 +85,13 @@ def unreduced_loss(
         return None
     x, y = args[0], args[1]
     dtype = torch.result_type(x, y) if structured else x.dtype
-    unreduced = torch.broadcast_shapes(x.shape, y.shape) if structured else x.shape
-    nbytes = int(torch.Size(unreduced).numel()) * dtype.itemsize
-    cpu = device == "cpu"
-    scalars = cpu_mean_scalars(dtype) if cpu and reduction == _MEAN else []
-    if structured:
-        # the implementation's own `loss` (unreduced), then what mean_out holds while it divides
-        return nbytes, [nbytes, *scalars]
-    # apply_loss_reduction's 0-dim result (and on the CPU mean's scalars), copied back, then freed
-    return nbytes, [dtype.itemsize, *scalars]
+    numel = int(torch.Size(torch.broadcast_shapes(x.shape, y.shape) if structured else x.shape).numel())
+    nbytes = numel * dtype.itemsize
+    mean = cpu_mean_program(dtype, numel) if device == "cpu" and reduction == _MEAN else []
+    if structured:  # the implementation's own unreduced `loss`, then the reduction into the result
+        return nbytes, [("alloc", "loss", nbytes), *mean]
+    # apply_loss_reduction's 0-dim result (with mean's buffers on the CPU), copied back, then freed
+    return nbytes, [("alloc", "reduced", dtype.itemsize), *mean]
 
 
 # op -> (position of `reduction` in its schema, whether it is the structured mse/smooth_l1 kind)

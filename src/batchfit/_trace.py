@@ -210,7 +210,7 @@ class _StorageBirthRecorder(TorchDispatchMode):
         kept = unreduced_loss(func, args, kwargs, tracer.device_type)
         if kept is not None:  # the result keeps the unreduced storage, and the kernel holds more (_loss_kernels)
             tracer.resize(out, kept[0])
-            tracer.release(tracer.held(kept[1]))
+            tracer.run_program(kept[1], "temporaries")
         if held:
             tracer.release(held)
         if tracer.cuda_workspaces is not None:
@@ -383,11 +383,18 @@ class _Tracer:
         program = kernel_scratch(func, args, kwargs, self.compute_capability)
         if not program:
             return
+        sids = self.run_program(program, "workspaces")
+        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
+
+    def run_program(self, program: list[tuple[Any, ...]], category: str) -> list[int]:
+        """Buffers a kernel takes and gives back inside one op, as a program of ``("alloc", name,
+        nbytes)`` / ``("free", name)`` steps in the kernel's order (what is left is freed at the
+        end, newest first); returns the buffers' storage ids in allocation order."""
         held: dict[str, _Storage] = {}
         sids = []
         for step in program:
             if step[0] == "alloc":
-                rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], "workspaces", self.iteration)
+                rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], category, self.iteration)
                 held[step[1]] = rec
                 sids.append(rec.sid)
                 self.raw.append(("alloc", rec))
@@ -395,7 +402,7 @@ class _Tracer:
                 self.raw.append(("free", held.pop(step[1])))
         for rec in reversed(held.values()):
             self.raw.append(("free", rec))
-        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
+        return sids
 
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """The real kernel makes this output another size than the meta kernel says (its birth record is fixed)."""
