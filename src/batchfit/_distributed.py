@@ -461,7 +461,9 @@ def wrap_model(
     return model
 
 
-def _fsdp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
+def _fsdp_placement(
+    dist: DistSpec, spec: StepSpec, mesh: Any
+) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
     from ._trace import Placed
 
     @contextlib.contextmanager
@@ -470,13 +472,29 @@ def _fsdp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.
         # CPUOffloadPolicy keeps the shards (and so gradients and optimizer state) in host memory:
         # the tracer counts the card's tensors only
         m.to_empty(device="cpu" if dist.cpu_offload else device)
+        # the device mesh's rank map, held by every FSDP2 state for the run: init_device_mesh makes it
+        # with torch.arange(world, dtype=torch.int) on the CPU "regardless of" the mesh's device
+        # (device_mesh.py, init_device_mesh -> DeviceMesh._rank_map), so it is host memory: counted by
+        # a CPU (gloo) trace, never on the card (the tracer counts the trace's device only)
+        rank_map = torch.empty_like(_rank_map(mesh), device="cpu")
         build = None
         if dist.cpu_offload:
             # the optimizer steps on the host's shards: torch.optim picks its implementation there
             build = functools.partial(spec.optimizer.build, device_type="cpu")
-        yield Placed(labeller=lambda mark: _label_fsdp(m, mark), build_optimizer=build)
+
+        def label(mark: Callable[[torch.Tensor, str], None]) -> None:
+            mark(rank_map, "communication")
+            _label_fsdp(m, mark)
+
+        yield Placed(labeller=label, build_optimizer=build)
 
     return place
+
+
+def _rank_map(mesh: Any) -> torch.Tensor:
+    """The one tensor a DeviceMesh holds (``_rank_map`` on torch 2.11 and 2.14; ``mesh`` on older ones)."""
+    held = getattr(mesh, "_rank_map", None)
+    return held if isinstance(held, torch.Tensor) else mesh.mesh
 
 
 def _label_fsdp(model: nn.Module, mark: Callable[[torch.Tensor, str], None]) -> None:
@@ -508,7 +526,8 @@ class _Reducer:
       second forward) reassigns them in the order their gradients became ready, with limits
       ``[first_bucket_bytes_cap, bucket_bytes_cap]``: the old buffers are cleared first.
     - ``mark_variable_ready_dense`` -> ``copy_grad_to_bucket``: ``at::mul_out(bucket_view, grad,
-      wrapped_scalar_tensor(1 / world_size))`` (the wrapped scalar is an 8-byte CPU tensor); with
+      wrapped_scalar_tensor(1 / world_size))`` (the wrapped scalar is an 8-byte CPU tensor, which
+      TensorIterator casts to the gradient's dtype on the CPU, a 0-dim copy); with
       ``gradient_as_bucket_view`` the parameter's ``.grad`` becomes the bucket's view (the gradient
       AccumulateGrad made dies); otherwise ``finalize_bucket_dense`` copies the reduced bucket back
       into ``.grad`` (``grad.copy_(bucket_view)``, no new memory).
@@ -568,11 +587,12 @@ class _Reducer:
         assert grad is not None
         if grad.untyped_storage()._cdata == view.untyped_storage()._cdata:
             return  # already the bucket's view (gradient_as_bucket_view, after the first step)
-        # copy_grad_to_bucket: wrapped_scalar_tensor(1 / div_factor), an 8-byte double on the CPU
-        # alive through the copy, in both modes
-        scale = torch.tensor(1.0 / self.dist.world_size, dtype=torch.float64, device="cpu")
-        torch.mul(grad, scale, out=view)
-        del scale
+        # copy_grad_to_bucket: at::mul_out(bucket_view, grad, wrapped_scalar_tensor(1 / div_factor)),
+        # in both modes. A Python number reaches aten.mul.out as the same wrapped 0-dim double, so
+        # the tracer counts it as it counts every wrapped number on the CPU (_cpu_scalars: 8 bytes
+        # through the op, and TensorIterator's 0-dim cast of it to the gradient's dtype, 4 bytes for
+        # fp32); on CUDA the scalar is a kernel argument and neither is device memory
+        torch.mul(grad, 1.0 / self.dist.world_size, out=view)
         if self.dist.gradient_as_bucket_view:
             param.grad = view
 
@@ -669,7 +689,7 @@ def estimate_ranks(
                 mesh = _mesh(dist, spec.device)
                 with _fake_outside_trace(spec.device):
                     wrap_model(model, dist, spec.device, mesh, pin_memory=False)
-                placement = _fsdp_placement(dist, spec)
+                placement = _fsdp_placement(dist, spec, mesh)
             else:
                 placement = _ddp_placement(dist, spec)
             local = dataclasses.replace(workload, model=model)
