@@ -20,6 +20,7 @@ from batchfit._distributed import DistSpec, distinct_ranks, estimate_ranks, fake
 from batchfit._estimate import make_spec
 from batchfit._models import load_workload
 from batchfit.cli import app
+from dist_models import clipped_step
 
 MODEL = f"{Path(__file__).with_name('dist_models.py')}:Blocks"
 INPUT = [12]
@@ -63,6 +64,53 @@ def test_each_rank_matches_real_gloo_processes(truth: dict[tuple[str, int], list
     per_rank, peak = _estimated(name, world)
     assert per_rank == truth[(name, world)]
     assert peak == max(truth[(name, world)])
+
+
+# Steps other than the reference loop, per rank against the same gloo processes (world 2): a user's
+# step, inference, and a training run's tail (the epoch's last batch and an evaluation pass)
+VARIANTS = {
+    "step": {"step": clipped_step},
+    "inference": {"mode": "inference"},
+    "tail": {"last_batch": 3, "eval_batch_size": 16},
+}
+VARIANT_SETTINGS = ("ddp", "fsdp")
+
+
+def _variant_spec(variant: str):  # type: ignore[no-untyped-def]
+    return make_spec("cpu", "adam", threads=1, **VARIANTS[variant])  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def variant_truth() -> dict[tuple[str, str], list[int]]:
+    out = {}
+    for variant in VARIANTS:
+        dists = [DistSpec(2, **SETTINGS[name]) for name in VARIANT_SETTINGS]  # type: ignore[arg-type]
+        measured = measure_ranks(MODEL, BATCH, _variant_spec(variant), dists, input_size=INPUT, repeats=2)
+        for name, ranks in zip(VARIANT_SETTINGS, measured):
+            out[(variant, name)] = [m.peak_allocated_bytes for m in ranks]
+    return out
+
+
+@pytest.mark.parametrize("name", VARIANT_SETTINGS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_other_steps_match_real_gloo_processes(
+    variant_truth: dict[tuple[str, str], list[int]], variant: str, name: str
+) -> None:
+    workload = load_workload(MODEL, INPUT)
+    result = estimate_ranks(workload, BATCH, _variant_spec(variant), DistSpec(2, **SETTINGS[name]))  # type: ignore[arg-type]
+    by_rank = {r: rank.estimate.peak_allocated_bytes for rank in result.ranks for r in rank.same_as}
+    assert [by_rank[0], by_rank[1]] == variant_truth[(variant, name)]
+
+
+def test_the_last_batch_is_each_ranks_share_of_the_epoch() -> None:
+    """``last_batch='auto'`` per rank: DistributedSampler gives each of 7 ranks ceil(60000 / 7) =
+    8,572 MNIST samples, so the last batch of 64 holds 8,572 mod 64 = 60 (one GPU: 60,000 mod 64 = 32)."""
+    workload = load_workload("mlp", dataset="mnist")
+    spec = make_spec("cpu", "sgd", threads=1, last_batch="auto")
+    est = estimate_ranks(workload, 64, spec, DistSpec(7, strategy="ddp")).peak.estimate
+    start = next(i for p, it, i in est.marks if p == "forward" and it == 3)
+    first_input = next(e for e in est.events[start:] if e.action == "alloc" and e.category == "inputs")
+    assert first_input.nbytes == 60 * 784 * 4
 
 
 def test_ranks_differ_where_shards_are_uneven(truth: dict[tuple[str, int], list[int]]) -> None:
@@ -145,7 +193,9 @@ def test_cli_json_gives_every_rank_and_the_peaking_ones_figures() -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("shapes", [[(61, 29), (61,), (29, 61), (29,), (12,)], [(12, 29), (24,)]], ids=["uneven", "even"])
+@pytest.mark.parametrize(
+    "shapes", [[(61, 29), (61,), (29, 61), (29,), (12,)], [(12, 29), (24,)]], ids=["uneven", "even"]
+)
 def test_chunk_cat_padding_is_what_the_cpu_kernel_allocates(world: int, shapes: list[tuple[int, ...]]) -> None:
     """FSDP2's reduce-scatter copy-in (``_chunk_cat``) pads, on the CPU, each gradient whose dim 0
     does not divide by the world size (TensorShape.cpp ``_pad_chunk``): the rule against the real

@@ -663,16 +663,13 @@ def estimate_ranks(
     compute_capability: tuple[int, int] | None = None,
 ) -> RankEstimates:
     """Trace the step once per distinct rank (:func:`distinct_ranks`) on the fake group and replay
-    each rank's timeline like a single-process one; ``batch_size`` is per rank."""
+    each rank's timeline like a single-process one; ``batch_size`` is per rank. ``spec`` is any step
+    one GPU takes: the reference loop or a user's ``step``, a training run's tail (the epoch's last
+    batch from the rank's share of the dataset, :func:`rank_workload`), or inference (a forward under
+    ``no_grad`` through the wrapped model: FSDP2 still gathers each block, DDP still holds its buckets)."""
     from ._estimate import estimate_trace
     from ._trace import trace_step
 
-    if spec.mode != "train":
-        raise BatchfitError(tr("`gpus` applies to training steps"), hint=tr("drop `gpus` for `mode='inference'`"))
-    if spec.step is not None:
-        raise BatchfitError(
-            tr("`step` with `gpus` is not simulated yet"), hint=tr("use the reference loop, or estimate one GPU")
-        )
     if dist.cpu_offload and spec.device != "cuda":
         raise BatchfitError(
             tr("`cpu_offload` moves FSDP2's parameters off the GPU to the host: it applies to `device='cuda'`"),
@@ -692,7 +689,7 @@ def estimate_ranks(
                 placement = _fsdp_placement(dist, spec, mesh)
             else:
                 placement = _ddp_placement(dist, spec)
-            local = dataclasses.replace(workload, model=model)
+            local = rank_workload(dataclasses.replace(workload, model=model), dist)
             trace = trace_step(
                 local,
                 batch_size,
@@ -707,6 +704,26 @@ def estimate_ranks(
             est.breakdown.setdefault(cat, 0)
         out.ranks.append(RankEstimate(rank, group, est))
     return out
+
+
+def rank_dataset_size(train_size: int, world_size: int) -> int:
+    """Samples one rank sees per epoch: ``DistributedSampler`` (torch/utils/data/distributed.py, the
+    default ``drop_last=False``) pads the dataset to a multiple of the world size and gives each rank
+    ``ceil(len(dataset) / num_replicas)``; the epoch's last batch on a rank is that modulo the batch size.
+
+    >>> rank_dataset_size(60000, 7)
+    8572
+    """
+    return -(-train_size // world_size)
+
+
+def rank_workload(workload: Workload, dist: DistSpec) -> Workload:
+    """``workload`` as one rank sees it: its training set is the rank's share (:func:`rank_dataset_size`),
+    which sets ``last_batch='auto'`` per rank."""
+    if workload.dataset is None or dist.world_size == 1:
+        return workload
+    share = rank_dataset_size(workload.dataset.train_size, dist.world_size)
+    return dataclasses.replace(workload, dataset=dataclasses.replace(workload.dataset, train_size=share))
 
 
 def make_dist(
