@@ -207,3 +207,17 @@ def test_chunk_cat_padding_is_what_the_cpu_kernel_allocates(world: int, shapes: 
     rise, _ = _profile_rise(lambda: torch._chunk_cat(grads, 0, world, out=out))
     assert _chunk_cat_padding((grads, 0, world), {"out": out}) == rise
     assert (rise > 0) == (shapes[0][0] % world != 0)
+
+
+def test_cli_step_with_gpus() -> None:
+    step = f"{Path(__file__).with_name('dist_models.py')}:clipped_step"
+    args = ["estimate", MODEL, "--input", "12", "--device", "cpu", "--threads", "1", "--optimizer", "adam"]
+    args += ["-b", "8", "--gpus", "2", "--strategy", "fsdp", "--step", step, "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)["results"][0]
+    # the same step as the library's (test_other_steps_match_real_gloo_processes checks it against gloo)
+    spec = make_spec("cpu", "adam", threads=1, step=clipped_step)
+    expected = estimate_ranks(load_workload(MODEL, INPUT), BATCH, spec, DistSpec(2, strategy="fsdp"))
+    assert out["peak_allocated_bytes"] == expected.peak.estimate.peak_allocated_bytes
+    assert sorted(r for entry in out["ranks"] for r in entry["ranks"]) == [0, 1]
