@@ -52,3 +52,13 @@ class NormBlocks(Blocks):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+
+def clipped_step(model, inputs, labels, optimizer):  # type: ignore[no-untyped-def]
+    """A user's ``--step`` (``fn(model, inputs, labels, optimizer)``): cross-entropy, backward, the
+    gradients clipped, one optimizer step. Importable by name (``dist_models``) in spawned processes."""
+    loss = torch.nn.functional.cross_entropy(model(*inputs), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

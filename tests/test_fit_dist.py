@@ -102,3 +102,14 @@ def test_the_global_batch_cap_counts_gradient_accumulation() -> None:
     assert r.max_batch_size * 4 * 3 > 60_000
     assert r.recommended_batch_size == 5_000 and r.global_recommended_batch_size == 60_000
     assert any("capped at the mnist training set" in n and "x 3 micro-batches" in n for n in r.notes)
+
+
+def test_fit_checks_the_whole_run_on_every_rank() -> None:
+    """``last_batch='auto'`` with ``gpus``: the tail is each rank's (DistributedSampler gives each of
+    2 ranks ceil(60,000 / 2) = 30,000 MNIST samples), checked on every distinct rank at the answer."""
+    r = fit("mlp", gpus=2, last_batch="auto", **SETTING)
+    last = 30_000 % r.max_batch_size
+    assert last > 0  # the check below needs a short last batch
+    assert any(f"the epoch's last batch ({last:,} at the max)" in n for n in r.notes), r.notes
+    assert r.dist == make_dist(2) and r.estimate_at_max.ranks
+    assert all(x.estimate.fits for x in r.estimate_at_max.ranks)

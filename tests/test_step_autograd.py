@@ -259,3 +259,65 @@ def test_a_step_that_asks_the_cuda_driver_gets_a_hint() -> None:
         estimate("mlp", dataset="mnist", batch_size=8, device="cuda", step=_asks_the_driver)
     assert "step function's backward" in info.value.message
     assert info.value.hint is not None and "torch.cuda.is_available()" in info.value.hint
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient hooks on non-leaf tensors (FSDP2's pre-backward hook), replayed before their node
+
+
+class HookedResidual(nn.Module):
+    """Residual blocks whose outputs carry a gradient hook that returns the gradient unchanged."""
+
+    def __init__(self, hooked: bool, width: int = 29, blocks: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 61), nn.ReLU(), nn.Linear(61, width)) for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, 7)
+        self.hooked = hooked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+            if self.hooked and x.requires_grad:
+                x.register_hook(lambda grad: grad)
+        return self.head(x)
+
+
+def test_a_gradient_hook_that_returns_its_input_changes_no_byte() -> None:
+    """The engine keeps a hook's result in the input buffer only; a reference the replay kept
+    would make the next accumulation into that buffer a copy (input_buffer.cpp accumulates in
+    place only when it holds the last reference), a whole gradient too many."""
+    import contextlib
+    from collections.abc import Iterator
+
+    from batchfit._models import fake_state, state_in_place
+    from batchfit._trace import Placed, trace_step
+
+    @contextlib.contextmanager
+    def placement(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Iterator[Placed]:
+        # a placement turns on the replay of tensor hooks (what FSDP2's placement relies on)
+        with state_in_place(model, fake_state(model, device, dtype=dtype)):
+            yield Placed()
+
+    def allocs(hooked: bool) -> list[int]:
+        with torch.device("meta"):
+            model = HookedResidual(hooked)
+        workload = Workload("hooked", model, (InputSpec((29,)),))
+        trace = trace_step(workload, 8, make_spec("cpu", "adam"), placement=placement)
+        return [e.nbytes for e in trace.events if e.action == "alloc"]
+
+    assert allocs(True) == allocs(False)
+
+
+def test_a_bias_gradient_is_reduced_before_the_node_releases_its_saved_input() -> None:
+    """engine.cpp: call_function runs validate_outputs (the bias gradient's sum_to_size) before
+    evaluate_function releases the node's saved tensors. Here the head's saved input (the GELU's
+    output, which nothing else keeps) is still alive when the head's bias gradient is made, at the
+    step's peak (SGD: no optimizer state; a wide head: its gradients are the largest tensors)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(12, 29), nn.GELU(), nn.Linear(29, 1000))
+    workload = Workload("wide_head", model, (InputSpec((12,)),))
+    est = estimate(workload, batch_size=8, optimizer="sgd", device="cpu", threads=1)
+    real = measure_step(workload, 8, make_spec("cpu", "sgd", threads=1))
+    assert est.peak_allocated_bytes == real.peak_allocated_bytes

@@ -25,11 +25,32 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_flatten, tree_map
 
 
+def _chunk_cat_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """``_chunk_cat``'s CPU kernel (aten/src/ATen/native/TensorShape.cpp ``_chunk_cat`` /
+    ``_chunk_cat_out`` -> ``_pad_chunk``) copies every input whose size along ``dim`` does not divide
+    by ``num_chunks`` into ``tensor.new_zeros(padded_size)``, all held until ``cat`` has read them.
+    FSDP2's reduce-scatter copy-in calls it on the unsharded gradients (``_fsdp_collectives.py``
+    ``foreach_reduce_scatter_copy_in``). CUDA's kernel (aten/src/ATen/native/cuda/TensorShape.cu
+    ``_chunk_cat_out_cuda``) copies contiguous inputs directly and pads nothing."""
+    named = dict(zip(("tensors", "dim", "num_chunks"), args)) | kwargs
+    tensors, dim, num_chunks = named["tensors"], named["dim"], named["num_chunks"]
+    total = 0
+    for t in tensors:
+        d = dim % t.dim() if t.dim() else 0
+        size = list(t.shape)
+        padded = -(-size[d] // num_chunks) * num_chunks
+        if padded != size[d]:
+            total += t.numel() // max(size[d], 1) * padded * t.element_size()
+    return total
+
+
 @dataclass(frozen=True)
 class ScratchOp:
     batched: tuple[int, ...] = ()  # positions of arguments whose dim 0 is the batch (to shrink huge calls)
     keeps_outputs: bool = False  # its real outputs feed a later op that reads opaque state
     needs_forward: bool = False  # reads a forward's opaque outputs: run on those, never on random data
+    # the scratch from the kernel's source instead of a measurement (args, kwargs -> bytes)
+    rule: Callable[[tuple[Any, ...], dict[str, Any]], int] | None = None
 
 
 SCRATCH_OPS: dict[str, ScratchOp] = {
@@ -38,6 +59,11 @@ SCRATCH_OPS: dict[str, ScratchOp] = {
     "aten.native_batch_norm_backward.default": ScratchOp((0, 1)),
     "aten.mkldnn_rnn_layer.default": ScratchOp(keeps_outputs=True),
     "aten.mkldnn_rnn_layer_backward.default": ScratchOp(needs_forward=True),
+    "aten._chunk_cat.default": ScratchOp(rule=_chunk_cat_padding),
+    "aten._chunk_cat.out": ScratchOp(rule=_chunk_cat_padding),
+    # FSDP2's own op around it (_fsdp_collectives.py ``chunk_cat``: torch._chunk_cat(..., out=out)),
+    # whose inner call runs below the tracer's mode
+    "fsdp.chunk_cat.default": ScratchOp(rule=_chunk_cat_padding),
 }
 _MAX_REAL_BYTES = 256 * 1024**2  # larger calls are measured at batch 1 and 2 and extrapolated
 
@@ -59,6 +85,8 @@ class ScratchMeter:
     def measure(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> tuple[int, bool]:
         """Peak rise inside ``func`` beyond its outputs, in bytes, and whether it was extrapolated."""
         op = SCRATCH_OPS[str(func)]
+        if op.rule is not None:
+            return op.rule(args, kwargs), False
         key = _key(func, args, kwargs)
         if key in self._cache and not op.keeps_outputs and not op.needs_forward:
             return self._cache[key]

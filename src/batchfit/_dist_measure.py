@@ -27,10 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._distributed import DistSpec, wrap_model
+from ._distributed import DistSpec, rank_dataset_size, wrap_model
 from ._errors import BatchfitError
 from ._i18n import tr
-from ._step import Batch, StepSpec, batch_inputs, batch_maker, label_choice, run_step, unique_trainable
+from ._step import (
+    Batch,
+    StepSpec,
+    batch_inputs,
+    batch_maker,
+    label_choice,
+    run_step,
+    tail_sizes,
+    unique_trainable,
+)
 
 
 @dataclass
@@ -159,6 +168,7 @@ def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cpu")
+    size = workload.dataset.train_size if workload.dataset is not None else None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = copy.deepcopy(workload.model).to("meta")
         if dist.strategy.startswith("fsdp"):
@@ -180,17 +190,20 @@ def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec
                 # only when off: torch 2.14 warns that the argument is deprecated (forward_sync_buffers)
                 **off_by_default,
             )
-        params = unique_trainable(model)
-        if dist.strategy == "zero1":
-            from ._distributed import _zero_optimizer
-
-            optimizer = _zero_optimizer(params, spec, device)
-        else:
-            optimizer = spec.optimizer.build(params, device_type="cpu")
+        optimizer = None
+        labels = None
         inputs = batch_inputs(workload, batch_size, device, None, values=True)
-        choice = label_choice(run_model, inputs, spec)
-        labels = choice.labels()
-        del choice, params
+        if spec.mode == "train":  # inference: no optimizer, no labels (as _measure.measure_step)
+            params = unique_trainable(model)
+            if dist.strategy == "zero1":
+                from ._distributed import _zero_optimizer
+
+                optimizer = _zero_optimizer(params, spec, device)
+            else:
+                optimizer = spec.optimizer.build(params, device_type="cpu")
+            choice = label_choice(run_model, inputs, spec)
+            labels = choice.labels()
+            del choice, params
         batch = Batch(inputs, labels)
         del inputs, labels
         with _window():
@@ -201,6 +214,7 @@ def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec
                 optimizer,
                 backward=lambda loss: loss.backward(),
                 new_batch=batch_maker(workload, device, None, values=True),
+                tail=tail_sizes(spec, batch_size, size and rank_dataset_size(size, dist.world_size)),
             )
             del batch
     peak, before = _peak(prof)

@@ -504,7 +504,9 @@ def wrap_model(
     return model
 
 
-def _fsdp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
+def _fsdp_placement(
+    dist: DistSpec, spec: StepSpec, mesh: Any
+) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
     from ._trace import Placed
 
     @contextlib.contextmanager
@@ -513,13 +515,29 @@ def _fsdp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.
         # CPUOffloadPolicy keeps the shards (and so gradients and optimizer state) in host memory:
         # the tracer counts the card's tensors only
         m.to_empty(device="cpu" if dist.cpu_offload else device)
+        # the device mesh's rank map, held by every FSDP2 state for the run: init_device_mesh makes it
+        # with torch.arange(world, dtype=torch.int) on the CPU "regardless of" the mesh's device
+        # (device_mesh.py, init_device_mesh -> DeviceMesh._rank_map), so it is host memory: counted by
+        # a CPU (gloo) trace, never on the card (the tracer counts the trace's device only)
+        rank_map = torch.empty_like(_rank_map(mesh), device="cpu")
         build = None
         if dist.cpu_offload:
             # the optimizer steps on the host's shards: torch.optim picks its implementation there
             build = functools.partial(spec.optimizer.build, device_type="cpu")
-        yield Placed(labeller=lambda mark: _label_fsdp(m, mark), build_optimizer=build)
+
+        def label(mark: Callable[[torch.Tensor, str], None]) -> None:
+            mark(rank_map, "communication")
+            _label_fsdp(m, mark)
+
+        yield Placed(labeller=label, build_optimizer=build)
 
     return place
+
+
+def _rank_map(mesh: Any) -> torch.Tensor:
+    """The one tensor a DeviceMesh holds (``_rank_map`` on torch 2.11 and 2.14; ``mesh`` on older ones)."""
+    held = getattr(mesh, "_rank_map", None)
+    return held if isinstance(held, torch.Tensor) else mesh.mesh
 
 
 def _label_fsdp(model: nn.Module, mark: Callable[[torch.Tensor, str], None]) -> None:
@@ -551,7 +569,8 @@ class _Reducer:
       second forward) reassigns them in the order their gradients became ready, with limits
       ``[first_bucket_bytes_cap, bucket_bytes_cap]``: the old buffers are cleared first.
     - ``mark_variable_ready_dense`` -> ``copy_grad_to_bucket``: ``at::mul_out(bucket_view, grad,
-      wrapped_scalar_tensor(1 / world_size))`` (the wrapped scalar is an 8-byte CPU tensor); with
+      wrapped_scalar_tensor(1 / world_size))`` (the wrapped scalar is an 8-byte CPU tensor, which
+      TensorIterator casts to the gradient's dtype on the CPU, a 0-dim copy); with
       ``gradient_as_bucket_view`` the parameter's ``.grad`` becomes the bucket's view (the gradient
       AccumulateGrad made dies); otherwise ``finalize_bucket_dense`` copies the reduced bucket back
       into ``.grad`` (``grad.copy_(bucket_view)``, no new memory).
@@ -641,11 +660,12 @@ class _Reducer:
         assert grad is not None
         if grad.untyped_storage()._cdata == view.untyped_storage()._cdata:
             return  # already the bucket's view (gradient_as_bucket_view, after the first step)
-        # copy_grad_to_bucket: wrapped_scalar_tensor(1 / div_factor), an 8-byte double on the CPU
-        # alive through the copy, in both modes
-        scale = torch.tensor(1.0 / self.dist.world_size, dtype=torch.float64, device="cpu")
-        torch.mul(grad, scale, out=view)
-        del scale
+        # copy_grad_to_bucket: at::mul_out(bucket_view, grad, wrapped_scalar_tensor(1 / div_factor)),
+        # in both modes. A Python number reaches aten.mul.out as the same wrapped 0-dim double, so
+        # the tracer counts it as it counts every wrapped number on the CPU (_cpu_scalars: 8 bytes
+        # through the op, and TensorIterator's 0-dim cast of it to the gradient's dtype, 4 bytes for
+        # fp32); on CUDA the scalar is a kernel argument and neither is device memory
+        torch.mul(grad, 1.0 / self.dist.world_size, out=view)
         if self.dist.gradient_as_bucket_view:
             param.grad = view
 
@@ -771,16 +791,13 @@ def estimate_ranks(
     compute_capability: tuple[int, int] | None = None,
 ) -> RankEstimates:
     """Trace the step once per distinct rank (:func:`distinct_ranks`) on the fake group and replay
-    each rank's timeline like a single-process one; ``batch_size`` is per rank."""
+    each rank's timeline like a single-process one; ``batch_size`` is per rank. ``spec`` is any step
+    one GPU takes: the reference loop or a user's ``step``, a training run's tail (the epoch's last
+    batch from the rank's share of the dataset, :func:`rank_workload`), or inference (a forward under
+    ``no_grad`` through the wrapped model: FSDP2 still gathers each block, DDP still holds its buckets)."""
     from ._estimate import estimate_trace
     from ._trace import trace_step
 
-    if spec.mode != "train":
-        raise BatchfitError(tr("`gpus` applies to training steps"), hint=tr("drop `gpus` for `mode='inference'`"))
-    if spec.step is not None:
-        raise BatchfitError(
-            tr("`step` with `gpus` is not simulated yet"), hint=tr("use the reference loop, or estimate one GPU")
-        )
     if dist.cpu_offload and spec.device != "cuda":
         raise BatchfitError(
             tr("`cpu_offload` moves FSDP2's parameters off the GPU to the host: it applies to `device='cuda'`"),
@@ -797,10 +814,10 @@ def estimate_ranks(
                 mesh = _mesh(dist, spec.device)
                 with _fake_outside_trace(spec.device):
                     wrap_model(model, dist, spec.device, mesh, pin_memory=False)
-                placement = _fsdp_placement(dist, spec)
+                placement = _fsdp_placement(dist, spec, mesh)
             else:
                 placement = _ddp_placement(dist, spec)
-            local = dataclasses.replace(workload, model=model)
+            local = rank_workload(dataclasses.replace(workload, model=model), dist)
             trace = trace_step(
                 local,
                 batch_size,
@@ -815,6 +832,26 @@ def estimate_ranks(
             est.breakdown.setdefault(cat, 0)
         out.ranks.append(RankEstimate(rank, group, est))
     return out
+
+
+def rank_dataset_size(train_size: int, world_size: int) -> int:
+    """Samples one rank sees per epoch: ``DistributedSampler`` (torch/utils/data/distributed.py, the
+    default ``drop_last=False``) pads the dataset to a multiple of the world size and gives each rank
+    ``ceil(len(dataset) / num_replicas)``; the epoch's last batch on a rank is that modulo the batch size.
+
+    >>> rank_dataset_size(60000, 7)
+    8572
+    """
+    return -(-train_size // world_size)
+
+
+def rank_workload(workload: Workload, dist: DistSpec) -> Workload:
+    """``workload`` as one rank sees it: its training set is the rank's share (:func:`rank_dataset_size`),
+    which sets ``last_batch='auto'`` per rank."""
+    if workload.dataset is None or dist.world_size == 1:
+        return workload
+    share = rank_dataset_size(workload.dataset.train_size, dist.world_size)
+    return dataclasses.replace(workload, dataset=dataclasses.replace(workload.dataset, train_size=share))
 
 
 def make_dist(world: int | None = None, /, **options: Unpack[DistOptions]) -> DistSpec | None:

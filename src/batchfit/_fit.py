@@ -512,21 +512,25 @@ def fit(
     est = Estimator(
         workload, spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes, dist=dist
     )
-    if dist is not None:
-        if run_spec.has_tail:
-            raise BatchfitError(
-                tr("`last_batch` / `eval_batch_size` with `gpus` are not modelled yet"),
-                hint=tr("drop them (the steady step per GPU), or fit one GPU"),
-                exit_code=ExitCode.UNSUPPORTED,
-            )
-        return _fit_ranks(est, safety, progress or (lambda text: None))
-    if run_spec.has_tail:
-        run_est = Estimator(
-            workload, run_spec, gpu=gpu, memory=memory, free=free, alloc_conf=alloc_conf, context_bytes=context_bytes
-        )
-        steady = _fit_steady(est, safety, progress)
-        return _check_tail(run_est, steady, safety, progress or (lambda text: None))
-    return _fit_steady(est, safety, progress)
+    steady = (
+        _fit_ranks(est, safety, progress or (lambda text: None))
+        if dist is not None
+        else _fit_steady(est, safety, progress)
+    )
+    if not run_spec.has_tail:
+        return steady
+    # the whole run (its tail too) at the answer; with several GPUs, on every distinct rank
+    run_est = Estimator(
+        workload,
+        run_spec,
+        gpu=gpu,
+        memory=memory,
+        free=free,
+        alloc_conf=alloc_conf,
+        context_bytes=context_bytes,
+        dist=dist,
+    )
+    return _check_tail(run_est, steady, safety, progress or (lambda text: None))
 
 
 def _fit_steady(est: Estimator, safety: float, progress: Callable[[str], None] | None = None) -> FitResult:
@@ -815,8 +819,7 @@ def _fit_ranks(est: Estimator, safety: float, say: Callable[[str], None]) -> Fit
     assert budget is not None and dist is not None
 
     def fits_at(b: int) -> bool:
-        e = est.at(b)
-        return all(r.estimate.fits for r in e.ranks) if e.ranks else bool(e.fits)
+        return _fits_every_rank(est.at(b))
 
     say(f"estimating every rank at batch sizes 1 and 2 ({dist.describe()})")
     first = est.at(1)
@@ -865,6 +868,11 @@ def _fit_ranks(est: Estimator, safety: float, say: Callable[[str], None]) -> Fit
     )
 
 
+def _fits_every_rank(e: StepEstimate) -> bool:
+    """Whether the step fits: on every distinct rank when there are several GPUs."""
+    return all(r.estimate.fits for r in e.ranks) if e.ranks else bool(e.fits)
+
+
 def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Callable[[str], None]) -> FitResult:
     """Lower the steady step's max and recommendation until the whole run (the tail too) fits.
 
@@ -878,16 +886,21 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
 
     def at(b: int) -> StepEstimate:
         if b not in traced:
-            traced[b] = estimate_trace(run_est.trace(b), run_est.workload, run_est.spec, budget, run_est.alloc_config)
+            # several GPUs: every distinct rank's whole run (the peaking rank's estimate carries them)
+            traced[b] = (
+                run_est.at(b)
+                if run_est.dist is not None
+                else estimate_trace(run_est.trace(b), run_est.workload, run_est.spec, budget, run_est.alloc_config)
+            )
         return traced[b]
 
     lowest = 2 if any("batch size 1 cannot train" in n for n in steady.notes) else 1
 
     def largest_fitting(upper: int) -> int:
         """``upper`` when its run fits, else the largest size below found by bisection."""
-        if at(upper).fits:
+        if _fits_every_rank(at(upper)):
             return upper
-        if not at(lowest).fits:
+        if not _fits_every_rank(at(lowest)):
             plain = _does_not_fit(run_est, at(lowest))
             eval_size = run_est.spec.eval_batch_size
             advice = [tr("a smaller `eval_batch_size` than {size:,}", size=eval_size)] if eval_size else []
@@ -902,7 +915,7 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
         lo, hi = lowest, upper
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if at(mid).fits else (lo, mid)
+            lo, hi = (mid, hi) if _fits_every_rank(at(mid)) else (lo, mid)
         return lo
 
     say("tracing the whole run (with its tail) at the max and at the recommended size")
@@ -919,7 +932,12 @@ def _check_tail(run_est: Estimator, steady: FitResult, safety: float, say: Calla
     finally:
         if ahead is not None:
             ahead.cancel()
-    tail = tail_sizes(run_est.spec, best, steady.dataset_size)
+    size = steady.dataset_size
+    if size is not None and run_est.dist is not None:
+        from ._distributed import rank_dataset_size
+
+        size = rank_dataset_size(size, run_est.dist.world_size)  # each rank's share of the epoch
+    tail = tail_sizes(run_est.spec, best, size)
     parts = [f"the epoch's last batch ({tail.last_batch:,} at the max)"] if tail.last_batch else []
     parts += [f"an evaluation pass at batch {tail.eval_batch_size:,}"] if tail.eval_batch_size else []
     notes = list(steady.notes)

@@ -801,6 +801,10 @@ class _Replay:
                         changed = hook(inputs_[nr])
                         if changed is not None:
                             inputs_[nr] = changed
+                        # the engine holds the gradient in the input buffer only: a local kept here
+                        # would be one more reference, and the buffer's accumulation further down
+                        # (input_buffer.cpp: in place only when it holds the last one) would copy
+                        del changed
             depth = len(tracer.module_stack)
             tracer.current_holders = []
             edges, outs = _call_node(node, inputs_)
@@ -814,6 +818,12 @@ class _Replay:
             )
             # a forward re-run inside the node (checkpointing) may stop early, inside a module
             del tracer.module_stack[depth:], tracer.module_calls[depth - 1 :]
+            # engine.cpp call_function: validate_outputs (a bias's sum_to_size, dtype casts) runs as
+            # part of the call, before evaluate_function releases the node's saved tensors
+            outs = tuple(
+                self._validate(nxt, nr, grad) if nxt is not None and grad is not None else grad
+                for (nxt, nr), grad in zip(edges, outs)
+            )
             if not keep_graph:
                 self._release(node)
             for (nxt, nr), grad in zip(edges, outs):
