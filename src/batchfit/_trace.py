@@ -809,17 +809,11 @@ class _Replay:
             tracer.current_holders = []
             edges, outs = _call_node(node, inputs_)
             del inputs_
-            # engine.cpp call_function: validate_outputs reduces (sum_to) and casts every output
-            # before evaluate_function releases the node's saved tensors, so a broadcast bias's
-            # reduced gradient is born while they are still alive
-            outs = tuple(
-                self._validate(nxt, nr, grad) if nxt is not None and grad is not None else grad
-                for (nxt, nr), grad in zip(edges, outs)
-            )
             # a forward re-run inside the node (checkpointing) may stop early, inside a module
             del tracer.module_stack[depth:], tracer.module_calls[depth - 1 :]
             # engine.cpp call_function: validate_outputs (a bias's sum_to_size, dtype casts) runs as
-            # part of the call, before evaluate_function releases the node's saved tensors
+            # part of the call, before evaluate_function releases the node's saved tensors, so a
+            # broadcast bias's reduced gradient is born while they are still alive
             outs = tuple(
                 self._validate(nxt, nr, grad) if nxt is not None and grad is not None else grad
                 for (nxt, nr), grad in zip(edges, outs)
