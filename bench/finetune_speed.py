@@ -34,8 +34,9 @@ IMPORT = (
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, this child's own peak RSS in GiB (os.wait4's rusage), and its output."""
+def timed(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user + system), this child's own peak RSS in GiB (os.wait4's
+    rusage), and its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     with tempfile.TemporaryFile("w+") as out:
         start = time.perf_counter()
@@ -47,7 +48,13 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
         text = out.read()
     if child.returncode not in (0, 4):  # 4: does not fit even at batch size 1, an answer too
         raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{text}")
-    return seconds, usage.ru_maxrss / 2**20, text  # ru_maxrss is in KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    return seconds, cpu, usage.ru_maxrss / 2**20, text  # ru_maxrss is in KiB on Linux
+
+
+def load() -> str:
+    """The 1-minute load average: on a shared machine the wall time follows it, the CPU time much less."""
+    return f"load average {os.getloadavg()[0]:.1f}"
 
 
 def main() -> None:
@@ -56,14 +63,22 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(COMMANDS), help="time one command (and the import)")
     args = parser.parse_args()
     for _ in range(args.runs):
-        seconds, rss, _ = timed([sys.executable, "-c", IMPORT])
-        print(f"import torch+transformers+peft and build the 8B model on meta: {seconds:.1f} s, {rss:.2f} GiB")
+        before = load()
+        seconds, cpu, rss, _ = timed([sys.executable, "-c", IMPORT])
+        print(
+            f"import torch+transformers+peft and build the 8B model on meta: {seconds:.1f} s wall, "
+            f"{cpu:.1f} s CPU, {rss:.2f} GiB ({before} at the start)"
+        )
         for name, argv in COMMANDS.items():
             if args.only is not None and name != args.only:
                 continue
-            seconds, rss, out = timed([sys.executable, "-m", "batchfit", *argv])
+            before = load()
+            seconds, cpu, rss, out = timed([sys.executable, "-m", "batchfit", *argv])
             print(out.strip())
-            print(f"batchfit {' '.join(argv)}: {seconds:.1f} s, peak RSS {rss:.2f} GiB\n")
+            print(
+                f"batchfit {' '.join(argv)}: {seconds:.1f} s wall, {cpu:.1f} s CPU, peak RSS {rss:.2f} GiB "
+                f"({before} at the start)\n"
+            )
 
 
 if __name__ == "__main__":

@@ -305,3 +305,32 @@ def test_cli_step_with_gpus() -> None:
     expected = estimate_ranks(load_workload(MODEL, INPUT), BATCH, spec, DistSpec(2, strategy="fsdp"))
     assert out["peak_allocated_bytes"] == expected.peak.estimate.peak_allocated_bytes
     assert sorted(r for entry in out["ranks"] for r in entry["ranks"]) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "world", "strategy"),
+    [
+        ({}, 3, "fsdp"),  # dimension 0 of 29, 61 and 7 does not divide by 3: ranks differ
+        ({}, 3, "zero1"),
+        ({"dim": 32, "hidden": 64, "classes": 8}, 4, "fsdp"),  # every dimension divides by 4: one group
+    ],
+)
+def test_one_trace_per_group_is_each_ranks_own(
+    monkeypatch: pytest.MonkeyPatch, sizes: dict[str, int], world: int, strategy: str
+) -> None:
+    """estimate_ranks traces one rank per group of distinct_ranks and gives its answer to the whole
+    group: every rank traced on its own gives the same timeline, event for event."""
+    import batchfit._distributed as distributed
+
+    workload = load_workload(MODEL, INPUT, **sizes)
+    dist = DistSpec(world, strategy=strategy)  # type: ignore[arg-type]
+    shared = estimate_ranks(workload, 4, _spec(), dist)
+    groups = distinct_ranks(workload.model, dist)
+    assert [r.same_as for r in shared.ranks] == groups
+    assert (groups == [list(range(world))]) == bool(sizes)
+    monkeypatch.setattr(distributed, "distinct_ranks", lambda m, d: [[r] for r in range(d.world_size)])
+    alone = estimate_ranks(workload, 4, _spec(), dist)
+    timeline = {r.rank: [tuple(e) for e in r.estimate.events] for r in alone.ranks}
+    for entry in shared.ranks:
+        for r in entry.same_as:
+            assert timeline[r] == [tuple(e) for e in entry.estimate.events], (entry.rank, r)

@@ -46,6 +46,7 @@ from ._cuda_scratch import KernelCall, describe, kernel_scratch
 from ._errors import BatchfitError, ExitCode
 from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
+from ._fake_memo import fake_dispatch
 from ._fast_kernels import run_fast
 from ._i18n import tr
 from ._loss_kernels import unreduced_loss
@@ -86,9 +87,17 @@ _CUDNN_CONV_OPS = frozenset(("aten.convolution", "aten.convolution_backward", "a
 # In-place foreach ops (a foreach optimizer's bulk) allocate nothing and change no metadata: on
 # fake tensors they have no effect either, so the tracer skips them instead of letting the fake
 # mode run them tensor by tensor.
+@functools.cache
 def _is_foreach_inplace(packet: Any) -> bool:
     name = packet.__name__.rsplit(".", 1)[-1]
     return name.startswith("_foreach_") and name.endswith("_") and not name.endswith("__")
+
+
+@functools.cache
+def _op_family(func: Any) -> str:
+    """``aten.mm`` for ``aten.mm.default``: the name without the overload (ops are asked once, then
+    remembered: ``str`` of an op costs a Python call per traced op)."""
+    return str(func).rsplit(".", 1)[0]
 
 
 @dataclass
@@ -184,7 +193,7 @@ class _StorageBirthRecorder(TorchDispatchMode):
         out = run_fast(func, args, kwargs)
         if out is None:
             try:
-                out = func(*args, **kwargs)
+                out = fake_dispatch(func, args, kwargs)
             except (DataDependentOutputException, DynamicOutputShapeException):
                 out = tracer.values.answer(func, args, kwargs)  # computed for real from known values
                 if out is None:
@@ -356,7 +365,7 @@ class _Tracer:
         call, freed when the call returns (modelled here as a transient after the outputs).
         """
         assert self.cuda_workspaces is not None
-        name = str(func).rsplit(".", 1)[0]
+        name = _op_family(func)
         if name in _CUBLAS_OPS:
             thread = "autograd" if self.phase == "backward" else "main"
             if thread not in self.cublas_threads:
