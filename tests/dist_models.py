@@ -6,6 +6,7 @@ shards), and the ZeRO-1 partition differs between ranks.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -31,6 +32,23 @@ class Blocks(nn.Module):
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class NormBlocks(Blocks):
+    """:class:`Blocks` with a BatchNorm1d after the input layer and a 40,000-float buffer read in
+    the forward: buffers for DDP to broadcast at each forward (two float vectors and an int64 count,
+    and one large enough that the broadcast's flat copy of the float buffers makes the peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(29)
+        self.register_buffer("table", torch.ones(40_000))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        x = self.norm(self.inp(x)) * self.table[:29]
         for block in self.blocks:
             x = block(x)
         return self.head(x)

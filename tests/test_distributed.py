@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,11 +28,22 @@ BATCH = 8
 SETTINGS = {
     "ddp": {"strategy": "ddp"},
     "ddp-bucket-view": {"strategy": "ddp", "gradient_as_bucket_view": True},
+    # static_graph: the reducer's used-parameter maps, the first iteration's _DDPSink clone of the
+    # outputs and its delayed copies into the buckets, no bucket rebuild before the third forward
+    "ddp-static-graph": {"strategy": "ddp", "static_graph": True},
     "zero1": {"strategy": "zero1"},
     "fsdp": {"strategy": "fsdp"},
     "fsdp-no-reshard": {"strategy": "fsdp", "reshard_after_forward": False},
 }
 WORLDS = (2, 3)
+# DDP's buffer broadcast at each forward, on a model with buffers (BatchNorm and a large table)
+NORM_MODEL = f"{Path(__file__).with_name('dist_models.py')}:NormBlocks"
+BUFFER_SETTINGS = {
+    "ddp-buffers": {"strategy": "ddp"},
+    "ddp-no-broadcast": {"strategy": "ddp", "broadcast_buffers": False},
+    "ddp-buffers-static-graph": {"strategy": "ddp", "static_graph": True},
+    "zero1-buffers": {"strategy": "zero1"},
+}
 
 
 def _spec():  # type: ignore[no-untyped-def]
@@ -61,9 +73,21 @@ NOT_YET_EXACT = {
 }
 
 
+@pytest.fixture(scope="module")
+def buffer_truth() -> dict[str, list[int]]:
+    """Each rank's measured peak at world 2 on the model with buffers, by setting."""
+    dists = [DistSpec(2, **settings) for settings in BUFFER_SETTINGS.values()]  # type: ignore[arg-type]
+    # five counts, not three: on torch 2.11 the lowest of three was still above the estimate now and
+    # then on default DDP with buffers (+76 B on rank 1 once, +416 B on rank 0 once; exact in other
+    # runs), the missed frees on gloo's threads that only ever add bytes (docs/distributed.md)
+    measured = measure_ranks(NORM_MODEL, BATCH, _spec(), dists, input_size=INPUT, repeats=5)
+    return {name: [m.peak_allocated_bytes for m in ranks] for name, ranks in zip(BUFFER_SETTINGS, measured)}
+
+
 def _estimated(name: str, world: int) -> tuple[list[int], int]:
-    workload = load_workload(MODEL, INPUT)
-    result = estimate_ranks(workload, BATCH, _spec(), DistSpec(world, **SETTINGS[name]))  # type: ignore[arg-type]
+    model, settings = (NORM_MODEL, BUFFER_SETTINGS[name]) if name in BUFFER_SETTINGS else (MODEL, SETTINGS[name])
+    workload = load_workload(model, INPUT)
+    result = estimate_ranks(workload, BATCH, _spec(), DistSpec(world, **settings))  # type: ignore[arg-type]
     by_rank = {r: rank.estimate.peak_allocated_bytes for rank in result.ranks for r in rank.same_as}
     return [by_rank[r] for r in range(world)], result.peak.estimate.peak_allocated_bytes
 
@@ -82,6 +106,31 @@ def test_each_rank_matches_real_gloo_processes(truth: dict[tuple[str, int], list
     per_rank, peak = _estimated(name, world)
     assert per_rank == truth[(name, world)]
     assert peak == max(truth[(name, world)])
+
+
+@pytest.mark.parametrize("name", list(BUFFER_SETTINGS))
+def test_buffer_broadcast_matches_real_gloo_processes(buffer_truth: dict[str, list[int]], name: str) -> None:
+    per_rank, peak = _estimated(name, 2)
+    assert per_rank == buffer_truth[name]
+    assert peak == max(buffer_truth[name])
+
+
+def test_ddp_under_autocast_matches_real_gloo_processes() -> None:
+    # DDP users train in mixed precision with autocast (the torch.amp recipe; DDP's own
+    # mixed_precision= is private and not simulated): buckets in the parameters' dtype, bf16 activations
+    spec = make_spec("cpu", "adam", "amp-bf16", threads=1)
+    dist = DistSpec(2)
+    (measured,) = measure_ranks(NORM_MODEL, BATCH, spec, [dist], input_size=INPUT, repeats=3)
+    estimated = estimate_ranks(load_workload(NORM_MODEL, INPUT), BATCH, spec, dist)
+    assert [estimated.peak.estimate.peak_allocated_bytes] * 2 == [m.peak_allocated_bytes for m in measured]
+
+
+def test_buffer_broadcast_is_in_the_peak(buffer_truth: dict[str, list[int]]) -> None:
+    # a check that the comparison above can fail: on this model the broadcast's flat copy of the
+    # float buffers (160,232 B) makes the peak, so an estimate that leaves the broadcast out (as
+    # before it was modelled: the no-broadcast figure) is below the truth on every rank
+    without = _estimated("ddp-no-broadcast", 2)[0]
+    assert all(real > est for real, est in zip(buffer_truth["ddp-buffers"], without))
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -140,9 +189,12 @@ def test_zero1_partition_as_zero_redundancy_optimizer_does() -> None:
         ({"gpus": 2, "strategy": "zero3"}, "unknown strategy"),
         ({"gpus": 2, "strategy": "ddp", "reshard_after_forward": False}, "`reshard_after_forward=False` applies to"),
         ({"gpus": 2, "strategy": "fsdp", "bucket_cap_mb": 10}, "`bucket_cap_mb` applies to"),
+        ({"gpus": 2, "strategy": "fsdp", "broadcast_buffers": False}, "`broadcast_buffers=False` applies to"),
         ({"gpus": 2, "strategy": "fsdp-hybrid"}, "needs `nodes=2`"),
         ({"strategy": "fsdp"}, "need `gpus=N`"),
         ({"gpus": 2, "strategy": "fsdp", "param_dtype": "fp8"}, "unknown `param_dtype`"),
+        # the verbs take the options as **kwargs (DistOptions): a misspelt one is refused, not ignored
+        ({"gpus": 2, "reshard": False}, "unknown distributed option 'reshard'"),
     ],
 )
 def test_bad_settings_say_what_to_do(kwargs: dict[str, object], words: str) -> None:
@@ -151,18 +203,47 @@ def test_bad_settings_say_what_to_do(kwargs: dict[str, object], words: str) -> N
     assert words in err.value.message and err.value.hint
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        DistSpec(4, nodes=2, strategy="fsdp-hybrid", reshard_after_forward=False, param_dtype=torch.bfloat16, wrap="Block"),
+        DistSpec(3, strategy="zero1", bucket_cap_mb=10.0, gradient_as_bucket_view=True, static_graph=True),
+        DistSpec(2, strategy="ddp", broadcast_buffers=False),
+        DistSpec(2, strategy="fsdp", param_dtype=torch.float16, reduce_dtype=torch.float32, cpu_offload=True),
+    ],
+)
+def test_options_give_back_the_same_spec(spec: DistSpec) -> None:
+    # the CLI hands a DistSpec's options to estimate(): every field must survive the round trip
+    assert make_dist(**spec.options()) == spec
+
+
+def test_verbs_take_the_distributed_options_by_name() -> None:
+    import batchfit
+
+    options: batchfit.DistOptions = {"gpus": 2, "strategy": "zero1"}
+    r = batchfit.estimate(MODEL, INPUT, batch_size=2, device="cpu", optimizer="adam", threads=1, **options)
+    assert r.dist == DistSpec(2, strategy="zero1") and r.peak_rank is not None
+    with pytest.raises(BatchfitError, match="unknown distributed option 'nodez'"):
+        batchfit.estimate(MODEL, INPUT, batch_size=2, device="cpu", gpus=2, nodez=1)  # type: ignore[call-overload]
+
+
 def test_wrap_names_a_class_the_model_has() -> None:
     workload = load_workload(MODEL, INPUT)
     with pytest.raises(BatchfitError, match="no module of class"):
         estimate_ranks(workload, 2, _spec(), DistSpec(2, strategy="fsdp", wrap="LlamaDecoderLayer"))
 
 
-def test_cli_json_gives_every_rank_and_the_peaking_ones_figures() -> None:
-    args = ["estimate", MODEL, "--input", "12", "--device", "cpu", "--threads", "1", "--optimizer", "adam"]
-    args += ["-b", "8", "--gpus", "3", "--strategy", "fsdp", "--json"]
-    res = CliRunner().invoke(app, args)
+def _cli_estimate(model: str, *options: str) -> dict[str, Any]:
+    """``batchfit estimate MODEL ... --json`` on the CPU at batch 8 (Adam, one thread): the first result."""
+    args = ["estimate", model, "--input", "12", "--device", "cpu", "--threads", "1", "--optimizer", "adam"]
+    res = CliRunner().invoke(app, [*args, "-b", "8", *options, "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)["results"][0]
+    out: dict[str, Any] = json.loads(res.output)["results"][0]
+    return out
+
+
+def test_cli_json_gives_every_rank_and_the_peaking_ones_figures() -> None:
+    out = _cli_estimate(MODEL, "--gpus", "3", "--strategy", "fsdp")
     ranks = out["ranks"]
     assert sorted(r for entry in ranks for r in entry["ranks"]) == [0, 1, 2]
     peak = max(ranks, key=lambda r: r["peak_allocated_bytes"])
@@ -171,3 +252,10 @@ def test_cli_json_gives_every_rank_and_the_peaking_ones_figures() -> None:
     # the breakdown adds up to the peak, sharded and gathered parameters apart
     assert sum(peak["breakdown"].values()) == peak["peak_allocated_bytes"]
     assert {"parameters", "gathered_parameters", "communication"} <= set(peak["breakdown"])
+
+
+def test_cli_takes_the_ddp_options() -> None:
+    out = _cli_estimate(NORM_MODEL, "--gpus", "2", "--static-graph", "--no-broadcast-buffers")
+    spec = DistSpec(2, static_graph=True, broadcast_buffers=False)
+    expected = estimate_ranks(load_workload(NORM_MODEL, INPUT), BATCH, _spec(), spec).peak.estimate
+    assert out["peak_allocated_bytes"] == expected.peak_allocated_bytes

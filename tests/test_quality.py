@@ -20,6 +20,7 @@ PUBLIC = [
     "AllocatorResult",
     "BatchfitError",
     "DatasetInfo",
+    "DistOptions",
     "DoesNotFit",
     "EstimateReport",
     "ExitCode",

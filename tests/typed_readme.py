@@ -25,3 +25,6 @@ def readme_example(my_module: nn.Module) -> None:
     assert_type(batchfit.sweep("mlp", dataset="digits", epochs=10, lr=0.05).recommended_batch_size, int)
     w = batchfit.load_workload("hf:Qwen/Qwen2.5-0.5B", seq_len=1024, lora=16, gradient_checkpointing=True)
     assert_type(batchfit.fit(w, gpu="rtx4090", optimizer="adamw", precision="bf16").max_batch_size, int)
+    assert_type(batchfit.fit("mlp", dataset="mnist", gpus=8, strategy="fsdp").global_recommended_batch_size, int)
+    options: batchfit.DistOptions = {"gpus": 2, "strategy": "ddp", "bucket_cap_mb": 10}
+    assert_type(batchfit.plan("mlp", dataset="mnist", **options).fit.max_batch_size, int)

@@ -15,6 +15,7 @@ from ._allocator import AllocatorConfig, AllocatorResult
 from ._allocator import simulate as simulate_allocator
 from ._calibrate import calibrate
 from ._datasets import DatasetInfo, get_dataset
+from ._distributed import DistOptions
 from ._errors import BatchfitError, ExitCode
 from ._estimate import EstimateReport, StepEstimate, estimate
 from ._fit import DoesNotFit, FitResult, fit
@@ -34,6 +35,7 @@ __all__ = [
     "AllocatorResult",
     "BatchfitError",
     "DatasetInfo",
+    "DistOptions",
     "DoesNotFit",
     "EstimateReport",
     "ExitCode",

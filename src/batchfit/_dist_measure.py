@@ -171,11 +171,14 @@ def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec
 
             model.to_empty(device=device)
             _init_values(model)
+            off_by_default: dict[str, Any] = {} if dist.broadcast_buffers else {"broadcast_buffers": False}
             run_model = DistributedDataParallel(
                 model,
                 bucket_cap_mb=dist.bucket_cap_mb,
                 gradient_as_bucket_view=dist.gradient_as_bucket_view,
                 static_graph=dist.static_graph,
+                # only when off: torch 2.14 warns that the argument is deprecated (forward_sync_buffers)
+                **off_by_default,
             )
         params = unique_trainable(model)
         if dist.strategy == "zero1":

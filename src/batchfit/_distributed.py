@@ -10,9 +10,8 @@ modelled from ``torch/csrc/distributed/c10d/reducer.cpp`` (docs/distributed.md).
 
 API (stable; ``_fit``, ``_plan`` and the distributed probe use it)::
 
-    DistSpec(world_size, nodes=1, strategy="ddp"|"zero1"|"fsdp"|"fsdp-hybrid",
-             reshard_after_forward=True, param_dtype=None, reduce_dtype=None, cpu_offload=False,
-             bucket_cap_mb=None, gradient_as_bucket_view=False, static_graph=False, wrap=None)
+    DistSpec(world_size, nodes=1, strategy="ddp"|"zero1"|"fsdp"|"fsdp-hybrid", **options)
+    make_dist(**options: DistOptions) -> DistSpec | None  # the verbs' keywords (gpus per node)
     estimate_ranks(workload, batch_size, spec: StepSpec, dist: DistSpec, *, budget=None,
                    alloc_config=None, cuda_workspaces=None, compute_capability=None) -> RankEstimates
     RankEstimates.ranks: list[RankEstimate]   # one per distinct rank: .rank, .same_as, .estimate
@@ -35,10 +34,11 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from ._errors import BatchfitError
 from ._i18n import tr
@@ -72,6 +72,55 @@ def parse_dtype(value: str | torch.dtype | None, option: str) -> torch.dtype | N
     return _DTYPES[key]
 
 
+class DistOptions(TypedDict, total=False):
+    """The distributed options of :func:`batchfit.estimate`, :func:`batchfit.fit` and
+    :func:`batchfit.plan` (keywords, all optional; docs/distributed.md). Without ``gpus`` the step
+    is one GPU's, and any other option is refused.
+
+    ``gpus``: GPUs per node (with ``device="cpu"``: gloo processes); ``nodes``: machines (the world
+    size is ``gpus * nodes``); ``strategy``: ``ddp`` (default), ``zero1``, ``fsdp`` or
+    ``fsdp-hybrid``. FSDP2: ``reshard_after_forward`` (default True), ``param_dtype`` /
+    ``reduce_dtype`` (``MixedPrecisionPolicy``: bf16, fp16, fp32), ``cpu_offload``
+    (``CPUOffloadPolicy``), ``wrap`` (the block class to shard). DDP and ZeRO-1: ``bucket_cap_mb``
+    (default 25 with a 1 MiB first bucket), ``gradient_as_bucket_view``, ``static_graph``,
+    ``broadcast_buffers`` (default True, as DDP's: the buffers are broadcast at each forward).
+
+    >>> options: DistOptions = {"gpus": 8, "strategy": "fsdp"}
+    >>> make_dist(**options).describe()
+    'fsdp on 8 GPUs (1 node), reshard after forward'
+    """
+
+    gpus: int | None
+    nodes: int
+    strategy: str | None
+    reshard_after_forward: bool
+    param_dtype: str | torch.dtype | None
+    reduce_dtype: str | torch.dtype | None
+    cpu_offload: bool
+    bucket_cap_mb: float | None
+    gradient_as_bucket_view: bool
+    static_graph: bool
+    broadcast_buffers: bool
+    wrap: str | None
+
+
+# each option's value when not given (DistSpec's fields have the same names, ``gpus`` aside)
+DIST_DEFAULTS: DistOptions = {
+    "gpus": None,
+    "nodes": 1,
+    "strategy": None,
+    "reshard_after_forward": True,
+    "param_dtype": None,
+    "reduce_dtype": None,
+    "cpu_offload": False,
+    "bucket_cap_mb": None,
+    "gradient_as_bucket_view": False,
+    "static_graph": False,
+    "broadcast_buffers": True,
+    "wrap": None,
+}
+
+
 @dataclass(frozen=True)
 class DistSpec:
     """How the step is spread over ranks (``world_size`` = all GPUs, ``nodes`` machines).
@@ -82,7 +131,7 @@ class DistSpec:
     ``param_dtype`` / ``reduce_dtype`` (MixedPrecisionPolicy), ``cpu_offload`` (CPUOffloadPolicy),
     ``wrap`` (the block class to shard; default: the model's repeated blocks). DDP's options:
     ``bucket_cap_mb`` (None: DDP's default 25 MiB with a 1 MiB first bucket),
-    ``gradient_as_bucket_view``, ``static_graph``.
+    ``gradient_as_bucket_view``, ``static_graph``, ``broadcast_buffers``.
     """
 
     world_size: int
@@ -95,23 +144,14 @@ class DistSpec:
     bucket_cap_mb: float | None = None
     gradient_as_bucket_view: bool = False
     static_graph: bool = False
+    broadcast_buffers: bool = True
     wrap: str | None = None
 
-    def options(self) -> dict[str, Any]:
-        """The keyword options of :func:`batchfit.estimate` (and :func:`make_dist`) that make this spec."""
-        return {
-            "gpus": self.world_size // self.nodes,
-            "nodes": self.nodes,
-            "strategy": self.strategy,
-            "reshard_after_forward": self.reshard_after_forward,
-            "param_dtype": None if self.param_dtype is None else str(self.param_dtype).removeprefix("torch."),
-            "reduce_dtype": None if self.reduce_dtype is None else str(self.reduce_dtype).removeprefix("torch."),
-            "cpu_offload": self.cpu_offload,
-            "bucket_cap_mb": self.bucket_cap_mb,
-            "gradient_as_bucket_view": self.gradient_as_bucket_view,
-            "static_graph": self.static_graph,
-            "wrap": self.wrap,
-        }
+    def options(self) -> DistOptions:
+        """The keyword options (:class:`DistOptions`) of :func:`batchfit.estimate` that make this spec."""
+        out = self.to_dict()
+        out["gpus"] = out.pop("world_size") // self.nodes
+        return cast(DistOptions, out)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -144,6 +184,7 @@ class DistSpec:
             ("`bucket_cap_mb`", self.bucket_cap_mb is not None),
             ("`gradient_as_bucket_view`", self.gradient_as_bucket_view),
             ("`static_graph`", self.static_graph),
+            ("`broadcast_buffers=False`", not self.broadcast_buffers),
         )
         for name, given in fsdp_options if not fsdp else ddp_options:
             if given:
@@ -192,6 +233,8 @@ class DistSpec:
                 opts.append("gradients as bucket views")
             if self.static_graph:
                 opts.append("static graph")
+            if not self.broadcast_buffers:
+                opts.append("no buffer broadcast")
         return f"{self.strategy} on {gpus} ({nodes}), " + ", ".join(opts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -514,6 +557,13 @@ class _Reducer:
       into ``.grad`` (``grad.copy_(bucket_view)``, no new memory).
     - The all-reduce runs on the bucket in place (NCCL and gloo; gloo's own scratch is not counted,
       docs/distributed.md).
+    - ``static_graph`` (``set_static_graph``): ``initialize_local_used_map`` makes two int32 tensors
+      of one element per parameter (``local_used_map_`` on the host, ``local_used_map_dev_`` on the
+      parameters' device). In the first backward (``static_graph_first_iteration``)
+      ``autograd_hook`` only counts the hooks: nothing is copied into the buckets and no ready order
+      is recorded; ``delay_all_reduce``, queued by ``_DDPSink.backward``, then copies every gradient
+      into its bucket in parameter order after the pass. So the buckets are rebuilt at the third
+      forward at the earliest (from the second backward's order), not the second.
     """
 
     def __init__(self, params: list[torch.Tensor], dist: DistSpec, device: torch.device) -> None:
@@ -525,6 +575,15 @@ class _Reducer:
         self.buckets: list[torch.Tensor] = []
         self.views: dict[int, torch.Tensor] = {}
         self._assign([list(range(len(params)))])
+        self.local_used: list[torch.Tensor] = []
+        # static_graph_first_iteration(): the first backward's hooks only count (reducer.cpp autograd_hook)
+        self.delaying = dist.static_graph
+        if dist.static_graph:
+            n = len(params)
+            self.local_used = [
+                torch.zeros(n, dtype=torch.int32, device="cpu"),
+                torch.empty(n, dtype=torch.int32, device=device),
+            ]
 
     def _assign(self, buckets: list[list[int]]) -> None:
         self.buckets, self.views = [], {}  # rebuild: buckets_.clear() before the new ones are made
@@ -562,7 +621,21 @@ class _Reducer:
         self._assign([[order[i] for i in bucket] for bucket in indices])
 
     def grad_ready(self, index: int, param: torch.Tensor) -> None:
+        if self.delaying:
+            return
         self.ready.append(index)
+        self._copy(index, param)
+
+    def _delay_all_reduce(self) -> None:
+        """``Reducer::delay_all_reduce`` (the name ``_DDPSink.backward`` queues): every gradient into
+        its bucket, in parameter order, after the first backward of a static graph."""
+        self.delaying = False
+        for index, param in enumerate(self.params):
+            if param.grad is not None:
+                self._copy(index, param)
+
+    def _copy(self, index: int, param: torch.Tensor) -> None:
+        """``mark_variable_ready_dense``."""
         view = self.views[index]
         grad = param.grad
         assert grad is not None
@@ -577,6 +650,62 @@ class _Reducer:
             param.grad = view
 
 
+# DistributedDataParallel.__init__: self.broadcast_bucket_size = 250 * 1024 * 1024
+_BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
+
+
+class _Ddp:
+    """What ``DistributedDataParallel.forward`` does around the module's forward, as far as memory
+    goes (torch/nn/parallel/distributed.py), for a module traced on the fake group:
+
+    - ``_pre_forward``: ``reducer._rebuild_buckets()`` (grad enabled), then ``_sync_buffers`` when
+      ``will_sync_module_buffers()`` (``require_forward_param_sync`` and ``broadcast_buffers`` and the
+      module has buffers): ``dist._broadcast_coalesced(group, buffers, broadcast_bucket_size, 0)``,
+      PyTorch's own C++ (torch/csrc/distributed/c10d/comm.cpp ``broadcast_coalesced``), run here on the
+      fake tensors: one flat copy (``flatten_dense_tensors``, a ``cat``) per bucket of buffers of one
+      dtype, broadcast, copied back;
+    - ``_post_forward``: ``require_forward_param_sync`` becomes ``torch.is_grad_enabled()``; with
+      ``static_graph`` until the first backward, the outputs go through PyTorch's own ``_DDPSink``,
+      which clones each tensor (``_ddp_sink_clone``, True by default) and, in its backward, queues
+      ``reducer._delay_all_reduce`` on the engine. ``_DDPSink`` reads these attributes of its DDP.
+    """
+
+    _ddp_sink_clone = True
+
+    def __init__(self, reducer: _Reducer, dist: DistSpec) -> None:
+        self.reducer = reducer
+        self.dist = dist
+        self.static_graph = dist.static_graph
+        self._static_graph_delay_allreduce_enqueued = False
+        self.require_forward_param_sync = True  # DistributedDataParallel.__init__
+
+    def pre_forward(self, model: nn.Module, args: Any) -> None:
+        import torch.distributed as tdist
+
+        if torch.is_grad_enabled():
+            self.reducer.rebuild()
+        buffers = list(model.buffers())
+        if self.require_forward_param_sync and self.dist.broadcast_buffers and buffers:
+            with torch.no_grad():
+                group = tdist.distributed_c10d._get_default_group()  # DDP's process group by default
+                tdist._broadcast_coalesced(group, buffers, _BROADCAST_BUCKET_BYTES, 0)  # type: ignore[attr-defined]
+
+    def post_forward(self, model: nn.Module, args: Any, output: Any) -> Any:
+        import weakref
+
+        from torch.nn.parallel.distributed import _DDPSink
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        self.require_forward_param_sync = torch.is_grad_enabled()
+        if not self.static_graph or self._static_graph_delay_allreduce_enqueued:
+            return output
+        leaves, spec = tree_flatten(output)
+        passed = _DDPSink.apply(weakref.ref(self), *leaves)
+        # tensors without a grad_fn are kept as they are (pytorch/pytorch#60733)
+        kept = [o if torch.is_tensor(o) and o.grad_fn is None else p for o, p in zip(leaves, passed)]
+        return tree_unflatten(kept, spec)
+
+
 def _ddp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.AbstractContextManager[Placed]]:
     from ._models import fake_state, state_in_place
     from ._step import unique_trainable
@@ -589,16 +718,16 @@ def _ddp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.A
             del state
             params = unique_trainable(model)
             reducer = _Reducer(params, dist, device)
+            ddp = _Ddp(reducer, dist)
             handles = [
                 p.register_post_accumulate_grad_hook(lambda p, i=i: reducer.grad_ready(i, p))
                 for i, p in enumerate(params)
             ]
-            # DDP._pre_forward: reducer._rebuild_buckets() before the second forward
-            pre = model.register_forward_pre_hook(lambda m, a: reducer.rebuild() if torch.is_grad_enabled() else None)
+            handles += [model.register_forward_pre_hook(ddp.pre_forward), model.register_forward_hook(ddp.post_forward)]
 
             def label(mark: Callable[[torch.Tensor, str], None]) -> None:
-                for bucket in reducer.buckets:
-                    mark(bucket, "communication")
+                for t in [*reducer.buckets, *reducer.local_used]:
+                    mark(t, "communication")
 
             def build(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
                 if dist.strategy != "zero1":
@@ -608,7 +737,6 @@ def _ddp_placement(dist: DistSpec, spec: StepSpec) -> Callable[..., contextlib.A
             try:
                 yield Placed(labeller=label, build_optimizer=build)
             finally:
-                pre.remove()
                 for h in handles:
                     h.remove()
 
@@ -689,56 +817,34 @@ def estimate_ranks(
     return out
 
 
-def make_dist(
-    gpus: int | None = None,
-    *,
-    nodes: int = 1,
-    strategy: str | None = None,
-    reshard_after_forward: bool = True,
-    param_dtype: str | torch.dtype | None = None,
-    reduce_dtype: str | torch.dtype | None = None,
-    cpu_offload: bool = False,
-    bucket_cap_mb: float | None = None,
-    gradient_as_bucket_view: bool = False,
-    static_graph: bool = False,
-    wrap: str | None = None,
-) -> DistSpec | None:
-    """The :class:`DistSpec` the verbs' options ask for (``gpus`` per node), or None for one GPU
-    without distributed options (the single-process estimate). One place for API and CLI.
+def make_dist(world: int | None = None, /, **options: Unpack[DistOptions]) -> DistSpec | None:
+    """The :class:`DistSpec` the verbs' options ask for (:class:`DistOptions`; ``gpus`` per node,
+    or given first), or None for one GPU without distributed options (the single-process
+    estimate). One place for API and CLI.
 
     >>> make_dist(4, strategy="fsdp").world_size
     4
     >>> make_dist() is None
     True
     """
-    others = (
-        strategy is not None
-        or nodes != 1
-        or not reshard_after_forward
-        or param_dtype is not None
-        or reduce_dtype is not None
-        or cpu_offload
-        or bucket_cap_mb is not None
-        or gradient_as_bucket_view
-        or static_graph
-        or wrap is not None
-    )
+    unknown = sorted(set(options) - set(DIST_DEFAULTS))
+    if unknown:
+        raise BatchfitError(
+            tr("unknown distributed option {name!r}", name=unknown[0]),
+            hint=tr("use one of {names}", names=", ".join(DIST_DEFAULTS)),
+        )
+    defaults: dict[str, Any] = dict(DIST_DEFAULTS)
+    values = {**defaults, **options}
+    if world is not None:
+        values["gpus"] = world
+    gpus = values.pop("gpus")
     if gpus is None:
-        if others:
+        if any(values[name] != defaults[name] for name in values):
             raise BatchfitError(
                 tr("distributed options need `gpus=N` (GPUs per node)"), hint=tr("add `gpus=2` (or more), or drop them")
             )
         return None
-    return DistSpec(
-        gpus * nodes,
-        nodes,
-        (strategy or "ddp").strip().lower(),
-        reshard_after_forward,
-        parse_dtype(param_dtype, "`param_dtype`"),
-        parse_dtype(reduce_dtype, "`reduce_dtype`"),
-        cpu_offload,
-        bucket_cap_mb,
-        gradient_as_bucket_view,
-        static_graph,
-        wrap,
-    )
+    values["strategy"] = (values["strategy"] or "ddp").strip().lower()
+    for name in ("param_dtype", "reduce_dtype"):
+        values[name] = parse_dtype(values[name], f"`{name}`")
+    return DistSpec(gpus * values["nodes"], **values)

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
+from ._distributed import DistOptions
 from ._errors import BatchfitError, ExitCode
 from ._events import CATEGORIES, Event
 from ._i18n import phase_word, tr
@@ -617,41 +619,43 @@ class Estimator:
         )
 
 
+class StepOptions(DistOptions, total=False):
+    """The keywords :func:`estimate` and :func:`batchfit.fit` share (the step, the model's data, the
+    card, the distributed run): a type for the verbs that forward them; each verb's signature
+    has the defaults and the docs."""
+
+    optimizer: OptimizerLike
+    precision: str
+    dataset: str | None
+    num_classes: int | None
+    loss: LossLike
+    step: StepLike
+    gpu: str | None
+    memory: str | int | None
+    free: bool
+    alloc_conf: str | None
+    context_bytes: str | int | None
+    loop: str
+    last_batch: int | str | None
+    eval_batch_size: int | None
+    grad_accum: int
+
+
+class EstimateOptions(StepOptions, total=False):
+    """The keywords of :func:`estimate` besides ``batch_size`` (the type of its overloads)."""
+
+    device: str
+    mode: str
+    threads: int | None
+
+
 @overload
 def estimate(
     model: str | nn.Module | Workload,
     input_size: InputSize = None,
     *,
     batch_size: int = 64,
-    optimizer: OptimizerLike = "sgd",
-    precision: str = "fp32",
-    device: str = "cuda",
-    dataset: str | None = None,
-    num_classes: int | None = None,
-    loss: LossLike = None,
-    step: StepLike = None,
-    mode: str = "train",
-    gpu: str | None = None,
-    memory: str | int | None = None,
-    free: bool = False,
-    alloc_conf: str | None = None,
-    context_bytes: str | int | None = None,
-    threads: int | None = None,
-    loop: str = "pytorch",
-    last_batch: int | str | None = None,
-    eval_batch_size: int | None = None,
-    grad_accum: int = 1,
-    gpus: int | None = None,
-    nodes: int = 1,
-    strategy: str | None = None,
-    reshard_after_forward: bool = True,
-    param_dtype: str | None = None,
-    reduce_dtype: str | None = None,
-    cpu_offload: bool = False,
-    bucket_cap_mb: float | None = None,
-    gradient_as_bucket_view: bool = False,
-    static_graph: bool = False,
-    wrap: str | None = None,
+    **options: Unpack[EstimateOptions],
 ) -> StepEstimate: ...
 @overload
 def estimate(
@@ -659,35 +663,7 @@ def estimate(
     input_size: InputSize = None,
     *,
     batch_size: Sequence[int],
-    optimizer: OptimizerLike = "sgd",
-    precision: str = "fp32",
-    device: str = "cuda",
-    dataset: str | None = None,
-    num_classes: int | None = None,
-    loss: LossLike = None,
-    step: StepLike = None,
-    mode: str = "train",
-    gpu: str | None = None,
-    memory: str | int | None = None,
-    free: bool = False,
-    alloc_conf: str | None = None,
-    context_bytes: str | int | None = None,
-    threads: int | None = None,
-    loop: str = "pytorch",
-    last_batch: int | str | None = None,
-    eval_batch_size: int | None = None,
-    grad_accum: int = 1,
-    gpus: int | None = None,
-    nodes: int = 1,
-    strategy: str | None = None,
-    reshard_after_forward: bool = True,
-    param_dtype: str | None = None,
-    reduce_dtype: str | None = None,
-    cpu_offload: bool = False,
-    bucket_cap_mb: float | None = None,
-    gradient_as_bucket_view: bool = False,
-    static_graph: bool = False,
-    wrap: str | None = None,
+    **options: Unpack[EstimateOptions],
 ) -> EstimateReport: ...
 def estimate(
     model: str | nn.Module | Workload,
@@ -712,17 +688,7 @@ def estimate(
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
     grad_accum: int = 1,
-    gpus: int | None = None,
-    nodes: int = 1,
-    strategy: str | None = None,
-    reshard_after_forward: bool = True,
-    param_dtype: str | None = None,
-    reduce_dtype: str | None = None,
-    cpu_offload: bool = False,
-    bucket_cap_mb: float | None = None,
-    gradient_as_bucket_view: bool = False,
-    static_graph: bool = False,
-    wrap: str | None = None,
+    **distributed: Unpack[DistOptions],
 ) -> StepEstimate | EstimateReport:
     """Estimate the memory of one training step (two iterations of the reference step).
 
@@ -737,25 +703,14 @@ def estimate(
     add a training run's tail (docs/estimate.md). ``grad_accum``: gradient accumulation, micro-batches
     of ``batch_size`` per optimizer step (the effective batch is their product).
 
-    ``gpus`` (per node) with ``nodes`` and ``strategy`` (ddp, zero1, fsdp, fsdp-hybrid) and their
-    options estimates each GPU of a distributed run (docs/distributed.md): ``batch_size`` is per
-    GPU, the figures are the peaking rank's, and ``.ranks`` holds every distinct rank's.
+    ``distributed``: ``gpus`` (per node) with ``nodes``, ``strategy`` (ddp, zero1, fsdp, fsdp-hybrid)
+    and their options (:class:`batchfit.DistOptions`) estimates each GPU of a distributed run
+    (docs/distributed.md): ``batch_size`` is per GPU, the figures are the peaking rank's, and
+    ``.ranks`` holds every distinct rank's.
     """
     from ._distributed import make_dist
 
-    dist = make_dist(
-        gpus,
-        nodes=nodes,
-        strategy=strategy,
-        reshard_after_forward=reshard_after_forward,
-        param_dtype=param_dtype,
-        reduce_dtype=reduce_dtype,
-        cpu_offload=cpu_offload,
-        bucket_cap_mb=bucket_cap_mb,
-        gradient_as_bucket_view=gradient_as_bucket_view,
-        static_graph=static_graph,
-        wrap=wrap,
-    )
+    dist = make_dist(**distributed)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     spec = make_spec(
         device,

@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from typing_extensions import Unpack
+
 from ._child import Child, can_fork, fork_call
 from ._compose import compose
+from ._distributed import DistOptions
 from ._errors import BatchfitError, ExitCode
-from ._estimate import Estimator, StepEstimate, estimate_trace, raw_peak, replay_on_card
+from ._estimate import Estimator, StepEstimate, StepOptions, estimate_trace, raw_peak, replay_on_card
 from ._events import Event
 from ._i18n import tr
 from ._models import load_workload
@@ -435,6 +438,14 @@ def check_safety(safety: float) -> None:
         raise BatchfitError(tr("`safety` must be in (0, 1], got {safety}", safety=safety), hint=tr("the lesson's rule is `safety=0.8`"))
 
 
+class FitOptions(StepOptions, total=False):
+    """The keywords of :func:`fit` (the type of :func:`batchfit.plan`'s, which it forwards)."""
+
+    safety: float
+    progress: Callable[[str], None] | None
+    dist: DistSpec | None
+
+
 def fit(
     model: str | nn.Module | Workload,
     input_size: InputSize = None,
@@ -456,18 +467,8 @@ def fit(
     last_batch: int | str | None = None,
     eval_batch_size: int | None = None,
     grad_accum: int = 1,
-    gpus: int | None = None,
-    nodes: int = 1,
-    strategy: str | None = None,
-    reshard_after_forward: bool = True,
-    param_dtype: str | None = None,
-    reduce_dtype: str | None = None,
-    cpu_offload: bool = False,
-    bucket_cap_mb: float | None = None,
-    gradient_as_bucket_view: bool = False,
-    static_graph: bool = False,
-    wrap: str | None = None,
     dist: DistSpec | None = None,
+    **distributed: Unpack[DistOptions],
 ) -> FitResult:
     """Find the largest batch size that fits the card and recommend ``floor(safety x max)``.
 
@@ -479,27 +480,15 @@ def fit(
     per optimizer step; the batch sizes are the micro-batch's (the Trainer's
     ``per_device_train_batch_size``), the effective batch is shown beside them.
 
-    ``gpus`` (per node), ``nodes``, ``strategy`` and their options as in :func:`batchfit._estimate.estimate`
-    (or a ready ``dist``): the largest batch *per GPU* whose step fits on every rank, ``safety`` x
-    that, and the global batch (per-GPU batch x GPUs x nodes).
+    ``distributed``: ``gpus`` (per node), ``nodes``, ``strategy`` and their options
+    (:class:`batchfit.DistOptions`, or a ready ``dist``): the largest batch *per GPU* whose step fits
+    on every rank, ``safety`` x that, and the global batch (per-GPU batch x GPUs x nodes).
     """
     check_safety(safety)
     if dist is None:
         from ._distributed import make_dist
 
-        dist = make_dist(
-            gpus,
-            nodes=nodes,
-            strategy=strategy,
-            reshard_after_forward=reshard_after_forward,
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            cpu_offload=cpu_offload,
-            bucket_cap_mb=bucket_cap_mb,
-            gradient_as_bucket_view=gradient_as_bucket_view,
-            static_graph=static_graph,
-            wrap=wrap,
-        )
+        dist = make_dist(**distributed)
     workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
     run_spec = make_spec(
         "cuda",

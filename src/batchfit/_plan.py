@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from typing_extensions import Unpack
+
 from ._distributed import DIST_CATEGORIES
 from ._errors import check_suffix
 from ._estimate import CUDA_CATEGORIES, StepEstimate, short_category
-from ._fit import FitResult, fit, standard_batch_sizes
+from ._fit import FitOptions, FitResult, fit, standard_batch_sizes
 from ._i18n import tr
 from ._models import load_workload
 from ._render import Rendered, Table
@@ -40,9 +42,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import nn
 
-    from ._distributed import DistSpec
     from ._models import InputSize, Workload
-    from ._training import LossLike, OptimizerLike, StepLike
 
 SCHEMA_VERSION = 1
 GIB = 1024**3
@@ -522,57 +522,27 @@ def plan(
     model: str | nn.Module | Workload,
     input_size: InputSize = None,
     *,
-    gpu: str | None = None,
-    memory: str | int | None = None,
-    free: bool = False,
-    optimizer: OptimizerLike = "sgd",
-    precision: str = "fp32",
-    safety: float = 0.8,
-    dataset: str | None = None,
-    num_classes: int | None = None,
-    loss: LossLike = None,
-    step: StepLike = None,
-    alloc_conf: str | None = None,
     curve_points: int = 48,
-    progress: Callable[[str], None] | None = None,
-    context_bytes: str | int | None = None,
-    grad_accum: int = 1,
     throughput: bool = True,
-    dist: DistSpec | None = None,
-    **dist_options: Any,
+    **options: Unpack[FitOptions],
 ) -> Plan:
     """The one-screen answer: the model, the largest and recommended batch size, memory by batch size.
 
-    Options as :func:`batchfit._fit.fit`; ``curve_points`` is the number of batch sizes the plot
-    sweeps (each one allocator replay when the step's timeline is affine in the batch size);
-    ``context_bytes`` overrides the card's memory outside the allocator (``--context``);
-    ``grad_accum``: micro-batches per optimizer step, as in :func:`batchfit._fit.fit`;
-    ``throughput`` adds the roofline estimate of samples/s by batch size (:mod:`batchfit._roofline`).
-    ``gpus``, ``nodes``, ``strategy`` and the other distributed options of :func:`~batchfit._fit.fit`
-    (or ``dist``) plan each GPU of a distributed run: sizes per GPU, and the global batch.
-    Raises :class:`~batchfit._fit.DoesNotFit` when even batch size 1 does not fit.
+    ``options``: :func:`batchfit.fit`'s keywords (the card, the step, ``safety``, ``progress``, the
+    distributed options: sizes per GPU, and the global batch); ``curve_points`` is the number of
+    batch sizes the plot sweeps (each one allocator replay when the step's timeline is affine in
+    the batch size); ``throughput`` adds the roofline estimate of samples/s by batch size
+    (:mod:`batchfit._roofline`). Raises :class:`~batchfit._fit.DoesNotFit` when even batch size 1
+    does not fit.
     """
+    progress = options.get("progress")
     say = progress or (lambda text: None)
-    workload = load_workload(model, input_size, dataset=dataset, num_classes=num_classes)
+    workload = load_workload(
+        model, input_size, dataset=options.pop("dataset", None), num_classes=options.pop("num_classes", None)
+    )
     say("summarising the model")
     model_summary = summary(workload)
-    result = fit(
-        workload,
-        gpu=gpu,
-        memory=memory,
-        free=free,
-        optimizer=optimizer,
-        precision=precision,
-        safety=safety,
-        loss=loss,
-        step=step,
-        alloc_conf=alloc_conf,
-        progress=progress,
-        context_bytes=context_bytes,
-        grad_accum=grad_accum,
-        dist=dist,
-        **dist_options,
-    )
+    result = fit(workload, **options)
     return plan_from_fit(model_summary, result, curve_points=curve_points, progress=progress, throughput=throughput)
 
 

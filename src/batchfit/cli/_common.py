@@ -7,7 +7,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar, cast
 
 import typer
 
@@ -16,6 +16,7 @@ from .._i18n import tr
 from .._models import Workload, load_workload
 
 if TYPE_CHECKING:
+    from .._distributed import DistOptions
     from .._gpus import Budget
 
 ModelArg = Annotated[
@@ -390,7 +391,22 @@ _DIST_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
             "--gradient-as-bucket-view", help="DDP: gradient_as_bucket_view=True (gradients live in the buckets)."
         ),
     ),
-    "static_graph": (bool, False, typer.Option("--static-graph", help="DDP: static_graph=True.")),
+    "static_graph": (
+        bool,
+        False,
+        typer.Option(
+            "--static-graph",
+            help="DDP: static_graph=True (the first iteration reduces every bucket after the backward).",
+        ),
+    ),
+    "broadcast_buffers": (
+        bool,
+        True,
+        typer.Option(
+            "--broadcast-buffers/--no-broadcast-buffers",
+            help="DDP: broadcast_buffers (default on, as DDP's: the buffers are broadcast from rank 0 at each forward).",
+        ),
+    ),
     "wrap": (
         Optional[str],  # noqa: UP045
         None,
@@ -416,19 +432,8 @@ def dist_options(fn: F) -> F:
         from .._distributed import make_dist
 
         given = {name: kwargs.pop(name, default) for name, (_, default, _) in _DIST_OPTIONS.items()}
-        dist = make_dist(
-            given["gpus"],
-            nodes=given["nodes"],
-            strategy=given["strategy"],
-            reshard_after_forward=not given["no_reshard"],
-            param_dtype=given["param_dtype"],
-            reduce_dtype=given["reduce_dtype"],
-            cpu_offload=given["cpu_offload"],
-            bucket_cap_mb=given["bucket_cap_mb"],
-            gradient_as_bucket_view=given["gradient_as_bucket_view"],
-            static_graph=given["static_graph"],
-            wrap=given["wrap"],
-        )
+        given["reshard_after_forward"] = not given.pop("no_reshard")
+        dist = make_dist(**cast("DistOptions", given))
         return fn(*args, **kwargs, dist=dist)
 
     wrapper.__signature__ = signature.replace(parameters=[*params, *added])  # type: ignore[attr-defined]
