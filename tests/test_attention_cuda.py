@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchfit import estimate
-from batchfit._cuda_kernels import cuda_kernel_choices, sdp_backend
+from batchfit._cuda_kernels import _efficient_supports_gqa, cuda_kernel_choices, sdp_backend
 from batchfit._models import InputSpec, Workload
 
 FLASH = "aten._scaled_dot_product_flash_attention.default"
@@ -168,6 +168,44 @@ def test_sdp_backend_follows_pytorch_rules() -> None:
         assert sdp_backend(shifted, shifted, shifted) == "math"  # efficient: offsets aligned
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
             assert sdp_backend(q, q, q) == "efficient"
+
+
+class GQA(nn.Module):
+    """Grouped-query self-attention (4 query heads, 2 key/value heads), as Llama calls it."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return y.transpose(1, 2).reshape(b, t, d)
+
+
+def test_grouped_query_attention_in_float32_takes_the_kernel_this_torch_has() -> None:
+    """Memory-efficient attention took fewer key/value heads only from pytorch#191085 on: torch 2.11
+    (sdp_utils.cpp, check_batch_size_and_num_heads_dense<false>) runs fp32 GQA on the math path,
+    and its efficient kernel's backward gives the key query-many heads (the step failed there)."""
+    known = {(2, 11): False, (2, 14): True, (2, 15): True}  # read from each release's source
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version in known:
+        assert _efficient_supports_gqa() is known[version]
+    ops = _ops_of_a_training_forward(GQA, (2, 32, 64), torch.float32)
+    if _efficient_supports_gqa():
+        assert ops.count(EFFICIENT) == 1
+    else:  # the math path's softmax over the scores (_safe_softmax where rows may be all masked)
+        assert EFFICIENT not in ops and ops.count(MATH) + ops.count("aten._safe_softmax.default") == 1
+    with torch.device("meta"):
+        model = GQA()
+    est = estimate(Workload("gqa", model, (InputSpec((32, 64)),)), batch_size=2, device="cuda", loss="mse")
+    saved = {e.nbytes for e in est.events if e.category == "activations" and e.iteration == 1}
+    # the efficient kernel's float32 log-sum-exp per query row, or the math path's T x T scores
+    assert (2 * 4 * 32 * 4 if _efficient_supports_gqa() else 2 * 4 * 32 * 32 * 4) in saved
 
 
 def test_flash_pads_the_head_dim_as_attention_cpp_does() -> None:

@@ -6,6 +6,7 @@ byte; on CUDA semantics (no GPU here) the same runs must succeed and keep their 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from batchfit._errors import BatchfitError
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
 from batchfit._step import make_spec
+from batchfit._trace import _frame_inputs
 
 # ---------------------------------------------------------------------------------------------
 # user steps: fn(model, inputs, labels, optimizer)
@@ -165,6 +167,37 @@ def test_checkpointed_residual_mlp_equals_a_real_cpu_step(reentrant: bool, batch
     # outputs): equal to a real run of that step
     with_steps, real_step = _both(_resmlp(reentrant), batch_size, step=plain)
     assert with_steps.peak_allocated_bytes == real_step
+
+
+class _SaveInputs(torch.autograd.Function):
+    """Like torch 2.11's checkpoint._NoopSaveInputs: saves its inputs, returns an empty tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*args)
+        return torch.empty((0,))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> None:
+        raise AssertionError("never run, like _NoopSaveInputs")
+
+
+def test_checkpoint_inputs_are_found_in_both_torch_layouts() -> None:
+    """A dead checkpoint frame's inputs are freed on every supported torch: 2.11 keeps them in a
+    no-op node's saved tensors (``frame.input_saver``), later releases in ``frame.saved_args``;
+    missing the first overestimated 2.11's checkpointed MLP by its inputs and RNG states."""
+    marks: list[object] = []
+
+    def pack(t: torch.Tensor) -> object:
+        marks.append(object())
+        return marks[-1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h):
+        saver = _SaveInputs.apply(torch.empty((0,), requires_grad=True), torch.ones(3, requires_grad=True))
+    saved = saver.grad_fn._raw_saved_tensors
+    for frame in (SimpleNamespace(input_saver=saver), SimpleNamespace(saved_args=list(saved))):
+        assert [s.data for s in _frame_inputs(frame)] == marks
+    assert _frame_inputs(SimpleNamespace()) == ()
 
 
 def test_checkpointing_saves_activations_on_cuda() -> None:

@@ -25,11 +25,13 @@ sm80-sm90 card; docs/estimate.md lists them with their sources.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _RNN_OPS = tuple(f"{op}.{overload}" for op in ("lstm", "gru", "rnn_tanh", "rnn_relu") for overload in ("input", "data"))
@@ -71,7 +73,7 @@ def sdp_backend(
         and _efficient_offsets_aligned(query, key, value)
         and _seq_lens_ok(query, key)
         and _last_dim_stride_1(query, key, value, attn_mask, ignore_singleton=False)
-        and _heads_ok(query, key, value, enable_gqa)
+        and _heads_ok(query, key, value, enable_gqa and _efficient_supports_gqa())
     ):
         return "efficient"
     return "math"
@@ -110,6 +112,26 @@ def _heads_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enabl
     if enable_gqa:
         return bool(hk == hv and hq % hk == 0)
     return bool(hq == hk == hv)
+
+
+@functools.cache
+def _efficient_supports_gqa() -> bool:
+    """Whether this torch's memory-efficient attention takes fewer key/value heads (``enable_gqa``).
+
+    torch 2.11's ``can_use_mem_efficient_attention`` (sdp_utils.cpp) checks
+    ``check_batch_size_and_num_heads_dense<false /*supports_grouped_query_attention=*/>``, so GQA
+    falls to the math path; pytorch#191085 (torch 2.14 has it) gave the kernel GQA, forward and
+    backward. Read from the installed torch: its meta backward (_meta_registrations.py) returns the
+    key's gradient with the key's heads only where the kernel supports GQA.
+    """
+    # asked first inside a trace: the tracer's and the fake mode's hooks must not see these ops
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        q, kv = torch.empty(1, 2, 1, 8, device="meta"), torch.empty(1, 1, 1, 8, device="meta")
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(q, kv, kv, None, True)
+        grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            out, q, kv, kv, None, out, lse, seed, offset, 0.0, [True, True, True, False]
+        )
+    return tuple(grads[1].shape) == tuple(kv.shape)
 
 
 def _seq_lens_ok(query: torch.Tensor, key: torch.Tensor) -> bool:

@@ -925,8 +925,9 @@ class _Replay:
             # the frame is dead for the engine: what it holds goes (the inputs it saved, its
             # recomputation's closure with the forward's RNG state), though our graph still
             # references it
-            self._empty([getattr(s, "data", None) for s in frame.saved_args])
+            self._empty([getattr(s, "data", None) for s in _frame_inputs(frame)])
             frame.saved_args = []
+            frame.input_saver = None
             frame.recompute_fn = None
             frame.recomputed.clear()
 
@@ -1010,6 +1011,22 @@ def _checkpoint_frame(hook: Any) -> Any:
                 if inner is not None:
                     return inner
     return None
+
+
+def _frame_inputs(frame: Any) -> tuple[Any, ...]:
+    """The SavedTensors in which a non-reentrant checkpoint frame keeps its function's inputs.
+
+    torch/utils/checkpoint.py keeps them in ``_CheckpointFrame.saved_args`` (``save_inputs``, since
+    pytorch#174327; torch 2.14); torch 2.11's saves them with ``ctx.save_for_backward`` in a
+    ``_NoopSaveInputs`` node whose output is ``frame.input_saver``
+    (``_checkpoint_without_reentrant_generator``), a node no backward runs. Either way they live
+    as long as the frame, and so does ``recompute_fn``'s closure with the forward's RNG state.
+    """
+    saved = getattr(frame, "saved_args", None)
+    if saved is not None:
+        return tuple(saved)
+    node = getattr(getattr(frame, "input_saver", None), "grad_fn", None)
+    return tuple(getattr(node, "_raw_saved_tensors", ()))
 
 
 def _graph_exec_group() -> contextlib.AbstractContextManager[Any]:
