@@ -274,6 +274,9 @@ KERNEL_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "mm",
         {"rows": 4096, "vocab": 30522, "dim": 768, "dtype": "float16", "dense": True},
     ),
+    # the 0-dim result keeps the unreduced storage, and the kernel holds one more (_loss_kernels)
+    ("mse-loss-fp32-8192x4096", "reduced_loss", {"op": "mse_loss", "shape": (8192, 4096), "dtype": "float32"}),
+    ("bce-fp32-8192x4096", "reduced_loss", {"op": "binary_cross_entropy", "shape": (8192, 4096), "dtype": "float32"}),
     ("sum-all-fp32-64M", "op", {"op": "sum_all", "shape": (64 * 1024 * 1024,), "dtype": "float32"}),
     ("sum-dim0-fp32-65536x1024", "op", {"op": "sum_dim0", "shape": (65536, 1024), "dtype": "float32"}),
     ("log-softmax-bf16-8192x50257", "op", {"op": "log_softmax", "shape": (8192, 50257), "dtype": "bfloat16"}),
@@ -330,6 +333,17 @@ def _kernel_setup(kind: str, p: dict[str, Any], device: str, cc: tuple[int, int]
         g = make(n, vocab) if p.get("dense") else make(1, 1).expand(n, vocab)
         w = make(vocab, dim)
         return (lambda: torch.mm(g, w)), cs.cublas_operands_program(g, w)
+    if kind == "reduced_loss":
+        from batchfit._loss_kernels import unreduced_loss
+
+        func = getattr(torch.ops.aten, p["op"]).default
+        x = torch.rand(*p["shape"], device=device, dtype=dtype) if real else torch.empty(*p["shape"], device=device)
+        y = torch.rand_like(x) if real else torch.empty_like(x)
+        args = (x, y, 1) if p["op"] == "mse_loss" else (x, y, None, 1)
+        kept = unreduced_loss(func, args, {}, "cuda")
+        assert kept is not None
+        # the result's storage (measured as `outputs_bytes`) is kept[0]; kept[1] what the op holds inside
+        return (lambda: func(*args)), kept[1]
     if kind == "foreach_norm":
         ts = [torch.randn(n, device=device) if real else torch.empty(n, device=device) for n in p["numels"]]
         return (lambda: torch._foreach_norm(ts, 2)), cs.foreach_norm_program(ts)
@@ -415,6 +429,9 @@ def child_kernels(payload: dict[str, Any]) -> dict[str, Any]:
             rec["modelled"] = program is not None
             rec["buffers"] = [list(step) for step in program or []]
             rec["predicted_bytes"] = cs.peak_bytes(program or [], round_size)
+            if kind == "reduced_loss":  # the result's real storage: the unreduced size, allocator-rounded
+                numel = math.prod(params["shape"])
+                rec["predicted_outputs_bytes"] = round_size(numel * getattr(torch, params["dtype"]).itemsize)
             if real:
                 m = _measure_op(run, round_size)
                 rec.update(m)

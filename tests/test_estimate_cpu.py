@@ -17,6 +17,7 @@ from batchfit import estimate, load_workload
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
 from batchfit._step import make_spec
+from batchfit._training import LossSpec
 from zoo import zoo_workload
 
 
@@ -101,3 +102,66 @@ def test_random_architectures_match(
     w = Workload("random", model, (InputSpec((3, 8, 8)),))
     est, real = _both(w, batch, optimizer)
     assert abs(est - real) / real < 0.01, (est, real)
+
+
+class _EmbeddingSum(nn.Module):
+    """Embedding, a Linear on the 3-D result, summed over the sequence: backward reduces the
+    broadcast bias's gradient (batch x tokens x 3 -> 3) while AddmmBackward's saved input lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(ids)).sum(1)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_a_reduced_bias_gradient_is_born_before_the_node_releases_its_inputs(batch_size: int) -> None:
+    """engine.cpp: validate_outputs (sum_to) runs inside call_function, before release_variables.
+    Replayed the other way round, the estimate was 12 B (the bias gradient) under the real step."""
+    w = Workload("embedding-sum", _EmbeddingSum(), inputs=(InputSpec((6,), torch.long),))
+    est, real = _both(w, batch_size)
+    assert est == real
+
+
+def _tiny_linear() -> Workload:
+    return Workload("linear", nn.Linear(4, 3), inputs=(InputSpec((4,)),))
+
+
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _halves(t: torch.Tensor) -> torch.Tensor:
+    return torch.full(t.shape, 0.5, dtype=t.dtype, device=t.device)
+
+
+_REDUCING_LOSSES = {
+    "mse": LossSpec("mse", lambda o, y: nn.functional.mse_loss(o, y), _zeros),
+    "mse-sum": LossSpec("mse-sum", lambda o, y: nn.functional.mse_loss(o, y, reduction="sum"), _zeros),
+    "smooth-l1": LossSpec("smooth-l1", lambda o, y: nn.functional.smooth_l1_loss(o, y), _zeros),
+    "bce": LossSpec("bce", lambda o, y: nn.functional.binary_cross_entropy(o.sigmoid(), y), _halves),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(_REDUCING_LOSSES))
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_losses_whose_result_keeps_the_unreduced_storage(loss: str, batch_size: int) -> None:
+    """The 0-dim result of these losses keeps a batch x 3 storage, and the kernel holds another
+    (_loss_kernels); the fake kernel's result is 4 bytes: mse was 20 B (batch 2) and 136 B (batch 8)
+    under the real step."""
+    spec = _REDUCING_LOSSES[loss]
+    w = _tiny_linear()
+    est = estimate(w, batch_size=batch_size, optimizer="sgd", device="cpu", loss=spec).peak_allocated_bytes
+    real = measure_step(w, batch_size, make_spec("cpu", "sgd", loss=spec)).peak_allocated_bytes
+    assert est == real
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_named_mse_loss_matches_a_real_step_in_other_dtypes(dtype: torch.dtype) -> None:
+    """bf16: mean_out sums into an fp32 copy of the result from an fp32 copy of the input (was 84 B under)."""
+    w = Workload("linear", nn.Linear(4, 3).to(dtype), inputs=(InputSpec((4,), dtype),))
+    est = estimate(w, batch_size=8, optimizer="sgd", device="cpu", loss="mse").peak_allocated_bytes
+    assert est == measure_step(w, 8, make_spec("cpu", "sgd", loss="mse")).peak_allocated_bytes

@@ -75,3 +75,30 @@ def test_distributed_options_need_gpus() -> None:
 
     with pytest.raises(BatchfitError, match="need `gpus=N`"):  # the library names its parameter
         fit("mlp", dataset="mnist", strategy="fsdp")
+
+
+def test_the_global_batch_counts_gradient_accumulation(ddp_fit) -> None:  # type: ignore[no-untyped-def]
+    # the Trainer's effective batch: per_device_train_batch_size x world size x gradient_accumulation_steps
+    r = dataclasses.replace(ddp_fit, grad_accum=4)
+    assert r.global_recommended_batch_size == r.recommended_batch_size * 2 * 4
+    assert r.global_max_batch_size == r.max_batch_size * 2 * 4
+    d = r.to_dict()
+    assert d["global_recommended_batch_size"] == d["recommended_batch_size"] * 2 * 4
+    assert d["global_max_batch_size"] == d["max_batch_size"] * 2 * 4
+    text = str(r)
+    assert "global batch (per GPU x GPUs x micro-batches)" in text
+    assert f"{r.recommended_batch_size:,} x 2 x 4 = {r.recommended_batch_size * 8:,}" in text
+    # the estimate's own global batch, in its JSON and in its rank table's title
+    spec = make_spec("cuda", "adam", grad_accum=4)
+    e = Estimator(load_workload("mlp", dataset="mnist"), spec, memory="600MiB", dist=make_dist(2)).at(16)
+    assert e.grad_accum == 4 and e.global_batch_size == 16 * 2 * 4
+    assert e.to_dict()["global_batch_size"] == 128
+    assert "(global batch 128)" in str(e)
+
+
+def test_the_global_batch_cap_counts_gradient_accumulation() -> None:
+    # 60,000 MNIST images: 4 GPUs x 3 micro-batches give at most 5,000 per GPU per micro-batch
+    r = fit("mlp", gpus=4, grad_accum=3, memory="1GiB", optimizer="sgd", dataset="mnist")
+    assert r.max_batch_size * 4 * 3 > 60_000
+    assert r.recommended_batch_size == 5_000 and r.global_recommended_batch_size == 60_000
+    assert any("capped at the mnist training set" in n and "x 3 micro-batches" in n for n in r.notes)

@@ -117,7 +117,11 @@ def test_dry_run_predicts_every_kernel_case(dry_run: Path) -> None:
         "foreach_norm",
         "conv",
         "mm",
+        "reduced_loss",
     }
+    # mse_loss's 0-dim result keeps an 8192 x 4096 fp32 storage, and the kernel holds one more of that size
+    mse = by_id["mse-loss-fp32-8192x4096"]
+    assert mse["predicted_outputs_bytes"] == mse["predicted_bytes"] == 8192 * 4096 * 4
     # a stride-0 gradient through the last Linear: one contiguous fp16 copy of 4096 x 30522
     assert by_id["mm-expanded-grad-fp16-4096x30522x768"]["predicted_bytes"] == 4096 * 30522 * 2
     assert by_id["mm-contiguous-fp16-4096x30522x768"]["predicted_bytes"] == 0

@@ -195,3 +195,22 @@ def test_cli_fine_tuning_question(tmp_path: Path) -> None:
     assert out["results"][1]["peak_allocated_bytes"] > out["results"][0]["peak_allocated_bytes"]
     result = CliRunner().invoke(app, ["estimate", "mlp", "--lora-alpha", "16"])
     assert result.exit_code == 3 and "--lora" in result.output
+
+
+@pytest.mark.parametrize("precision", ["amp-bf16", "amp-fp16"])
+def test_checkpointing_under_autocast_on_a_simulated_gpu(tmp_path: Path, precision: str) -> None:
+    # torch.utils.checkpoint re-enters the forward's autocast for its recomputation with
+    # torch.amp.autocast("cuda", ...), which disables itself without CUDA: the recomputation then
+    # ran in fp32 and checkpoint's metadata check failed (the Trainer's fp16=True +
+    # gradient_checkpointing=True, bench/published/bert_large_trainer.py)
+    path = _tiny(tmp_path, "llama")
+
+    def peak(precision: str, checkpointing: bool) -> int:
+        w = load_workload(path, seq_len=64, gradient_checkpointing=checkpointing)
+        return estimate(w, batch_size=4, optimizer="adamw", precision=precision, device="cuda").peak_allocated_bytes
+
+    checkpointed = peak(precision, True)
+    assert checkpointed < peak(precision, False)  # checkpointing saves memory under autocast too
+    assert checkpointed < peak("fp32", True)  # the recomputed activations are half precision, as on a GPU
+    if not torch.cuda.is_available():  # the step answers as a GPU would only while it runs
+        assert torch.cuda.amp.common.amp_definitely_not_available()

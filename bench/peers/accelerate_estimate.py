@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -33,9 +34,10 @@ GIB = 2**30
 ROWS = {"float32": "fp32", "float16": "amp-bf16"}  # accelerate's dtype row -> batchfit's --precision
 
 
-def accelerate_figures(name: str) -> tuple[int, dict[str, int]]:
-    """accelerate's total size (bytes, float32) and its 'Training using Adam' figure per dtype row."""
-    values = dict(BUILTIN_CONFIGS[name])
+def accelerate_figures(config_json: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """accelerate's total size (bytes, float32) and its 'Training using Adam' figure per dtype row,
+    for a model's ``config.json`` values."""
+    values = dict(config_json)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     with init_empty_weights():
         model = AutoModel.from_config(config, torch_dtype=torch.float32)
@@ -55,7 +57,7 @@ def main() -> None:
     )
     print(header)
     for name in args.models.split(","):
-        total, training = accelerate_figures(name)
+        total, training = accelerate_figures(BUILTIN_CONFIGS[name])
         workload = batchfit.load_workload(f"hf:{name}", seq_len=args.seq_len)
         for row, precision in ROWS.items():
             start = time.perf_counter()

@@ -14,7 +14,8 @@ def main(paths: list[str]) -> None:
     rows = []
     for path in paths:
         with open(path) as fh:
-            rows += json.load(fh)
+            # the benchmark-loop rows (published_mb); bert_large_trainer.py's rows print their own table
+            rows += [r for r in json.load(fh) if "published_mb" in r]
     rows.sort(key=lambda r: (r["model"], r["transformers"], r["attention"], r["batch"], r["seq"]))
     print("| model | transformers | batch x tokens | attention | published MB | batchfit MB | error | peak in |")
     print("|---|---|---|---|---:|---:|---:|---|")

@@ -19,7 +19,7 @@ API (stable; ``_fit``, ``_plan`` and the distributed probe use it)::
     distinct_ranks(model, dist) -> list[list[int]]  # ranks grouped by identical local shapes
     wrap_model(model, dist, device_type)       # fully_shard per block then the root (FSDP2)
 
-``batch_size`` is per rank; the global batch is ``batch_size * dist.world_size``.
+``batch_size`` is per rank; the global batch is ``batch_size * dist.world_size * grad_accum``.
 
 >>> d = DistSpec(2, strategy="fsdp")
 >>> d.ranks_per_node, d.strategy

@@ -85,8 +85,9 @@ class StepEstimate(Rendered):
 
     @property
     def global_batch_size(self) -> int:
-        """Samples per optimizer step over all GPUs (``batch_size`` is per GPU)."""
-        return self.batch_size * (self.dist.world_size if self.dist is not None else 1)
+        """Samples per optimizer step over all GPUs: the batch per GPU x GPUs x nodes x ``grad_accum``
+        (the Trainer's ``per_device_train_batch_size * world_size * gradient_accumulation_steps``)."""
+        return self.effective_batch_size * (self.dist.world_size if self.dist is not None else 1)
 
     @property
     def effective_batch_size(self) -> int:

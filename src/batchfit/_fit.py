@@ -225,13 +225,14 @@ class FitResult(Rendered):
 
     @property
     def global_max_batch_size(self) -> int:
-        """The largest batch per optimizer step over all GPUs: the per-GPU max x GPUs x nodes."""
-        return self.max_batch_size * self.world_size
+        """The largest batch per optimizer step over all GPUs: the per-GPU max x GPUs x nodes x ``grad_accum``."""
+        return self.max_batch_size * self.world_size * self.grad_accum
 
     @property
     def global_recommended_batch_size(self) -> int:
-        """The recommended per-GPU batch x GPUs x nodes (what the data loader sees per step, in all)."""
-        return self.recommended_batch_size * self.world_size
+        """Samples per optimizer step over all GPUs at the recommended size: per-GPU batch x GPUs x
+        nodes x ``grad_accum`` (the Trainer's effective batch)."""
+        return self.recommended_batch_size * self.world_size * self.grad_accum
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -300,10 +301,13 @@ class FitResult(Rendered):
                 ]
             )
         if self.dist is not None:
-            n = self.world_size
+            # the Trainer's effective batch: per GPU x GPUs x nodes x gradient_accumulation_steps
+            n = f"{self.world_size}" + (f" x {self.grad_accum}" if self.grad_accum > 1 else "")
             rows.append(
                 [
-                    tr("global batch (per GPU x GPUs)"),
+                    tr("global batch (per GPU x GPUs x micro-batches)")
+                    if self.grad_accum > 1
+                    else tr("global batch (per GPU x GPUs)"),
                     f"{self.recommended_batch_size:,} x {n} = {self.global_recommended_batch_size:,} "
                     f"(max {self.max_batch_size:,} x {n} = {self.global_max_batch_size:,})",
                 ]
@@ -831,11 +835,14 @@ def _fit_ranks(est: Estimator, safety: float, say: Callable[[str], None]) -> Fit
         notes.append(f"the search stopped at {limit:,} per GPU: larger batches were not examined")
     recommended = max(1, math.floor(safety * best))
     size = workload.dataset.train_size if workload.dataset is not None else None
-    if size is not None and recommended * dist.world_size > size:
-        recommended = max(1, min(recommended, size // dist.world_size))
+    # the global batch (one optimizer step's samples) counts every micro-batch of gradient accumulation
+    per_step = dist.world_size * est.spec.grad_accum
+    if size is not None and recommended * per_step > size:
+        recommended = max(1, min(recommended, size // per_step))
+        accum = f" x {est.spec.grad_accum} micro-batches" if est.spec.grad_accum > 1 else ""
         notes.append(
             f"the global batch is capped at the {workload.dataset.name} training set ({size:,} samples): "  # type: ignore[union-attr]
-            f"{recommended:,} per GPU x {dist.world_size} GPUs"
+            f"{recommended:,} per GPU x {dist.world_size} GPUs{accum}"
         )
     return FitResult(
         model=workload.name,

@@ -119,6 +119,34 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def gpu_autocast_checks(device_type: str) -> Iterator[None]:
+    """While a step runs on fake CUDA tensors without a GPU, ``torch.autocast("cuda")`` enables itself
+    as on a GPU.
+
+    Code batchfit does not run itself enters autocast: torch.utils.checkpoint re-enters the forward's
+    state for its recomputation (checkpoint.py, ``CheckpointFunction.backward`` and
+    ``_checkpoint_without_reentrant_generator``'s ``recompute_fn``: ``torch.amp.autocast(device_type,
+    **device_autocast_kwargs)``), and so may a user's step. ``autocast.__init__``
+    (torch/amp/autocast_mode.py) disables itself where ``torch.cuda.amp.common.amp_definitely_not_available()``
+    (no CUDA) and refuses bf16 where ``torch.cuda.is_bf16_supported()`` is False (always without
+    CUDA): the recomputation then ran in fp32 after an fp16/bf16 forward, and checkpoint's metadata
+    check failed. Both answer as a GPU would until the step ends; nothing changes where CUDA exists.
+    """
+    if device_type != "cuda" or torch.cuda.is_available():
+        yield
+        return
+    common = torch.cuda.amp.common
+    saved = common.amp_definitely_not_available, torch.cuda.is_bf16_supported
+    setattr(common, "amp_definitely_not_available", lambda: False)  # noqa: B010 (a module attribute, patched)
+    setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(common, "amp_definitely_not_available", saved[0])  # noqa: B010
+        setattr(torch.cuda, "is_bf16_supported", saved[1])  # noqa: B010
+
+
+@contextlib.contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
     """Run with ``torch.set_num_threads(threads)`` and give the previous count back (None: as it is).
 
@@ -668,12 +696,17 @@ def run_step(
     del batch
     if spec.step is not None:
         r.described = "computed by your --step"
-    loop = LOOPS[spec.loop].run
+    with gpu_autocast_checks(spec.device):
+        _run_loop(r, LOOPS[spec.loop].run, spec, window_only, tail)
+    return r.described
+
+
+def _run_loop(r: _Run, loop: LoopFn, spec: StepSpec, window_only: bool, tail: Tail | None) -> None:
+    """The steady iterations, then the tail's passes when it holds a size (see :func:`run_step`)."""
     steady: _Plan = [(it, None) for it in range(1, spec.iterations + 1)]
     if window_only or not tail:
         loop(r, steady, True)
-        return r.described
-    assert tail is not None
+        return
     # the epoch: steady steps, then its last batch; each pass is a call, so its variables die with it
     n = spec.iterations
     loop(r, [*steady, *([(n + 1, tail.last_batch)] if tail.last_batch is not None else [])], False)
@@ -681,7 +714,6 @@ def run_step(
     if tail.eval_batch_size is not None:
         _evaluate(r, [(n + 2, tail.eval_batch_size), (n + 3, tail.eval_batch_size)])
     loop(r, [(n + 4, tail.batch_size)], True)  # the next epoch's first step, on what the tail left behind
-    return r.described
 
 
 def _evaluate(r: _Run, plan: _Plan) -> None:

@@ -48,6 +48,7 @@ from ._events import Event
 from ._explain import layer_failure, quiet_fake_tensor_logs
 from ._fast_kernels import run_fast
 from ._i18n import tr
+from ._loss_kernels import unreduced_loss
 from ._models import Workload, fake_state, state_in_place
 from ._quantize import quantized_note
 from ._step import (
@@ -208,6 +209,10 @@ class _StorageBirthRecorder(TorchDispatchMode):
                     tracer.track(t)
         if tracer.unlinked_scalars:
             tracer.output_of_scalar_op(out)
+        kept = unreduced_loss(func, args, kwargs, tracer.device_type)
+        if kept is not None:  # the result keeps the unreduced storage, and the kernel holds more (_loss_kernels)
+            tracer.resize(out, kept[0])
+            tracer.run_program(kept[1], "temporaries")
         if held:
             tracer.release(held)
         if tracer.cuda_workspaces is not None:
@@ -380,11 +385,18 @@ class _Tracer:
         program = kernel_scratch(func, args, kwargs, self.compute_capability)
         if not program:
             return
+        sids = self.run_program(program, "workspaces")
+        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
+
+    def run_program(self, program: list[tuple[Any, ...]], category: str) -> list[int]:
+        """Buffers a kernel takes and gives back inside one op, as a program of ``("alloc", name,
+        nbytes)`` / ``("free", name)`` steps in the kernel's order (what is left is freed at the
+        end, newest first); returns the buffers' storage ids in allocation order."""
         held: dict[str, _Storage] = {}
         sids = []
         for step in program:
             if step[0] == "alloc":
-                rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], "workspaces", self.iteration)
+                rec = _Storage(next(self.ids), step[2], self.phase, self.module_stack[-1], category, self.iteration)
                 held[step[1]] = rec
                 sids.append(rec.sid)
                 self.raw.append(("alloc", rec))
@@ -392,7 +404,7 @@ class _Tracer:
                 self.raw.append(("free", held.pop(step[1])))
         for rec in reversed(held.values()):
             self.raw.append(("free", rec))
-        self.kernel_calls.append((str(func), tuple(sids), describe(tuple(args)), dict(kwargs)))
+        return sids
 
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """The real kernel makes this output another size than the meta kernel says (its birth record is fixed)."""
@@ -795,6 +807,13 @@ class _Replay:
             tracer.current_holders = []
             edges, outs = _call_node(node, inputs_)
             del inputs_
+            # engine.cpp call_function: validate_outputs reduces (sum_to) and casts every output
+            # before evaluate_function releases the node's saved tensors, so a broadcast bias's
+            # reduced gradient is born while they are still alive
+            outs = tuple(
+                self._validate(nxt, nr, grad) if nxt is not None and grad is not None else grad
+                for (nxt, nr), grad in zip(edges, outs)
+            )
             # a forward re-run inside the node (checkpointing) may stop early, inside a module
             del tracer.module_stack[depth:], tracer.module_calls[depth - 1 :]
             if not keep_graph:
