@@ -334,3 +334,62 @@ def test_one_trace_per_group_is_each_ranks_own(
     for entry in shared.ranks:
         for r in entry.same_as:
             assert timeline[r] == [tuple(e) for e in entry.estimate.events], (entry.rank, r)
+
+
+# -- the default device (CUDA, simulated without a driver) ----------------------------------------
+
+CUDA_STRATEGIES = ("ddp", "zero1", "fsdp")
+
+
+def _ranks_of(device: str, strategy: str, optimizer: str = "sgd-momentum") -> dict[int, Any]:
+    """Each rank's estimate (``batchfit.estimate`` at world 2, batch 8), by rank."""
+    from batchfit import estimate
+
+    threads = {"threads": 1} if device == "cpu" else {}
+    est = estimate(
+        MODEL, INPUT, batch_size=BATCH, optimizer=optimizer, device=device, gpus=2, strategy=strategy, **threads
+    )
+    return {r: rank.estimate for rank in est.ranks for r in rank.same_as}
+
+
+def _live_peaks(events: list[Any]) -> dict[str, int]:
+    """The most bytes each category holds at once over the step (storage sizes, before any rounding)."""
+    live: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for e in events:
+        live[e.category] = live.get(e.category, 0) + (e.nbytes if e.action == "alloc" else -e.nbytes)
+        most[e.category] = max(most.get(e.category, 0), live[e.category])
+    return most
+
+
+@pytest.mark.parametrize("strategy", CUDA_STRATEGIES)
+def test_cuda_estimate_holds_what_the_cpu_one_holds_per_rank(strategy: str) -> None:
+    # the CPU run is equal to real gloo processes (above); which rank holds which shard, bucket or
+    # optimizer state does not depend on the device. SGD with momentum: one buffer per parameter on
+    # both devices (Adam's `step` counts live on the host beside CUDA parameters)
+    cpu, cuda = _ranks_of("cpu", strategy), _ranks_of("cuda", strategy)
+    kept = ("parameters", "gradients", "optimizer_state", "communication", "gathered_parameters")
+    for rank in (0, 1):
+        on_cpu, on_cuda = _live_peaks(cpu[rank].events), _live_peaks(cuda[rank].events)
+        assert {c: on_cuda.get(c, 0) for c in kept} == {c: on_cpu.get(c, 0) for c in kept}
+        assert on_cuda["communication" if strategy != "fsdp" else "gathered_parameters"] > 0
+
+
+def test_cuda_zero1_shards_the_optimizer_state() -> None:
+    zero1, ddp = _ranks_of("cuda", "zero1"), _ranks_of("cuda", "ddp")
+    whole = _live_peaks(ddp[0].events)["optimizer_state"]
+    shares = [_live_peaks(zero1[r].events)["optimizer_state"] for r in (0, 1)]
+    # ZeroRedundancyOptimizer's partition: every parameter's momentum on exactly one rank
+    assert sum(shares) == whole and all(0 < s < whole for s in shares)
+    assert whole == 4 * sum(p.numel() for p in load_workload(MODEL, INPUT).model.parameters())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("strategy", CUDA_STRATEGIES)
+def test_breakdown_adds_up_to_each_ranks_peak(strategy: str, device: str) -> None:
+    # on CUDA both are block sizes (the allocator's rounding is in each category's bytes), so no
+    # remainder: DDP's buckets and ZeRO's are counted under `communication` on both devices
+    for est in _ranks_of(device, strategy, "adam").values():
+        assert sum(est.breakdown.values()) == est.peak_allocated_bytes
+        if strategy != "fsdp":
+            assert est.breakdown["communication"] > 0

@@ -435,21 +435,32 @@ _FSDP_MODULES = ("_fsdp_collectives", "_fsdp_init", "_fsdp_param_group", "_fsdp_
 
 
 @contextlib.contextmanager
-def _cuda_without_driver(device_type: str) -> Iterator[None]:
-    """FSDP2 on fake CUDA tensors: its device handle answered by :class:`_CudaHandle`."""
+def _cuda_without_driver(device_type: str, compute_capability: tuple[int, int] | None = None) -> Iterator[None]:
+    """The distributed code on fake CUDA tensors, without a driver: FSDP2's device handle answered
+    by :class:`_CudaHandle`, and ``torch.cuda.get_device_capability`` by the simulated card's
+    capability (the trace's, ``_trace.DEFAULT_CAPABILITY`` unless named): ``dist.broadcast`` asks it
+    of every CUDA tensor (distributed_c10d.py ``broadcast``, torch 2.14: NCCL's FP8 workaround before
+    sm_90), and ZeroRedundancyOptimizer's step broadcasts each rank's parameters with it
+    (``_sync_params`` -> ``_broadcast_params_from_rank``)."""
     if device_type != "cuda":
         yield
         return
     import importlib
 
+    from ._trace import DEFAULT_CAPABILITY
+
     modules = [importlib.import_module(f"torch.distributed.fsdp._fully_shard.{m}") for m in _FSDP_MODULES]
     handle = _CudaHandle()
     saved = [m._get_device_handle for m in modules]  # type: ignore[attr-defined]
+    capability = compute_capability or DEFAULT_CAPABILITY
+    real_capability = torch.cuda.get_device_capability
     for m, real in zip(modules, saved):
         m._get_device_handle = lambda t, real=real: handle if t == "cuda" else real(t)  # type: ignore[attr-defined]
+    torch.cuda.get_device_capability = lambda device=None: capability  # type: ignore[assignment]
     try:
         yield
     finally:
+        torch.cuda.get_device_capability = real_capability
         for m, real in zip(modules, saved):
             m._get_device_handle = real  # type: ignore[attr-defined]
 
@@ -806,7 +817,7 @@ def estimate_ranks(
     out = RankEstimates(dist)
     for group in distinct_ranks(workload.model, dist):
         rank = group[0]
-        with fake_group(rank, dist.world_size), _cuda_without_driver(spec.device):
+        with fake_group(rank, dist.world_size), _cuda_without_driver(spec.device, compute_capability):
             model = copy.deepcopy(workload.model).to("meta")
             if dist.strategy.startswith("fsdp"):
                 if spec.precision.param_dtype not in (None, torch.float32):

@@ -433,7 +433,8 @@ def estimate_trace(
     result, fits = replay_on_card(events, budget, alloc_config)
     at = result.peak_allocated_seq
     ev = events[at] if at is not None else None
-    breakdown = {c: result.allocated_by_category_bytes.get(c, 0) for c in CUDA_CATEGORIES}
+    # every category the replay counted: a distributed step's (DIST_CATEGORIES) too, as raw_peak's on the CPU
+    breakdown = dict.fromkeys(CUDA_CATEGORIES, 0) | result.allocated_by_category_bytes
     return StepEstimate(
         peak_allocated_bytes=result.peak_allocated_bytes,
         breakdown=breakdown,

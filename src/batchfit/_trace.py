@@ -70,6 +70,8 @@ from ._training import LossChoice
 from ._values import Values, real_tensor_paths
 
 _SETUP_CATEGORIES = ("parameters", "buffers", "inputs")
+# the card a CUDA trace simulates when none is named (an A100's sm_80): kernel choices (_cuda_scratch)
+DEFAULT_CAPABILITY: tuple[int, int] = (8, 0)
 # (func, args, kwargs, out, phase, iteration) of every aten op the traced step ran
 Observer = Callable[[Any, Any, Any, Any, str, int], None]
 _CUBLAS_OPS = frozenset(
@@ -256,7 +258,7 @@ class _Tracer:
         self.device_type = "cpu"
         self.cuda_workspaces: tuple[int, int] | None = None  # (cuBLAS per handle, cuDNN per conv call)
         self.cublas_threads: set[str] = set()
-        self.compute_capability: tuple[int, int] = (8, 0)  # the card's, for kernel choices (_cuda_scratch)
+        self.compute_capability = DEFAULT_CAPABILITY  # the card's, for kernel choices (_cuda_scratch)
         self.kernel_calls: list[KernelCall] = []
         self.numels: dict[int, int] = {}  # storage id -> elements of the tensor that created it
         self.notes: list[str] = []
