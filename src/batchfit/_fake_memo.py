@@ -22,6 +22,7 @@ fake mode lacks these internals (checked at import).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -41,6 +42,14 @@ try:
     )
 except ImportError:  # another torch: the usual dispatch only
     _AVAILABLE = False
+
+# _output_from_cache_entry's parameters: (state, entry, key, func, args) in torch 2.11-2.14, (state, entry,
+# key, args) in 2.15 (the op is read from the key); any other layout: the usual dispatch only
+_PASSES_FUNC = False
+if _AVAILABLE:
+    _params = list(inspect.signature(FakeTensorMode._output_from_cache_entry).parameters)
+    _PASSES_FUNC = _params == ["self", "state", "entry", "key", "func", "args"]
+    _AVAILABLE = _PASSES_FUNC or _params == ["self", "state", "entry", "key", "args"]
 
 _FAKE_KEY = torch._C._TorchDispatchModeKey.FAKE
 _LAYOUT: Any = torch._C.TensorBase.layout.__get__  # type: ignore[attr-defined]  # the C value, not FakeTensor's property
@@ -140,7 +149,9 @@ def fake_dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
         global answered
         answered += 1
         key, entry = found
-        return fake._output_from_cache_entry(_CacheKeyState(None), entry, key, func, args)
+        if _PASSES_FUNC:
+            return fake._output_from_cache_entry(_CacheKeyState(None), entry, key, func, args)
+        return fake._output_from_cache_entry(_CacheKeyState(None), entry, key, args)
     # first sight: the fake mode's key, taken before the op runs (an in-place op changes its arguments)
     try:
         key = fake._cache_key(_CacheKeyState(None), func, args, kwargs)
