@@ -102,7 +102,7 @@ def test_ddp_under_autocast_matches_real_gloo_processes() -> None:
     # mixed_precision= is private and not simulated): buckets in the parameters' dtype, bf16 activations
     spec = make_spec("cpu", "adam", "amp-bf16", threads=1)
     dist = DistSpec(2)
-    (measured,) = measure_ranks(NORM_MODEL, BATCH, spec, [dist], input_size=INPUT, repeats=3)
+    (measured,) = measure_ranks(NORM_MODEL, BATCH, spec, [dist], input_size=INPUT, repeats=5)
     estimated = estimate_ranks(load_workload(NORM_MODEL, INPUT), BATCH, spec, dist)
     assert [estimated.peak.estimate.peak_allocated_bytes] * 2 == [m.peak_allocated_bytes for m in measured]
 
@@ -134,7 +134,7 @@ def variant_truth() -> dict[tuple[str, str], list[int]]:
     out = {}
     for variant in VARIANTS:
         dists = [DistSpec(2, **SETTINGS[name]) for name in VARIANT_SETTINGS]  # type: ignore[arg-type]
-        measured = measure_ranks(MODEL, BATCH, _variant_spec(variant), dists, input_size=INPUT, repeats=2)
+        measured = measure_ranks(MODEL, BATCH, _variant_spec(variant), dists, input_size=INPUT, repeats=3)
         for name, ranks in zip(VARIANT_SETTINGS, measured):
             out[(variant, name)] = [m.peak_allocated_bytes for m in ranks]
     return out
@@ -367,11 +367,15 @@ def test_cuda_estimate_holds_what_the_cpu_one_holds_per_rank(strategy: str) -> N
     # the CPU run is equal to real gloo processes (above); which rank holds which shard, bucket or
     # optimizer state does not depend on the device. SGD with momentum: one buffer per parameter on
     # both devices (Adam's `step` counts live on the host beside CUDA parameters)
+    # FSDP2's device-mesh rank map (torch.arange(world, dtype=int), kept on the host whatever the mesh's
+    # device: _distributed's fsdp placement) is in the CPU run's `communication` and never on the card
+    host_only = {"communication": 4 * 2} if strategy == "fsdp" else {}
     cpu, cuda = _ranks_of("cpu", strategy), _ranks_of("cuda", strategy)
     kept = ("parameters", "gradients", "optimizer_state", "communication", "gathered_parameters")
     for rank in (0, 1):
         on_cpu, on_cuda = _live_peaks(cpu[rank].events), _live_peaks(cuda[rank].events)
-        assert {c: on_cuda.get(c, 0) for c in kept} == {c: on_cpu.get(c, 0) for c in kept}
+        expected = {c: on_cpu.get(c, 0) - host_only.get(c, 0) for c in kept}
+        assert {c: on_cuda.get(c, 0) for c in kept} == expected
         assert on_cuda["communication" if strategy != "fsdp" else "gathered_parameters"] > 0
 
 

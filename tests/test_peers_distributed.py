@@ -101,6 +101,12 @@ def test_against_deepspeed_itself_when_installed() -> None:
             assert (cpu, gpu) == (r.cpu_bytes, r.gpu_bytes)
 
 
+@pytest.mark.xfail(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14),
+    reason="torch 2.11's FSDPMemTracker files 306,232 B under OPT at world 2 where 2.14's files the two moments "
+    "and the step counters (76,856 B); the peer's own change, not investigated",
+    strict=True,
+)
 def test_fsdp_memtracker_on_the_fake_group_holds_rank0s_shards() -> None:
     fm = _load("fsdp_memtracker")
 

@@ -205,7 +205,8 @@ def _measure_step(
             del choice
         scaler = None
         if spec.precision.grad_scaler and spec.mode == "train":
-            scaler = torch.amp.GradScaler(device.type)
+            # from its module: torch 2.11's torch.amp does not re-export GradScaler (mypy)
+            scaler = torch.amp.grad_scaler.GradScaler(device.type)
         # and what the optimizer's constructor allocated (bitsandbytes' quantisation maps)
         held = [v for v in vars(optimizer).values() if isinstance(v, dict)] if optimizer is not None else []
         before = _storage_bytes([*state.values(), *inputs.tensors(), labels, *held])

@@ -137,7 +137,7 @@ class Linear4bitModel(nn.Linear):
         # Linear4bit.forward: set_compute_type makes the compute dtype the input's (fp32/bf16), so
         # x.to(compute_dtype) does not copy; bnb.matmul_4bit runs MatMul4Bit when a gradient is needed
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            return _MatMul4bit.apply(x, self.bias, self)  # type: ignore[no-any-return]
+            return _MatMul4bit.apply(x, self.bias, self)  # type: ignore[no-any-return, no-untyped-call]  # untyped on torch 2.11
         return _forward_4bit(x, self.bias, self)
 
     def extra_repr(self) -> str:
@@ -233,7 +233,7 @@ class Linear8bitModel(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Linear8bitLt.forward -> bnb.matmul(x, weight, bias, state); state.is_training = self.training
         function = _MatMul8bitFp if self.training and x.device.type in ("cpu", "xpu") else _MatMul8bitLt
-        return function.apply(x, self.bias, self)  # type: ignore[no-any-return]
+        return function.apply(x, self.bias, self)  # type: ignore[no-any-return, no-untyped-call]  # untyped on torch 2.11
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}"
