@@ -370,6 +370,12 @@ class _Stream:
     """A CUDA stream for a machine without one: FSDP2 orders its copies and collectives with
     streams and events; on fake tensors nothing runs, so ordering is all there is."""
 
+    # torch 2.15's FSDP2 passes these to torch.ops.fsdp.record_grad_output_stream (_fsdp_collectives.py),
+    # whose CUDA implementation is a no-op (the caching allocator's free is host bookkeeping there)
+    stream_id = 0
+    device_index = 0
+    device_type = 1  # c10::DeviceType::CUDA
+
     def wait_stream(self, stream: Any) -> None: ...
     def wait_event(self, event: Any) -> None: ...
     def synchronize(self) -> None: ...
