@@ -374,7 +374,7 @@ class _Stream:
     # whose CUDA implementation is a no-op (the caching allocator's free is host bookkeeping there)
     stream_id = 0
     device_index = 0
-    device_type = 1  # c10::DeviceType::CUDA
+    device_type = 1  # c10::DeviceType::CUDA (c10/core/DeviceType.h)
 
     def wait_stream(self, stream: Any) -> None: ...
     def wait_event(self, event: Any) -> None: ...
