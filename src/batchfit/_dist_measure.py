@@ -2,10 +2,11 @@
 (gloo on 127.0.0.1), each rank's peak host memory measured with the profiler.
 
 Counted like the single-process CPU truth (``_measure._CpuWindow``): bytes alive when the window
-opens plus the highest running sum of allocations inside it, with two differences that gloo
-forces (docs/distributed.md): allocations are counted on every thread, and what is allocated
-inside a ``c10d::`` op (gloo's own scratch copies, which NCCL on a GPU does not make) is left out
-together with its free.
+opens plus the highest running sum of allocations inside it, with three differences that gloo
+forces (docs/distributed.md): allocations are counted on every thread; what is allocated inside a
+``c10d::`` op (gloo's own scratch copies, which NCCL on a GPU does not make) is left out together
+with its free; and a collective's tensor whose last reference a gloo worker thread dropped, a free
+the profiler does not record, is counted freed at the end of its last recorded use (``_peak``).
 
 >>> # measure_ranks("mlp", 8, make_spec("cpu", "adam"), DistSpec(2, strategy="fsdp"), dataset="mnist")
 """
@@ -17,11 +18,14 @@ import copy
 import dataclasses
 import gc
 import json
+import operator
 import os
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import torch
@@ -143,9 +147,19 @@ def _child(
             for _ in range(repeats):
                 tdist.barrier()
                 gc.collect()
-                runs.append(_measure_rank(workload, batch_size, spec, dist, rank))
-            # a free the profiler cannot see only ever adds bytes: the lowest count is the true one
-            results.append(dataclasses.asdict(min(runs, key=lambda m: m.peak_allocated_bytes)))
+                runs.append(_measure_rank(workload, batch_size, spec, dist))
+            # the blocks that outlive the teardown in every run are alive; any other block without a
+            # recorded free was freed on a gloo thread (_peak)
+            kept = reduce(operator.and_, (r.unfreed_sizes() for r in runs))
+            peaks = [_peak(r, kept) for r in runs]
+            if os.environ.get("BATCHFIT_DEBUG_GLOO"):
+                inferred = [sum(1 for b in r.blocks if b.freed is None and not b.inside) for r in runs]
+                print(
+                    "DEBUG", rank, dist.describe(), peaks, "unfreed", inferred, "kept", sum(kept.values()), flush=True
+                )
+            # a free inferred late only ever adds bytes: the lowest count is the true one
+            peak, before = min(peaks)
+            results.append(dataclasses.asdict(RankMeasurement(rank, peak, before)))
         with open(out, "w") as f:
             json.dump(results, f)
     finally:
@@ -164,17 +178,19 @@ def _init_values(model: nn.Module) -> None:
                 b.zero_()
 
 
-def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec, rank: int) -> RankMeasurement:
+def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec) -> _Records:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cpu")
     size = workload.dataset.train_size if workload.dataset is not None else None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         model = copy.deepcopy(workload.model).to("meta")
         if dist.strategy.startswith("fsdp"):
-            wrap_model(model, dist, "cpu")
+            # materialized, then sharded: to_empty on a sharded model swaps each DTensor parameter
+            # (torch.utils.swap_tensors), which refuses a tensor the profiler's shape records hold
             model.to_empty(device=device)
             _init_values(model)
+            wrap_model(model, dist, "cpu")
             run_model: nn.Module = model
         else:
             from torch.nn.parallel import DistributedDataParallel
@@ -217,10 +233,10 @@ def _measure_rank(workload: Any, batch_size: int, spec: StepSpec, dist: DistSpec
                 tail=tail_sizes(spec, batch_size, size and rank_dataset_size(size, dist.world_size)),
             )
             del batch
-    peak, before = _peak(prof)
-    if os.environ.get("BATCHFIT_DEBUG_GLOO"):
-        print("DEBUG", rank, dist.describe(), peak, before, _peak(prof, "main"), flush=True)
-    return RankMeasurement(rank, peak, before)
+        # the teardown too, so that a block no record frees shows whether it outlives the model
+        del run_model, model, optimizer
+        gc.collect()
+    return _records(prof)
 
 
 @contextlib.contextmanager
@@ -229,48 +245,110 @@ def _window() -> Iterator[None]:
         yield
 
 
-def _peak(prof: Any, threads: str = "all") -> tuple[int, int]:
-    """(peak, bytes alive at the window's start) from the profiler's allocation records on every
-    thread, leaving out blocks allocated inside a ``c10d::`` op (and their frees, matched by address)."""
+@dataclass
+class _Block:
+    """One block from the profiler's allocation records."""
+
+    ptr: int
+    born: int  # ns
+    size: int
+    inside: bool  # allocated inside a ``c10d::`` op: gloo's own scratch, left out with its free
+    freed: int | None = None  # the recorded free; None when the profiler saw none
+    reused: int | None = None  # when its address was allocated again, with no free recorded between
+    last_use: int = 0  # end of the last recorded op that took its storage as an input (born if none)
+    collective: bool = False  # a ``c10d::`` or ``gloo:`` op took it: gloo's work items held it
+
+
+@dataclass
+class _Records:
+    window: tuple[int, int]
+    blocks: list[_Block]
+
+    def unfreed_sizes(self) -> Counter[int]:
+        """Sizes of the collectives' blocks that no record frees and no later allocation shows freed."""
+        return Counter(b.size for b in self.blocks if b.freed is None and b.reused is None and b.collective)
+
+
+def _records(prof: Any) -> _Records:
+    """The CPU blocks the profiler recorded on every thread, each with the end of its last recorded
+    use (``record_shapes=True`` gives every op's input storages, gloo's own ``gloo:`` ops included)."""
     from torch._C._profiler import _EventType
 
     tree = prof.profiler.kineto_results.experimental_event_tree()
     window: tuple[int, int] | None = None
-    allocs: list[tuple[int, int, int, int, bool]] = []  # (time, bytes, address, thread, inside a collective)
+    allocs: list[tuple[int, int, int, bool]] = []  # (time, bytes, address, inside a collective)
+    uses: dict[int, list[tuple[int, int, bool]]] = {}  # storage address -> (start, end, collective) of its ops
     stack = [(node, False) for node in tree]
     while stack:
         node, inside = stack.pop()
         name = node.name
         if name == "batchfit::window":
             window = (node.start_time_ns, node.end_time_ns)
-        if node.typed[0] == _EventType.Allocation:
-            fields = node.typed[1]
+        kind, fields = node.typed
+        if kind == _EventType.Allocation:
             if fields.device.type == "cpu":
-                allocs.append((node.start_time_ns, fields.alloc_size, fields.ptr, node.start_tid, inside))
+                allocs.append((node.start_time_ns, fields.alloc_size, fields.ptr, inside))
+        elif kind == _EventType.TorchOp:
+            for arg in fields.inputs:
+                for t in arg if isinstance(arg, list) else [arg]:
+                    ptr = getattr(t, "storage_data_ptr", None)
+                    if ptr is not None:
+                        collective = name.startswith(("c10d::", "gloo:"))
+                        uses.setdefault(ptr, []).append((node.start_time_ns, node.end_time_ns, collective))
         inside = inside or name.startswith("c10d::")
         stack.extend((child, inside) for child in node.children)
     assert window is not None
-    begin, end = window
     allocs.sort(key=lambda a: a[0])
-    main = allocs[0][3] if allocs else 0
-    skipped: set[int] = set()
-    live: dict[int, int] = {}  # address -> bytes of a counted block not yet seen freed
-    running = before = peak = 0
-    for t, n, ptr, tid, inside in allocs:
-        if n > 0 and ptr in live:
-            # the block there was freed on a thread the profiler does not record (a gloo worker
-            # dropped the last reference): its free is inferred when its address is reused
-            running -= live.pop(ptr)
-        if n > 0 and (inside or (threads == "main" and tid != main)):
-            skipped.add(ptr)
-            continue
-        if n < 0 and ptr in skipped:
-            skipped.discard(ptr)
-            continue
+    blocks: list[_Block] = []
+    open_: dict[int, _Block] = {}
+    for t, n, ptr, inside in allocs:
         if n > 0:
-            live[ptr] = n
-        elif live.pop(ptr, None) is None:
-            continue  # a block allocated before the profiler started
+            if ptr in open_:
+                open_.pop(ptr).reused = t
+            open_[ptr] = _Block(ptr, t, n, inside, last_use=t)
+            blocks.append(open_[ptr])
+        elif (freed := open_.pop(ptr, None)) is not None:  # else allocated before the profiler started
+            freed.freed = t
+    for block in blocks:
+        end = block.freed if block.freed is not None else block.reused
+        for start, stop, collective in uses.get(block.ptr, ()):
+            if block.born <= start and (end is None or start < end):
+                block.last_use = max(block.last_use, stop)
+                block.collective = block.collective or collective
+    return _Records(window, blocks)
+
+
+def _peak(records: _Records, kept: Counter[int]) -> tuple[int, int]:
+    """(peak, bytes alive at the window's start), leaving out the blocks allocated inside a ``c10d::``
+    op. A block with no recorded free was freed on a thread the profiler does not record: gloo's
+    worker drops its work item's references to a collective's tensors when the item ends, and when
+    those were the last ones the free is not in the records. Such a block, when a collective took it,
+    is counted freed at the end of its last recorded use if its address was allocated again or it is
+    one more of its size than ``kept`` (the collectives' blocks alive after the teardown in every
+    run); any other block is counted freed when its address is allocated again, or never."""
+    begin, end = records.window
+    counted = [b for b in records.blocks if not b.inside]
+    left = sorted(
+        (b for b in counted if b.freed is None and b.reused is None and b.collective), key=lambda b: -b.last_use
+    )
+    room = Counter(kept)
+    alive = set()
+    for b in left:  # the latest-used blocks of each size are the ones still alive
+        if room[b.size] > 0:
+            room[b.size] -= 1
+            alive.add(id(b))
+    changes: list[tuple[int, int, int]] = []  # (time, 0 for an allocation / 1 for a free, bytes)
+    for b in counted:
+        changes.append((b.born, 0, b.size))
+        if b.freed is not None:
+            changes.append((b.freed, 1, -b.size))
+        elif b.collective and (b.reused is not None or id(b) not in alive):
+            changes.append((b.last_use, 1, -b.size))
+        elif b.reused is not None:
+            changes.append((b.reused, 1, -b.size))
+    changes.sort()
+    running = before = peak = 0
+    for t, _, n in changes:
         running += n
         if t < begin:
             before = running
