@@ -74,11 +74,11 @@ def test_gloos_worker_scratch_is_left_out() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         shard = torch.zeros(1000)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-            with _window():
-                out = torch.empty(1000)
-                dist.all_gather_into_tensor(out, shard)
-                del out
+        activities = [ProfilerActivity.CPU]
+        with profile(activities=activities, profile_memory=True, record_shapes=True) as prof, _window():
+            out = torch.empty(1000)
+            dist.all_gather_into_tensor(out, shard)
+            del out
     finally:
         dist.destroy_process_group()
     records = records_of(prof)

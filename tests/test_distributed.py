@@ -307,7 +307,7 @@ def test_chunk_cat_padding_is_what_the_cpu_kernel_allocates(world: int, shapes: 
 
 
 def _chunk_cat_mixed_dtype() -> Any:
-    import torch.distributed.fsdp  # noqa: F401  (registers FSDP2's ops)
+    import torch.distributed.fsdp  # registers FSDP2's ops
 
     return getattr(torch.ops.fsdp, "chunk_cat_mixed_dtype", None)
 
