@@ -38,9 +38,11 @@ def _chunk_cat_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     ``_chunk_cat_out_cuda``) copies contiguous inputs directly and pads nothing."""
     named = dict(zip(("tensors", "dim", "num_chunks"), args)) | kwargs
     tensors, dim, chunks, out = named["tensors"], named["dim"], named["num_chunks"], named.get("out")
+    out_dtype = tensors[0].dtype if out is None else out.dtype  # ``_chunk_cat`` without ``out``: the inputs' own
     padding = sum(_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if _pads(t, dim, chunks))
-    casts = [_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if out is not None and t.dtype != out.dtype]
-    return padding + max(casts, default=0)
+    # the cast temporary: one input at a time, on top of all the padded copies
+    cast = max((_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if t.dtype != out_dtype), default=0)
+    return padding + cast
 
 
 def _pads(t: torch.Tensor, dim: int, num_chunks: int) -> bool:

@@ -5,8 +5,9 @@ Counted like the single-process CPU truth (``_measure._CpuWindow``): bytes alive
 opens plus the highest running sum of allocations inside it, with three differences that gloo
 forces (docs/distributed.md): allocations are counted on every thread; what is allocated inside a
 ``c10d::`` op or a ``gloo:`` work item on gloo's worker thread (gloo's own scratch copies, which
-NCCL on a GPU does not make) is left out together with its free; and a collective's tensor whose last reference a gloo worker thread dropped, a free
-the profiler does not record, is counted freed at the end of its last recorded use (``_peak``).
+NCCL on a GPU does not make) is left out together with its free; and a collective's tensor whose
+last reference a gloo worker thread dropped, a free the profiler does not record, is counted
+freed at the end of its last recorded use (``_peak``).
 
 >>> # measure_ranks("mlp", 8, make_spec("cpu", "adam"), DistSpec(2, strategy="fsdp"), dataset="mnist")
 """
@@ -252,7 +253,7 @@ class _Block:
     ptr: int
     born: int  # ns
     size: int
-    inside: bool  # allocated inside a ``c10d::`` op or a ``gloo:`` work item: gloo's own scratch, left out with its free
+    inside: bool  # allocated inside a ``c10d::`` op or a ``gloo:`` work item: gloo's scratch, left out with its free
     freed: int | None = None  # the recorded free; None when the profiler saw none
     reused: int | None = None  # when its address was allocated again, with no free recorded between
     last_use: int = 0  # end of the last recorded op that took its storage as an input (born if none)
@@ -324,12 +325,13 @@ def _records(prof: Any) -> _Records:
 
 def _peak(records: _Records, kept: Counter[int]) -> tuple[int, int]:
     """(peak, bytes alive at the window's start), leaving out the blocks allocated inside a ``c10d::``
-    op or a ``gloo:`` work item. A block with no recorded free was freed on a thread the profiler does not record: gloo's
-    worker drops its work item's references to a collective's tensors when the item ends, and when
-    those were the last ones the free is not in the records. Such a block, when a collective took it,
-    is counted freed at the end of its last recorded use if its address was allocated again or it is
-    one more of its size than ``kept`` (the collectives' blocks alive after the teardown in every
-    run); any other block is counted freed when its address is allocated again, or never."""
+    op or a ``gloo:`` work item. A block with no recorded free was freed on a thread the profiler
+    does not record: gloo's worker drops its work item's references to a collective's tensors when
+    the item ends, and when those were the last ones the free is not in the records. Such a block,
+    when a collective took it, is counted freed at the end of its last recorded use if its address
+    was allocated again or it is one more of its size than ``kept`` (the collectives' blocks alive
+    after the teardown in every run); any other block is counted freed when its address is
+    allocated again, or never."""
     begin, end = records.window
     counted = [b for b in records.blocks if not b.inside]
     left = sorted(
