@@ -333,6 +333,23 @@ def test_chunk_cat_mixed_dtype_is_what_the_cpu_kernel_allocates(world: int, dtyp
     assert _chunk_cat_mixed_dtype_scratch((grads, 0, world), {"out": out}) == rise
 
 
+def test_description_names_the_dtype_fsdp2_reduces_in() -> None:
+    """With ``param_dtype`` alone, FSDP2 reduce-scatters in the gradients' dtype up to torch 2.14 and in
+    the parameters' own from 2.15 (``FSDPParam.unsharded_grad_dtype``): the description says what the
+    installed FSDP2's code does, read from its traced reduce-scatter input (a block's padded gradients
+    are 3,720 elements at world 2; its all-gather buffer, in bf16, is 3,720 x 2 bytes either way)."""
+    dist = DistSpec(2, strategy="fsdp", param_dtype=torch.bfloat16)
+    est = estimate_ranks(load_workload(MODEL, INPUT), BATCH, _spec(), dist).ranks[0].estimate
+    sizes = {
+        e.nbytes
+        for e in est.events
+        if e.action == "alloc" and e.category == "communication" and e.phase == "backward" and e.module == "blocks.1"
+    }
+    assert 3720 * 2 in sizes
+    assert (3720 * 4 in sizes) == dist.describe().endswith("params bf16, reduce in the parameters' dtype")
+    assert (3720 * 4 in sizes) != dist.describe().endswith("params bf16, reduce bf16")
+
+
 def test_cli_step_with_gpus() -> None:
     step = f"{Path(__file__).with_name('dist_models.py')}:clipped_step"
     out = _cli_estimate(MODEL, "--gpus", "2", "--strategy", "fsdp", "--step", step)
