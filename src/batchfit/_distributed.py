@@ -223,7 +223,7 @@ class DistSpec:
         if self.strategy.startswith("fsdp"):
             opts.append("reshard after forward" if self.reshard_after_forward else "no reshard after forward")
             if self.param_dtype is not None or self.reduce_dtype is not None:
-                reduce = _name(self.reduce_dtype) if self.reduce_dtype is not None else _default_reduce(self.param_dtype)
+                reduce = _name(self.reduce_dtype) if self.reduce_dtype else _default_reduce(self.param_dtype)
                 opts.append(f"params {_name(self.param_dtype)}, reduce {reduce}")
             if self.cpu_offload:
                 opts.append("CPU offload")
