@@ -36,13 +36,18 @@ def _chunk_cat_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     FSDP2's reduce-scatter copy-in calls it on the unsharded gradients (``_fsdp_collectives.py``
     ``foreach_reduce_scatter_copy_in``). CUDA's kernel (aten/src/ATen/native/cuda/TensorShape.cu
     ``_chunk_cat_out_cuda``) copies contiguous inputs directly and pads nothing."""
-    named = dict(zip(("tensors", "dim", "num_chunks"), args)) | kwargs
-    tensors, dim, chunks, out = named["tensors"], named["dim"], named["num_chunks"], named.get("out")
+    tensors, dim, chunks, out = _chunk_cat_args(args, kwargs)
     out_dtype = tensors[0].dtype if out is None else out.dtype  # ``_chunk_cat`` without ``out``: the inputs' own
     padding = sum(_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if _pads(t, dim, chunks))
     # the cast temporary: one input at a time, on top of all the padded copies
     cast = max((_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if t.dtype != out_dtype), default=0)
     return padding + cast
+
+
+def _chunk_cat_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], int, int, Any]:
+    """``(tensors, dim, num_chunks, out)`` of a ``_chunk_cat`` call (``out`` None without one)."""
+    named = dict(zip(("tensors", "dim", "num_chunks"), args)) | kwargs
+    return list(named["tensors"]), int(named["dim"]), int(named["num_chunks"]), named.get("out")
 
 
 def _pads(t: torch.Tensor, dim: int, num_chunks: int) -> bool:
@@ -64,11 +69,10 @@ def _chunk_cat_mixed_dtype_scratch(args: tuple[Any, ...], kwargs: dict[str, Any]
     otherwise every input is cast first, ``tensor.to(out.scalar_type())`` (a copy of each input of
     another dtype; ``to`` returns the others themselves), all held while ``_chunk_cat_out`` pads the
     cast inputs, which then have ``out``'s dtype."""
-    named = dict(zip(("tensors", "dim", "num_chunks"), args)) | kwargs
-    tensors, dim, chunks, out = named["tensors"], named["dim"], named["num_chunks"], named["out"]
+    tensors, dim, chunks, out = _chunk_cat_args(args, kwargs)
     if len({t.dtype for t in tensors}) <= 1:
         return _chunk_cat_padding(args, kwargs)
-    size = out.element_size()
+    size: int = out.element_size()
     casts = sum(t.numel() * size for t in tensors if t.dtype != out.dtype)
     return casts + sum(_padded_numel(t, dim, chunks) * size for t in tensors if _pads(t, dim, chunks))
 
