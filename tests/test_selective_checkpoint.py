@@ -1,0 +1,133 @@
+"""Selective activation checkpointing (SAC): ``torch.utils.checkpoint.checkpoint`` with a
+``create_selective_checkpoint_contexts`` policy, as torchtitan trains with it.
+
+On CPU the estimate must equal a real step measured by the profiler, to the byte; the outputs the
+policy saves are activations in the breakdown (they are saved for backward, in SAC's own cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+from batchfit import estimate
+from batchfit._hf import torchtitan_sac_context
+from batchfit._measure import measure_step
+from batchfit._models import InputSpec, Workload
+from batchfit._step import make_spec
+
+aten = torch.ops.aten
+
+
+def _save_mm(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if func is aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": noop_context_fn,  # checkpoint's default: recompute everything
+    "mm": functools.partial(create_selective_checkpoint_contexts, _save_mm),
+    "torchtitan": torchtitan_sac_context,
+}
+
+
+class Block(nn.Module):
+    """A Llama-like block (RMSNorm, causal attention, SwiGLU), bias-free linears: 7 matmuls."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.w1, self.w3 = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, 3 * d, bias=False)
+        self.w2 = nn.Linear(3 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        y = self.n1(x)
+        q, k, v = (lin(y).view(b, t, self.heads, d // self.heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+        y = self.n2(x)
+        return x + self.w2(F.silu(self.w1(y)) * self.w3(y))
+
+
+class Net(nn.Module):
+    def __init__(self, policy: str, d: int = 64, blocks: int = 3, vocab: int = 100) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, 4) for _ in range(blocks))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.context_fn = POLICIES[policy]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.emb(x)
+        for block in self.blocks:
+            if self.context_fn is None:
+                x = block(x)
+            else:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=self.context_fn)
+        return self.head(self.norm(x))
+
+
+SEQ = 32
+D = 64
+
+
+def _net(policy: str) -> Workload:
+    with torch.device("meta"):
+        model = Net(policy)
+    return Workload("sac", model, (InputSpec((SEQ,), torch.int64),))
+
+
+@pytest.mark.parametrize("policy", ["mm", "torchtitan"])
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_selective_checkpointing_equals_a_real_cpu_step(policy: str, batch_size: int) -> None:
+    w = _net(policy)
+    est = estimate(w, batch_size=batch_size, optimizer="adamw", device="cpu")
+    real = measure_step(w, batch_size, make_spec("cpu", "adamw"))
+    assert est.peak_allocated_bytes == real.peak_allocated_bytes
+
+
+def test_the_policies_change_the_real_step() -> None:
+    """The comparison above can fail: each policy keeps a different amount, in the real step too."""
+    peaks = {p: measure_step(_net(p), 8, make_spec("cpu", "adamw")).peak_allocated_bytes for p in POLICIES}
+    assert peaks["full"] < peaks["torchtitan"] < peaks["mm"] < peaks["none"]
+
+
+def _block_activations(policy: str, batch_size: int, device: str = "cpu") -> int:
+    with warnings.catch_warnings():
+        # the tracer's own saved-tensor hooks must not make torch warn about SAC (a user's step has none)
+        warnings.simplefilter("error", FutureWarning)
+        r = estimate(_net(policy), batch_size=batch_size, optimizer="sgd", device=device)
+    return sum(v for k, v in r.activation_bytes_by_module.items() if k.startswith("blocks."))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_outputs_a_policy_saves_are_activations(device: str) -> None:
+    """SAC keeps the saved ops' outputs in its own cache, which no saved-tensor hook sees: they are
+    filed as activations all the same, each block's matmul outputs (fp32) over the full checkpoint's."""
+    b = 2
+    full = _block_activations("full", b, device)
+    # per block: q, k, v, o (d each), w1, w3 (3d each), w2 (d) -> 11 d outputs of (b, SEQ)
+    assert _block_activations("mm", b, device) - full == 3 * b * SEQ * 11 * D * 4
+    # torchtitan's rule saves every other matmul of a block (the 1st, 3rd, ...: q, v, w1, w2)
+    mms = 3 * b * SEQ * (D + D + 3 * D + D) * 4
+    # and, on CUDA, the memory-efficient attention kernel's results (fp32 picks it): the output
+    # (b, heads, SEQ, D / heads), fp32 log-sum-exp (b, heads, SEQ rounded up to 32) and the 0-dim
+    # int64 philox seed and offset (torch/_meta_registrations.py, meta__scaled_dot_product_efficient_attention);
+    # on CPU the attention op is _scaled_dot_product_flash_attention_for_cpu, not in the list
+    attention = 3 * (b * SEQ * D * 4 + b * 4 * 32 * 4 + 2 * 8) if device == "cuda" else 0
+    assert _block_activations("torchtitan", b, device) - full == mms + attention
