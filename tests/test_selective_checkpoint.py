@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,3 +132,50 @@ def test_the_outputs_a_policy_saves_are_activations(device: str) -> None:
     # on CPU the attention op is _scaled_dot_product_flash_attention_for_cpu, not in the list
     attention = 3 * (b * SEQ * D * 4 + b * 4 * 32 * 4 + 2 * 8) if device == "cuda" else 0
     assert _block_activations("torchtitan", b, device) - full == mms + attention
+
+
+SAC_MODEL = f"{Path(__file__).with_name('dist_models.py')}:SacBlocks"
+
+
+def test_fsdp2_with_selective_checkpointing_matches_real_gloo_processes() -> None:
+    """torchtitan's arrangement at world 2: each block in ``checkpoint_wrapper`` with the per-op
+    policy, FSDP2 on the wrappers; each rank's estimate equals real gloo processes (the lowest of
+    three counts, as in tests/test_distributed.py)."""
+    from batchfit._dist_measure import measure_ranks
+    from batchfit._distributed import DistSpec, estimate_ranks
+    from batchfit._models import load_workload
+
+    dist = DistSpec(2, strategy="fsdp", wrap="CheckpointWrapper")
+    spec = make_spec("cpu", "adam", threads=1)
+    (measured,) = measure_ranks(SAC_MODEL, 8, spec, [dist], input_size=[12], repeats=3)
+    result = estimate_ranks(load_workload(SAC_MODEL, [12]), 8, spec, dist)
+    by_rank = {r: rank.estimate.peak_allocated_bytes for rank in result.ranks for r in rank.same_as}
+    assert [by_rank[r] for r in range(2)] == [m.peak_allocated_bytes for m in measured]
+
+
+def _torchtitan_bench() -> Any:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "bench" / "published" / "torchtitan_llama3_8b.py"
+    spec = importlib.util.spec_from_file_location("bench_torchtitan_llama3_8b", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_torchtitans_llama_as_rebuilt_equals_a_real_cpu_step() -> None:
+    """bench/published/torchtitan_llama3_8b.py: its model at full size is the 8B (Meta's published
+    count, the same as the hf: built-in's), and a small one with torchtitan's step (logits cast to
+    fp32 for the loss, clipping, SAC on every block) is estimated exactly on the CPU."""
+    from batchfit._models import count_parameters
+
+    bench = _torchtitan_bench()
+    assert count_parameters(bench.build(32, 4096, 8192, 128_256)) == 8_030_261_248
+    model = bench.build(2, 256, 64, 1000)
+    w = Workload("torchtitan-small", model, (InputSpec((64,), torch.int64),))
+    est = estimate(w, batch_size=2, optimizer="adamw", device="cpu", step=bench.train_step)
+    real = measure_step(w, 2, make_spec("cpu", "adamw", step=bench.train_step))
+    assert est.peak_allocated_bytes == real.peak_allocated_bytes
