@@ -1,14 +1,16 @@
 """torchtitan's Llama 3.1 8B on 8 H100s, FSDP2 and per-op selective activation checkpointing:
-the 82.4 GiB of its Table 1, rebuilt with batchfit.
+the 82.4 GiB of its Table 1 (and the 67.0 GiB of Table 3, 128 GPUs), rebuilt with batchfit.
 
-    PYTHONPATH=src python3 bench/published/torchtitan_llama3_8b.py [--json out.json]
+    PYTHONPATH=src python3 bench/published/torchtitan_llama3_8b.py [--nodes 16] [--json out.json]
     PYTHONPATH=src python3 bench/published/torchtitan_llama3_8b.py --layers 2 --dim 256 --seq-len 256  # a quick run
 
 Source: pytorch/torchtitan, ``benchmarks/llama3_h100_202412_torchtitan.md``
 (https://github.com/pytorch/torchtitan/blob/main/benchmarks/llama3_h100_202412_torchtitan.md), "The
 following performance benchmarks were done by the `torchtitan` team at the end of 2024", **Table 1**:
 "1D Parallelism (FSDP). Llama 3.1 8B model. 8 GPUs. Local batch size 2, global batch size 16.
-Selective activation checkpointing.", row "FSDP": TPS/GPU 5,762, Memory(GiB) 82.4. Hardware: "Each
+Selective activation checkpointing.", row "FSDP": TPS/GPU 5,762, Memory(GiB) 82.4; **Table 3**, the
+same on 128 GPUs ("Local batch size 2, global batch size 256"), row "FSDP": 5,605, 67.0 (``--nodes 16``:
+FSDP2 over all 128 ranks, the config's ``data_parallel_shard_degree = -1``). Hardware: "Each
 host has 8 NVIDIA H100 GPUs fully connected with NVLink. Each H100 GPU is equipped with 96GB HBM2e".
 The figure is what torchtitan logs as ``memory: {max_reserved_gib}`` (train.py, ``DeviceMemoryMonitor``:
 ``torch.cuda.memory_stats()["reserved_bytes.all.peak"]`` in GiB), reset every 10 steps: batchfit's
@@ -65,7 +67,7 @@ from batchfit import _distributed, estimate
 from batchfit._hf import torchtitan_sac_context
 from batchfit._models import InputSpec, Workload
 
-PUBLISHED_GIB = 82.4
+PUBLISHED_GIB = {1: 82.4, 16: 67.0}  # by nodes of 8 GPUs: Table 1, Table 3
 SOURCE = "https://github.com/pytorch/torchtitan/blob/main/benchmarks/llama3_h100_202412_torchtitan.md"
 
 
@@ -207,7 +209,9 @@ def train_step(model: nn.Module, inputs: tuple[Any, ...], labels: torch.Tensor, 
     optimizer.step()
 
 
-def run(layers: int, dim: int, seq_len: int, vocab: int, batch: int, alloc_conf: str | None) -> tuple[Any, float]:
+def run(
+    layers: int, dim: int, seq_len: int, vocab: int, batch: int, alloc_conf: str | None, nodes: int = 1
+) -> tuple[Any, float]:
     model = build(layers, dim, seq_len, vocab)
     workload = Workload("torchtitan-llama3-8b", model, (InputSpec((seq_len,), torch.int64),))
     start = time.perf_counter()
@@ -222,6 +226,7 @@ def run(layers: int, dim: int, seq_len: int, vocab: int, batch: int, alloc_conf:
             precision="fp32",
             step=train_step,
             gpus=8,
+            nodes=nodes,
             strategy="fsdp",
             param_dtype="bf16",
             reduce_dtype="fp32",
@@ -238,16 +243,18 @@ def _gib(n: int) -> float:
 def row(est: Any, seconds: float, args: argparse.Namespace, alloc_conf: str | None) -> dict[str, Any]:
     ours = _gib(est.peak_reserved_bytes)
     full = (args.layers, args.dim, args.seq_len, args.vocab, args.batch) == (32, 4096, 8192, 128256, 2)
+    published = PUBLISHED_GIB.get(args.nodes) if full else None
     return {
         "model": "torchtitan Llama 3.1 8B" if full else f"torchtitan Llama, {args.layers} x {args.dim}",
         "alloc_conf": alloc_conf or "(default)",
         "torch": torch.__version__,
         "batch": args.batch,
         "seq": args.seq_len,
-        "published_gib": PUBLISHED_GIB if full else None,
+        "gpus": 8 * args.nodes,
+        "published_gib": published,
         "batchfit_reserved_gib": round(ours, 2),
         "batchfit_allocated_gib": round(_gib(est.peak_allocated_bytes), 2),
-        "error": round((ours - PUBLISHED_GIB) / PUBLISHED_GIB, 4) if full else None,
+        "error": round((ours - published) / published, 4) if published else None,
         "unit": "GiB (max_memory_reserved)",
         "peak_phase": est.peak_phase,
         "breakdown_gib": {k: round(_gib(v), 2) for k, v in est.breakdown.items() if v},
@@ -269,17 +276,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=128_256)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of 8 GPUs (16: Table 3's 128 GPUs)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     out = []
     for alloc_conf in ALLOC_CONFS:
-        est, seconds = run(args.layers, args.dim, args.seq_len, args.vocab, args.batch, alloc_conf)
+        est, seconds = run(args.layers, args.dim, args.seq_len, args.vocab, args.batch, alloc_conf, args.nodes)
         r = row(est, seconds, args, alloc_conf)
         out.append(r)
-        published = f"published {PUBLISHED_GIB} GiB, " if r["published_gib"] else ""
+        published = f"published {r['published_gib']} GiB, " if r["published_gib"] else ""
         error = f", error {r['error']:+.2%}" if r["error"] is not None else ""
         print(
-            f"{r['model']}, batch {args.batch} x {args.seq_len}, 8 GPUs FSDP2 + per-op SAC, {r['alloc_conf']}: "
+            f"{r['model']}, batch {args.batch} x {args.seq_len}, {r['gpus']} GPUs FSDP2 + per-op SAC, {r['alloc_conf']}: "
             f"{published}batchfit {r['batchfit_reserved_gib']:.2f} GiB reserved "
             f"({r['batchfit_allocated_gib']:.2f} GiB allocated){error}; estimated in {seconds:.1f} s"
         )
