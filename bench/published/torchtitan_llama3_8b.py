@@ -44,7 +44,7 @@ benchmark names; file and function for each):
   betas and weight decay change no memory).
 
 batchfit runs that step on fake CUDA tensors (an H100, sm90: SDPA takes the flash kernel for bf16), one
-rank of the fake 8-rank group (every rank holds the same shards), through its caching-allocator model.
+rank of the fake group (8 ranks, or 128: every rank holds the same shards), through its caching-allocator model.
 Not modelled: the card's 96 GB (the catalogue's ``h100-sxm`` is 80 GB; the limit is set to 96e9 bytes,
 ``--memory``), NCCL's own memory (outside the caching allocator: not in reserved), the data loader,
 torchtitan's periodic ``gc.collect()``, and the torch nightly of 2024-12-23 the run used (this runs the
