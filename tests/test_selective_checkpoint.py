@@ -23,7 +23,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from batchfit import estimate
+from batchfit import BatchfitError, estimate
 from batchfit._hf import torchtitan_sac_context
 from batchfit._measure import measure_step
 from batchfit._models import InputSpec, Workload
@@ -41,6 +41,9 @@ POLICIES: dict[str, Any] = {
     "full": noop_context_fn,  # checkpoint's default: recompute everything
     "mm": functools.partial(create_selective_checkpoint_contexts, _save_mm),
     "torchtitan": torchtitan_sac_context,
+    # the list form (MUST_SAVE for these ops, PREFER_RECOMPUTE for the rest)
+    "list": functools.partial(create_selective_checkpoint_contexts, [aten.mm.default, aten.silu.default]),
+    "all": functools.partial(create_selective_checkpoint_contexts, lambda ctx, func, *a, **k: True),
 }
 
 
@@ -64,11 +67,18 @@ class Block(nn.Module):
         return x + self.w2(F.silu(self.w1(y)) * self.w3(y))
 
 
+class DropoutBlock(Block):
+    """Randomness inside the region: the recomputation replays the forward's dropout mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(super().forward(x), 0.1, self.training)
+
+
 class Net(nn.Module):
-    def __init__(self, policy: str, d: int = 64, blocks: int = 3, vocab: int = 100) -> None:
+    def __init__(self, policy: str, d: int = 64, blocks: int = 3, vocab: int = 100, dropout: bool = False) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, 4) for _ in range(blocks))
+        self.blocks = nn.ModuleList((DropoutBlock if dropout else Block)(d, 4) for _ in range(blocks))
         self.norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.context_fn = POLICIES[policy]
@@ -87,24 +97,41 @@ SEQ = 32
 D = 64
 
 
-def _net(policy: str) -> Workload:
+def _net(policy: str, dropout: bool = False) -> Workload:
     with torch.device("meta"):
-        model = Net(policy)
+        model = Net(policy, dropout=dropout)
     return Workload("sac", model, (InputSpec((SEQ,), torch.int64),))
 
 
-@pytest.mark.parametrize("policy", ["mm", "torchtitan"])
-@pytest.mark.parametrize("batch_size", [2, 8])
-def test_selective_checkpointing_equals_a_real_cpu_step(policy: str, batch_size: int) -> None:
-    w = _net(policy)
+@pytest.mark.parametrize(
+    ("policy", "batch_size", "dropout"),
+    [("mm", 2, False), ("mm", 8, False), ("torchtitan", 2, False), ("torchtitan", 8, False),
+     ("list", 8, False), ("mm", 8, True)],
+)  # fmt: skip
+def test_selective_checkpointing_equals_a_real_cpu_step(policy: str, batch_size: int, dropout: bool) -> None:
+    w = _net(policy, dropout)
     est = estimate(w, batch_size=batch_size, optimizer="adamw", device="cpu")
     real = measure_step(w, batch_size, make_spec("cpu", "adamw"))
     assert est.peak_allocated_bytes == real.peak_allocated_bytes
 
 
+def test_a_mutated_cache_fails_as_the_real_step_does() -> None:
+    """Saving every op keeps outputs that later in-place ops change: torch refuses that in the
+    backward ("Tensor cached during selective activation checkpoint has been mutated"), and so does
+    the estimate, instead of answering for a step that cannot run."""
+    w = _net("all")
+    with pytest.raises(BatchfitError, match="has been mutated"):
+        measure_step(w, 2, make_spec("cpu", "sgd"))
+    with pytest.raises(BatchfitError, match="has been mutated"):
+        estimate(w, batch_size=2, optimizer="sgd", device="cpu")
+
+
 def test_the_policies_change_the_real_step() -> None:
     """The comparison above can fail: each policy keeps a different amount, in the real step too."""
-    peaks = {p: measure_step(_net(p), 8, make_spec("cpu", "adamw")).peak_allocated_bytes for p in POLICIES}
+    peaks = {
+        p: measure_step(_net(p), 8, make_spec("cpu", "adamw")).peak_allocated_bytes
+        for p in ("none", "full", "mm", "torchtitan")
+    }
     assert peaks["full"] < peaks["torchtitan"] < peaks["mm"] < peaks["none"]
 
 
