@@ -295,7 +295,7 @@ def _records(prof: Any) -> _Records:
                     if ptr is not None:
                         collective = name.startswith(("c10d::", "gloo:"))
                         uses.setdefault(ptr, []).append((node.start_time_ns, node.end_time_ns, collective))
-        inside = inside or name.startswith("c10d::")
+        inside = inside or name.startswith(("c10d::", "gloo:"))
         stack.extend((child, inside) for child in node.children)
     assert window is not None
     allocs.sort(key=lambda a: a[0])
