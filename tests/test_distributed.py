@@ -139,6 +139,52 @@ def test_fsdp_llama_under_autocast_matches_real_gloo_processes(tmp_path: Path) -
     assert estimated.peak.estimate.peak_phase == "backward"
 
 
+def test_llama_activations_under_amp_bf16_follow_from_the_config(tmp_path: Path) -> None:
+    """docs/distributed.md's per-layer table of the 8-GPU Llama-3.1-8B figure, on a small Llama with a
+    CUDA trace: what autograd keeps when the weights and the residual stream are fp32 and the linears
+    and SDPA run in bf16 under autocast, counted from the config at the start of backward."""
+    b, s, h, inter, heads, kv_heads, head_dim, vocab, layers = 1, 256, 256, 512, 4, 2, 64, 1000, 2
+    kv = kv_heads * head_dim
+    config = TINY_LLAMA | {
+        "hidden_size": h, "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "vocab_size": vocab, "num_hidden_layers": layers, "max_position_embeddings": s,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from batchfit import estimate
+
+    workload = load_workload(f"hf:{tmp_path}", seq_len=s)
+    result = estimate(workload, batch_size=b, optimizer="adamw", precision="amp-bf16", gpus=2, strategy="fsdp")
+    events = result.ranks[0].estimate.events
+    first = next(i for i, e in enumerate(events) if e.phase == "backward" and e.iteration == 2)
+    alive: dict[int, int] = {}
+    for e in events[:first]:
+        if e.category == "activations":
+            if e.is_alloc:
+                alive[e.storage] = e.nbytes
+            else:
+                alive.pop(e.storage, None)
+    per_layer = (
+        2 * (2 * h * h + 2 * h * kv + 3 * h * inter)  # bf16 copies of q, k, v, o, gate, up, down (MmBackward0)
+        + 2 * 4 * b * s * h  # both RMSNorms' fp32 output before the weight (its Mul keeps it)
+        + 2 * 4 * b * s * h  # the fp32 residual stream after attention and after the MLP (the next pow)
+        + 5 * 2 * b * s * h  # bf16 casts of the fp32 norm outputs for q, k, v, gate, up (one each)
+        + 2 * 2 * b * s * h + 2 * 2 * b * s * kv  # SDPA's bf16 q and its output, its bf16 k and v
+        + 4 * b * heads * s  # flash attention's log-sum-exp (fp32)
+        + 16 + 8  # its rng_state (2 x uint64) and the unused 0-dim uint64 (flash_api.cpp mha_fwd)
+        + 4 * 2 * b * s * inter  # gate and up outputs, SiLU's output, their product (bf16)
+        + 2 * 4 * b * s  # both RMSNorms' rsqrt (fp32)
+    )
+    outside = (
+        4 * b * s * h  # the embedding's output (fp32), read by layer 0's first norm
+        + 4 * b * s * h + 4 * b * s  # the final norm's output and rsqrt
+        + 2 * 4 * s * head_dim  # rotary cos and sin (fp32, one position row for the batch)
+        + 2 * b * s * h + 2 * vocab * h  # lm_head's bf16 input cast and weight copy
+        + 4 * b * s * vocab  # the logits upcast to fp32 for the loss
+        + 8 * b * (s + 1) + 4  # the loss's labels padded by one (int64) and nll_loss's total weight
+    )
+    assert sum(alive.values()) == layers * per_layer + outside
+
+
 def test_a_spec_sent_to_a_gloo_process_keeps_the_default_loss() -> None:
     # measure_ranks pickles the StepSpec into spawned processes; choose_loss tells the default
     # ("auto": the model's own loss) from a user's loss by identity
