@@ -252,7 +252,9 @@ class _Block:
     ptr: int
     born: int  # ns
     size: int
-    inside: bool  # allocated inside a ``c10d::`` op: gloo's own scratch, left out with its free
+    # allocated inside a ``c10d::`` op (the calling thread) or a ``gloo:`` op (gloo's worker thread, e.g.
+    # AsyncAllgatherWork's flat output, ProcessGroupGloo.cpp): gloo's own scratch, left out with its free
+    inside: bool
     freed: int | None = None  # the recorded free; None when the profiler saw none
     reused: int | None = None  # when its address was allocated again, with no free recorded between
     last_use: int = 0  # end of the last recorded op that took its storage as an input (born if none)
