@@ -252,7 +252,9 @@ class _Block:
     ptr: int
     born: int  # ns
     size: int
-    inside: bool  # allocated inside a ``c10d::`` op: gloo's own scratch, left out with its free
+    # allocated inside a ``c10d::`` op (the calling thread) or a ``gloo:`` op (gloo's worker thread, e.g.
+    # AsyncAllgatherWork's flat output, ProcessGroupGloo.cpp): gloo's own scratch, left out with its free
+    inside: bool
     freed: int | None = None  # the recorded free; None when the profiler saw none
     reused: int | None = None  # when its address was allocated again, with no free recorded between
     last_use: int = 0  # end of the last recorded op that took its storage as an input (born if none)
@@ -295,7 +297,7 @@ def _records(prof: Any) -> _Records:
                     if ptr is not None:
                         collective = name.startswith(("c10d::", "gloo:"))
                         uses.setdefault(ptr, []).append((node.start_time_ns, node.end_time_ns, collective))
-        inside = inside or name.startswith("c10d::")
+        inside = inside or name.startswith(("c10d::", "gloo:"))
         stack.extend((child, inside) for child in node.children)
     assert window is not None
     allocs.sort(key=lambda a: a[0])

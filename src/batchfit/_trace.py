@@ -227,7 +227,7 @@ class _StorageBirthRecorder(TorchDispatchMode):
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
             tracer.kernel_scratch(func, args, kwargs)
-        if tracer.scratch is not None and is_scratch_op(func):
+        if tracer.scratch is not None and is_scratch_op(func, args):
             extra, extrapolated = tracer.scratch.measure(func, args, kwargs, out)
             for fake, nbytes in tracer.scratch.resized:
                 tracer.resize(fake, nbytes)
@@ -1403,9 +1403,7 @@ def _trace_step(
         raise _explain(exc, workload, batch_size, tracer) from exc
     if tracer.scratch is not None and tracer.scratch.skipped:
         tracer.notes.append(
-            "kernel scratch not modelled for "
-            + ", ".join(sorted(set(tracer.scratch.skipped)))
-            + " (its forward's workspace was not measured)"
+            "kernel scratch not modelled for " + ", ".join(sorted(set(tracer.scratch.skipped)))
         )
     if tracer.values.answered:
         tracer.notes.append(
