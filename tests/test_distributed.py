@@ -58,9 +58,9 @@ def truth() -> dict[tuple[str, int], list[int]]:
     """Each rank's measured peak, by (setting, world size): real gloo processes on 127.0.0.1."""
     keys = [(name, world) for world in WORLDS for name in SETTINGS]
     dists = [DistSpec(world, **SETTINGS[name]) for name, world in keys]  # type: ignore[arg-type]
-    # the lowest of three counts per setting: a free on a gloo worker thread is missing from the
-    # profiler's records now and then (seen: +4 bytes on one rank in one run of three), and a missing
-    # free can only make a count too high (docs/distributed.md)
+    # three counts per setting, the one most agree on kept: a free on a gloo worker thread is missing
+    # from the profiler's records now and then, and where it is placed is right in most runs, not all
+    # (docs/distributed.md)
     measured = measure_ranks(MODEL, BATCH, _spec(), dists, input_size=INPUT, repeats=3)
     return {key: [m.peak_allocated_bytes for m in ranks] for key, ranks in zip(keys, measured)}
 
@@ -71,7 +71,7 @@ def buffer_truth() -> dict[str, list[int]]:
     dists = [DistSpec(2, **settings) for settings in BUFFER_SETTINGS.values()]  # type: ignore[arg-type]
     # five counts, not three: on torch 2.11 the lowest of three was still above the estimate now and
     # then on default DDP with buffers (+76 B on rank 1 once, +416 B on rank 0 once; exact in other
-    # runs), the missed frees on gloo's threads that only ever add bytes (docs/distributed.md)
+    # runs), before the frees missed on gloo's threads were placed at their last use (docs/distributed.md)
     measured = measure_ranks(NORM_MODEL, BATCH, _spec(), dists, input_size=INPUT, repeats=5)
     return {name: [m.peak_allocated_bytes for m in ranks] for name, ranks in zip(BUFFER_SETTINGS, measured)}
 
