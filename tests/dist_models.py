@@ -62,3 +62,28 @@ def clipped_step(model, inputs, labels, optimizer):  # type: ignore[no-untyped-d
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+class SacBlocks(nn.Module):
+    """Bias-free residual blocks (their matmuls are ``aten.mm``), each wrapped as torchtitan wraps
+    its blocks: ``checkpoint_wrapper`` with torchtitan's per-op selective checkpointing policy."""
+
+    def __init__(self, features: int = 12, dim: int = 29, hidden: int = 61, depth: int = 3, classes: int = 7) -> None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        from batchfit._hf import torchtitan_sac_context
+
+        super().__init__()
+        self.inp = nn.Linear(features, dim)
+        blocks = []
+        for _ in range(depth):
+            block = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
+            blocks.append(checkpoint_wrapper(block, context_fn=torchtitan_sac_context, preserve_rng_state=False))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        x = self.inp(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)

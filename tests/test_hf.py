@@ -96,12 +96,15 @@ def _est_and_real(w: Workload, batch_size: int, optimizer: str = "adamw") -> tup
         "plain",
         "lora",
         "checkpointing",
+        "selective",
     ],
 )
 def test_small_configs_equal_a_real_cpu_step(tmp_path: Path, family: str, variant: str) -> None:
     kwargs: dict = {"lora": 4} if variant == "lora" else {}
     if variant == "checkpointing":
         kwargs["gradient_checkpointing"] = True
+    if variant == "selective":  # torchtitan's per-op policy through the model's own checkpointing
+        kwargs["gradient_checkpointing"] = "selective"
     w = load_workload(_tiny(tmp_path, family), seq_len=32, **kwargs)
     est, real = _est_and_real(w, 2)
     assert est == real, (family, variant, est, real)
@@ -214,3 +217,43 @@ def test_checkpointing_under_autocast_on_a_simulated_gpu(tmp_path: Path, precisi
     assert checkpointed < peak("fp32", True)  # the recomputed activations are half precision, as on a GPU
     if not torch.cuda.is_available():  # the step answers as a GPU would only while it runs
         assert torch.cuda.amp.common.amp_definitely_not_available()
+
+
+def test_selective_checkpointing_keeps_what_torchtitans_policy_saves(tmp_path: Path) -> None:
+    """``gradient_checkpointing="selective"``: the layers are recomputed, but the outputs of the
+    matmuls the policy saves (every other one of a layer) are kept; the real CPU steps order
+    full < selective < plain, and each estimate is exact (test above)."""
+    path = _tiny(tmp_path, "llama")
+    spec = make_spec("cpu", "adamw")
+    real = {
+        mode: measure_step(load_workload(path, seq_len=32, gradient_checkpointing=mode), 4, spec).peak_allocated_bytes
+        for mode in (False, True, "selective")
+    }
+    assert real[True] < real["selective"] < real[False]
+    w = load_workload(path, seq_len=32, gradient_checkpointing="selective")
+    assert any("torchtitan" in n for n in w.notes)
+    for precision in ("amp-bf16", "bf16"):  # a simulated GPU, under autocast and in pure bf16
+        peaks = [
+            estimate(load_workload(path, seq_len=64, gradient_checkpointing=mode), batch_size=4, precision=precision,
+                     device="cuda").peak_allocated_bytes
+            for mode in (True, "selective", False)
+        ]  # fmt: skip
+        assert peaks[0] < peaks[1] < peaks[2], precision
+
+
+def test_selective_checkpointing_from_the_cli(tmp_path: Path) -> None:
+    path = _tiny(tmp_path, "llama")
+    args = ["estimate", path, "--seq-len", "32", "-b", "2", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(app, [*args, "--selective-checkpointing"])
+    assert result.exit_code == 0, result.output
+    api = estimate(load_workload(path, seq_len=32, gradient_checkpointing="selective"), batch_size=2, device="cpu")
+    assert json.loads(result.output)["results"][0]["peak_allocated_bytes"] == api.peak_allocated_bytes
+
+
+@pytest.mark.parametrize("value", ["partial", 2])
+def test_unknown_checkpointing_is_refused(tmp_path: Path, value: object) -> None:
+    with pytest.raises(BatchfitError, match="unknown gradient checkpointing") as info:
+        load_workload(_tiny(tmp_path, "llama"), seq_len=32, gradient_checkpointing=value)  # type: ignore[arg-type]
+    assert "selective" in info.value.hint
+    with pytest.raises(BatchfitError, match="Hugging Face models only"):
+        load_workload("mlp", gradient_checkpointing="selective")

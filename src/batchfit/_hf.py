@@ -393,9 +393,14 @@ def build_hf_model(
     task: str | None = None,
     attn: str | None = None,
     num_classes: int | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | str = False,
 ) -> HFModel:
-    """Build ``hf:ID_OR_PATH`` on the meta device, as transformers builds it from its config."""
+    """Build ``hf:ID_OR_PATH`` on the meta device, as transformers builds it from its config.
+
+    ``gradient_checkpointing``: ``True`` (or ``"full"``) recomputes each layer's forward in the
+    backward; ``"selective"`` recomputes it but keeps what torchtitan's per-op policy saves
+    (:func:`torchtitan_sac_context`)."""
+    policy = checkpointing_policy(gradient_checkpointing)
     cfg = resolve_config(ref)
     config = build_config(cfg, num_labels=num_classes)
     cls, task_key = model_class(config, task)
@@ -442,7 +447,7 @@ def build_hf_model(
         raise BatchfitError(
             tr("building {name} failed: {exc}", name=cfg.name, exc=exc), hint=tr("check `attn` and `task`")
         ) from exc
-    if gradient_checkpointing:
+    if policy is not None:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
             model, "gradient_checkpointing_enable", None
@@ -452,9 +457,83 @@ def build_hf_model(
                 tr("{name} does not support gradient checkpointing", name=type(model).__name__),
                 hint=tr("drop `gradient_checkpointing`"),
             )
-        enable()
-        notes.append("gradient checkpointing on (the model's gradient_checkpointing_enable())")
+        if policy == "full":
+            enable()
+            notes.append("gradient checkpointing on (the model's gradient_checkpointing_enable())")
+        else:
+            # the kwargs go to torch.utils.checkpoint.checkpoint for each layer; SAC needs the
+            # non-reentrant checkpoint (transformers 4 defaulted to the reentrant one)
+            enable({"use_reentrant": False, "context_fn": torchtitan_sac_context})
+            notes.append(
+                "selective checkpointing (torchtitan's per-op policy: matmul and attention outputs kept, "
+                "except every second matmul of a layer)"
+            )
     return HFModel(cfg.name, model, task_key, seq_len, notes)
+
+
+CHECKPOINTING = ("full", "selective")
+
+
+def checkpointing_policy(value: bool | str) -> str | None:
+    """``gradient_checkpointing`` as one of :data:`CHECKPOINTING`, or None when off.
+
+    >>> checkpointing_policy(True), checkpointing_policy("selective"), checkpointing_policy(False)
+    ('full', 'selective', None)
+    """
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "full"
+    if isinstance(value, str) and value in CHECKPOINTING:
+        return value
+    raise BatchfitError(
+        tr("unknown gradient checkpointing {value!r}", value=value),
+        hint=tr("use `gradient_checkpointing=True` (full), or one of {names}", names=", ".join(CHECKPOINTING)),
+    )
+
+
+# torchtitan's per-op selective activation checkpointing ("op" mode), as of the commit its published
+# Llama 3.1 benchmarks ran (pytorch/torchtitan 9dec370, torchtitan/parallelisms/parallelize_llama.py:
+# ``_save_list`` and ``_apply_ac_to_transformer_block``'s ``_custom_policy``): the outputs of these
+# ops are saved, except every second matmul's, counted per checkpointed call (forward and
+# recomputation each); everything else is recomputed in the backward.
+TORCHTITAN_SAVE_LIST = (
+    "aten.mm.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "_c10d_functional.reduce_scatter_tensor.default",
+    # torchtitan: "for low precision training, it's useful to always save the result of max(abs(tensor))"
+    "aten.abs.default",
+    "aten.max.default",
+)
+
+
+def torchtitan_sac_context() -> tuple[Any, Any]:
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` that
+    applies torchtitan's per-op policy (:data:`TORCHTITAN_SAVE_LIST`), a fresh count per call.
+
+    >>> import torch
+    >>> from torch.utils.checkpoint import checkpoint
+    >>> w = torch.ones(4, 4, requires_grad=True)
+    >>> y = checkpoint(lambda x: (x @ w).relu() @ w, torch.ones(2, 4), use_reentrant=False,
+    ...                context_fn=torchtitan_sac_context)
+    >>> y.sum().backward(); w.grad.shape
+    torch.Size([4, 4])
+    """
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    counts = {False: 0, True: 0}  # matmuls seen in the forward and in the recomputation
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        name = str(func)
+        if name == "aten.mm.default":
+            counts[ctx.is_recompute] += 1
+            if counts[ctx.is_recompute] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if name in TORCHTITAN_SAVE_LIST else CheckpointPolicy.PREFER_RECOMPUTE
+
+    contexts: tuple[Any, Any] = create_selective_checkpoint_contexts(policy)
+    return contexts
 
 
 def builtin_names() -> list[str]:

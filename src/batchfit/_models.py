@@ -525,7 +525,7 @@ def load_workload(
     seq_len: int | None = None,
     task: str | None = None,
     attn: str | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | str = False,
     lora: int | LoraSpec | None = None,
     quantize: str | QuantSpec | None = None,
     **model_kwargs: Any,
@@ -535,7 +535,8 @@ def load_workload(
     ``input_size`` is one sample's shape without the batch dimension (``(1, 28, 28)``), or a list of
     such shapes / :class:`InputSpec` / ``"128:int64"`` strings for several inputs.
     ``hf:ID_OR_PATH`` models (see :mod:`batchfit._hf`) take ``seq_len``, ``task``, ``attn`` and
-    ``gradient_checkpointing``; ``lora`` (a rank or a :class:`~batchfit._lora.LoraSpec`) adds peft's
+    ``gradient_checkpointing`` (``True``, or ``"selective"`` for torchtitan's per-op policy);
+    ``lora`` (a rank or a :class:`~batchfit._lora.LoraSpec`) adds peft's
     LoRA adapters to any model (a model of yours is copied first, never changed); ``quantize``
     (``"4bit"``, see :mod:`batchfit._quantize`) stores the frozen base as bitsandbytes' QLoRA does.
     """
@@ -567,7 +568,7 @@ def _hf_workload(
     seq_len: int | None,
     task: str | None,
     attn: str | None,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: bool | str,
 ) -> Workload:
     from ._hf import build_hf_model
 

@@ -227,7 +227,7 @@ class _StorageBirthRecorder(TorchDispatchMode):
         if tracer.cuda_workspaces is not None:
             tracer.cuda_workspace(func)
             tracer.kernel_scratch(func, args, kwargs)
-        if tracer.scratch is not None and is_scratch_op(func):
+        if tracer.scratch is not None and is_scratch_op(func, args):
             extra, extrapolated = tracer.scratch.measure(func, args, kwargs, out)
             for fake, nbytes in tracer.scratch.resized:
                 tracer.resize(fake, nbytes)
@@ -522,15 +522,19 @@ class _Tracer:
 
     # -- saved tensors ----------------------------------------------------------------------
     def pack(self, t: torch.Tensor) -> _Holder:
+        self.saved(t)
+        # detached: saving an output with its grad_fn would make a reference cycle
+        return _Holder(t)
+
+    def saved(self, t: torch.Tensor) -> None:
+        """``t`` is kept for a backward: by autograd (:meth:`pack`; also a recomputation's, inside a
+        reentrant checkpoint's backward) or by selective checkpointing's cache (:func:`_sac_cache_tracked`)."""
         rec = self.storage_of(t)
         if rec is not None:
-            # saved for a backward (also a recomputation's, inside a reentrant checkpoint's backward)
             if rec.category == "temporaries":
                 rec.category = "activations"
             if self.phase == "forward" and self.iteration == 1:  # per-layer figures: one forward's worth
                 self.saved_bytes.setdefault(self.module_stack[-1], {})[rec.sid] = rec.nbytes
-        # detached: saving an output with its grad_fn would make a reference cycle
-        return _Holder(t)
 
     def unpack(self, holder: _Holder) -> torch.Tensor:
         self.current_holders.append(holder)
@@ -1115,6 +1119,40 @@ def _storage_resizes_tracked(tracer: _Tracer) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _sac_cache_tracked(tracer: _Tracer) -> Iterator[None]:
+    """Selective activation checkpointing (``create_selective_checkpoint_contexts``) keeps the
+    outputs its policy saves in its own cache, outside autograd's saved tensors: torch/utils/
+    checkpoint.py, ``_CachingTorchDispatchMode.__torch_dispatch__`` wraps each in a
+    ``_VersionWrapper`` (torch 2.11 to 2.15), which no pack hook sees (unless the checkpoint asks
+    for ``respect_saved_tensors_hooks=True``). Their lifetimes need nothing from here (the cache
+    lives in the checkpoint frame's recomputation closure, which the replay drops with the frame);
+    they are filed as activations, as autograd's saved tensors are. The FutureWarning torch gives
+    when hooks are active around such a region is about this tracer's hooks, not the user's step."""
+    import torch.utils.checkpoint as checkpoint
+
+    wrapper = getattr(checkpoint, "_VersionWrapper", None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="A saved_tensors_hooks context .* selective activation checkpoint", category=FutureWarning
+        )
+        if wrapper is None:
+            yield
+            return
+        real = wrapper.__init__
+
+        def init(self: Any, val: Any, *args: Any, **kwargs: Any) -> None:
+            real(self, val, *args, **kwargs)
+            if isinstance(val, torch.Tensor):
+                tracer.saved(val)
+
+        wrapper.__init__ = init
+        try:
+            yield
+        finally:
+            wrapper.__init__ = real
+
+
+@contextlib.contextmanager
 def _rng_states_tracked(tracer: _Tracer) -> Iterator[None]:
     """CPU: ``torch.get_rng_state()`` makes a real host tensor (the generator's state, 5,056 bytes
     for mt19937) outside the dispatcher; checkpointing keeps one per checkpointed call to replay
@@ -1323,6 +1361,7 @@ def _trace_step(
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracer.pack, tracer.unpack))
             replay = _Replay(tracer)
             stack.enter_context(_engine_replaced(replay))
+            stack.enter_context(_sac_cache_tracked(tracer))
             if device.type == "cpu":
                 stack.enter_context(_rng_states_tracked(tracer))
             if device.type == "cuda":
@@ -1364,9 +1403,7 @@ def _trace_step(
         raise _explain(exc, workload, batch_size, tracer) from exc
     if tracer.scratch is not None and tracer.scratch.skipped:
         tracer.notes.append(
-            "kernel scratch not modelled for "
-            + ", ".join(sorted(set(tracer.scratch.skipped)))
-            + " (its forward's workspace was not measured)"
+            "kernel scratch not modelled for " + ", ".join(sorted(set(tracer.scratch.skipped)))
         )
     if tracer.values.answered:
         tracer.notes.append(

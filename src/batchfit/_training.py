@@ -12,7 +12,7 @@ import ast
 import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 from torch import nn
@@ -349,6 +349,14 @@ class LossSpec:
     fn: LossFn
     make_labels: Callable[[torch.Tensor], torch.Tensor | None]
     target: Callable[[Any], tuple[torch.Tensor, str]] = _named_target
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        # the default loss is a sentinel that choose_loss compares by identity: a pickled copy (a
+        # StepSpec sent to the gloo truth's spawned processes) must be the module's own AUTO_LOSS, or
+        # the child takes "auto" for a user's loss (labels of its own beside the model's loss)
+        if self is AUTO_LOSS:
+            return "AUTO_LOSS"  # pickle's by-name form: the global of the object's module
+        return super().__reduce_ex__(protocol)
 
 
 @dataclass(frozen=True)

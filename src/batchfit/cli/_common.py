@@ -65,6 +65,7 @@ class ModelExtras:
     task: str | None = None
     attn: str | None = None
     gradient_checkpointing: bool = False
+    selective_checkpointing: bool = False
     lora: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
@@ -105,6 +106,14 @@ _EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
     "gradient_checkpointing": (
         bool,
         typer.Option("--gradient-checkpointing", help="hf: models: the model's own gradient checkpointing."),
+    ),
+    "selective_checkpointing": (
+        bool,
+        typer.Option(
+            "--selective-checkpointing",
+            help="hf: models: gradient checkpointing that keeps what torchtitan's per-op policy saves "
+            "(matmul and attention outputs, except every second matmul); implies --gradient-checkpointing.",
+        ),
     ),
     "lora": (
         Optional[int],  # noqa: UP045
@@ -176,7 +185,7 @@ def workload_from_options(
         seq_len=extras.seq_len,
         task=extras.task,
         attn=extras.attn,
-        gradient_checkpointing=extras.gradient_checkpointing,
+        gradient_checkpointing="selective" if extras.selective_checkpointing else extras.gradient_checkpointing,
         lora=extras.lora_spec(),
         quantize=extras.quantize,
     )
