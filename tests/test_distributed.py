@@ -37,6 +37,9 @@ SETTINGS = {
     "zero1": {"strategy": "zero1"},
     "fsdp": {"strategy": "fsdp"},
     "fsdp-no-reshard": {"strategy": "fsdp", "reshard_after_forward": False},
+    # bf16 compute over fp32 shards: oneDNN's bf16 matmul scratch, and on torch 2.15 a reduce-scatter in
+    # fp32 (the parameters' dtype) whose CPU copy-in casts each bf16 gradient through a temporary
+    "fsdp-bf16": {"strategy": "fsdp", "param_dtype": torch.bfloat16},
 }
 WORLDS = (2, 3)
 # DDP's buffer broadcast at each forward, on a model with buffers (BatchNorm and a large table)
