@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+import torch
+
 from batchfit._dist_measure import _Block, _peak, _Records
 
 WINDOW = (100, 200)
@@ -53,3 +56,32 @@ def test_a_block_no_collective_took_is_freed_where_its_address_is_reused_or_neve
     assert _peak(_records(other, later, big), Counter()) == (140, 0)
     never = _Block(ptr=5, born=120, size=40, inside=False, last_use=125)
     assert _peak(_records(never, big), Counter()) == (140, 0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.14 renames all_gather_into_tensor
+def test_gloos_worker_scratch_is_left_out() -> None:
+    """A real gloo all-gather (a group of one, in this process): the work item on gloo's worker
+    thread allocates a flat output of the gathered size (ProcessGroupGloo.cpp
+    ``AsyncAllgatherWork::allgather``: ``newLikeFlat(outputs[0])``) under its ``gloo:all_gather``
+    record and frees it there; it is gloo's scratch, like the copies inside the ``c10d::`` op, and
+    the step holds only its own output (on torch 2.15 it made FSDP2's inference truth 10,976 B high)."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchfit._dist_measure import _free_port, _window
+    from batchfit._dist_measure import _records as records_of
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        shard = torch.zeros(1000)
+        activities = [ProfilerActivity.CPU]
+        with profile(activities=activities, profile_memory=True, record_shapes=True) as prof, _window():
+            out = torch.empty(1000)
+            dist.all_gather_into_tensor(out, shard)
+            del out
+    finally:
+        dist.destroy_process_group()
+    records = records_of(prof)
+    worker = [b for b in records.blocks if b.size == 4000 and b.inside]
+    assert worker, "gloo allocated no scratch of the gathered size: the test no longer sees what it checks"
+    assert _peak(records, Counter()) == (4000, 0)

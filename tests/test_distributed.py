@@ -37,6 +37,9 @@ SETTINGS = {
     "zero1": {"strategy": "zero1"},
     "fsdp": {"strategy": "fsdp"},
     "fsdp-no-reshard": {"strategy": "fsdp", "reshard_after_forward": False},
+    # bf16 compute over fp32 shards: oneDNN's bf16 matmul scratch, and on torch 2.15 a reduce-scatter in
+    # fp32 (the parameters' dtype) whose CPU copy-in casts each bf16 gradient through a temporary
+    "fsdp-bf16": {"strategy": "fsdp", "param_dtype": torch.bfloat16},
 }
 WORLDS = (2, 3)
 # DDP's buffer broadcast at each forward, on a model with buffers (BatchNorm and a large table)
@@ -366,21 +369,74 @@ def test_cli_takes_the_ddp_options() -> None:
     assert out["peak_allocated_bytes"] == expected.peak_allocated_bytes
 
 
+CHUNK_CAT_SHAPES = {"uneven": [(61, 29), (61,), (29, 61), (29,), (12,)], "even": [(12, 29), (24,)]}
+
+
+def _reduce_scatter_input(grads: list[torch.Tensor], world: int) -> torch.Tensor:
+    """FSDP2's reduce-scatter input for these gradients: fp32, each padded to a multiple of the world."""
+    return torch.empty(world, sum(-(-g.shape[0] // world) * (g.numel() // g.shape[0]) for g in grads))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize(
-    "shapes", [[(61, 29), (61,), (29, 61), (29,), (12,)], [(12, 29), (24,)]], ids=["uneven", "even"]
-)
-def test_chunk_cat_padding_is_what_the_cpu_kernel_allocates(world: int, shapes: list[tuple[int, ...]]) -> None:
+@pytest.mark.parametrize("shapes", list(CHUNK_CAT_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_cat_padding_is_what_the_cpu_kernel_allocates(world: int, shapes: str, dtype: torch.dtype) -> None:
     """FSDP2's reduce-scatter copy-in (``_chunk_cat``) pads, on the CPU, each gradient whose dim 0
-    does not divide by the world size (TensorShape.cpp ``_pad_chunk``): the rule against the real
+    does not divide by the world size (TensorShape.cpp ``_pad_chunk``), and with gradients of
+    another dtype than the fp32 output (torch 2.15 reduces bf16 gradients in fp32 unless told
+    otherwise) casts each through a temporary of its own dtype: the rule against the real
     kernel, measured by the profiler."""
     from batchfit._cpu_scratch import _chunk_cat_padding, _profile_rise
 
-    grads = [torch.randn(s) for s in shapes]
-    out = torch.empty(world, sum(-(-g.shape[0] // world) * (g.numel() // g.shape[0]) for g in grads))
+    grads = [torch.randn(s).to(dtype) for s in CHUNK_CAT_SHAPES[shapes]]
+    out = _reduce_scatter_input(grads, world)
     rise, _ = _profile_rise(lambda: torch._chunk_cat(grads, 0, world, out=out))
     assert _chunk_cat_padding((grads, 0, world), {"out": out}) == rise
-    assert (rise > 0) == (shapes[0][0] % world != 0)
+    assert (rise > 0) == (shapes == "uneven" or dtype != out.dtype)
+
+
+def _chunk_cat_mixed_dtype() -> Any:
+    import torch.distributed.fsdp  # registers FSDP2's ops
+
+    return getattr(torch.ops.fsdp, "chunk_cat_mixed_dtype", None)
+
+
+@pytest.mark.skipif(_chunk_cat_mixed_dtype() is None, reason="FSDP2's copy-in op of torch 2.15 and later")
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize(
+    "dtypes",
+    [("f32",) * 5, ("bf16",) * 5, ("bf16", "f32", "bf16", "f32", "f32"), ("f16", "bf16", "f32", "f32", "f32")],
+    ids=["fp32", "bf16", "bf16-fp32", "three-dtypes"],
+)
+def test_chunk_cat_mixed_dtype_is_what_the_cpu_kernel_allocates(world: int, dtypes: tuple[str, ...]) -> None:
+    """torch 2.15's FSDP2 copy-in, ``fsdp::chunk_cat_mixed_dtype`` (ChunkCat.cpp): one dtype goes to
+    ``_chunk_cat`` as it is; mixed dtypes are each cast to the output's first, all held. Before the
+    rule the tracer saw an op it did not know and counted no padding: FSDP2 without resharding was
+    6,512 B under the gloo truth at world 2 on torch 2.15."""
+    from batchfit._cpu_scratch import _chunk_cat_mixed_dtype_scratch, _profile_rise
+
+    named = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+    grads = [torch.randn(s).to(named[d]) for s, d in zip(CHUNK_CAT_SHAPES["uneven"], dtypes)]
+    out = _reduce_scatter_input(grads, world)
+    rise, _ = _profile_rise(lambda: _chunk_cat_mixed_dtype()(grads, 0, world, out=out))
+    assert _chunk_cat_mixed_dtype_scratch((grads, 0, world), {"out": out}) == rise
+
+
+def test_description_names_the_dtype_fsdp2_reduces_in() -> None:
+    """With ``param_dtype`` alone, FSDP2 reduce-scatters in the gradients' dtype up to torch 2.14 and in
+    the parameters' own from 2.15 (``FSDPParam.unsharded_grad_dtype``): the description says what the
+    installed FSDP2's code does, read from its traced reduce-scatter input (a block's padded gradients
+    are 3,720 elements at world 2; its all-gather buffer, in bf16, is 3,720 x 2 bytes either way)."""
+    dist = DistSpec(2, strategy="fsdp", param_dtype=torch.bfloat16)
+    est = estimate_ranks(load_workload(MODEL, INPUT), BATCH, _spec(), dist).ranks[0].estimate
+    sizes = {
+        e.nbytes
+        for e in est.events
+        if e.action == "alloc" and e.category == "communication" and e.phase == "backward" and e.module == "blocks.1"
+    }
+    assert 3720 * 2 in sizes
+    assert (3720 * 4 in sizes) == dist.describe().endswith("params bf16, reduce in the parameters' dtype")
+    assert (3720 * 4 in sizes) != dist.describe().endswith("params bf16, reduce bf16")
 
 
 def test_cli_step_with_gpus() -> None:

@@ -29,19 +29,52 @@ def _chunk_cat_padding(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """``_chunk_cat``'s CPU kernel (aten/src/ATen/native/TensorShape.cpp ``_chunk_cat`` /
     ``_chunk_cat_out`` -> ``_pad_chunk``) copies every input whose size along ``dim`` does not divide
     by ``num_chunks`` into ``tensor.new_zeros(padded_size)``, all held until ``cat`` has read them.
+    When ``out`` has another dtype than the inputs, ``cat_out_cpu`` copies each (padded) input
+    through a TensorIterator with ``cast_common_dtype_to_outputs``, which writes into a temporary of
+    the inputs' dtype and the slice's shape and casts that into ``out`` (TensorIterator.cpp
+    ``compute_types``), one input at a time: the largest such temporary on top of the padding.
     FSDP2's reduce-scatter copy-in calls it on the unsharded gradients (``_fsdp_collectives.py``
     ``foreach_reduce_scatter_copy_in``). CUDA's kernel (aten/src/ATen/native/cuda/TensorShape.cu
     ``_chunk_cat_out_cuda``) copies contiguous inputs directly and pads nothing."""
+    tensors, dim, chunks, out = _chunk_cat_args(args, kwargs)
+    out_dtype = tensors[0].dtype if out is None else out.dtype  # ``_chunk_cat`` without ``out``: the inputs' own
+    padding = sum(_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if _pads(t, dim, chunks))
+    # the cast temporary: one input at a time, on top of all the padded copies
+    cast = max((_padded_numel(t, dim, chunks) * t.element_size() for t in tensors if t.dtype != out_dtype), default=0)
+    return padding + cast
+
+
+def _chunk_cat_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], int, int, Any]:
+    """``(tensors, dim, num_chunks, out)`` of a ``_chunk_cat`` call (``out`` None without one)."""
     named = dict(zip(("tensors", "dim", "num_chunks"), args)) | kwargs
-    tensors, dim, num_chunks = named["tensors"], named["dim"], named["num_chunks"]
-    total = 0
-    for t in tensors:
-        d = dim % t.dim() if t.dim() else 0
-        size = list(t.shape)
-        padded = -(-size[d] // num_chunks) * num_chunks
-        if padded != size[d]:
-            total += t.numel() // max(size[d], 1) * padded * t.element_size()
-    return total
+    return list(named["tensors"]), int(named["dim"]), int(named["num_chunks"]), named.get("out")
+
+
+def _pads(t: torch.Tensor, dim: int, num_chunks: int) -> bool:
+    return _padded_numel(t, dim, num_chunks) != t.numel()
+
+
+def _padded_numel(t: torch.Tensor, dim: int, num_chunks: int) -> int:
+    """Elements of ``t`` once ``_pad_chunk`` has rounded its size along ``dim`` up to ``num_chunks``."""
+    d = dim % t.dim() if t.dim() else 0
+    rows = t.shape[d] if t.dim() else 1
+    return t.numel() // max(rows, 1) * (-(-rows // num_chunks) * num_chunks)
+
+
+def _chunk_cat_mixed_dtype_scratch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """torch 2.15's FSDP2 copy-in op in place of ``fsdp.chunk_cat`` (``_fsdp_collectives.py``
+    ``foreach_reduce_scatter_copy_in``: ``torch.ops.fsdp.chunk_cat_mixed_dtype``), a C++ composite
+    whose inner calls run below the tracer's mode (torch/csrc/distributed/fsdp/ChunkCat.cpp
+    ``chunk_cat_mixed_dtype``): inputs of one dtype go to ``at::_chunk_cat_out`` as they are (above);
+    otherwise every input is cast first, ``tensor.to(out.scalar_type())`` (a copy of each input of
+    another dtype; ``to`` returns the others themselves), all held while ``_chunk_cat_out`` pads the
+    cast inputs, which then have ``out``'s dtype."""
+    tensors, dim, chunks, out = _chunk_cat_args(args, kwargs)
+    if len({t.dtype for t in tensors}) <= 1:
+        return _chunk_cat_padding(args, kwargs)
+    size: int = out.element_size()
+    casts = sum(t.numel() * size for t in tensors if t.dtype != out.dtype)
+    return casts + sum(_padded_numel(t, dim, chunks) * size for t in tensors if _pads(t, dim, chunks))
 
 
 @dataclass(frozen=True)
@@ -80,6 +113,8 @@ SCRATCH_OPS: dict[str, ScratchOp] = {
     # FSDP2's own op around it (_fsdp_collectives.py ``chunk_cat``: torch._chunk_cat(..., out=out)),
     # whose inner call runs below the tracer's mode
     "fsdp.chunk_cat.default": ScratchOp(rule=_chunk_cat_padding),
+    # torch 2.15's replacement for it in FSDP2 (an op name absent from older torch: never met there)
+    "fsdp.chunk_cat_mixed_dtype.default": ScratchOp(rule=_chunk_cat_mixed_dtype_scratch),
     # reduced-precision matmuls (autocast's linears, pure bf16/fp16): oneDNN's own buffers
     "aten.mm.default": _MATMUL,
     "aten.addmm.default": _MATMUL,

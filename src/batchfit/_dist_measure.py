@@ -4,9 +4,10 @@
 Counted like the single-process CPU truth (``_measure._CpuWindow``): bytes alive when the window
 opens plus the highest running sum of allocations inside it, with three differences that gloo
 forces (docs/distributed.md): allocations are counted on every thread; what is allocated inside a
-``c10d::`` op (gloo's own scratch copies, which NCCL on a GPU does not make) is left out together
-with its free; and a collective's tensor whose last reference a gloo worker thread dropped, a free
-the profiler does not record, is counted freed at the end of its last recorded use (``_peak``).
+``c10d::`` op or a ``gloo:`` work item on gloo's worker thread (gloo's own scratch copies, which
+NCCL on a GPU does not make) is left out together with its free; and a collective's tensor whose
+last reference a gloo worker thread dropped, a free the profiler does not record, is counted
+freed at the end of its last recorded use (``_peak``).
 
 >>> # measure_ranks("mlp", 8, make_spec("cpu", "adam"), DistSpec(2, strategy="fsdp"), dataset="mnist")
 """
@@ -336,12 +337,13 @@ def _records(prof: Any) -> _Records:
 
 def _peak(records: _Records, kept: Counter[int]) -> tuple[int, int]:
     """(peak, bytes alive at the window's start), leaving out the blocks allocated inside a ``c10d::``
-    op. A block with no recorded free was freed on a thread the profiler does not record: gloo's
-    worker drops its work item's references to a collective's tensors when the item ends, and when
-    those were the last ones the free is not in the records. Such a block, when a collective took it,
-    is counted freed at the end of its last recorded use if its address was allocated again or it is
-    one more of its size than ``kept`` (the collectives' blocks alive after the teardown in every
-    run); any other block is counted freed when its address is allocated again, or never."""
+    op or a ``gloo:`` work item. A block with no recorded free was freed on a thread the profiler
+    does not record: gloo's worker drops its work item's references to a collective's tensors when
+    the item ends, and when those were the last ones the free is not in the records. Such a block,
+    when a collective took it, is counted freed at the end of its last recorded use if its address
+    was allocated again or it is one more of its size than ``kept`` (the collectives' blocks alive
+    after the teardown in every run); any other block is counted freed when its address is
+    allocated again, or never."""
     begin, end = records.window
     counted = [b for b in records.blocks if not b.inside]
     left = sorted(

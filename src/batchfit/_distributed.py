@@ -223,7 +223,8 @@ class DistSpec:
         if self.strategy.startswith("fsdp"):
             opts.append("reshard after forward" if self.reshard_after_forward else "no reshard after forward")
             if self.param_dtype is not None or self.reduce_dtype is not None:
-                opts.append(f"params {_name(self.param_dtype)}, reduce {_name(self.reduce_dtype or self.param_dtype)}")
+                reduce = _name(self.reduce_dtype) if self.reduce_dtype else _default_reduce(self.param_dtype)
+                opts.append(f"params {_name(self.param_dtype)}, reduce {reduce}")
             if self.cpu_offload:
                 opts.append("CPU offload")
         else:
@@ -242,6 +243,16 @@ class DistSpec:
         out["param_dtype"] = _name(self.param_dtype) if self.param_dtype else None
         out["reduce_dtype"] = _name(self.reduce_dtype) if self.reduce_dtype else None
         return out
+
+
+def _default_reduce(param_dtype: torch.dtype | None) -> str:
+    """The dtype FSDP2 reduce-scatters in when ``MixedPrecisionPolicy`` names no ``reduce_dtype``: up to
+    torch 2.14 the gradients' (``foreach_reduce``: ``reduce_dtype or grad_dtype``, so ``param_dtype``);
+    from 2.15 each parameter's own dtype (``FSDPParamGroup._get_reduce_dtype`` over
+    ``FSDPParam.unsharded_grad_dtype``, the original dtype), read from the installed FSDP2."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    return "in the parameters' dtype" if hasattr(FSDPParam, "unsharded_grad_dtype") else _name(param_dtype)
 
 
 def _name(dtype: torch.dtype | None) -> str:
