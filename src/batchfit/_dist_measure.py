@@ -19,14 +19,12 @@ import copy
 import dataclasses
 import gc
 import json
-import operator
 import os
 import socket
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import reduce
 from typing import Any
 
 import torch
@@ -149,15 +147,10 @@ def _child(
                 tdist.barrier()
                 gc.collect()
                 runs.append(_measure_rank(workload, batch_size, spec, dist))
-            # the blocks that outlive the teardown in every run are alive; any other block without a
-            # recorded free was freed on a gloo thread (_peak)
-            kept = reduce(operator.and_, (r.unfreed_sizes() for r in runs))
-            peaks = [_peak(r, kept) for r in runs]
+            peaks = [_peak(r) for r in runs]
             if os.environ.get("BATCHFIT_DEBUG_GLOO"):
-                inferred = [sum(1 for b in r.blocks if b.freed is None and not b.inside) for r in runs]
-                print(
-                    "DEBUG", rank, dist.describe(), peaks, "unfreed", inferred, "kept", sum(kept.values()), flush=True
-                )
+                unfreed = [sum(1 for b in r.blocks if b.freed is None and not b.inside) for r in runs]
+                print("DEBUG", rank, dist.describe(), peaks, "unfreed", unfreed, flush=True)
             peak, before = _agreed(peaks)
             results.append(dataclasses.asdict(RankMeasurement(rank, peak, before)))
         with open(out, "w") as f:
@@ -281,9 +274,6 @@ class _Records:
     window: tuple[int, int]
     blocks: list[_Block]
 
-    def unfreed_sizes(self) -> Counter[int]:
-        """Sizes of the collectives' blocks that no record frees and no later allocation shows freed."""
-        return Counter(b.size for b in self.blocks if b.freed is None and b.reused is None and b.collective)
 
 
 def _records(prof: Any) -> _Records:
@@ -335,32 +325,22 @@ def _records(prof: Any) -> _Records:
     return _Records(window, blocks)
 
 
-def _peak(records: _Records, kept: Counter[int]) -> tuple[int, int]:
+def _peak(records: _Records) -> tuple[int, int]:
     """(peak, bytes alive at the window's start), leaving out the blocks allocated inside a ``c10d::``
     op or a ``gloo:`` work item. A block with no recorded free was freed on a thread the profiler
     does not record: gloo's worker drops its work item's references to a collective's tensors when
     the item ends, and when those were the last ones the free is not in the records. Such a block,
-    when a collective took it, is counted freed at the end of its last recorded use if its address
-    was allocated again or it is one more of its size than ``kept`` (the collectives' blocks alive
-    after the teardown in every run); any other block is counted freed when its address is
-    allocated again, or never."""
+    when a collective took it, is counted freed at the end of its last recorded use (the run goes
+    on through the teardown of the model and optimizer, so nothing the step made is still alive at
+    the end); any other block is counted freed when its address is allocated again, or never."""
     begin, end = records.window
     counted = [b for b in records.blocks if not b.inside]
-    left = sorted(
-        (b for b in counted if b.freed is None and b.reused is None and b.collective), key=lambda b: -b.last_use
-    )
-    room = Counter(kept)
-    alive = set()
-    for b in left:  # the latest-used blocks of each size are the ones still alive
-        if room[b.size] > 0:
-            room[b.size] -= 1
-            alive.add(id(b))
     changes: list[tuple[int, int, int]] = []  # (time, 0 for an allocation / 1 for a free, bytes)
     for b in counted:
         changes.append((b.born, 0, b.size))
         if b.freed is not None:
             changes.append((b.freed, 1, -b.size))
-        elif b.collective and (b.reused is not None or id(b) not in alive):
+        elif b.collective:
             changes.append((b.last_use, 1, -b.size))
         elif b.reused is not None:
             changes.append((b.reused, 1, -b.size))
