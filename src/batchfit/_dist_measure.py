@@ -275,6 +275,9 @@ class _Records:
     blocks: list[_Block]
 
 
+# the profiler's names for a collective: the c10d op on the calling thread, gloo's work item on its worker
+_COLLECTIVE = ("c10d::", "gloo:")
+
 
 def _records(prof: Any) -> _Records:
     """The CPU blocks the profiler recorded on every thread, each with the end of its last recorded
@@ -292,17 +295,18 @@ def _records(prof: Any) -> _Records:
         if name == "batchfit::window":
             window = (node.start_time_ns, node.end_time_ns)
         kind, fields = node.typed
+        collective = name.startswith(_COLLECTIVE)
         if kind == _EventType.Allocation:
             if fields.device.type == "cpu":
                 allocs.append((node.start_time_ns, fields.alloc_size, fields.ptr, inside))
         elif kind == _EventType.TorchOp:
+            use = (node.start_time_ns, node.end_time_ns, collective)
             for arg in fields.inputs:
                 for t in arg if isinstance(arg, list) else [arg]:
                     ptr = getattr(t, "storage_data_ptr", None)
                     if ptr is not None:
-                        collective = name.startswith(("c10d::", "gloo:"))
-                        uses.setdefault(ptr, []).append((node.start_time_ns, node.end_time_ns, collective))
-        inside = inside or name.startswith(("c10d::", "gloo:"))
+                        uses.setdefault(ptr, []).append(use)
+        inside = inside or collective
         stack.extend((child, inside) for child in node.children)
     assert window is not None
     allocs.sort(key=lambda a: a[0])
